@@ -1,0 +1,64 @@
+"""The preallocated KV cache: fixed shapes, written in place through donated buffers.
+
+One ``[S, T, K, H]`` array for keys and one for values per layer (a tuple over layers):
+the same memory as one ``[L, S, T, K, H]`` array, but each layer's update is a
+``dynamic_update_slice`` / scatter on its own buffer, which XLA keeps in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jserve.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every slot. ``k[l]``, ``v[l]``: ``[S, T, K, H]``."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, slots: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+        shape = (slots, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return cls(
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+        )
+
+
+def cache_bytes(cfg: ModelConfig, slots: int, max_len: int, dtype: jnp.dtype) -> int:
+    """2 · L · S · T · K · H · bytes per element."""
+    itemsize = jnp.dtype(dtype).itemsize
+    return 2 * cfg.n_layers * slots * max_len * cfg.n_kv_heads * cfg.head_dim * itemsize
+
+
+def write_prefix(cache: KVCache, prefix_k: tuple[jax.Array, ...], prefix_v: tuple[jax.Array, ...],
+                 slot: jax.Array) -> KVCache:
+    """Write one prompt's keys/values (``[P, K, H]`` per layer) at positions ``0..P-1`` of ``slot``."""
+    zero = jnp.zeros((), jnp.int32)
+
+    def put(buf: jax.Array, pre: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice(buf, pre[None].astype(buf.dtype), (slot, zero, zero, zero))
+
+    return KVCache(k=tuple(map(put, cache.k, prefix_k)), v=tuple(map(put, cache.v, prefix_v)))
+
+
+def write_step(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Write one new position per slot: ``buf [S, T, K, H]``, ``new [S, K, H]``, ``positions [S]``.
+
+    Positions at or past ``T`` (inactive slots) are dropped rather than clamped.
+    """
+    slots = jnp.arange(buf.shape[0])
+    return buf.at[slots, positions].set(new.astype(buf.dtype), mode="drop")

@@ -1,0 +1,212 @@
+"""A Llama-family decoder as pure functions over a params pytree and a KV cache.
+
+RMSNorm, RoPE (with optional Llama-3 frequency scaling), grouped-query attention, SwiGLU MLP,
+tied or untied embeddings. Q/K/V and gate/up projections are fused (one matmul each), which
+is faster on every backend; the checkpoint keeps them apart (see ``checkpoint.py``).
+
+Axis letters: B batch, T/P time, S slots, N heads, K kv heads, G = N/K, H head dim,
+D model dim, F MLP width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jserve.config import ModelConfig
+from jserve.kv_cache import KVCache, write_step
+from jserve.quant import dense
+
+
+@struct.dataclass
+class LayerParams:
+    attn_norm: jax.Array  # [D]
+    wqkv: jax.Array  # [D, (N + 2K) H]
+    wo: jax.Array  # [N H, D]
+    mlp_norm: jax.Array  # [D]
+    w_gate_up: jax.Array  # [D, 2F]
+    w_down: jax.Array  # [F, D]
+
+
+@struct.dataclass
+class Params:
+    embed: jax.Array  # [V, D]
+    layers: tuple[LayerParams, ...]
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None  # [D, V]; None when tied to ``embed``
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies ``[H/2]`` (float32), with Llama-3 scaling when the config asks."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float32) / h))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv.astype(np.float32)
+    low_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
+    high_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / sc.factor, inv)
+    smooth = (sc.original_max_position_embeddings / wavelen - sc.low_freq_factor) / (
+        sc.high_freq_factor - sc.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate ``x [..., T, heads, H]`` by ``positions [..., T]`` (HF's rotate-half convention)."""
+    ang = positions[..., None].astype(jnp.float32) * inv_freq  # [..., T, H/2]
+    cos = jnp.cos(ang)[..., None, :]
+    sin = jnp.sin(ang)[..., None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def _split_qkv(cfg: ModelConfig, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    q = qkv[..., :nq].reshape(*qkv.shape[:-1], cfg.n_heads, cfg.head_dim)
+    k = qkv[..., nq : nq + nk].reshape(*qkv.shape[:-1], cfg.n_kv_heads, cfg.head_dim)
+    v = qkv[..., nq + nk :].reshape(*qkv.shape[:-1], cfg.n_kv_heads, cfg.head_dim)
+    return q, k, v
+
+
+def _mlp(layer: LayerParams, x: jax.Array) -> jax.Array:
+    gate, up = jnp.split(dense(x, layer.w_gate_up), 2, axis=-1)
+    return dense(jax.nn.silu(gate) * up, layer.w_down)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """``q [B, T, K, G, H]``, ``k/v [B, S, K, H]``, ``mask [B, T, S]`` → ``[B, T, K, G, H]``."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", p, v)
+
+
+def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params.embed, tokens, axis=0, mode="clip")
+
+
+def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Final norm and output projection: ``[..., D]`` → float32 logits ``[..., V]``."""
+    x = rms_norm(x, params.final_norm, cfg.norm_eps)
+    if params.lm_head is None:
+        return dense(x, params.embed, transpose=True).astype(jnp.float32)
+    return dense(x, params.lm_head).astype(jnp.float32)
+
+
+def forward(
+    params: Params, cfg: ModelConfig, tokens: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Causal forward over fresh sequences ``tokens [B, T]`` starting at position 0.
+
+    Returns the final hidden states ``[B, T, D]`` (before the final norm) and each layer's
+    keys and values ``[B, T, K, H]``. Padding after a sequence's end does not affect the
+    positions before it (causal mask), so a padded prompt is exact up to its length.
+    """
+    b, t = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    inv_freq = rope_inv_freq(cfg)
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    x = embed_tokens(params, tokens)
+    ks, vs = [], []
+    for layer in params.layers:
+        h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
+        q, k, v = _split_qkv(cfg, dense(h, layer.wqkv))
+        q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
+        q = q.reshape(b, t, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+        o = _attend(q, k, v, mask).reshape(b, t, cfg.n_heads * cfg.head_dim)
+        x = x + dense(o, layer.wo)
+        x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps))
+        ks.append(k)
+        vs.append(v)
+    return x, tuple(ks), tuple(vs)
+
+
+def logits_all(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Float32 logits ``[B, T, V]`` at every position (reference checks, perplexity)."""
+    x, _, _ = forward(params, cfg, tokens)
+    return unembed(params, cfg, x)
+
+
+def prefill(
+    params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Prompt forward: ``tokens [B, P]`` padded, true ``lengths [B]``.
+
+    Returns logits at each prompt's last real position ``[B, V]`` and the prompt's keys and
+    values ``[B, P, K, H]`` per layer, ready to be written into a slot of the cache.
+    """
+    x, ks, vs = forward(params, cfg, tokens)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    return unembed(params, cfg, last), ks, vs
+
+
+def decode_step(
+    params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+    """One token for every slot: ``tokens [S]`` at ``positions [S]``.
+
+    Writes each slot's new key/value at its own position, attends to positions
+    ``0..position`` of that slot, and returns float32 logits ``[S, V]`` and the cache.
+    Slots whose position is ``>= T`` (inactive) write nothing.
+    """
+    s_ = tokens.shape[0]
+    t = cache.max_len
+    inv_freq = rope_inv_freq(cfg)
+    mask = (jnp.arange(t)[None, :] <= positions[:, None])[:, None, :]  # [S, 1, T]
+    x = embed_tokens(params, tokens[:, None])  # [S, 1, D]
+    new_k, new_v = [], []
+    for i, layer in enumerate(params.layers):
+        h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
+        q, k, v = _split_qkv(cfg, dense(h, layer.wqkv))  # [S, 1, *, H]
+        q, k = apply_rope(q, positions[:, None], inv_freq), apply_rope(k, positions[:, None], inv_freq)
+        ck = write_step(cache.k[i], k[:, 0], positions)
+        cv = write_step(cache.v[i], v[:, 0], positions)
+        q = q.reshape(s_, 1, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+        o = _attend(q, ck, cv, mask).reshape(s_, 1, cfg.n_heads * cfg.head_dim)
+        x = x + dense(o, layer.wo)
+        x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps))
+        new_k.append(ck)
+        new_v.append(cv)
+    return unembed(params, cfg, x[:, 0]), KVCache(k=tuple(new_k), v=tuple(new_v))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:
+    """Random weights (scaled normal) for tests and benchmarks of shapes."""
+    d, f, h = cfg.dim, cfg.ffn_dim, cfg.head_dim
+    qkv_out = (cfg.n_heads + 2 * cfg.n_kv_heads) * h
+    keys = iter(jax.random.split(key, 4 * cfg.n_layers + 2))
+
+    def normal(shape: tuple[int, ...], fan_in: int) -> jax.Array:
+        return (jax.random.normal(next(keys), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+
+    layers = tuple(
+        LayerParams(
+            attn_norm=jnp.ones((d,), dtype),
+            wqkv=normal((d, qkv_out), d),
+            wo=normal((cfg.n_heads * h, d), cfg.n_heads * h),
+            mlp_norm=jnp.ones((d,), dtype),
+            w_gate_up=normal((d, 2 * f), d),
+            w_down=normal((f, d), f),
+        )
+        for _ in range(cfg.n_layers)
+    )
+    lm_head = None if cfg.tie_embeddings else normal((d, cfg.vocab_size), d)
+    return Params(embed=normal((cfg.vocab_size, d), 1), layers=layers,
+                  final_norm=jnp.ones((d,), dtype), lm_head=lm_head)

