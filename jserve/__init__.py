@@ -1,0 +1,28 @@
+"""jserve: an LLM inference serving engine on JAX/XLA.
+
+``from jserve import LLM, SamplingParams`` loads lazily so that light modules (the client)
+do not import JAX.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "InvalidRequestError"]
+
+if TYPE_CHECKING:
+    from jserve.llm import LLM
+    from jserve.sampling import InvalidRequestError, SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LLM":
+        from jserve.llm import LLM
+
+        return LLM
+    if name in ("SamplingParams", "InvalidRequestError"):
+        from jserve import sampling
+
+        return getattr(sampling, name)
+    raise AttributeError(f"module 'jserve' has no attribute {name!r}")

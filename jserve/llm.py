@@ -1,0 +1,235 @@
+"""The Python API: ``jserve.LLM``, used by the offline script, the server and Python users.
+
+    llm = LLM()                                   # the default SmolLM2 checkpoint, 8 slots
+    results = llm.generate(["Hello", [{"role": "user", "content": "Hi!"}]],
+                           SamplingParams(temperature=0, max_tokens=32))
+    async for piece in llm.stream("Once upon a time", SamplingParams()):
+        print(piece.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import pathlib
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Union
+
+from jserve.orchestrator import Orchestrator, Stream, StreamOutput
+from jserve.sampling import InvalidRequestError, SamplingParams
+from jserve.tokenizer import ChatTemplateError
+
+log = logging.getLogger(__name__)
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+PromptInput = Union[str, Sequence[dict[str, str]], Sequence[int]]
+DEFAULT_COMPILE_CACHE = pathlib.Path(os.environ.get("JSERVE_COMPILE_CACHE",
+                                                    pathlib.Path.home() / ".cache" / "jserve" / "xla"))
+
+
+@dataclasses.dataclass
+class Result:
+    """A finished request, as ``LLM.generate`` returns it."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+def collect(pieces: Sequence[StreamOutput]) -> Result:
+    last = pieces[-1]
+    return Result(
+        text="".join(p.text for p in pieces),
+        token_ids=[t for p in pieces for t in p.token_ids],
+        logprobs=[lp for p in pieces for lp in p.logprobs],
+        finish_reason=last.finish_reason or "error",
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        error=last.error,
+    )
+
+
+def enable_compile_cache(directory: pathlib.Path | None) -> None:
+    """Turn on JAX's persistent compilation cache, so a restart skips compilation."""
+    import jax
+
+    if directory is None:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class LLM:
+    """A model loaded into a ``JaxEngine`` with an ``Orchestrator`` running continuous batching.
+
+    ``slots``: requests decoded together. ``max_len``: positions per slot (prompt + output).
+    ``max_prompt_len``: longest prompt accepted (default ``max_len - 1``). ``quantize``: None.
+    ``top_logprobs``: most alternatives a request may ask for (0 disables them, saving a top-k
+    per step). ``max_waiting``: bound of the waiting queue.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None, *, slots: int = 8, max_len: int = 1024,
+                 max_prompt_len: int | None = None, quantize: str | None = None, dtype: str = "float32",
+                 top_logprobs: int = 0, max_waiting: int = 256, prefill_budget: int = 512,
+                 compile_cache: pathlib.Path | None = DEFAULT_COMPILE_CACHE, warmup: bool = True,
+                 on_event: Callable[[str, Any, float], None] | None = None):
+        import jax.numpy as jnp
+
+        from jserve import checkpoint as ckpt
+        from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+        from jserve.engine import JaxEngine
+
+        if quantize is not None:
+            raise ValueError(f"quantize={quantize!r} is not supported yet (only None)")
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        enable_compile_cache(compile_cache)
+        path = pathlib.Path(checkpoint) if checkpoint is not None else ensure_default_checkpoint(DEFAULT_CHECKPOINT)
+        t0 = time.perf_counter()
+        self.config, params, self.tokenizer = ckpt.load(path, getattr(jnp, dtype))
+        log.info("loaded %s (%d layers, dim %d, vocab %d) in %.1fs", path, self.config.n_layers,
+                 self.config.dim, self.config.vocab_size, time.perf_counter() - t0)
+        self.checkpoint = path
+        self.engine = JaxEngine(self.config, params, slots=slots, max_len=max_len, max_prompt_len=max_prompt_len,
+                                cache_dtype=getattr(jnp, dtype), top_logprobs=top_logprobs)
+        self.warmup_seconds = self.engine.warmup() if warmup else 0.0
+        if warmup:
+            log.info("warm-up compiled %d prefill buckets and the decode step in %.1fs",
+                     len(self.engine.buckets), self.warmup_seconds)
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
+        self.orchestrator = Orchestrator(self.engine, self.tokenizer, eos_token_ids=tuple(eos),
+                                         max_waiting=max_waiting, prefill_budget=prefill_budget, on_event=on_event)
+
+    # ---- validation at the edge ----------------------------------------------------------
+    def prepare(self, prompt: PromptInput, params: SamplingParams) -> list[int]:
+        """Token ids for ``prompt`` after checking it and ``params``; ``InvalidRequestError`` if not servable."""
+        params.validate(self.config.vocab_size, self.engine.top_logprobs)
+        ids = self.tokenize_input(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(ids) > self.engine.max_prompt_len:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; this server accepts at most "
+                                      f"{self.engine.max_prompt_len}")
+        if len(ids) + params.max_tokens > self.engine.max_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
+                f"{self.engine.max_len} tokens; lower max_tokens to at most {self.engine.max_len - len(ids)}")
+        return ids
+
+    def tokenize_input(self, prompt: PromptInput) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty")
+            return self._require_tokenizer().encode(prompt)
+        if not isinstance(prompt, Sequence) or isinstance(prompt, bytes):
+            raise InvalidRequestError(f"a prompt must be text, chat messages or token ids, got {type(prompt).__name__}")
+        if prompt and all(isinstance(m, dict) for m in prompt):
+            return self.encode_chat(prompt)
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            v = self.config.vocab_size
+            for i, t in enumerate(prompt):
+                if not 0 <= t < v:
+                    raise InvalidRequestError(f"token id {t} at index {i} is outside the vocabulary [0, {v})")
+            return list(prompt)
+        raise InvalidRequestError("a list prompt must hold only chat messages (objects) or only token ids (integers)")
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        if not messages:
+            raise InvalidRequestError("the chat has no messages")
+        for i, m in enumerate(messages):
+            role, content = m.get("role"), m.get("content")
+            if role not in CHAT_ROLES:
+                raise InvalidRequestError(f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
+            if not isinstance(content, str):
+                raise InvalidRequestError(f"message {i}: content must be a string")
+            extra = set(m) - {"role", "content"}
+            if extra:
+                raise InvalidRequestError(f"message {i}: unknown fields {sorted(extra)}")
+        try:
+            return self._require_tokenizer().encode_chat([{"role": m["role"], "content": m["content"]}
+                                                          for m in messages])
+        except ChatTemplateError as e:
+            raise InvalidRequestError(str(e)) from e
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise InvalidRequestError("this checkpoint has no tokenizer; send token ids")
+        return self.tokenizer
+
+    # ---- running requests -----------------------------------------------------------------
+    def submit(self, prompt: PromptInput, params: SamplingParams | None = None, *, request_id: str | None = None,
+               timeout: float | None = None, loop: asyncio.AbstractEventLoop | None = None,
+               block: bool = False) -> Stream:
+        """Validate and queue one request; iterate the returned ``Stream`` for its output."""
+        params = params or SamplingParams()
+        ids = self.prepare(prompt, params)
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        return self.orchestrator.submit(ids, params, Stream(loop), request_id=request_id, deadline=deadline,
+                                        block=block)
+
+    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 on_finish: Callable[[int, Result | InvalidRequestError], None] | None = None,
+                 ) -> list[Result | InvalidRequestError]:
+        """Run all prompts through continuous batching; results in input order.
+
+        A prompt that fails validation yields its ``InvalidRequestError`` in its place; the
+        others still run. ``on_finish(index, result)`` is called for each, in input order.
+        """
+        plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        # Submit from a helper thread (it blocks while the waiting queue is full) and collect here
+        # in input order, so results are handed out while later prompts still run.
+        submitted: queue.Queue[Stream | Exception] = queue.Queue()
+
+        def submit_all() -> None:
+            for prompt, p in zip(prompts, plist):
+                try:
+                    submitted.put(self.submit(prompt, p, block=True))
+                except Exception as e:  # handed to the caller in this prompt's place
+                    submitted.put(e)
+
+        threading.Thread(target=submit_all, name="jserve-submit", daemon=True).start()
+        results: list[Result | InvalidRequestError] = []
+        for i in range(len(prompts)):
+            s = submitted.get()
+            if isinstance(s, InvalidRequestError):
+                r: Result | InvalidRequestError = s
+            elif isinstance(s, Exception):
+                raise s
+            else:
+                r = collect(list(s))
+            results.append(r)
+            if on_finish is not None:
+                on_finish(i, r)
+        return results
+
+    async def stream(self, prompt: PromptInput, params: SamplingParams | None = None, *,
+                     request_id: str | None = None, timeout: float | None = None) -> AsyncIterator[StreamOutput]:
+        """Stream one request's output pieces; cancelling the consumer cancels the request."""
+        s = self.submit(prompt, params, request_id=request_id, timeout=timeout, loop=asyncio.get_running_loop())
+        try:
+            async for piece in s:
+                yield piece
+        finally:
+            s.cancel()  # a no-op once finished; frees the slot if the consumer went away
+
+    def close(self, drain: bool = True, timeout: float | None = 30.0) -> bool:
+        return self.orchestrator.shutdown(drain=drain, timeout=timeout)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(drain=False)

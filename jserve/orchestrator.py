@@ -1,0 +1,378 @@
+"""The orchestrator: a bounded waiting queue, slots, and the decode loop (continuous batching).
+
+One background thread owns the engine and its decode state. Between decode steps it ends
+cancelled and expired requests, admits waiting requests into free slots (prefill + insert,
+bounded by a prompt-token budget so running streams are not stalled for long), then runs one
+decode step for all slots, copies the packed step result to the host once, and hands each
+request its new token: detokenized incrementally, checked against EOS, stop ids, stop strings
+and max_tokens. A finished request's slot is released before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import numpy as np
+
+from jserve.engine import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, Engine
+from jserve.sampling import SamplingParams
+from jserve.tokenizer import IncrementalDetokenizer, TextTokenizer
+
+log = logging.getLogger(__name__)
+
+STOP, LENGTH, CANCELLED, DEADLINE, ERROR = "stop", "length", "cancelled", "deadline", "error"
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at capacity; retry later."""
+
+
+class ShuttingDownError(RuntimeError):
+    """The orchestrator no longer accepts work."""
+
+
+@dataclasses.dataclass
+class StreamOutput:
+    """One piece of a request's stream: the text and tokens new since the previous piece.
+
+    ``finish_reason`` is set on the last piece only (stop, length, cancelled, deadline, error).
+    """
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str
+    sink: Callable[[StreamOutput], None]  # called on the orchestrator thread; must not block
+    deadline: float | None = None  # time.monotonic() seconds
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+@dataclasses.dataclass
+class _Running:
+    req: Request
+    slot: int
+    detok: IncrementalDetokenizer | None
+    stop_ids: frozenset[int]
+    max_stop: int
+    text: str = ""
+    emitted: int = 0
+    generated: int = 0
+
+
+class Stream:
+    """A request's output stream, usable from threads (iterate) or asyncio (``async for``).
+
+    The last ``StreamOutput`` carries the finish reason. ``cancel()`` ends the request; its slot
+    is free before the next decode step.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self._loop = loop
+        self._q: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+        self._orch: Orchestrator | None = None
+        self.request: Request | None = None
+
+    def put(self, out: StreamOutput) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._q.put_nowait, out)
+        else:
+            self._q.put(out)
+
+    def cancel(self) -> None:
+        if self._orch is not None and self.request is not None:
+            self._orch.cancel(self.request)
+
+    def __iter__(self) -> Iterator[StreamOutput]:
+        while True:
+            out = self._q.get()
+            yield out
+            if out.finish_reason is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[StreamOutput]:
+        while True:
+            out = await self._q.get()
+            yield out
+            if out.finish_reason is not None:
+                return
+
+
+class Orchestrator:
+    """Continuous batching over an ``Engine``'s fixed slots. Thread-safe ``submit``/``cancel``."""
+
+    def __init__(self, engine: Engine, tokenizer: TextTokenizer | None, eos_token_ids: tuple[int, ...] = (),
+                 max_waiting: int = 256, prefill_budget: int = 512,
+                 on_event: Callable[[str, Request, float], None] | None = None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_waiting = max_waiting
+        self.prefill_budget = prefill_budget
+        self._on_event = on_event or (lambda kind, req, value: None)
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._free: collections.deque[int] = collections.deque(range(engine.slots))
+        self._running: dict[int, _Running] = {}
+        self._stopping = False
+        self._seeds = np.random.default_rng()
+        self._ids = itertools.count()
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="jserve-orchestrator", daemon=True)
+        self._thread.start()
+
+    # ---- public, any thread -------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.engine.slots - len(self._free)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: Stream, request_id: str | None = None,
+               deadline: float | None = None, block: bool = False) -> Stream:
+        """Queue a validated request. Raises ``QueueFullError`` when full (unless ``block``)."""
+        req = Request(prompt_ids=list(prompt_ids), params=params, sink=stream.put, deadline=deadline,
+                      request_id=request_id if request_id is not None else f"req-{next(self._ids)}")
+        stream.request, stream._orch = req, self
+        with self._cv:
+            while True:
+                if self._stopping:
+                    raise ShuttingDownError("server is shutting down; not accepting new requests")
+                if len(self._waiting) < self.max_waiting:
+                    break
+                if not block:
+                    self._on_event("rejected", req, 0.0)
+                    raise QueueFullError(f"waiting queue is full ({self.max_waiting} requests); retry later")
+                self._cv.wait(0.05)
+            self._waiting.append(req)
+            self._cv.notify_all()
+        return stream
+
+    def cancel(self, req: Request) -> None:
+        with self._cv:
+            req.cancelled = True
+            self._cv.notify_all()
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> bool:
+        """Stop accepting work; finish (``drain``) or cancel what is in flight. True if all ended."""
+        with self._cv:
+            self._stopping = True
+            if not drain:
+                for r in list(self._waiting) + [a.req for a in self._running.values()]:
+                    r.cancelled = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._cv:
+                for r in list(self._waiting) + [a.req for a in self._running.values()]:
+                    r.cancelled = True
+                self._cv.notify_all()
+            self._thread.join(5.0)
+            return False
+        return True
+
+    # ---- the loop, orchestrator thread only ---------------------------------------------
+    def _loop(self) -> None:
+        state = self.engine.take_state() if hasattr(self.engine, "take_state") else self.engine.init_state()
+        while True:
+            with self._cv:
+                while not self._running and not self._waiting and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._running and not self._waiting:
+                    return
+            try:
+                state = self._end_cancelled_and_expired(state)
+                state = self._admit(state)
+                if self._running:
+                    state = self._step(state)
+            except Exception as e:  # the device state may be gone: fail what runs, start clean
+                log.exception("decode loop failed; ending %d running requests", len(self._running))
+                for run in list(self._running.values()):
+                    self._finish(run, ERROR, error=f"internal error: {e}")
+                self._running.clear()
+                self._free = collections.deque(range(self.engine.slots))
+                state = self.engine.init_state()
+            with self._cv:
+                self._cv.notify_all()  # wake blocked submitters: the queue may have room
+
+    def _end_cancelled_and_expired(self, state):
+        now = time.monotonic()
+        for run in list(self._running.values()):
+            reason = self._ended(run.req, now)
+            if reason:
+                state = self._release(state, run)
+                self._finish(run, reason)
+        with self._cv:
+            keep = collections.deque()
+            ended = []
+            for req in self._waiting:
+                reason = self._ended(req, now)
+                (ended.append((req, reason)) if reason else keep.append(req))
+            self._waiting = keep
+        for req, reason in ended:
+            req.sink(StreamOutput("", [], [], [], len(req.prompt_ids), 0, finish_reason=reason))
+            self._on_event("finished:" + reason, req, now - req.arrival)
+        return state
+
+    @staticmethod
+    def _ended(req: Request, now: float) -> str | None:
+        if req.cancelled:
+            return CANCELLED
+        if req.deadline is not None and now >= req.deadline:
+            return DEADLINE
+        return None
+
+    def _admit(self, state):
+        budget = self.prefill_budget
+        admitted = 0
+        while self._free:
+            with self._cv:
+                if not self._waiting:
+                    break
+                req = self._waiting[0]
+                if admitted and len(req.prompt_ids) > budget:
+                    break
+                self._waiting.popleft()
+            slot = self._free.popleft()
+            seed = req.params.seed if req.params.seed is not None else int(self._seeds.integers(2**63))
+            try:
+                prefix = self.engine.prefill(req.prompt_ids, req.params, seed)
+                first = np.asarray(prefix.result)
+            except Exception as e:
+                log.exception("prefill failed for %s", req.request_id)
+                self._free.appendleft(slot)
+                req.sink(StreamOutput("", [], [], [], len(req.prompt_ids), 0, finish_reason=ERROR,
+                                      error=f"prefill failed: {e}"))
+                self._on_event("finished:" + ERROR, req, time.monotonic() - req.arrival)
+                continue
+            state = self.engine.insert(prefix, state, slot)
+            budget -= len(req.prompt_ids)
+            admitted += 1
+            run = _Running(
+                req=req, slot=slot,
+                detok=self.tokenizer.detokenizer() if self.tokenizer is not None else None,
+                stop_ids=frozenset(req.params.stop_token_ids)
+                | (frozenset() if req.params.ignore_eos else self.eos_token_ids),
+                max_stop=max((len(s) for s in req.params.stop), default=0),
+            )
+            self._running[slot] = run
+            self._on_event("first_token", req, time.monotonic() - req.arrival)
+            state = self._on_token(state, run, first)
+        return state
+
+    def _step(self, state):
+        state, packed = self.engine.generate(state)
+        result = np.asarray(packed)  # the one device-to-host copy of this step
+        self.steps += 1
+        for slot, run in list(self._running.items()):
+            row = result[slot]
+            if row[ACTIVE] < 0.5:
+                raise RuntimeError(f"slot {slot} is running on the host but inactive on device")
+            state = self._on_token(state, run, row)
+        return state
+
+    def _on_token(self, state, run: _Running, row: np.ndarray):
+        try:
+            reason, out = self._advance(run, row)
+        except Exception as e:
+            log.exception("request %s failed", run.req.request_id)
+            state = self._release(state, run)
+            self._finish(run, ERROR, error=str(e))
+            return state
+        if reason is not None:
+            state = self._release(state, run)
+        run.req.sink(out)
+        if reason is not None:
+            self._on_event("finished:" + reason, run.req, time.monotonic() - run.req.arrival)
+        else:
+            self._on_event("token", run.req, 0.0)
+        return state
+
+    def _advance(self, run: _Running, row: np.ndarray) -> tuple[str | None, StreamOutput]:
+        """Take one new token for ``run``; returns its finish reason (or None) and the output piece."""
+        p = run.req.params
+        token = int(row[TOKEN])
+        run.generated += 1
+        tops = []
+        n = self.engine.top_logprobs
+        if p.logprobs and n:
+            ids = row[RESULT_COLS:RESULT_COLS + n].astype(np.int64)
+            vals = row[RESULT_COLS + n:RESULT_COLS + 2 * n]
+            tops = [[(int(i), float(v)) for i, v in zip(ids[:p.logprobs], vals[:p.logprobs])]]
+        reason = None
+        start = len(run.text)
+        if token in run.stop_ids:
+            reason = STOP
+        elif run.detok is not None:
+            run.text += run.detok.add(token)
+        if reason is None and run.generated >= p.max_tokens:
+            reason = LENGTH
+        if reason is not None and run.detok is not None:
+            run.text += run.detok.flush()
+        end = len(run.text)
+        if p.stop and run.detok is not None:
+            lo = max(0, start - run.max_stop + 1)
+            hits = [i for i in (run.text.find(s, lo) for s in p.stop) if i >= 0]
+            if hits:
+                end = min(hits)
+                run.text = run.text[:end]
+                reason = STOP
+            elif reason is None:
+                end = len(run.text) - _held_back(run.text, p.stop)
+        piece = run.text[run.emitted:end]
+        run.emitted = end
+        out = StreamOutput(text=piece, token_ids=[token], logprobs=[float(row[LOGPROB])], top_logprobs=tops,
+                           prompt_tokens=len(run.req.prompt_ids), completion_tokens=run.generated,
+                           finish_reason=reason)
+        return reason, out
+
+    def _release(self, state, run: _Running):
+        if self._running.get(run.slot) is run:
+            del self._running[run.slot]
+            state = self.engine.release(state, run.slot)
+            self._free.append(run.slot)
+        return state
+
+    def _finish(self, run: _Running, reason: str, error: str | None = None) -> None:
+        tail = ""
+        if reason != ERROR and run.detok is not None:  # text held back for a stop string that never came
+            tail = run.text[run.emitted:] + run.detok.flush()
+        run.req.sink(StreamOutput(tail, [], [], [], len(run.req.prompt_ids), run.generated,
+                                  finish_reason=reason, error=error))
+        self._on_event("finished:" + reason, run.req, time.monotonic() - run.req.arrival)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

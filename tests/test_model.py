@@ -1,0 +1,90 @@
+"""The model's two entry points against its own full forward, on a tiny random model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jserve import model
+from jserve.config import tiny_config
+from jserve.kv_cache import KVCache, write_prefix
+
+
+def _setup(**over):
+    cfg = tiny_config(**over)
+    return cfg, model.init_params(cfg, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("over", [{}, {"n_kv_heads": 1, "tie_embeddings": False}, {"n_kv_heads": 4}])
+def test_decode_with_cache_reproduces_full_forward(over):
+    cfg, params = _setup(**over)
+    rng = np.random.default_rng(0)
+    seq = rng.integers(0, cfg.vocab_size, size=24)
+    full = np.asarray(model.logits_all(params, cfg, jnp.array(seq[None])))[0]  # [T, V]
+
+    n_prompt, bucket, slots, slot = 9, 16, 3, 1
+    padded = np.zeros(bucket, np.int32)
+    padded[:n_prompt] = seq[:n_prompt]
+    logits, ks, vs = model.prefill(params, cfg, jnp.array(padded[None]), jnp.array([n_prompt]))
+    np.testing.assert_allclose(np.asarray(logits)[0], full[n_prompt - 1], atol=1e-4, rtol=1e-4)
+
+    cache = KVCache.zeros(cfg, slots, 32, jnp.float32)
+    cache = write_prefix(cache, tuple(k[0] for k in ks), tuple(v[0] for v in vs), jnp.int32(slot))
+    step = jax.jit(model.decode_step, static_argnums=1)
+    for pos in range(n_prompt, len(seq)):
+        tokens = jnp.array(rng.integers(0, cfg.vocab_size, size=slots)).at[slot].set(seq[pos])
+        positions = jnp.full((slots,), 32).at[slot].set(pos)
+        logits, cache = step(params, cfg, tokens, positions, cache)
+        np.testing.assert_allclose(np.asarray(logits)[slot], full[pos], atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_padding_does_not_change_the_result():
+    cfg, params = _setup()
+    prompt = np.arange(3, 14)
+    out = []
+    for bucket in (16, 32):
+        padded = np.full(bucket, 7, np.int32)
+        padded[: len(prompt)] = prompt
+        logits, ks, _ = model.prefill(params, cfg, jnp.array(padded[None]), jnp.array([len(prompt)]))
+        out.append((np.asarray(logits), np.asarray(ks[0])[0, : len(prompt)]))
+    np.testing.assert_allclose(out[0][0], out[1][0], atol=1e-5)
+    np.testing.assert_allclose(out[0][1], out[1][1], atol=1e-6)
+
+
+def test_decode_slot_ignores_other_slots_and_masked_positions():
+    """A slot's logits do not depend on other slots' tokens or on cache entries past its length."""
+    cfg, params = _setup()
+    rng = np.random.default_rng(1)
+    base = KVCache.zeros(cfg, 4, 16, jnp.float32)
+    noisy = KVCache(k=tuple(jnp.array(rng.normal(size=k.shape), jnp.float32) for k in base.k),
+                    v=tuple(jnp.array(rng.normal(size=v.shape), jnp.float32) for v in base.v))
+    # Slot 2 holds the same 5 positions in both caches; everything else differs.
+    clean = KVCache(k=tuple(b.at[2, :5].set(n[2, :5]) for b, n in zip(base.k, noisy.k)),
+                    v=tuple(b.at[2, :5].set(n[2, :5]) for b, n in zip(base.v, noisy.v)))
+    la, _ = model.decode_step(params, cfg, jnp.array([1, 2, 3, 4]), jnp.array([7, 9, 5, 2]), noisy)
+    lb, _ = model.decode_step(params, cfg, jnp.array([9, 8, 3, 6]), jnp.array([16, 16, 5, 16]), clean)
+    np.testing.assert_array_equal(np.asarray(la)[2], np.asarray(lb)[2])
+
+
+def test_decode_writes_only_active_positions():
+    cfg, params = _setup()
+    cache = KVCache.zeros(cfg, 3, 8, jnp.float32)
+    _, out = model.decode_step(params, cfg, jnp.array([1, 2, 3]), jnp.array([2, 8, 0]), cache)
+    written = np.abs(np.asarray(out.k[0])).sum(axis=(2, 3)) > 0  # [S, T]
+    expect = np.zeros((3, 8), bool)
+    expect[0, 2] = expect[2, 0] = True
+    np.testing.assert_array_equal(written, expect)
+
+
+def test_llama3_rope_scaling_changes_only_low_frequencies():
+    from jserve.config import RopeScaling
+
+    cfg = tiny_config(head_dim=64, n_heads=2, n_kv_heads=1, rope_theta=500000.0)
+    scaled = tiny_config(head_dim=64, n_heads=2, n_kv_heads=1, rope_theta=500000.0,
+                         rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64))
+    a, b = model.rope_inv_freq(cfg), model.rope_inv_freq(scaled)
+    wavelen = 2 * np.pi / a
+    np.testing.assert_allclose(b[wavelen < 64 / 4], a[wavelen < 64 / 4])  # high frequencies untouched
+    np.testing.assert_allclose(b[wavelen > 64], a[wavelen > 64] / 8)  # low frequencies divided by factor

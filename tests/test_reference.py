@@ -1,0 +1,62 @@
+"""The real SmolLM2 checkpoint against Hugging Face transformers (fixture from scripts/make_reference.py)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from jserve import SamplingParams, checkpoint, model
+
+TINY_MARGIN = 1e-2  # where HF's top-2 logits are this close, float rounding may pick either
+
+
+def _comparable_prefix(case) -> int:
+    """Greedy tokens to compare: all, or up to the first step whose top-2 margin is tiny."""
+    for i, m in enumerate(case["top2_margins"]):
+        if m < TINY_MARGIN:
+            return i + 1  # the token at i itself may differ; compare it anyway only if margin allows
+    return len(case["greedy_ids"])
+
+
+def test_fixture_margins_allow_full_comparison(reference):
+    # Report: every fixture step has a clear winner, so all 32 tokens are compared.
+    assert all(_comparable_prefix(c) == len(c["greedy_ids"]) for c in reference["cases"])
+
+
+def test_first_step_logits_match_hf(real_ckpt, reference):
+    """Tolerance 1e-3 (float32 both sides): observed max difference is ~5e-5 over 30 layers, while
+    an actual modelling error (norm eps, RoPE order, a missing scale) moves logits by > 0.1."""
+    cfg, params, _ = checkpoint.load(real_ckpt)
+    prefill = jax.jit(model.prefill, static_argnums=1)
+    for case in reference["cases"]:
+        ids = case["prompt_ids"]
+        padded = np.zeros(64, np.int32)
+        padded[: len(ids)] = ids
+        logits, _, _ = prefill(params, cfg, padded[None], np.array([len(ids)]))
+        logits = np.asarray(logits)[0].astype(np.float64)
+        top = case["first_step_top"]
+        np.testing.assert_allclose(logits[top["ids"]], top["logits"], atol=1e-3, err_msg=case["id"])
+        lse = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
+        assert abs(lse - top["logsumexp"]) < 1e-3, case["id"]
+        assert int(np.argmax(logits)) == top["ids"][0]
+
+
+def test_greedy_through_engine_equals_hf(real_llm, reference):
+    """All fixture prompts at once through 4 slots (continuous batching), 32 greedy tokens each."""
+    cases = reference["cases"]
+    n = len(cases[0]["greedy_ids"])
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    results = real_llm.generate([c["prompt_ids"] for c in cases], params)
+    for case, r in zip(cases, results):
+        k = _comparable_prefix(case)
+        assert r.token_ids[:k] == case["greedy_ids"][:k], case["id"]
+        assert r.finish_reason == "length" and r.completion_tokens == n
+
+
+def test_capital_of_france_answers_paris(real_llm, reference):
+    case = next(c for c in reference["cases"] if c["id"] == "capital")
+    [r] = real_llm.generate([case["messages"]], SamplingParams(temperature=0.0, max_tokens=32))
+    assert "Paris" in r.text
+    assert r.finish_reason == "stop"  # <|im_end|>
+    assert r.token_ids == case["greedy_ids"][: len(r.token_ids)]
+    assert r.token_ids[-1] == 2
