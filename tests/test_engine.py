@@ -1,0 +1,97 @@
+"""Engine invariants: no recompilation after warm-up, donation, packed step results."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+
+from jserve import checkpoint
+from jserve.engine import ACTIVE, TOKEN, JaxEngine, buckets_for
+from jserve.sampling import SamplingParams
+
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+
+
+class CompileCounter:
+    def __init__(self):
+        self.count = 0
+        self.on = False
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, name, _secs, **_kw):
+        if self.on and name == TRACE_EVENT:
+            self.count += 1
+
+
+_counter = CompileCounter()
+
+
+def test_buckets_are_powers_of_two_closed_by_the_max():
+    assert buckets_for(100) == (16, 32, 64, 100)
+    assert buckets_for(64) == (16, 32, 64)
+    assert buckets_for(10) == (10,)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    cfg, params, _ = checkpoint.load(tiny_ckpt)
+    eng = JaxEngine(cfg, params, slots=3, max_len=96, max_prompt_len=40, top_logprobs=2)
+    _counter.count, _counter.on = 0, True
+    eng.warmup()
+    _counter.on = False
+    eng.warmup_traces = _counter.count
+    return eng
+
+
+def test_warmup_compiles_every_bucket_and_the_counter_sees_it(engine):
+    # prefill and insert per bucket (16, 32, 40), generate, release: the counter is not blind.
+    assert engine.warmup_traces >= 2 * len(engine.buckets) + 2
+
+
+def test_serving_after_warmup_compiles_nothing_and_donation_is_clean(engine):
+    rng = np.random.default_rng(0)
+    state = engine.take_state()
+    _counter.count, _counter.on = 0, True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Some donated buffers were not usable" would raise here
+        try:
+            for i, n in enumerate([1, 5, 16, 17, 33, 40, 2, 30]):
+                p = SamplingParams(temperature=[0.0, 0.7][i % 2], top_k=i, top_p=0.9, repetition_penalty=1.1)
+                prefix = engine.prefill(rng.integers(0, engine.vocab_size, n).tolist(), p, seed=i)
+                state = engine.insert(prefix, state, i % engine.slots)
+                for _ in range(3):
+                    state, out = engine.generate(state)
+                    np.asarray(out)
+                state = engine.release(state, i % engine.slots)
+        finally:
+            _counter.on = False
+    assert _counter.count == 0
+
+
+def test_step_result_packs_tokens_logprobs_flags_and_top_alternatives(engine):
+    state = engine.take_state()
+    prefix = engine.prefill([5, 6, 7], SamplingParams(temperature=0.0), seed=0)
+    first = np.asarray(prefix.result)
+    assert first.shape == (3 + 2 * 2,)
+    state = engine.insert(prefix, state, 1)
+    state, out = engine.generate(state)
+    out = np.asarray(out)
+    assert out.shape == (3, 3 + 2 * 2)
+    assert out[:, ACTIVE].tolist() == [0.0, 1.0, 0.0]
+    tok, logprob, top_ids, top_lp = out[1, TOKEN], out[1, 1], out[1, 3:5], out[1, 5:7]
+    assert top_ids[0] == tok and np.isclose(top_lp[0], logprob)  # greedy: the best is the chosen one
+    assert logprob <= 0 and top_lp[0] >= top_lp[1]
+    engine.release(state, 1)
+
+
+def test_old_state_is_donated(engine):
+    state = engine.take_state()
+    prefix = engine.prefill([1, 2, 3], SamplingParams(temperature=0.0), seed=0)
+    new = engine.insert(prefix, state, 0)
+    assert state.cache.k[0].is_deleted()  # the cache was updated in place, not copied
+    new, _ = engine.generate(new)
+    engine.release(new, 0)

@@ -1,0 +1,200 @@
+"""Continuous batching: batch invariance, cancellation, deadlines, backpressure, stop strings, errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from jserve import SamplingParams
+from jserve.llm import collect
+from jserve.orchestrator import Orchestrator, QueueFullError, Stream, _held_back
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def _alone(llm, prompt, params):
+    [r] = llm.generate([prompt], params)
+    return r
+
+
+def _staggered(llm, prompts, params, gap=0.004):
+    """Submit each prompt after a short pause (so they join mid-flight), collect all results."""
+    streams = []
+    for p, sp in zip(prompts, params):
+        streams.append(llm.submit(p, sp, block=True))
+        time.sleep(gap)
+    return [collect(list(s)) for s in streams]
+
+
+def test_batch_invariance_24_staggered_requests_in_4_slots(tiny_llm):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(17, tiny_llm.config.vocab_size, int(n)).tolist() for n in rng.integers(1, 64, 24)]
+    params = [SamplingParams(max_tokens=int(m), **GREEDY) for m in rng.integers(3, 40, 24)]
+    alone = [_alone(tiny_llm, p, sp).token_ids for p, sp in zip(prompts, params)]
+    together = _staggered(tiny_llm, prompts, params)
+    for i, (a, t) in enumerate(zip(alone, together)):
+        assert t.token_ids == a, f"request {i} differs when batched"
+        assert t.finish_reason == "length" and len(a) == params[i].max_tokens
+    assert tiny_llm.orchestrator.slots_in_use == 0
+
+
+def test_batch_invariance_real_model(real_llm, reference):
+    cases = reference["cases"][:6]
+    params = [SamplingParams(max_tokens=m, **GREEDY) for m in (12, 20, 8, 16, 10, 14)]
+    alone = [_alone(real_llm, c["prompt_ids"], sp).token_ids for c, sp in zip(cases, params)]
+    together = _staggered(real_llm, [c["prompt_ids"] for c in cases], params, gap=0.05)
+    assert [t.token_ids for t in together] == alone
+
+
+def test_same_seed_sampling_is_identical_alone_or_among_others(tiny_llm):
+    prompt = [100, 200, 300, 400]
+    sp = SamplingParams(temperature=0.8, seed=1234, max_tokens=30, ignore_eos=True)
+    alone = _alone(tiny_llm, prompt, sp).token_ids
+    others = [SamplingParams(temperature=t, seed=s, max_tokens=25, ignore_eos=True)
+              for t, s in ((0.0, None), (1.0, 7), (0.8, None))]
+    res = _staggered(tiny_llm, [[5, 6, 7], [9] * 20, prompt, [11, 12]], [others[0], others[1], sp, others[2]])
+    assert res[2].token_ids == alone
+    different_seed = _alone(tiny_llm, prompt, SamplingParams(temperature=0.8, seed=99, max_tokens=30,
+                                                             ignore_eos=True)).token_ids
+    assert different_seed != alone
+
+
+def test_cancel_frees_slot_within_one_step_and_leaves_others_untouched(tiny_llm):
+    orch = tiny_llm.orchestrator
+    other_sp = SamplingParams(max_tokens=60, **GREEDY)
+    expected_other = _alone(tiny_llm, [42, 43, 44], other_sp).token_ids
+    victim = tiny_llm.submit([1, 2, 3], SamplingParams(max_tokens=120, **GREEDY))
+    other = tiny_llm.submit([42, 43, 44], other_sp)
+    it = iter(victim)
+    for _ in range(3):
+        assert next(it).finish_reason is None
+    step_at_cancel = orch.steps
+    victim.cancel()
+    rest = list(it)
+    assert rest[-1].finish_reason == "cancelled"
+    assert orch.steps - step_at_cancel <= 1
+    assert rest[-1].completion_tokens < 120
+    assert collect(list(other)).token_ids == expected_other
+    assert orch.slots_in_use == 0
+
+
+def test_full_queue_is_refused_with_a_clear_error(tiny_llm):
+    orch = Orchestrator(tiny_llm.engine, tiny_llm.tokenizer, max_waiting=2)
+    streams = []
+    try:
+        with pytest.raises(QueueFullError, match=r"waiting queue is full \(2 requests\)"):
+            for _ in range(tiny_llm.engine.slots + 3):
+                streams.append(orch.submit([1, 2, 3], SamplingParams(max_tokens=100, **GREEDY), Stream()))
+        assert len(streams) <= tiny_llm.engine.slots + 2
+        done = [collect(list(s)) for s in streams]  # admitted work still completes
+        assert all(r.finish_reason == "length" and r.completion_tokens == 100 for r in done)
+    finally:
+        orch.shutdown(drain=False, timeout=10)
+
+
+def test_deadline_ends_request_with_reason_deadline(tiny_llm):
+    r = collect(list(tiny_llm.submit([1, 2, 3], SamplingParams(max_tokens=120, **GREEDY), timeout=0.05)))
+    assert r.finish_reason == "deadline"
+    assert r.completion_tokens < 120
+    expired = collect(list(tiny_llm.submit([1, 2], SamplingParams(max_tokens=5), timeout=0.0)))
+    assert expired.finish_reason == "deadline" and expired.completion_tokens == 0
+    assert tiny_llm.orchestrator.slots_in_use == 0
+
+
+def test_stop_string_spanning_tokens_ends_text_before_it_without_leaking(tiny_llm):
+    prompt = "The weather today is"
+    full = _alone(tiny_llm, prompt, SamplingParams(max_tokens=60, **GREEDY))
+    tok = tiny_llm.tokenizer
+    # Choose a stop string made of the text of tokens 20..23: it spans several tokens.
+    start = len(tok.decode(full.token_ids[:20]))
+    stop = tok.decode(full.token_ids[:23])[start:]
+    assert len(stop) >= 3 and len(full.token_ids[20:23]) == 3
+    cut = full.text.find(stop)
+    pieces = list(tiny_llm.submit(prompt, SamplingParams(max_tokens=60, stop=(stop,), **GREEDY)))
+    text = "".join(p.text for p in pieces)
+    assert text == full.text[:cut]
+    assert pieces[-1].finish_reason == "stop"
+    assert stop not in text
+
+
+def test_held_back_is_the_longest_stop_prefix_suffix():
+    assert _held_back("hello wor", ("world",)) == 3
+    assert _held_back("hello", ("xyz", "lo!")) == 2
+    assert _held_back("abc", ("zzz",)) == 0
+
+
+def test_eos_finishes_with_stop_and_max_tokens_with_length(tiny_llm):
+    eos = tiny_llm.tokenizer.eos_token_ids[0]
+    r = _alone(tiny_llm, [1, 2, 3], SamplingParams(max_tokens=7, **GREEDY))
+    assert r.finish_reason == "length" and len(r.token_ids) == 7
+    # Make the request's own second token a stop token id: it ends there, with reason stop.
+    r2 = _alone(tiny_llm, [1, 2, 3], SamplingParams(max_tokens=7, temperature=0.0,
+                                                     stop_token_ids=(r.token_ids[1],)))
+    assert r2.finish_reason == "stop" and r2.token_ids == r.token_ids[: r.token_ids.index(r.token_ids[1]) + 1]
+    assert eos in tiny_llm.orchestrator.eos_token_ids
+
+
+def test_error_in_one_request_ends_only_that_request(tiny_llm, monkeypatch):
+    engine = tiny_llm.engine
+    real_prefill = engine.prefill
+
+    def flaky(tokens, params, seed):
+        if tokens[0] == 4242:
+            raise RuntimeError("injected failure")
+        return real_prefill(tokens, params, seed)
+
+    monkeypatch.setattr(engine, "prefill", flaky)
+    sp = SamplingParams(max_tokens=10, **GREEDY)
+    expected = _alone(tiny_llm, [7, 8, 9], sp).token_ids
+    res = _staggered(tiny_llm, [[7, 8, 9], [4242, 1], [7, 8, 9]], [sp] * 3)
+    assert res[1].finish_reason == "error" and "injected failure" in res[1].error
+    assert res[0].token_ids == expected and res[2].token_ids == expected
+    assert tiny_llm.orchestrator.slots_in_use == 0
+
+
+def test_logprobs_and_top_alternatives_are_streamed(tiny_llm):
+    pieces = list(tiny_llm.submit([3, 4, 5], SamplingParams(max_tokens=4, logprobs=2, **GREEDY)))
+    toks = [p for p in pieces if p.token_ids]
+    assert len(toks) == 4
+    for p in toks:
+        assert len(p.top_logprobs[0]) == 2
+        assert p.top_logprobs[0][0][0] == p.token_ids[0]  # greedy: the chosen token is the best
+        assert p.logprobs[0] <= 0
+
+
+def test_async_stream_yields_pieces_and_cancels_when_abandoned(tiny_llm):
+    import asyncio
+
+    async def run():
+        got = []
+        async for piece in tiny_llm.stream([1, 2, 3], SamplingParams(max_tokens=100, **GREEDY)):
+            got.append(piece)
+            if len(got) == 5:
+                break  # the generator's finally cancels the request
+        return got
+
+    got = asyncio.run(run())
+    assert len(got) == 5
+    deadline = time.monotonic() + 5
+    while tiny_llm.orchestrator.slots_in_use and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tiny_llm.orchestrator.slots_in_use == 0
+
+
+def test_concurrent_submitters_all_complete(tiny_llm):
+    sp = SamplingParams(max_tokens=8, **GREEDY)
+    expected = _alone(tiny_llm, [10, 11], sp).token_ids
+    results = [None] * 12
+
+    def worker(i):
+        results[i] = collect(list(tiny_llm.submit([10, 11], sp, block=True))).token_ids
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [expected] * 12
