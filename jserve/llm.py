@@ -94,6 +94,7 @@ class LLM:
             raise ValueError(f"quantize={quantize!r} is not supported yet (only None)")
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        self.dtype, self.quantize = dtype, quantize
         enable_compile_cache(compile_cache)
         path = pathlib.Path(checkpoint) if checkpoint is not None else ensure_default_checkpoint(DEFAULT_CHECKPOINT)
         t0 = time.perf_counter()

@@ -281,7 +281,6 @@ class Orchestrator:
                 max_stop=max((len(s) for s in req.params.stop), default=0),
             )
             self._running[slot] = run
-            self._on_event("first_token", req, time.monotonic() - req.arrival)
             state = self._on_token(state, run, first)
         return state
 
@@ -307,10 +306,10 @@ class Orchestrator:
         if reason is not None:
             state = self._release(state, run)
         run.req.sink(out)
+        elapsed = time.monotonic() - run.req.arrival
+        self._on_event("first_token" if run.generated == 1 else "token", run.req, elapsed)
         if reason is not None:
-            self._on_event("finished:" + reason, run.req, time.monotonic() - run.req.arrival)
-        else:
-            self._on_event("token", run.req, 0.0)
+            self._on_event("finished:" + reason, run.req, elapsed)
         return state
 
     def _advance(self, run: _Running, row: np.ndarray) -> tuple[str | None, StreamOutput]:

@@ -1,0 +1,181 @@
+"""A small Python client for jserve's gRPC API (sync and asyncio), and a command line.
+
+    python -m jserve.client "Once upon a time" --max-tokens 40
+    python -m jserve.client --chat "What is the capital of France?" --temperature 0
+
+Several addresses (``--address host1:port,host2:port``) are balanced round-robin by gRPC.
+Imports neither JAX nor the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from jserve.v1 import jserve_pb2 as pb
+from jserve.v1 import jserve_pb2_grpc as pb_grpc
+
+FINISH_NAMES = {pb.STOP: "stop", pb.LENGTH: "length", pb.CANCELLED: "cancelled", pb.DEADLINE: "deadline",
+                pb.ERROR: "error"}
+Prompt = str | Sequence[dict[str, str]] | Sequence[int]
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def target_for(addresses: str | Sequence[str]) -> tuple[str, list[tuple[str, Any]]]:
+    """gRPC target and channel options; several addresses get round-robin load balancing."""
+    addrs = [a.strip() for a in (addresses.split(",") if isinstance(addresses, str) else addresses) if a.strip()]
+    if not addrs:
+        raise ValueError("no server address given")
+    if len(addrs) == 1:
+        return addrs[0], []
+    return "ipv4:" + ",".join(addrs), [("grpc.lb_policy_name", "round_robin")]
+
+
+def build_request(prompt: Prompt, request_id: str = "", **sampling: Any) -> pb.GenerateRequest:
+    """A ``GenerateRequest`` from text, chat messages or token ids plus sampling fields."""
+    req = pb.GenerateRequest(request_id=request_id)
+    if isinstance(prompt, str):
+        req.text = prompt
+    elif prompt and all(isinstance(m, dict) for m in prompt):
+        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
+    else:
+        req.token_ids.ids.extend(int(t) for t in prompt)
+    for key, value in sampling.items():
+        if value is None:
+            continue
+        if key in ("stop", "stop_token_ids"):
+            getattr(req, key).extend([value] if isinstance(value, str) else value)
+        else:
+            setattr(req, key, value)
+    return req
+
+
+def _fold(responses: Iterator[pb.GenerateResponse] | list[pb.GenerateResponse]) -> Completion:
+    text, ids, last = [], [], None
+    for r in responses:
+        text.append(r.text)
+        ids.extend(r.token_ids)
+        last = r
+    return Completion("".join(text), ids, FINISH_NAMES.get(last.finish_reason, "unknown") if last else "unknown",
+                      last.usage.prompt_tokens if last else 0, last.usage.completion_tokens if last else 0)
+
+
+class Client:
+    """Blocking client. ``stream`` yields responses as they arrive; ``complete`` folds them."""
+
+    def __init__(self, address: str | Sequence[str] = "127.0.0.1:50051"):
+        target, options = target_for(address)
+        self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    def stream(self, prompt: Prompt, timeout: float | None = None, request_id: str = "",
+               **sampling: Any) -> Iterator[pb.GenerateResponse]:
+        return self.stub.Generate(build_request(prompt, request_id, **sampling), timeout=timeout)
+
+    def complete(self, prompt: Prompt, timeout: float | None = None, **sampling: Any) -> Completion:
+        return _fold(self.stream(prompt, timeout=timeout, **sampling))
+
+    def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+
+    def tokenize(self, text: str | None = None, chat: Sequence[dict[str, str]] | None = None) -> list[int]:
+        req = pb.TokenizeRequest()
+        if chat is not None:
+            req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in chat)
+        else:
+            req.text = text or ""
+        return list(self.stub.Tokenize(req).ids)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client over ``grpc.aio``."""
+
+    def __init__(self, address: str | Sequence[str] = "127.0.0.1:50051"):
+        target, options = target_for(address)
+        self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    def stream(self, prompt: Prompt, timeout: float | None = None, request_id: str = "",
+               **sampling: Any) -> AsyncIterator[pb.GenerateResponse]:
+        return self.stub.Generate(build_request(prompt, request_id, **sampling), timeout=timeout)
+
+    async def complete(self, prompt: Prompt, timeout: float | None = None, **sampling: Any) -> Completion:
+        return _fold([r async for r in self.stream(prompt, timeout=timeout, **sampling)])
+
+    async def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfo:
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jserve.client", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("prompt", help="the prompt text (a user message with --chat)")
+    ap.add_argument("--address", default="127.0.0.1:50051", help="server address(es), comma-separated")
+    ap.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    ap.add_argument("--system", default=None, help="system message (with --chat)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (server default 128)")
+    ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (server default 1.0)")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--min-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--repetition-penalty", type=float, default=None)
+    ap.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    ap.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    args = ap.parse_args(argv)
+    prompt: Prompt = args.prompt
+    if args.chat:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty, stop=args.stop)
+    with Client(args.address) as client:
+        try:
+            last = None
+            for r in client.stream(prompt, timeout=args.timeout, **sampling):
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+                last = r
+            sys.stdout.write("\n")
+            if last is not None:
+                print(f"[{FINISH_NAMES.get(last.finish_reason, '?')}; prompt {last.usage.prompt_tokens} tokens, "
+                      f"completion {last.usage.completion_tokens} tokens]", file=sys.stderr)
+        except grpc.RpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

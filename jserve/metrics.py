@@ -1,0 +1,75 @@
+"""Prometheus metrics of a serving process, fed by the orchestrator's events."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.0)
+
+
+class ServingMetrics:
+    """TTFT, inter-token and end-to-end latency, queue/slot gauges, token and request counters."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("jserve_time_to_first_token_seconds", "Arrival to first token", registry=r,
+                              buckets=_LATENCY_BUCKETS)
+        self.itl = Histogram("jserve_inter_token_latency_seconds", "Time between consecutive tokens of a request",
+                             registry=r, buckets=_TOKEN_BUCKETS)
+        self.e2e = Histogram("jserve_request_latency_seconds", "Arrival to finish", registry=r,
+                             buckets=_LATENCY_BUCKETS)
+        self.prompt_tokens = Counter("jserve_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter("jserve_generation_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("jserve_requests_finished", "Finished requests by reason", ["reason"], registry=r)
+        self.rejected = Counter("jserve_requests_rejected", "Requests refused at the edge", ["reason"], registry=r)
+        self.waiting = Gauge("jserve_requests_waiting", "Requests in the waiting queue", registry=r)
+        self.running = Gauge("jserve_requests_running", "Requests decoding in a slot", registry=r)
+        self.slots_in_use = Gauge("jserve_slots_in_use", "Batch slots holding a request", registry=r)
+        self.slots_total = Gauge("jserve_slots", "Batch slots", registry=r)
+        self._last_token: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def bind(self, slots: int, waiting: Callable[[], int], running: Callable[[], int],
+             in_use: Callable[[], int]) -> None:
+        self.slots_total.set(slots)
+        self.waiting.set_function(waiting)
+        self.running.set_function(running)
+        self.slots_in_use.set_function(in_use)
+
+    def on_event(self, kind: str, req: Any, value: float) -> None:
+        """The orchestrator's callback: ``first_token``, ``token``, ``finished:<reason>``, ``rejected``."""
+        now = time.monotonic()
+        key = id(req)
+        if kind == "token":
+            self.generation_tokens.inc()
+            with self._lock:
+                last = self._last_token.get(key)
+                self._last_token[key] = now
+            if last is not None:
+                self.itl.observe(now - last)
+        elif kind == "first_token":
+            self.ttft.observe(value)
+            self.prompt_tokens.inc(len(req.prompt_ids))
+            self.generation_tokens.inc()
+            with self._lock:
+                self._last_token[key] = now
+        elif kind.startswith("finished:"):
+            self.e2e.observe(value)
+            self.finished.labels(kind.split(":", 1)[1]).inc()
+            with self._lock:
+                self._last_token.pop(key, None)
+        elif kind == "rejected":
+            self.rejected.labels("queue_full").inc()
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -1,0 +1,257 @@
+"""The gRPC front end: ``python -m jserve.server``.
+
+Thin on purpose: it validates and converts requests, hands them to the ``LLM`` (orchestrator)
+and streams the pieces back. It binds its port first and reports NOT_SERVING on the standard
+health service until the model is loaded and every shape is compiled, then SERVING; on SIGTERM
+or SIGINT it reports NOT_SERVING, refuses new work, lets in-flight streams finish (bounded by
+``--drain-timeout``) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jserve.llm import LLM
+from jserve.metrics import ServingMetrics
+from jserve.orchestrator import CANCELLED, DEADLINE, ERROR, LENGTH, STOP, QueueFullError, ShuttingDownError
+from jserve.sampling import InvalidRequestError, SamplingParams
+from jserve.v1 import jserve_pb2 as pb
+from jserve.v1 import jserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("jserve.server")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+FINISH = {STOP: pb.STOP, LENGTH: pb.LENGTH, CANCELLED: pb.CANCELLED, DEADLINE: pb.DEADLINE, ERROR: pb.ERROR}
+DEFAULT_MAX_TOKENS = 128
+
+
+def request_to_input(req: pb.GenerateRequest) -> Any:
+    """The prompt of a request, as the LLM API takes it; ``InvalidRequestError`` if absent or empty."""
+    kind = req.WhichOneof("input")
+    if kind is None:
+        raise InvalidRequestError("no input: set one of text, chat or token_ids")
+    if kind == "text":
+        if not req.text:
+            raise InvalidRequestError("the prompt text is empty")
+        return req.text
+    if kind == "chat":
+        if not req.chat.messages:
+            raise InvalidRequestError("the chat has no messages")
+        return [{"role": m.role, "content": m.content} for m in req.chat.messages]
+    if not req.token_ids.ids:
+        raise InvalidRequestError("token_ids is empty")
+    return list(req.token_ids.ids)
+
+
+def request_to_params(req: pb.GenerateRequest) -> SamplingParams:
+    def opt(name: str, default: Any) -> Any:
+        return getattr(req, name) if req.HasField(name) else default
+
+    return SamplingParams(
+        max_tokens=opt("max_tokens", DEFAULT_MAX_TOKENS), temperature=opt("temperature", 1.0),
+        top_k=opt("top_k", 0), top_p=opt("top_p", 1.0), min_p=opt("min_p", 0.0), seed=opt("seed", None),
+        repetition_penalty=opt("repetition_penalty", 1.0), presence_penalty=opt("presence_penalty", 0.0),
+        frequency_penalty=opt("frequency_penalty", 0.0), stop=tuple(req.stop),
+        stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos, logprobs=req.logprobs,
+    )
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, metrics: ServingMetrics):
+        self.llm: LLM | None = None
+        self.metrics = metrics
+        self.draining = False
+
+    def _ready(self) -> LLM:
+        if self.llm is None:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is warming up; retry shortly")
+        if self.draining:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        return self.llm
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            llm = self._ready()
+            prompt, params = request_to_input(request), request_to_params(request)
+            stream = llm.submit(prompt, params, request_id=request.request_id or None,
+                                timeout=context.time_remaining(), loop=asyncio.get_running_loop())
+        except _Abort as e:
+            self.metrics.reject("unavailable")
+            await context.abort(e.code, e.message)
+        except InvalidRequestError as e:
+            self.metrics.reject("invalid_argument")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except QueueFullError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ShuttingDownError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        rid = stream.request.request_id
+        try:
+            async for piece in stream:
+                if piece.finish_reason == DEADLINE:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"deadline exceeded after {piece.completion_tokens} tokens")
+                if piece.finish_reason == ERROR:
+                    await context.abort(grpc.StatusCode.INTERNAL, f"request {rid} failed: {piece.error}")
+                resp = pb.GenerateResponse(text=piece.text, token_ids=piece.token_ids, request_id=rid)
+                if params.logprobs or piece.top_logprobs:
+                    for i, (t, lp) in enumerate(zip(piece.token_ids, piece.logprobs)):
+                        top = piece.top_logprobs[i] if i < len(piece.top_logprobs) else []
+                        resp.logprobs.append(pb.TokenLogprob(
+                            token_id=t, logprob=lp, top=[pb.TopLogprob(token_id=a, logprob=b) for a, b in top]))
+                if piece.finish_reason is not None:
+                    resp.finish_reason = FINISH[piece.finish_reason]
+                    resp.usage.prompt_tokens = piece.prompt_tokens
+                    resp.usage.completion_tokens = piece.completion_tokens
+                yield resp
+        finally:
+            stream.cancel()  # no-op when finished; frees the slot when the client went away
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        if self.llm is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is warming up; retry shortly")
+        llm = self.llm
+        eng, orch = llm.engine, llm.orchestrator
+        eos = llm.tokenizer.eos_token_ids if llm.tokenizer else llm.config.eos_token_ids
+        return pb.ModelInfo(
+            model_name=llm.checkpoint.name, checkpoint=str(llm.checkpoint), vocab_size=llm.config.vocab_size,
+            max_len=eng.max_len, max_prompt_len=eng.max_prompt_len, slots=eng.slots,
+            slots_in_use=orch.slots_in_use, waiting=orch.num_waiting, max_waiting=orch.max_waiting,
+            max_logprobs=eng.top_logprobs, eos_token_ids=list(eos), dtype=llm.dtype,
+            quantization=llm.quantize or "none", has_chat_template=bool(llm.tokenizer and llm.tokenizer.has_chat_template),
+        )
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        try:
+            llm = self._ready()
+            kind = request.WhichOneof("input")
+            if kind == "text":
+                ids = llm.tokenize_input(request.text) if request.text else []
+            elif kind == "chat":
+                ids = llm.encode_chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
+            else:
+                raise InvalidRequestError("no input: set text or chat")
+        except _Abort as e:
+            await context.abort(e.code, e.message)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.TokenizeResponse(ids=ids)
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m jserve.server", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=pathlib.Path, default=None,
+                    help="jserve checkpoint directory (default: SmolLM2-135M-Instruct, converted on first start)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; [::] for all)")
+    ap.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
+    ap.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
+    ap.add_argument("--max-len", type=int, default=1024, help="positions per slot: prompt + output (default 1024)")
+    ap.add_argument("--max-prompt-len", type=int, default=None, help="longest prompt accepted (default max-len - 1)")
+    ap.add_argument("--max-waiting", type=int, default=256,
+                    help="waiting-queue bound; beyond it requests get RESOURCE_EXHAUSTED (default 256)")
+    ap.add_argument("--max-logprobs", type=int, default=5, help="most top alternatives a request may ask for")
+    ap.add_argument("--prefill-budget", type=int, default=512,
+                    help="prompt tokens admitted between two decode steps, bounding stalls of running streams")
+    ap.add_argument("--quantize", choices=["int8"], default=None, help="weight quantization (not yet available)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights and KV cache (float32 default, fastest on CPU; bfloat16 for GPU/TPU)")
+    ap.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    ap.add_argument("--drain-timeout", type=float, default=30.0,
+                    help="seconds in-flight requests may take to finish after SIGTERM (default 30)")
+    ap.add_argument("--compile-cache", type=pathlib.Path, default=None,
+                    help="persistent compilation cache directory (default ~/.cache/jserve/xla)")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return ap
+
+
+async def serve(args: argparse.Namespace) -> int:
+    metrics = ServingMetrics()
+    service = GenerationService(metrics)
+    health_servicer = health.aio.HealthServicer()
+    server = grpc.aio.server()
+    pb_grpc.add_GenerationServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if port == 0:
+        log.error("could not bind %s:%d", args.host, args.port)
+        return 1
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    log.info("listening on %s:%d (NOT_SERVING until warm-up is done)", args.host, port)
+    print(f"jserve listening on {args.host}:{port}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    t0 = time.perf_counter()
+    kwargs = dict(slots=args.slots, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
+                  quantize=args.quantize, dtype=args.dtype, top_logprobs=args.max_logprobs,
+                  max_waiting=args.max_waiting, prefill_budget=args.prefill_budget, on_event=metrics.on_event)
+    if args.compile_cache is not None:
+        kwargs["compile_cache"] = args.compile_cache
+    load = loop.run_in_executor(None, lambda: LLM(args.checkpoint, **kwargs))
+    done, _ = await asyncio.wait({load, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if load not in done:
+        log.info("stopped during start-up")
+        await server.stop(0)
+        return 0
+    try:
+        llm = load.result()
+    except Exception:
+        log.exception("could not load the model")
+        await server.stop(0)
+        return 1
+    o = llm.orchestrator
+    metrics.bind(llm.engine.slots, lambda: o.num_waiting, lambda: o.num_running, lambda: o.slots_in_use)
+    if args.metrics_port is not None:
+        metrics.serve(args.metrics_port, addr=args.host if args.host not in ("[::]", "0.0.0.0") else "")
+        log.info("metrics on port %d", args.metrics_port)
+    service.llm = llm
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("SERVING %s after %.1fs (warm-up %.1fs)", llm.checkpoint, time.perf_counter() - t0, llm.warmup_seconds)
+    print("jserve SERVING", flush=True)
+
+    await stop.wait()
+    log.info("signal received: draining (up to %.0fs)", args.drain_timeout)
+    service.draining = True
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    drained = await loop.run_in_executor(None, llm.close, True, args.drain_timeout)
+    await server.stop(grace=5.0)
+    log.info("stopped (%s)", "all requests finished" if drained else "drain timed out; the rest were cancelled")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
