@@ -1,0 +1,234 @@
+"""The gRPC server, end to end: a real server process on a free localhost port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jserve.client import AsyncClient, Client
+from jserve.v1 import jserve_pb2 as pb
+
+from .servers import ServerProcess
+
+SLOTS, MAX_LEN, MAX_PROMPT, MAX_WAITING = 8, 128, 64, 32
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt):
+    s = ServerProcess(tiny_ckpt, "--slots", str(SLOTS), "--max-len", str(MAX_LEN), "--max-prompt-len",
+                      str(MAX_PROMPT), "--max-waiting", str(MAX_WAITING))
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.address) as c:
+        yield c
+
+
+def _wait_slots_free(client, timeout=5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        used = client.model_info().slots_in_use
+        if used == 0 or time.monotonic() > deadline:
+            return used
+        time.sleep(0.02)
+
+
+def _metrics(server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def test_model_info_and_tokenize(client):
+    info = client.model_info()
+    assert (info.slots, info.max_len, info.max_prompt_len, info.max_waiting) == (SLOTS, MAX_LEN, MAX_PROMPT, MAX_WAITING)
+    assert info.vocab_size == 49152 and list(info.eos_token_ids) == [2] and info.has_chat_template
+    assert client.tokenize("Hello world") == [19556, 905]
+    chat = client.tokenize(chat=[{"role": "user", "content": "Hi"}])
+    assert chat[0] == 1 and chat[-4:] == [1, 520, 9531, 198]  # ... <|im_start|>assistant\n
+
+
+def test_grpc_greedy_equals_offline_script(server, client, tiny_ckpt, tmp_path):
+    requests = [
+        {"id": "chat", "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+        {"id": "text", "prompt": "Once upon a time"},
+        {"id": "ids", "token_ids": [5, 900, 12000, 77]},
+    ]
+    for r in requests:
+        r.update(temperature=0, max_tokens=24)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    script = [sys.executable, "scripts/generate.py", "--checkpoint", str(tiny_ckpt), "--input", str(inp),
+              "--output", str(out), "--slots", str(SLOTS), "--max-len", str(MAX_LEN), "--max-prompt-len",
+              str(MAX_PROMPT), "--no-progress"]
+    subprocess.run(script, check=True, capture_output=True, timeout=600)
+    offline = [json.loads(x) for x in out.read_text().splitlines()]
+    prompts = [requests[0]["messages"], requests[1]["prompt"], requests[2]["token_ids"]]
+    for prompt, ref in zip(prompts, offline):
+        got = client.complete(prompt, temperature=0.0, max_tokens=24)
+        assert got.token_ids == ref["token_ids"] and got.text == ref["text"], ref["id"]
+        assert got.finish_reason == ref["finish_reason"]
+        assert (got.prompt_tokens, got.completion_tokens) == (ref["prompt_tokens"], ref["completion_tokens"])
+
+
+def test_32_concurrent_streams_on_8_slots_complete_correctly(server, client):
+    prompts = [[100 + i, 200 + 3 * i, 300 + 7 * i] for i in range(32)]
+    lengths = [8 + (i % 5) * 4 for i in range(32)]
+    alone = [client.complete(p, max_tokens=n, **GREEDY).token_ids for p, n in zip(prompts, lengths)]
+
+    async def run():
+        async with AsyncClient(server.address) as ac:
+            async def one(p, n):
+                pieces = [r async for r in ac.stream(p, max_tokens=n, **GREEDY)]
+                return pieces
+            return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lengths)))
+
+    results = asyncio.run(run())
+    for i, pieces in enumerate(results):
+        ids = [t for r in pieces for t in r.token_ids]
+        assert ids == alone[i], f"request {i}"
+        assert sum(1 for r in pieces if r.finish_reason) == 1 and pieces[-1].finish_reason == pb.LENGTH
+        assert pieces[-1].usage.completion_tokens == lengths[i]
+    assert _wait_slots_free(client) == 0
+
+
+def test_cancel_mid_stream_frees_the_slot(server, client):
+    call = client.stream([1, 2, 3], max_tokens=120, **GREEDY)
+    got = [next(call) for _ in range(3)]
+    assert all(r.token_ids for r in got)
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+    assert _wait_slots_free(client) == 0
+    deadline = time.monotonic() + 5
+    while 'jserve_requests_finished_total{reason="cancelled"}' not in _metrics(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 'jserve_requests_finished_total{reason="cancelled"}' in _metrics(server)
+
+
+def test_deadline_gives_deadline_exceeded_and_frees_the_slot(client):
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.stream([1, 2, 3], max_tokens=120, timeout=0.05, **GREEDY))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _wait_slots_free(client) == 0
+
+
+def test_overload_gets_resource_exhausted_while_admitted_work_completes(server, client):
+    n = SLOTS + MAX_WAITING + 24
+
+    async def run():
+        async with AsyncClient(server.address) as ac:
+            async def one(i):
+                try:
+                    return await ac.complete([7, 8, 9 + i], max_tokens=100, **GREEDY)
+                except grpc.aio.AioRpcError as e:
+                    return e
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+    results = asyncio.run(run())
+    rejected = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    done = [r for r in results if not isinstance(r, grpc.aio.AioRpcError)]
+    assert rejected and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in rejected)
+    assert "waiting queue is full" in rejected[0].details()
+    assert len(done) >= MAX_WAITING and len(done) + len(rejected) == n
+    assert all(d.finish_reason == "length" and d.completion_tokens == 100 for d in done)
+    assert _wait_slots_free(client) == 0
+
+
+@pytest.mark.parametrize("prompt, kwargs, message", [
+    ("", {}, "the prompt text is empty"),
+    (list(range(20, 20 + MAX_PROMPT + 1)), {}, f"accepts at most {MAX_PROMPT}"),
+    ("hello", {"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+    ("hello", {"max_tokens": MAX_LEN}, f"exceeds the context of {MAX_LEN} tokens"),
+    ("hello", {"temperature": -0.5}, "temperature must be >= 0"),
+    ("hello", {"top_p": 0.0}, "top_p must be in (0, 1]"),
+    ("hello", {"top_p": 1.5}, "top_p must be in (0, 1]"),
+    ([{"role": "wizard", "content": "hi"}], {}, "unknown role 'wizard'"),
+    ([1, 2, 49152], {}, "token id 49152 at index 2 is outside the vocabulary"),
+    ([1, -1], {}, "token id -1 at index 1 is outside the vocabulary"),
+    ("hello", {"logprobs": 50}, "logprobs must be in [0, 5]"),
+])
+def test_bad_input_gets_invalid_argument_and_the_server_keeps_serving(client, prompt, kwargs, message):
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.stream(prompt, **kwargs))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in e.value.details()
+    assert client.complete("still fine?", max_tokens=3, temperature=0.0).completion_tokens == 3
+
+
+def test_request_without_input_is_invalid(client):
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.stub.Generate(pb.GenerateRequest(max_tokens=3)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no input" in e.value.details()
+
+
+def test_logprobs_over_grpc(client):
+    rs = list(client.stream([4, 5, 6], max_tokens=3, logprobs=2, **GREEDY))
+    lps = [lp for r in rs for lp in r.logprobs]
+    assert len(lps) == 3 and all(len(lp.top) == 2 and lp.top[0].token_id == lp.token_id for lp in lps)
+
+
+def test_metrics_endpoint_reports_latencies_tokens_and_slots(server, client):
+    client.complete("metrics please", max_tokens=4, temperature=0.0)
+    text = _metrics(server)
+    for name in ("jserve_time_to_first_token_seconds_count", "jserve_inter_token_latency_seconds_count",
+                 "jserve_request_latency_seconds_count", "jserve_requests_waiting", "jserve_requests_running",
+                 "jserve_slots_in_use", "jserve_prompt_tokens_total", "jserve_generation_tokens_total",
+                 'jserve_requests_finished_total{reason="length"}', "jserve_requests_rejected_total"):
+        assert name in text, name
+    gen = next(float(x.split()[-1]) for x in text.splitlines() if x.startswith("jserve_generation_tokens_total"))
+    assert gen >= 4
+
+
+def test_client_command_line_streams_the_completion(server, client):
+    want = client.complete("Tell me a story", max_tokens=6, temperature=0.0)
+    out = subprocess.run([sys.executable, "-m", "jserve.client", "--address", server.address, "Tell me a story",
+                          "--max-tokens", "6", "--temperature", "0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == want.text + "\n"
+    assert "length" in out.stderr and "completion 6 tokens" in out.stderr
+
+
+def test_health_is_not_serving_during_warmup_and_sigterm_drains_then_exits_0(tiny_ckpt):
+    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "1024", "--max-prompt-len", "128", wait_serving=False)
+    try:
+        channel = grpc.insecure_channel(s.address)
+        health = health_pb2_grpc.HealthStub(channel)
+        statuses = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            st = health.Check(health_pb2.HealthCheckRequest(service="jserve.v1.Generation"), timeout=5).status
+            if not statuses or statuses[-1] != st:
+                statuses.append(st)
+            if st == health_pb2.HealthCheckResponse.SERVING:
+                break
+            time.sleep(0.05)
+        assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
+
+        with Client(s.address) as c:
+            call = c.stream([1, 2, 3], max_tokens=1000, **GREEDY)
+            pieces = [next(call)]
+            s.proc.send_signal(signal.SIGTERM)
+            pieces += [next(call) for _ in range(5)]  # still streaming after the signal
+            with pytest.raises(grpc.RpcError) as e:  # while draining, new work is refused
+                list(c.stream("new work", max_tokens=2))
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            pieces += list(call)  # in-flight work is finished, not cut
+            assert pieces[-1].finish_reason == pb.LENGTH
+            assert sum(len(p.token_ids) for p in pieces) == 1000
+        assert s.proc.wait(60) == 0
+    finally:
+        s.stop()
