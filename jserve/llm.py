@@ -74,7 +74,8 @@ class LLM:
     """A model loaded into a ``JaxEngine`` with an ``Orchestrator`` running continuous batching.
 
     ``slots``: requests decoded together. ``max_len``: positions per slot (prompt + output).
-    ``max_prompt_len``: longest prompt accepted (default ``max_len - 1``). ``quantize``: None.
+    ``max_prompt_len``: longest prompt accepted (default ``max_len - 1``). ``quantize``: None,
+    ``"int8"`` (weight-only) or ``"int8-dynamic"`` (weights and activations), applied at load.
     ``top_logprobs``: most alternatives a request may ask for (0 disables them, saving a top-k
     per step). ``max_waiting``: bound of the waiting queue.
     """
@@ -84,23 +85,31 @@ class LLM:
                  top_logprobs: int = 0, max_waiting: int = 256, prefill_budget: int = 512,
                  compile_cache: pathlib.Path | None = DEFAULT_COMPILE_CACHE, warmup: bool = True,
                  on_event: Callable[[str, Any, float], None] | None = None):
+        import jax
         import jax.numpy as jnp
 
         from jserve import checkpoint as ckpt
+        from jserve.quant import QuantArray, weight_bytes
         from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
         from jserve.engine import JaxEngine
 
+        from jserve.quant import check_mode
+
         if quantize is not None:
-            raise ValueError(f"quantize={quantize!r} is not supported yet (only None)")
+            check_mode(quantize)
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
         self.dtype, self.quantize = dtype, quantize
         enable_compile_cache(compile_cache)
         path = pathlib.Path(checkpoint) if checkpoint is not None else ensure_default_checkpoint(DEFAULT_CHECKPOINT)
         t0 = time.perf_counter()
-        self.config, params, self.tokenizer = ckpt.load(path, getattr(jnp, dtype))
-        log.info("loaded %s (%d layers, dim %d, vocab %d) in %.1fs", path, self.config.n_layers,
-                 self.config.dim, self.config.vocab_size, time.perf_counter() - t0)
+        self.config, params, self.tokenizer = ckpt.load(path, getattr(jnp, dtype), quantize)
+        quant = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantArray))
+        self.quantize = next((x.mode for x in quant if isinstance(x, QuantArray)), None)
+        self.weight_bytes = weight_bytes(params)
+        log.info("loaded %s (%d layers, dim %d, vocab %d; %s weights, %.1f MiB on device) in %.1fs", path,
+                 self.config.n_layers, self.config.dim, self.config.vocab_size, self.quantize or dtype,
+                 self.weight_bytes / 2**20, time.perf_counter() - t0)
         self.checkpoint = path
         self.engine = JaxEngine(self.config, params, slots=slots, max_len=max_len, max_prompt_len=max_prompt_len,
                                 cache_dtype=getattr(jnp, dtype), top_logprobs=top_logprobs)

@@ -19,25 +19,28 @@ from flax import struct
 
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache, write_step
-from jserve.quant import dense
+from jserve.quant import QuantArray, dense, take_rows
+
+
+Weight = jax.Array | QuantArray
 
 
 @struct.dataclass
 class LayerParams:
     attn_norm: jax.Array  # [D]
-    wqkv: jax.Array  # [D, (N + 2K) H]
-    wo: jax.Array  # [N H, D]
+    wqkv: Weight  # [D, (N + 2K) H]
+    wo: Weight  # [N H, D]
     mlp_norm: jax.Array  # [D]
-    w_gate_up: jax.Array  # [D, 2F]
-    w_down: jax.Array  # [F, D]
+    w_gate_up: Weight  # [D, 2F]
+    w_down: Weight  # [F, D]
 
 
 @struct.dataclass
 class Params:
-    embed: jax.Array  # [V, D]
+    embed: Weight  # [V, D]
     layers: tuple[LayerParams, ...]
-    final_norm: jax.Array  # [D]
-    lm_head: jax.Array | None  # [D, V]; None when tied to ``embed``
+    final_norm: jax.Array  # [D]; its dtype is the activation dtype
+    lm_head: Weight | None  # [D, V]; None when tied to ``embed``
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -99,7 +102,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
 
 
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
-    return jnp.take(params.embed, tokens, axis=0, mode="clip")
+    return take_rows(params.embed, tokens, params.final_norm.dtype)
 
 
 def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:

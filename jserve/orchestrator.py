@@ -93,10 +93,14 @@ class Stream:
         self.request: Request | None = None
 
     def put(self, out: StreamOutput) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._q.put_nowait, out)
-        else:
+        if self._loop is None:
             self._q.put(out)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._q.put_nowait, out)
+        except RuntimeError:  # the consumer's event loop is closed: nobody will read this stream
+            if self.request is not None:
+                self.request.cancelled = True
 
     def cancel(self) -> None:
         if self._orch is not None and self.request is not None:
@@ -258,6 +262,11 @@ class Orchestrator:
                 if admitted and len(req.prompt_ids) > budget:
                     break
                 self._waiting.popleft()
+            reason = self._ended(req, time.monotonic())
+            if reason:  # cancelled or expired while waiting: never reaches the device
+                req.sink(StreamOutput("", [], [], [], len(req.prompt_ids), 0, finish_reason=reason))
+                self._on_event("finished:" + reason, req, time.monotonic() - req.arrival)
+                continue
             slot = self._free.popleft()
             seed = req.params.seed if req.params.seed is not None else int(self._seeds.integers(2**63))
             try:
@@ -305,7 +314,11 @@ class Orchestrator:
             return state
         if reason is not None:
             state = self._release(state, run)
-        run.req.sink(out)
+        try:
+            run.req.sink(out)
+        except Exception:  # a broken consumer ends its own request only
+            log.exception("output of request %s could not be delivered; cancelling it", run.req.request_id)
+            run.req.cancelled = True
         elapsed = time.monotonic() - run.req.arrival
         self._on_event("first_token" if run.generated == 1 else "token", run.req, elapsed)
         if reason is not None:

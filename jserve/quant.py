@@ -1,19 +1,102 @@
-"""The one matmul helper the model uses for every weight.
+"""Weights as the model multiplies them: plain arrays, or int8 with per-output-channel scales.
 
-Keeping all weight products behind ``dense`` lets a quantized weight become another leaf
-type later without touching the model's math.
+Every weight product in the model goes through ``dense`` (and embedding lookups through
+``take_rows``), so a quantized weight is just another pytree leaf type and the model's math
+reads the same for float and int8.
+
+Modes (``QuantArray.mode``):
+
+- ``int8``: weight-only. Activations stay float; the int8 weight is converted inside the
+  step, which XLA fuses into the matmul on GPU/TPU.
+- ``int8-dynamic``: activations are also quantized, per row (symmetric, absmax), and the
+  product is an int8 x int8 -> int32 matmul rescaled by both scales. On XLA:CPU this keeps the
+  fast matmul path that a convert inside the step loses (see ../shared/DESIGN.md); it costs
+  some accuracy, which ``scripts/eval_quality.py`` reports.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+MODES = ("int8", "int8-dynamic")
 
 
-def dense(x: jax.Array, w: jax.Array, transpose: bool = False) -> jax.Array:
-    """``x [..., I] @ w [I, O]`` (or ``w [O, I]`` with ``transpose``) → ``[..., O]``."""
+@struct.dataclass
+class QuantArray:
+    """``q`` int8 with the float weight's shape; ``scale`` float32, one per output channel.
+
+    ``out_axis`` names the output-channel axis of ``q``: 1 for ``[I, O]`` matrices, 0 for
+    ``[V, D]`` embeddings (whose rows are the outputs of a tied output projection).
+    """
+
+    q: jax.Array
+    scale: jax.Array
+    mode: str = struct.field(pytree_node=False, default="int8")
+    out_axis: int = struct.field(pytree_node=False, default=1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r} (known: {', '.join(MODES)})")
+
+
+def quantize_np(w: np.ndarray, out_axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8 of a ``[..., I, O]`` (or ``[..., O, I]`` with
+    ``out_axis=0``) matrix on the host: ``(q, scale)`` with ``|w - q * s| <= s / 2``."""
+    w = np.asarray(w, np.float32)
+    contract = w.ndim - 2 + (1 - out_axis)
+    amax = np.max(np.abs(w), axis=contract, keepdims=True)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, np.squeeze(scale, axis=contract)
+
+
+def quantize(w: np.ndarray, out_axis: int = 1, mode: str = "int8") -> QuantArray:
+    """A ``QuantArray`` on device from a float matrix on the host."""
+    check_mode(mode)
+    q, scale = quantize_np(w, out_axis)
+    return QuantArray(q=jnp.asarray(q), scale=jnp.asarray(scale), mode=mode, out_axis=out_axis)
+
+
+def dequantize(w: QuantArray) -> jax.Array:
+    s = w.scale[None, :] if w.out_axis == 1 else w.scale[:, None]
+    return w.q.astype(jnp.float32) * s
+
+
+def _dot(x: jax.Array, w: jax.Array, contract: int, out_type=None) -> jax.Array:
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (contract,)), ((), ())), preferred_element_type=out_type)
+
+
+def dense(x: jax.Array, w: jax.Array | QuantArray, transpose: bool = False) -> jax.Array:
+    """``x [..., I] @ w [I, O]`` (or ``w [O, I]`` with ``transpose``) → ``[..., O]`` in ``x``'s dtype."""
     contract = 1 if transpose else 0
-    return jax.lax.dot_general(
-        x.astype(w.dtype), w, (((x.ndim - 1,), (contract,)), ((), ())),
-        preferred_element_type=x.dtype if x.dtype == jnp.float32 else None,
-    )
+    if not isinstance(w, QuantArray):
+        return _dot(x.astype(w.dtype), w, contract)
+    if w.mode == "int8-dynamic":
+        xf = x.astype(jnp.float32)
+        xs = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
+        xs = jnp.where(xs > 0, xs, 1.0)
+        xq = jnp.clip(jnp.round(xf / xs), -127, 127).astype(jnp.int8)
+        acc = _dot(xq, w.q, contract, jnp.int32)
+        return (acc.astype(jnp.float32) * xs * w.scale).astype(x.dtype)
+    return (_dot(x, w.q.astype(x.dtype), contract) * w.scale.astype(x.dtype)).astype(x.dtype)
+
+
+def take_rows(w: jax.Array | QuantArray, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Embedding lookup ``w [V, D]`` at ``ids`` → ``[..., D]`` (out-of-range ids clipped)."""
+    if not isinstance(w, QuantArray):
+        return jnp.take(w, ids, axis=0, mode="clip")
+    rows = jnp.take(w.q, ids, axis=0, mode="clip").astype(jnp.float32)
+    return (rows * jnp.take(w.scale, ids, mode="clip")[..., None]).astype(dtype)
+
+
+def weight_bytes(tree: object) -> int:
+    """Bytes of all arrays in a pytree (int8 weights, their scales and the float rest)."""
+    return sum(int(x.nbytes) for x in jax.tree.leaves(tree))

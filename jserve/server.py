@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-logprobs", type=int, default=5, help="most top alternatives a request may ask for")
     ap.add_argument("--prefill-budget", type=int, default=512,
                     help="prompt tokens admitted between two decode steps, bounding stalls of running streams")
-    ap.add_argument("--quantize", choices=["int8"], default=None, help="weight quantization (not yet available)")
+    ap.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
+                    help="int8 weights applied at load: int8 = weight-only (GPU/TPU fast path), "
+                         "int8-dynamic = int8 weights and per-row int8 activations (fastest on CPU)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="weights and KV cache (float32 default, fastest on CPU; bfloat16 for GPU/TPU)")
     ap.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")

@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-len", type=int, default=1024, help="positions per slot: prompt + output (default 1024)")
     ap.add_argument("--max-prompt-len", type=int, default=None, help="longest prompt (default max-len - 1)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"],
+                    help="int8 weights at load time (int8-dynamic also quantizes activations per row)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("-v", "--verbose", action="store_true", help="log loading and compilation")
     args = ap.parse_args(argv)
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         records.append(None)
 
     llm = LLM(args.checkpoint, slots=args.slots, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
-              dtype=args.dtype)
+              dtype=args.dtype, quantize=args.quantize)
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     bar = tqdm(total=len(requests), unit="req", disable=args.no_progress, file=sys.stderr)
     totals = {"prompt_tokens": 0, "completion_tokens": 0}

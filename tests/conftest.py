@@ -63,11 +63,16 @@ def tiny_ckpt(tmp_path_factory, real_ckpt) -> pathlib.Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_llm(tiny_ckpt):
+# The engine, orchestrator and server tests run once with float weights and once with int8.
+QUANT_MODES = [None, "int8"]
+
+
+@pytest.fixture(scope="session", params=QUANT_MODES, ids=["f32", "int8"])
+def tiny_llm(tiny_ckpt, request):
     from jserve import LLM
 
-    llm = LLM(tiny_ckpt, slots=4, max_len=128, max_prompt_len=64, top_logprobs=3, max_waiting=64)
+    llm = LLM(tiny_ckpt, slots=4, max_len=128, max_prompt_len=64, top_logprobs=3, max_waiting=64,
+              quantize=request.param)
     yield llm
     llm.close(drain=False)
 

@@ -13,6 +13,8 @@ from jserve import checkpoint
 from jserve.engine import ACTIVE, TOKEN, JaxEngine, buckets_for
 from jserve.sampling import SamplingParams
 
+from .conftest import QUANT_MODES
+
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 
 
@@ -36,9 +38,9 @@ def test_buckets_are_powers_of_two_closed_by_the_max():
     assert buckets_for(10) == (10,)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_ckpt):
-    cfg, params, _ = checkpoint.load(tiny_ckpt)
+@pytest.fixture(scope="module", params=QUANT_MODES, ids=["f32", "int8"])
+def engine(tiny_ckpt, request):
+    cfg, params, _ = checkpoint.load(tiny_ckpt, quantize=request.param)
     eng = JaxEngine(cfg, params, slots=3, max_len=96, max_prompt_len=40, top_logprobs=2)
     _counter.count, _counter.on = 0, True
     eng.warmup()
@@ -48,8 +50,9 @@ def engine(tiny_ckpt):
 
 
 def test_warmup_compiles_every_bucket_and_the_counter_sees_it(engine):
-    # prefill and insert per bucket (16, 32, 40), generate, release: the counter is not blind.
-    assert engine.warmup_traces >= 2 * len(engine.buckets) + 2
+    # At least prefill per bucket (16, 32, 40) and generate are traced: the counter is not blind.
+    # (insert and release may be shared with an earlier engine in this process: same shapes.)
+    assert engine.warmup_traces >= len(engine.buckets) + 1
 
 
 def test_serving_after_warmup_compiles_nothing_and_donation_is_clean(engine):

@@ -17,16 +17,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jserve.client import AsyncClient, Client
 from jserve.v1 import jserve_pb2 as pb
 
+from .conftest import QUANT_MODES
 from .servers import ServerProcess
 
 SLOTS, MAX_LEN, MAX_PROMPT, MAX_WAITING = 8, 128, 64, 32
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_ckpt):
+@pytest.fixture(scope="module", params=QUANT_MODES, ids=["f32", "int8"])
+def server(tiny_ckpt, request):
+    quant = ["--quantize", request.param] if request.param else []
     s = ServerProcess(tiny_ckpt, "--slots", str(SLOTS), "--max-len", str(MAX_LEN), "--max-prompt-len",
-                      str(MAX_PROMPT), "--max-waiting", str(MAX_WAITING))
+                      str(MAX_PROMPT), "--max-waiting", str(MAX_WAITING), *quant)
+    s.quantize = request.param
     yield s
     assert s.stop() == 0
 
@@ -51,8 +54,9 @@ def _metrics(server) -> str:
         return r.read().decode()
 
 
-def test_model_info_and_tokenize(client):
+def test_model_info_and_tokenize(server, client):
     info = client.model_info()
+    assert info.quantization == (server.quantize or "none")
     assert (info.slots, info.max_len, info.max_prompt_len, info.max_waiting) == (SLOTS, MAX_LEN, MAX_PROMPT, MAX_WAITING)
     assert info.vocab_size == 49152 and list(info.eos_token_ids) == [2] and info.has_chat_template
     assert client.tokenize("Hello world") == [19556, 905]
@@ -72,7 +76,7 @@ def test_grpc_greedy_equals_offline_script(server, client, tiny_ckpt, tmp_path):
     inp.write_text("".join(json.dumps(r) + "\n" for r in requests))
     script = [sys.executable, "scripts/generate.py", "--checkpoint", str(tiny_ckpt), "--input", str(inp),
               "--output", str(out), "--slots", str(SLOTS), "--max-len", str(MAX_LEN), "--max-prompt-len",
-              str(MAX_PROMPT), "--no-progress"]
+              str(MAX_PROMPT), "--no-progress", *(["--quantize", server.quantize] if server.quantize else [])]
     subprocess.run(script, check=True, capture_output=True, timeout=600)
     offline = [json.loads(x) for x in out.read_text().splitlines()]
     prompts = [requests[0]["messages"], requests[1]["prompt"], requests[2]["token_ids"]]
