@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 from jserve.orchestrator import Orchestrator, Stream, StreamOutput
 from jserve.sampling import InvalidRequestError, SamplingParams
@@ -27,7 +27,7 @@ from jserve.tokenizer import ChatTemplateError
 log = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-PromptInput = Union[str, Sequence[dict[str, str]], Sequence[int]]
+PromptInput = str | Sequence[dict[str, str]] | Sequence[int]
 DEFAULT_COMPILE_CACHE = pathlib.Path(os.environ.get("JSERVE_COMPILE_CACHE",
                                                     pathlib.Path.home() / ".cache" / "jserve" / "xla"))
 
@@ -89,11 +89,9 @@ class LLM:
         import jax.numpy as jnp
 
         from jserve import checkpoint as ckpt
-        from jserve.quant import QuantArray, weight_bytes
         from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
         from jserve.engine import JaxEngine
-
-        from jserve.quant import check_mode
+        from jserve.quant import QuantArray, check_mode, weight_bytes
 
         if quantize is not None:
             check_mode(quantize)
@@ -160,7 +158,8 @@ class LLM:
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
             if role not in CHAT_ROLES:
-                raise InvalidRequestError(f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
+                raise InvalidRequestError(
+                    f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
             if not isinstance(content, str):
                 raise InvalidRequestError(f"message {i}: content must be a string")
             extra = set(m) - {"role", "content"}

@@ -21,7 +21,6 @@ from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache, write_step
 from jserve.quant import QuantArray, dense, take_rows
 
-
 Weight = jax.Array | QuantArray
 
 

@@ -16,6 +16,8 @@ Modes (``QuantArray.mode``):
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +81,10 @@ def dense(x: jax.Array, w: jax.Array | QuantArray, transpose: bool = False) -> j
     contract = 1 if transpose else 0
     if not isinstance(w, QuantArray):
         return _dot(x.astype(w.dtype), w, contract)
+    if w.mode == "int8-dynamic" and math.prod(x.shape[:-1]) == 1:
+        # XLA:CPU's fast int8 path needs two rows or more; a zero row costs next to nothing.
+        x2 = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])
+        return dense(x2, w, transpose)[:1].reshape(*x.shape[:-1], -1)
     if w.mode == "int8-dynamic":
         xf = x.astype(jnp.float32)
         xs = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0

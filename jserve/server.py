@@ -129,7 +129,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             max_len=eng.max_len, max_prompt_len=eng.max_prompt_len, slots=eng.slots,
             slots_in_use=orch.slots_in_use, waiting=orch.num_waiting, max_waiting=orch.max_waiting,
             max_logprobs=eng.top_logprobs, eos_token_ids=list(eos), dtype=llm.dtype,
-            quantization=llm.quantize or "none", has_chat_template=bool(llm.tokenizer and llm.tokenizer.has_chat_template),
+            quantization=llm.quantize or "none",
+            has_chat_template=bool(llm.tokenizer and llm.tokenizer.has_chat_template),
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:

@@ -143,7 +143,7 @@ class TextTokenizer:
         try:
             return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                          bos_token=self._piece(self.cfg.bos_token_id),
-                                         eos_token=self._piece(self.cfg.eos_token_ids[0] if self.cfg.eos_token_ids else None))
+                                         eos_token=self._piece(next(iter(self.cfg.eos_token_ids), None)))
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template refused the messages: {e}") from e
 

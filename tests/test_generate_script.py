@@ -26,7 +26,8 @@ def run_script(tmp_path, ckpt, lines, *extra):
 def test_capital_of_france_matches_hf_greedy_ids(tmp_path, real_ckpt, reference):
     case = next(c for c in reference["cases"] if c["id"] == "capital")
     line = {"id": "a", "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
-    [rec], summary = run_script(tmp_path, real_ckpt, [line], "--max-len", "192", "--max-prompt-len", "64", "--slots", "2")
+    [rec], summary = run_script(tmp_path, real_ckpt, [line], "--max-len", "192", "--max-prompt-len", "64",
+                                "--slots", "2")
     assert rec["id"] == "a" and "Paris" in rec["text"]
     assert rec["token_ids"] == case["greedy_ids"][: len(rec["token_ids"])]
     assert rec["finish_reason"] == "stop"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from jserve import SamplingParams, checkpoint, convert
-from jserve.quant import QuantArray, dense, dequantize, quantize, quantize_np, weight_bytes
 from jserve.quality import perplexity
+from jserve.quant import QuantArray, dense, dequantize, quantize, quantize_np, weight_bytes
 
 DATA = pathlib.Path(__file__).parent / "data"
 

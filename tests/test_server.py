@@ -57,7 +57,8 @@ def _metrics(server) -> str:
 def test_model_info_and_tokenize(server, client):
     info = client.model_info()
     assert info.quantization == (server.quantize or "none")
-    assert (info.slots, info.max_len, info.max_prompt_len, info.max_waiting) == (SLOTS, MAX_LEN, MAX_PROMPT, MAX_WAITING)
+    limits = (info.slots, info.max_len, info.max_prompt_len, info.max_waiting)
+    assert limits == (SLOTS, MAX_LEN, MAX_PROMPT, MAX_WAITING)
     assert info.vocab_size == 49152 and list(info.eos_token_ids) == [2] and info.has_chat_template
     assert client.tokenize("Hello world") == [19556, 905]
     chat = client.tokenize(chat=[{"role": "user", "content": "Hi"}])

@@ -1,0 +1,99 @@
+"""Quality of each weight mode on the real model: memory, perplexity, greedy agreement.
+
+For float32, bfloat16, int8 (weight-only) and int8-dynamic (weights and activations):
+- device bytes of the weights (scales included);
+- perplexity on tests/data/public_domain_english.txt (non-overlapping 512-token windows);
+- greedy agreement over the HF reference fixture prompts (32 tokens each): prompts whose
+  tokens equal float32's, the mean fraction of matching tokens before the first divergence,
+  and where each diverging prompt first differs; also agreement with HF's own tokens.
+
+    python scripts/eval_quality.py [--checkpoint DIR] [--json out.json]
+
+Prints a markdown table and writes the full result as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODES = [("float32", "float32", None), ("bfloat16", "bfloat16", None), ("int8", "float32", "int8"),
+         ("int8-dynamic", "float32", "int8-dynamic")]
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=pathlib.Path, default=None)
+    ap.add_argument("--reference", type=pathlib.Path, default=ROOT / "tests/data/reference_smollm2.json")
+    ap.add_argument("--text", type=pathlib.Path, default=ROOT / "tests/data/public_domain_english.txt")
+    ap.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    import jax.numpy as jnp
+
+    from jserve import LLM, SamplingParams, checkpoint
+    from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+    from jserve.quality import perplexity
+    from jserve.quant import weight_bytes
+
+    ckpt = args.checkpoint or ensure_default_checkpoint(DEFAULT_CHECKPOINT)
+    cases = json.loads(args.reference.read_text())["cases"]
+    cfg, weights = checkpoint.load_weights(ckpt)
+    ids = checkpoint.load_tokenizer(ckpt).encode(args.text.read_text())
+    sp = SamplingParams(temperature=0.0, max_tokens=len(cases[0]["greedy_ids"]), ignore_eos=True)
+
+    results, greedy = [], {}
+    for name, dtype, quant in MODES:
+        t0 = time.perf_counter()
+        params = checkpoint.to_params(cfg, weights, getattr(jnp, dtype), quant)
+        nbytes = weight_bytes(params)
+        ppl = perplexity(params, cfg, ids)
+        del params
+        with LLM(ckpt, slots=4, max_len=128, max_prompt_len=64, dtype=dtype, quantize=quant) as llm:
+            out = [r.token_ids for r in llm.generate([c["prompt_ids"] for c in cases], sp)]
+        greedy[name] = out
+        results.append({"mode": name, "weight_bytes": nbytes, "perplexity": ppl, "seconds": time.perf_counter() - t0})
+        print(f"{name}: {nbytes / 2**20:.1f} MiB, perplexity {ppl:.3f}", file=sys.stderr)
+
+    base = greedy["float32"]
+    f32_bytes, f32_ppl = results[0]["weight_bytes"], results[0]["perplexity"]
+    for r in results:
+        out = greedy[r["mode"]]
+        div = [first_divergence(o, b) for o, b in zip(out, base)]
+        n = len(base[0])
+        r["same_as_f32"] = sum(d == n for d in div)
+        r["same_as_hf"] = sum(o == c["greedy_ids"] for o, c in zip(out, cases))
+        r["prompts"] = len(cases)
+        r["mean_prefix_agreement"] = sum(div) / (n * len(div))
+        r["diverges_at"] = {c["id"]: d for c, d in zip(cases, div) if d < n}
+        r["bytes_vs_f32"] = r["weight_bytes"] / f32_bytes
+        r["perplexity_vs_f32"] = r["perplexity"] / f32_ppl
+
+    print(f"| mode | weights (MiB) | vs f32 | perplexity | vs f32 | greedy = f32 (of {len(cases)}) "
+          f"| greedy = HF | tokens before divergence | first divergence |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in results:
+        where = ", ".join(f"{k}@{v}" for k, v in r["diverges_at"].items()) or "none"
+        print(f"| {r['mode']} | {r['weight_bytes'] / 2**20:.1f} | {r['bytes_vs_f32']:.3f} | {r['perplexity']:.3f} "
+              f"| {r['perplexity_vs_f32']:.4f} | {r['same_as_f32']} | {r['same_as_hf']} "
+              f"| {100 * r['mean_prefix_agreement']:.0f}% | {where} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
