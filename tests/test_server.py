@@ -237,3 +237,14 @@ def test_health_is_not_serving_during_warmup_and_sigterm_drains_then_exits_0(tin
         assert s.proc.wait(60) == 0
     finally:
         s.stop()
+
+
+def test_server_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        [resp] = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                timeout=10))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"jserve.v1.Generation", "grpc.health.v1.Health"} <= names
