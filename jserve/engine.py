@@ -187,6 +187,7 @@ class JaxEngine:
         self._generate = jax.jit(functools.partial(_generate, cfg=self.cfg, top_n=top_n),
                                  donate_argnames=("state",))
         self._release = jax.jit(_release, donate_argnames=("state",))
+        self._compiled: dict[tuple[str, int], jax.stages.Compiled] = {}  # filled by warmup
         log.info("engine: %d slots x %d positions, KV cache %.1f MiB, prefill buckets %s", self.slots,
                  self.max_len, cache_bytes(self.cfg, self.slots, self.max_len, self.cache_dtype) / 2**20,
                  self.buckets)
@@ -212,39 +213,45 @@ class JaxEngine:
 
     def prefill(self, tokens: list[int], params: SamplingParams, seed: int) -> Prefix:
         n = len(tokens)
-        padded = np.zeros((self.bucket(n),), np.int32)
+        b = self.bucket(n)
+        padded = np.zeros((b,), np.int32)
         padded[:n] = tokens
-        return self._prefill(self.params, padded, np.int32(n), SlotSampling.from_params(params, seed))
+        fn = self._compiled.get(("prefill", b), self._prefill)
+        return fn(self.params, padded, np.int32(n), SlotSampling.from_params(params, seed))
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
-        return self._insert(prefix, state=state, slot=np.int32(slot))
+        fn = self._compiled.get(("insert", prefix.tokens.shape[0]), self._insert)
+        return fn(prefix, state=state, slot=np.int32(slot))
 
     def generate(self, state: DecodeState) -> tuple[DecodeState, jax.Array]:
-        return self._generate(self.params, state=state)
+        return self._compiled.get(("generate", 0), self._generate)(self.params, state=state)
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
-        return self._release(state=state, slot=np.int32(slot))
+        return self._compiled.get(("release", 0), self._release)(state=state, slot=np.int32(slot))
 
     def warmup(self) -> float:
-        """Compile every prefill bucket, insert, generate and release. Returns seconds taken."""
+        """Compile (ahead of time) every prefill bucket, insert, generate and release.
+
+        Nothing is executed: the compiled executables are kept and called directly, so
+        serving never traces or compiles, and with JAX's persistent cache a restart only
+        traces and loads. Returns seconds taken.
+        """
         t0 = time.perf_counter()
-        state = self.init_state()
-        greedy = SamplingParams(temperature=0.0)
+        state = jax.eval_shape(self.init_state)
+        row = SlotSampling.from_params(SamplingParams(), 0)
+        slot = np.int32(0)
         for b in self.buckets:
             tb = time.perf_counter()
-            prefix = self.prefill([0] * b, greedy, 0)
-            state = self.insert(prefix, state, 0)
+            lowered = self._prefill.lower(self.params, np.zeros((b,), np.int32), np.int32(1), row)
+            self._compiled[("prefill", b)] = lowered.compile()
+            self._compiled[("insert", b)] = self._insert.lower(lowered.out_info, state=state, slot=slot).compile()
             log.info("compiled prefill+insert bucket %d in %.1fs", b, time.perf_counter() - tb)
         tb = time.perf_counter()
-        state, out = self.generate(state)
-        state = self.release(state, 0)
-        jax.block_until_ready((state, out))
+        self._compiled[("generate", 0)] = self._generate.lower(self.params, state=state).compile()
+        self._compiled[("release", 0)] = self._release.lower(state=state, slot=slot).compile()
         log.info("compiled generate in %.1fs", time.perf_counter() - tb)
-        self._warm_state = state  # reused by the first init_state caller: no second allocation
         return time.perf_counter() - t0
 
     def take_state(self) -> DecodeState:
-        """The decode state left by ``warmup`` (all slots free), or a fresh one."""
-        state = getattr(self, "_warm_state", None)
-        self._warm_state = None
-        return state if state is not None else self.init_state()
+        """A fresh decode state (all slots free)."""
+        return self.init_state()
