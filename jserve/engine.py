@@ -251,7 +251,3 @@ class JaxEngine:
         self._compiled[("release", 0)] = self._release.lower(state=state, slot=slot).compile()
         log.info("compiled generate in %.1fs", time.perf_counter() - tb)
         return time.perf_counter() - t0
-
-    def take_state(self) -> DecodeState:
-        """A fresh decode state (all slots free)."""
-        return self.init_state()

@@ -202,7 +202,7 @@ class Orchestrator:
 
     # ---- the loop, orchestrator thread only ---------------------------------------------
     def _loop(self) -> None:
-        state = self.engine.take_state() if hasattr(self.engine, "take_state") else self.engine.init_state()
+        state = self.engine.init_state()
         while True:
             with self._cv:
                 while not self._running and not self._waiting and not self._stopping:

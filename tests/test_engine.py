@@ -57,7 +57,7 @@ def test_warmup_compiles_every_bucket_and_the_counter_sees_it(engine):
 
 def test_serving_after_warmup_compiles_nothing_and_donation_is_clean(engine):
     rng = np.random.default_rng(0)
-    state = engine.take_state()
+    state = engine.init_state()
     _counter.count, _counter.on = 0, True
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "Some donated buffers were not usable" would raise here
@@ -76,7 +76,7 @@ def test_serving_after_warmup_compiles_nothing_and_donation_is_clean(engine):
 
 
 def test_step_result_packs_tokens_logprobs_flags_and_top_alternatives(engine):
-    state = engine.take_state()
+    state = engine.init_state()
     prefix = engine.prefill([5, 6, 7], SamplingParams(temperature=0.0), seed=0)
     first = np.asarray(prefix.result)
     assert first.shape == (3 + 2 * 2,)
@@ -92,7 +92,7 @@ def test_step_result_packs_tokens_logprobs_flags_and_top_alternatives(engine):
 
 
 def test_old_state_is_donated(engine):
-    state = engine.take_state()
+    state = engine.init_state()
     prefix = engine.prefill([1, 2, 3], SamplingParams(temperature=0.0), seed=0)
     new = engine.insert(prefix, state, 0)
     assert state.cache.k[0].is_deleted()  # the cache was updated in place, not copied
