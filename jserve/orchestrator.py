@@ -236,7 +236,10 @@ class Orchestrator:
             ended = []
             for req in self._waiting:
                 reason = self._ended(req, now)
-                (ended.append((req, reason)) if reason else keep.append(req))
+                if reason:
+                    ended.append((req, reason))
+                else:
+                    keep.append(req)
             self._waiting = keep
         for req, reason in ended:
             req.sink(StreamOutput("", [], [], [], len(req.prompt_ids), 0, finish_reason=reason))
