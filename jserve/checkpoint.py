@@ -22,6 +22,7 @@ output channel: ``[L, O]``, ``[V]`` for ``embed``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pathlib
@@ -37,6 +38,7 @@ from jserve.config import ModelConfig
 from jserve.model import LayerParams, Params
 from jserve.quant import QuantArray, check_mode, quantize_np
 from jserve.quant import quantize as quantize_matrix
+from jserve.sharding import Plan, fuse, params_sharding, stored_sharding
 from jserve.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -138,11 +140,13 @@ def load_tokenizer(directory: pathlib.Path) -> TextTokenizer | None:
 
 
 def to_params(cfg: ModelConfig, weights: Weights, dtype: jnp.dtype = jnp.float32,
-              quantize: str | None = None) -> Params:
-    """Fuse, cast (and with ``quantize``, int8-quantize) stacked weights into ``Params`` on device.
+              quantize: str | None = None, qkv_groups: int = 1, mlp_groups: int = 1) -> Params:
+    """Fuse, cast (and with ``quantize``, int8-quantize) stacked weights into ``Params``.
 
-    Quantization happens on the host, matrix by matrix, so the device never holds the float
-    originals. An int8 checkpoint loads as int8 (``quantize`` then only picks the mode).
+    From numpy weights this runs on the host, matrix by matrix, so the device never holds the
+    float originals; ``load_sharded`` runs it under ``jit`` on arrays already sharded. An int8
+    checkpoint loads as int8 (``quantize`` then only picks the mode). ``qkv_groups`` and
+    ``mlp_groups`` lay the fused matrices out in per-shard blocks (``sharding.fuse``).
     """
     check_weights(cfg, weights)
     stored_int8 = is_quantized(weights)
@@ -150,41 +154,72 @@ def to_params(cfg: ModelConfig, weights: Weights, dtype: jnp.dtype = jnp.float32
     if mode is not None:
         check_mode(mode)
 
-    def put(x: np.ndarray) -> jax.Array:
-        return jnp.asarray(np.asarray(x, np.float32).astype(dtype))
+    def put(x: np.ndarray | jax.Array) -> jax.Array:
+        return jnp.asarray(x.astype(np.float32).astype(dtype))
 
-    def matrix(key: str, index: int | None, parts: tuple[str, ...] = ()) -> jax.Array | QuantArray:
+    def matrix(key: str, index: int | None, parts: tuple[str, ...] = (), groups: int = 1) -> jax.Array | QuantArray:
         names = parts or (key,)
         axis = QUANTIZED_KEYS[names[0]]
+        xp = np if isinstance(weights[names[0]], np.ndarray) else jnp
 
-        def part(name: str, suffix: str = "") -> np.ndarray:
-            a = weights[name + suffix]
-            return a if index is None else a[index]
+        def part(suffix: str = ""):
+            arrays = [weights[n + suffix] if index is None else weights[n + suffix][index] for n in names]
+            return fuse(xp, arrays, groups) if parts else arrays[0]
 
         if stored_int8:
-            q = np.concatenate([part(n) for n in names], axis=1) if parts else part(key)
-            scale = np.concatenate([part(n, SCALE) for n in names]) if parts else part(key, SCALE)
-            return QuantArray(q=jnp.asarray(q), scale=jnp.asarray(scale), mode=mode, out_axis=axis)
-        w = np.concatenate([part(n) for n in names], axis=1) if parts else part(key)
-        return quantize_matrix(w, out_axis=axis, mode=mode) if mode else put(w)
+            return QuantArray(q=jnp.asarray(part()), scale=jnp.asarray(part(SCALE)), mode=mode, out_axis=axis)
+        return quantize_matrix(part(), out_axis=axis, mode=mode) if mode else put(part())
 
     layers = []
     for i in range(cfg.n_layers):
         layers.append(LayerParams(
             attn_norm=put(weights["attn_norm"][i]),
-            wqkv=matrix("wqkv", i, ("wq", "wk", "wv")),
+            wqkv=matrix("wqkv", i, ("wq", "wk", "wv"), qkv_groups),
             wo=matrix("wo", i),
             mlp_norm=put(weights["mlp_norm"][i]),
-            w_gate_up=matrix("w_gate_up", i, ("w_gate", "w_up")),
+            w_gate_up=matrix("w_gate_up", i, ("w_gate", "w_up"), mlp_groups),
             w_down=matrix("w_down", i),
         ))
     lm_head = None if cfg.tie_embeddings else matrix("lm_head", None)
-    return Params(embed=matrix("embed", None), layers=tuple(layers),
-                  final_norm=put(weights["final_norm"]), lm_head=lm_head)
+    return Params(embed=matrix("embed", None), layers=tuple(layers), final_norm=put(weights["final_norm"]),
+                  lm_head=lm_head, qkv_groups=qkv_groups, mlp_groups=mlp_groups)
 
 
-def load(directory: pathlib.Path, dtype: jnp.dtype = jnp.float32,
-         quantize: str | None = None) -> tuple[ModelConfig, Params, TextTokenizer | None]:
-    """Config, device params and tokenizer (``None`` if the checkpoint has none) of a checkpoint."""
+def load_sharded(directory: pathlib.Path, plan: Plan, dtype: jnp.dtype = jnp.float32,
+                 quantize: str | None = None) -> tuple[ModelConfig, Params]:
+    """Config and params sharded over ``plan``'s mesh, restored straight from orbax.
+
+    Each stored array is restored into its sharding (a device receives only its shard), then
+    fused (and quantized, for a float checkpoint with ``quantize``) under ``jit`` shard by
+    shard into the layout ``plan`` asks for.
+    """
+    cfg = load_config(directory)
+    path = directory.resolve() / "params"
+    with ocp.StandardCheckpointer() as ckpt:
+        meta = ckpt.metadata(path)
+        meta = getattr(meta, "item_metadata", meta)
+        target = {name: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                             sharding=stored_sharding(name, len(m.shape), plan))
+                  for name, m in meta.items()}
+        stored = ckpt.restore(path, target)
+    check_weights(cfg, stored)
+    build = functools.partial(to_params, cfg, dtype=dtype, quantize=quantize, qkv_groups=plan.qkv_groups,
+                              mlp_groups=plan.mlp_groups)
+    shardings = params_sharding(jax.eval_shape(build, stored), plan)
+    params = jax.jit(build, out_shardings=shardings)(stored)
+    for x in stored.values():
+        x.delete()
+    return cfg, params
+
+
+def load(directory: pathlib.Path, dtype: jnp.dtype = jnp.float32, quantize: str | None = None,
+         plan: Plan | None = None) -> tuple[ModelConfig, Params, TextTokenizer | None]:
+    """Config, device params and tokenizer (``None`` if the checkpoint has none) of a checkpoint.
+
+    Without ``plan`` the params go to the default device; with one, they are sharded over its mesh.
+    """
+    if plan is not None:
+        cfg, params = load_sharded(directory, plan, dtype, quantize)
+        return cfg, params, load_tokenizer(directory)
     cfg, weights = load_weights(directory)
     return cfg, to_params(cfg, weights, dtype, quantize), load_tokenizer(directory)

@@ -25,6 +25,7 @@ from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache, cache_bytes, write_prefix
 from jserve.model import Params
 from jserve.sampling import SamplingParams, SlotSampling, apply_penalties, sample
+from jserve.sharding import Plan, prefix_sharding, state_sharding
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,8 @@ def _release(state: DecodeState, slot: jax.Array) -> DecodeState:
 
 @dataclasses.dataclass
 class JaxEngine:
-    """The JAX implementation of ``Engine`` for one model on the default device(s)."""
+    """The JAX implementation of ``Engine``: one model on the default device, or sharded over
+    ``plan``'s mesh (params already sharded by ``checkpoint.load``; the state is sharded here)."""
 
     cfg: ModelConfig
     params: Params
@@ -170,6 +172,7 @@ class JaxEngine:
     max_prompt_len: int | None = None
     cache_dtype: jnp.dtype = jnp.float32
     top_logprobs: int = 0
+    plan: Plan | None = None
 
     def __post_init__(self) -> None:
         if self.max_prompt_len is None:
@@ -182,17 +185,33 @@ class JaxEngine:
         self.vocab_size = self.cfg.vocab_size
         self.buckets = buckets_for(self.max_prompt_len)
         top_n = self.top_logprobs
-        self._prefill = jax.jit(functools.partial(_prefill, cfg=self.cfg, top_n=top_n))
-        self._insert = jax.jit(_insert, donate_argnames=("state",))
-        self._generate = jax.jit(functools.partial(_generate, cfg=self.cfg, top_n=top_n),
-                                 donate_argnames=("state",))
-        self._release = jax.jit(_release, donate_argnames=("state",))
+        prefill = functools.partial(_prefill, cfg=self.cfg, top_n=top_n)
+        generate = functools.partial(_generate, cfg=self.cfg, top_n=top_n)
+        self._state_shape = jax.eval_shape(self._zeros)
+        if self.plan is None:
+            state_sh = prefix_sh = result_sh = None
+        else:  # outputs pinned to the shardings the next call expects, so donation stays in place
+            state_sh = state_sharding(self._state_shape, self.plan)
+            row = SlotSampling.from_params(SamplingParams(), 0)
+            prefix_sh = prefix_sharding(jax.eval_shape(prefill, self.params, np.zeros((MIN_BUCKET,), np.int32),
+                                                       np.int32(1), row), self.plan)
+            result_sh = self.plan.replicated()
+            self._state_shape = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                             self._state_shape, state_sh)
+        self._init = jax.jit(self._zeros, out_shardings=state_sh)
+        self._prefill = jax.jit(prefill, out_shardings=prefix_sh)
+        self._insert = jax.jit(_insert, donate_argnames=("state",), out_shardings=state_sh)
+        self._generate = jax.jit(generate, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
+        self._release = jax.jit(_release, donate_argnames=("state",), out_shardings=state_sh)
         self._compiled: dict[tuple[str, int], jax.stages.Compiled] = {}  # filled by warmup
         log.info("engine: %d slots x %d positions, KV cache %.1f MiB, prefill buckets %s", self.slots,
                  self.max_len, cache_bytes(self.cfg, self.slots, self.max_len, self.cache_dtype) / 2**20,
                  self.buckets)
 
     def init_state(self) -> DecodeState:
+        return self._init()
+
+    def _zeros(self) -> DecodeState:
         s, v = self.slots, self.cfg.vocab_size
         return DecodeState(
             cache=KVCache.zeros(self.cfg, s, self.max_len, self.cache_dtype),
@@ -237,7 +256,7 @@ class JaxEngine:
         traces and loads. Returns seconds taken.
         """
         t0 = time.perf_counter()
-        state = jax.eval_shape(self.init_state)
+        state = self._state_shape
         row = SlotSampling.from_params(SamplingParams(), 0)
         slot = np.int32(0)
         for b in self.buckets:

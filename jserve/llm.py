@@ -70,6 +70,67 @@ def enable_compile_cache(directory: pathlib.Path | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+@dataclasses.dataclass
+class LoadedModel:
+    """A checkpoint loaded into a warmed-up engine (what ``LLM`` and multi-host followers share)."""
+
+    checkpoint: pathlib.Path
+    config: Any  # ModelConfig
+    tokenizer: Any  # TextTokenizer | None
+    engine: Any  # JaxEngine
+    quantize: str | None
+    weight_bytes: int
+    warmup_seconds: float
+
+
+def load_engine(checkpoint: str | os.PathLike | None = None, *, slots: int = 8, max_len: int = 1024,
+                max_prompt_len: int | None = None, quantize: str | None = None, dtype: str = "float32",
+                top_logprobs: int = 0, mesh: str | None = None, indivisible: str = "replicate",
+                compile_cache: pathlib.Path | None = DEFAULT_COMPILE_CACHE, warmup: bool = True) -> LoadedModel:
+    """Load ``checkpoint`` (default: SmolLM2, converted on first use) into a ``JaxEngine``.
+
+    ``mesh`` (``"tp=4"``, ``"dp=2,tp=4"``) shards the model and the decode state over that many
+    devices (see ``jserve.sharding``); ``None`` uses one device, or with several processes
+    (``jax.distributed``) ``tp`` over every device of every process.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jserve import checkpoint as ckpt
+    from jserve import sharding
+    from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+    from jserve.engine import JaxEngine
+    from jserve.quant import QuantArray, check_mode, weight_bytes
+
+    if quantize is not None:
+        check_mode(quantize)
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    enable_compile_cache(compile_cache)
+    path = pathlib.Path(checkpoint) if checkpoint is not None else ensure_default_checkpoint(DEFAULT_CHECKPOINT)
+    if mesh is None and jax.process_count() > 1:
+        mesh = f"tp={jax.device_count()}"
+        log.info("%d processes and no --mesh: using %s over all %d devices", jax.process_count(), mesh,
+                 jax.device_count())
+    plan = None
+    if mesh is not None:
+        plan = sharding.plan(sharding.make_mesh(mesh), ckpt.load_config(path), slots, indivisible=indivisible)
+        log.info("sharding: %s", plan.describe())
+    t0 = time.perf_counter()
+    config, params, tokenizer = ckpt.load(path, getattr(jnp, dtype), quantize, plan=plan)
+    quant = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantArray))
+    mode = next((x.mode for x in quant if isinstance(x, QuantArray)), None)
+    nbytes = weight_bytes(params)
+    log.info("loaded %s (%d layers, dim %d, vocab %d; %s weights, %.1f MiB in all) in %.1fs", path,
+             config.n_layers, config.dim, config.vocab_size, mode or dtype, nbytes / 2**20, time.perf_counter() - t0)
+    engine = JaxEngine(config, params, slots=slots, max_len=max_len, max_prompt_len=max_prompt_len,
+                       cache_dtype=getattr(jnp, dtype), top_logprobs=top_logprobs, plan=plan)
+    seconds = engine.warmup() if warmup else 0.0
+    if warmup:
+        log.info("warm-up compiled %d prefill buckets and the decode step in %.1fs", len(engine.buckets), seconds)
+    return LoadedModel(path, config, tokenizer, engine, mode, nbytes, seconds)
+
+
 class LLM:
     """A model loaded into a ``JaxEngine`` with an ``Orchestrator`` running continuous batching.
 
@@ -77,44 +138,33 @@ class LLM:
     ``max_prompt_len``: longest prompt accepted (default ``max_len - 1``). ``quantize``: None,
     ``"int8"`` (weight-only) or ``"int8-dynamic"`` (weights and activations), applied at load.
     ``top_logprobs``: most alternatives a request may ask for (0 disables them, saving a top-k
-    per step). ``max_waiting``: bound of the waiting queue.
+    per step). ``max_waiting``: bound of the waiting queue. ``mesh``: shard over several
+    devices (``"tp=2"``, ``"dp=2,tp=2"``; see ``jserve.sharding``). With several processes
+    (``jax.distributed``) the LLM lives on process 0 and the others run ``multihost.follow``.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, *, slots: int = 8, max_len: int = 1024,
                  max_prompt_len: int | None = None, quantize: str | None = None, dtype: str = "float32",
                  top_logprobs: int = 0, max_waiting: int = 256, prefill_budget: int = 512,
+                 mesh: str | None = None, indivisible: str = "replicate",
                  compile_cache: pathlib.Path | None = DEFAULT_COMPILE_CACHE, warmup: bool = True,
                  on_event: Callable[[str, Any, float], None] | None = None):
         import jax
-        import jax.numpy as jnp
 
-        from jserve import checkpoint as ckpt
-        from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
-        from jserve.engine import JaxEngine
-        from jserve.quant import QuantArray, check_mode, weight_bytes
+        if jax.process_index() != 0:
+            raise RuntimeError("with several processes the LLM runs on process 0; the others run "
+                               "jserve.multihost.follow(load_engine(...).engine)")
+        m = load_engine(checkpoint, slots=slots, max_len=max_len, max_prompt_len=max_prompt_len, quantize=quantize,
+                        dtype=dtype, top_logprobs=top_logprobs, mesh=mesh, indivisible=indivisible,
+                        compile_cache=compile_cache, warmup=warmup)
+        self.dtype, self.quantize = dtype, m.quantize
+        self.checkpoint, self.config, self.tokenizer = m.checkpoint, m.config, m.tokenizer
+        self.weight_bytes, self.warmup_seconds = m.weight_bytes, m.warmup_seconds
+        self.engine = m.engine
+        if jax.process_count() > 1:
+            from jserve.multihost import LeaderEngine
 
-        if quantize is not None:
-            check_mode(quantize)
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-        self.dtype, self.quantize = dtype, quantize
-        enable_compile_cache(compile_cache)
-        path = pathlib.Path(checkpoint) if checkpoint is not None else ensure_default_checkpoint(DEFAULT_CHECKPOINT)
-        t0 = time.perf_counter()
-        self.config, params, self.tokenizer = ckpt.load(path, getattr(jnp, dtype), quantize)
-        quant = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantArray))
-        self.quantize = next((x.mode for x in quant if isinstance(x, QuantArray)), None)
-        self.weight_bytes = weight_bytes(params)
-        log.info("loaded %s (%d layers, dim %d, vocab %d; %s weights, %.1f MiB on device) in %.1fs", path,
-                 self.config.n_layers, self.config.dim, self.config.vocab_size, self.quantize or dtype,
-                 self.weight_bytes / 2**20, time.perf_counter() - t0)
-        self.checkpoint = path
-        self.engine = JaxEngine(self.config, params, slots=slots, max_len=max_len, max_prompt_len=max_prompt_len,
-                                cache_dtype=getattr(jnp, dtype), top_logprobs=top_logprobs)
-        self.warmup_seconds = self.engine.warmup() if warmup else 0.0
-        if warmup:
-            log.info("warm-up compiled %d prefill buckets and the decode step in %.1fs",
-                     len(self.engine.buckets), self.warmup_seconds)
+            self.engine = LeaderEngine(m.engine)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
         self.orchestrator = Orchestrator(self.engine, self.tokenizer, eos_token_ids=tuple(eos),
                                          max_waiting=max_waiting, prefill_budget=prefill_budget, on_event=on_event)
@@ -235,7 +285,11 @@ class LLM:
             s.cancel()  # a no-op once finished; frees the slot if the consumer went away
 
     def close(self, drain: bool = True, timeout: float | None = 30.0) -> bool:
-        return self.orchestrator.shutdown(drain=drain, timeout=timeout)
+        drained = self.orchestrator.shutdown(drain=drain, timeout=timeout)
+        close = getattr(self.engine, "close", None)
+        if close is not None:  # multi-host: tell the other processes to stop
+            close()
+        return drained
 
     def __enter__(self) -> LLM:
         return self

@@ -40,6 +40,10 @@ class Params:
     layers: tuple[LayerParams, ...]
     final_norm: jax.Array  # [D]; its dtype is the activation dtype
     lm_head: Weight | None  # [D, V]; None when tied to ``embed``
+    # Blocks of the fused matrices' columns, one per tensor-parallel shard (see sharding.py):
+    # wqkv holds [q, k, v] of each group in turn, w_gate_up [gate, up] of each group.
+    qkv_groups: int = struct.field(pytree_node=False, default=1)
+    mlp_groups: int = struct.field(pytree_node=False, default=1)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -78,16 +82,22 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w * xf.astype(x.dtype)
 
 
-def _split_qkv(cfg: ModelConfig, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    q = qkv[..., :nq].reshape(*qkv.shape[:-1], cfg.n_heads, cfg.head_dim)
-    k = qkv[..., nq : nq + nk].reshape(*qkv.shape[:-1], cfg.n_kv_heads, cfg.head_dim)
-    v = qkv[..., nq + nk :].reshape(*qkv.shape[:-1], cfg.n_kv_heads, cfg.head_dim)
-    return q, k, v
+def _split_qkv(cfg: ModelConfig, qkv: jax.Array, groups: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``[..., (N + 2K) H]`` in ``groups`` blocks of ``[q, k, v]`` → ``[..., N, H]``, ``[..., K, H]`` x 2."""
+    lead, h = qkv.shape[:-1], cfg.head_dim
+    n, k = cfg.n_heads // groups, cfg.n_kv_heads // groups
+    x = qkv.reshape(*lead, groups, n + 2 * k, h)
+    q = x[..., :n, :].reshape(*lead, cfg.n_heads, h)
+    kk = x[..., n : n + k, :].reshape(*lead, cfg.n_kv_heads, h)
+    v = x[..., n + k :, :].reshape(*lead, cfg.n_kv_heads, h)
+    return q, kk, v
 
 
-def _mlp(layer: LayerParams, x: jax.Array) -> jax.Array:
-    gate, up = jnp.split(dense(x, layer.w_gate_up), 2, axis=-1)
+def _mlp(layer: LayerParams, x: jax.Array, groups: int) -> jax.Array:
+    gu = dense(x, layer.w_gate_up)
+    lead, f = gu.shape[:-1], gu.shape[-1] // 2
+    gu = gu.reshape(*lead, groups, 2, f // groups)
+    gate, up = gu[..., 0, :].reshape(*lead, f), gu[..., 1, :].reshape(*lead, f)
     return dense(jax.nn.silu(gate) * up, layer.w_down)
 
 
@@ -129,12 +139,12 @@ def forward(
     ks, vs = [], []
     for layer in params.layers:
         h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
-        q, k, v = _split_qkv(cfg, dense(h, layer.wqkv))
+        q, k, v = _split_qkv(cfg, dense(h, layer.wqkv), params.qkv_groups)
         q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
         q = q.reshape(b, t, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
         o = _attend(q, k, v, mask).reshape(b, t, cfg.n_heads * cfg.head_dim)
         x = x + dense(o, layer.wo)
-        x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps))
+        x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), params.mlp_groups)
         ks.append(k)
         vs.append(v)
     return x, tuple(ks), tuple(vs)
@@ -176,14 +186,14 @@ def decode_step(
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
-        q, k, v = _split_qkv(cfg, dense(h, layer.wqkv))  # [S, 1, *, H]
+        q, k, v = _split_qkv(cfg, dense(h, layer.wqkv), params.qkv_groups)  # [S, 1, *, H]
         q, k = apply_rope(q, positions[:, None], inv_freq), apply_rope(k, positions[:, None], inv_freq)
         ck = write_step(cache.k[i], k[:, 0], positions)
         cv = write_step(cache.v[i], v[:, 0], positions)
         q = q.reshape(s_, 1, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
         o = _attend(q, ck, cv, mask).reshape(s_, 1, cfg.n_heads * cfg.head_dim)
         x = x + dense(o, layer.wo)
-        x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps))
+        x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), params.mlp_groups)
         new_k.append(ck)
         new_v.append(cv)
     return unembed(params, cfg, x[:, 0]), KVCache(k=tuple(new_k), v=tuple(new_v))

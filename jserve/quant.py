@@ -51,13 +51,15 @@ def check_mode(mode: str) -> None:
 
 def quantize_np(w: np.ndarray, out_axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel int8 of a ``[..., I, O]`` (or ``[..., O, I]`` with
-    ``out_axis=0``) matrix on the host: ``(q, scale)`` with ``|w - q * s| <= s / 2``."""
-    w = np.asarray(w, np.float32)
+    ``out_axis=0``) matrix: ``(q, scale)`` with ``|w - q * s| <= s / 2``. On the host (numpy),
+    or on device for a ``jax.Array`` (rounding half to even either way, so both agree)."""
+    xp = jnp if isinstance(w, jax.Array) else np  # a traced array inside a sharded load, else numpy
+    w = xp.asarray(w, xp.float32)
     contract = w.ndim - 2 + (1 - out_axis)
-    amax = np.max(np.abs(w), axis=contract, keepdims=True)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-    return q, np.squeeze(scale, axis=contract)
+    amax = xp.max(xp.abs(w), axis=contract, keepdims=True)
+    scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
+    q = xp.clip(xp.round(w / scale), -127, 127).astype(xp.int8)
+    return q, xp.squeeze(scale, axis=contract)
 
 
 def quantize(w: np.ndarray, out_axis: int = 1, mode: str = "int8") -> QuantArray:

@@ -5,6 +5,11 @@ and streams the pieces back. It binds its port first and reports NOT_SERVING on 
 health service until the model is loaded and every shape is compiled, then SERVING; on SIGTERM
 or SIGINT it reports NOT_SERVING, refuses new work, lets in-flight streams finish (bounded by
 ``--drain-timeout``) and exits 0.
+
+Several devices: ``--mesh tp=4`` (or ``dp=2,tp=4``) shards the model over them. Several hosts:
+start the same command on every host with ``--coordinator HOST:PORT --num-processes N
+--process-id I`` (or JAX's environment variables, or ``--distributed`` on a TPU slice);
+process 0 serves gRPC and the others follow its steps.
 """
 
 from __future__ import annotations
@@ -182,7 +187,32 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile-cache", type=pathlib.Path, default=None,
                     help="persistent compilation cache directory (default ~/.cache/jserve/xla)")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    scale = ap.add_argument_group("several devices and hosts")
+    scale.add_argument("--mesh", default=None,
+                       help="device mesh, e.g. tp=4 or dp=2,tp=4: tp shards heads, MLP width and vocabulary, "
+                            "dp shards slots; the product must equal the device count (default: one device; "
+                            "with several processes, tp over all devices)")
+    scale.add_argument("--indivisible", choices=["replicate", "error"], default="replicate",
+                       help="a dimension the mesh does not divide (e.g. 3 KV heads over tp=2): replicate it "
+                            "(default, with a warning) or refuse to start")
+    scale.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="jax.distributed coordinator (process 0's address); starts a multi-process run")
+    scale.add_argument("--num-processes", type=int, default=None, help="processes in the multi-process run")
+    scale.add_argument("--process-id", type=int, default=None, help="this process's index (0 serves gRPC)")
+    scale.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() with JAX's own detection (TPU slices, SLURM, "
+                            "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     return ap
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """What every process of a run loads identically."""
+    kwargs = dict(slots=args.slots, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
+                  quantize=args.quantize, dtype=args.dtype, top_logprobs=args.max_logprobs,
+                  mesh=args.mesh, indivisible=args.indivisible)
+    if args.compile_cache is not None:
+        kwargs["compile_cache"] = args.compile_cache
+    return kwargs
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -210,11 +240,8 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     t0 = time.perf_counter()
-    kwargs = dict(slots=args.slots, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
-                  quantize=args.quantize, dtype=args.dtype, top_logprobs=args.max_logprobs,
-                  max_waiting=args.max_waiting, prefill_budget=args.prefill_budget, on_event=metrics.on_event)
-    if args.compile_cache is not None:
-        kwargs["compile_cache"] = args.compile_cache
+    kwargs = dict(engine_kwargs(args), max_waiting=args.max_waiting, prefill_budget=args.prefill_budget,
+                  on_event=metrics.on_event)
     load = loop.run_in_executor(None, lambda: LLM(args.checkpoint, **kwargs))
     done, _ = await asyncio.wait({load, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     if load not in done:
@@ -253,6 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
+        from jserve import multihost
+
+        multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+        import jax
+
+        if jax.process_index() != 0:
+            from jserve.llm import load_engine
+
+            multihost.follow(load_engine(args.checkpoint, **engine_kwargs(args)).engine)
+            return 0
     return asyncio.run(serve(args))
 
 

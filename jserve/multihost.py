@@ -1,0 +1,152 @@
+"""Several processes, one model: ``jax.distributed`` plus a leader that tells followers what to run.
+
+Every process of a multi-host run holds some of the mesh's devices, and a sharded computation
+only runs when *every* process launches it, in the same order. Process 0 (the leader) runs the
+orchestrator and the gRPC server; its engine is a ``LeaderEngine``, which before each engine
+call broadcasts a small fixed-size command (the op, the slot, the prompt's token ids, the
+sampling row) to the others with ``multihost_utils.broadcast_one_to_all``. Each other process
+(a follower) runs ``follow``: receive a command, make the same engine call, repeat, until the
+leader says stop. Results are read on the leader only.
+
+While the leader is idle it sends a no-op now and then, so followers blocked in the broadcast
+never sit in one collective long enough to time out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import jax
+import numpy as np
+
+from jserve.engine import DecodeState, JaxEngine, Prefix
+from jserve.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+NOOP, INIT, PREFILL, INSERT, GENERATE, RELEASE, STOP = range(7)
+OP_NAMES = ("noop", "init", "prefill", "insert", "generate", "release", "stop")
+# Command layout (int32): op, slot, prompt length, top_k, key (2 words), 6 float32 fields as bits, tokens.
+FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+HEADER = 6 + len(FLOATS)
+HEARTBEAT_S = 5.0
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """``jax.distributed.initialize``; arguments left out come from JAX's environment detection
+    (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or a TPU slice / SLURM)."""
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    log.info("process %d of %d: %d local devices, %d in all", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+
+
+def encode(op: int, width: int, slot: int = 0, tokens: list[int] | None = None,
+           params: SamplingParams | None = None, seed: int = 0) -> np.ndarray:
+    cmd = np.zeros((HEADER + width,), np.int32)
+    cmd[0], cmd[1] = op, slot
+    if tokens is not None:
+        cmd[2] = len(tokens)
+        cmd[HEADER:HEADER + len(tokens)] = tokens
+    if params is not None:
+        cmd[3] = params.top_k
+        cmd[4:6] = np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32).view(np.int32)
+        cmd[6:HEADER] = np.array([getattr(params, f) for f in FLOATS], np.float32).view(np.int32)
+    return cmd
+
+
+def decode(cmd: np.ndarray) -> tuple[int, int, list[int], SamplingParams, int]:
+    """``(op, slot, tokens, sampling params, seed)`` of a command."""
+    op, slot, n, top_k = (int(x) for x in cmd[:4])
+    hi, lo = (int(x) for x in cmd[4:6].view(np.uint32))
+    floats = cmd[6:HEADER].view(np.float32)
+    params = SamplingParams(top_k=top_k, **{f: float(v) for f, v in zip(FLOATS, floats)})
+    return op, slot, cmd[HEADER:HEADER + n].tolist(), params, (hi << 32) | lo
+
+
+class LeaderEngine:
+    """``JaxEngine`` on process 0 that mirrors every call to the follower processes."""
+
+    def __init__(self, engine: JaxEngine):
+        self.engine = engine
+        self.slots, self.max_len, self.max_prompt_len = engine.slots, engine.max_len, engine.max_prompt_len
+        self.vocab_size, self.top_logprobs = engine.vocab_size, engine.top_logprobs
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._closed = threading.Event()
+        threading.Thread(target=self._heartbeat, name="jserve-heartbeat", daemon=True).start()
+
+    def _send(self, op: int, **fields) -> None:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.broadcast_one_to_all(encode(op, self.max_prompt_len, **fields))
+        self._last = time.monotonic()
+
+    def _heartbeat(self) -> None:
+        while not self._closed.wait(HEARTBEAT_S / 2):
+            with self._lock:
+                if not self._closed.is_set() and time.monotonic() - self._last > HEARTBEAT_S:
+                    self._send(NOOP)
+
+    def init_state(self) -> DecodeState:
+        with self._lock:
+            self._send(INIT)
+            return self.engine.init_state()
+
+    def prefill(self, tokens: list[int], params: SamplingParams, seed: int) -> Prefix:
+        self.engine.bucket(len(tokens))  # refuse before telling anyone
+        with self._lock:
+            self._send(PREFILL, tokens=tokens, params=params, seed=seed)
+            return self.engine.prefill(tokens, params, seed)
+
+    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
+        with self._lock:
+            self._send(INSERT, slot=slot)
+            return self.engine.insert(prefix, state, slot)
+
+    def generate(self, state: DecodeState):
+        with self._lock:
+            self._send(GENERATE)
+            return self.engine.generate(state)
+
+    def release(self, state: DecodeState, slot: int) -> DecodeState:
+        with self._lock:
+            self._send(RELEASE, slot=slot)
+            return self.engine.release(state, slot)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed.is_set():
+                self._closed.set()
+                self._send(STOP)
+
+
+def follow(engine: JaxEngine) -> int:
+    """Run the leader's engine calls on this process until it says stop; returns calls made."""
+    from jax.experimental import multihost_utils
+
+    state, prefix, calls = None, None, 0
+    log.info("process %d following process 0", jax.process_index())
+    while True:
+        cmd = multihost_utils.broadcast_one_to_all(np.zeros((HEADER + engine.max_prompt_len,), np.int32))
+        op, slot, tokens, params, seed = decode(np.asarray(cmd))
+        if op == STOP:
+            log.info("leader stopped; %d calls followed", calls)
+            return calls
+        if op == NOOP:
+            continue
+        calls += 1
+        if op == INIT:
+            state = engine.init_state()
+        elif op == PREFILL:
+            prefix = engine.prefill(tokens, params, seed)
+        elif op == INSERT:
+            state = engine.insert(prefix, state, slot)
+        elif op == GENERATE:
+            state, _ = engine.generate(state)
+        elif op == RELEASE:
+            state = engine.release(state, slot)
+        else:
+            raise RuntimeError(f"unknown command {op} from the leader")
