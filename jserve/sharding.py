@@ -46,8 +46,8 @@ MESH_AXES = ("dp", "tp")
 # Logical axes → mesh axis (None = replicated on every device).
 RULES: dict[str, str | None] = {
     "vocab": "tp",
-    "heads": "tp",  # query heads; always sharded together with "kv_heads"
     "kv_heads": "tp",
+    "heads": "tp",  # query heads; always sharded together with "kv_heads"
     "mlp": "tp",
     "slots": "dp",
     "embed": None,
@@ -246,10 +246,14 @@ def prefix_sharding(prefix, p: Plan):
 
 
 def state_sharding(state, p: Plan):
-    """Shardings for an ``engine.DecodeState``: the cache over slots and KV heads, the rest over slots."""
+    """Shardings for an ``engine.DecodeState``: the cache over slots and KV heads, the per-token
+    penalty tables ``[S, V]`` over slots and vocabulary, the rest over slots."""
     def leaf(path, x):
-        if any(getattr(k, "name", None) == "cache" for k in path):
+        names = {getattr(k, "name", None) for k in path}
+        if "cache" in names:
             return p.sharding(CACHE_AXES)
+        if names & {"seen", "counts"}:
+            return p.sharding(("slots", "vocab"))
         return p.sharding(("slots",) + (None,) * (len(x.shape) - 1))
 
     return jax.tree_util.tree_map_with_path(leaf, state)

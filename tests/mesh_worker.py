@@ -1,0 +1,74 @@
+"""Run greedy generation under several meshes in one process with 8 virtual CPU devices.
+
+``python -m tests.mesh_worker CHECKPOINT --meshes none tp=2 ... [--quantize int8] --prompts JSON``
+prints one JSON object: per mesh, the token ids, and what each device holds of the weights and
+the decode state. Run by ``tests/test_sharding.py`` in a subprocess, because the device count
+is fixed when JAX starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("--meshes", nargs="+", required=True)
+    ap.add_argument("--quantize", default=None)
+    ap.add_argument("--prompts", required=True, help="JSON list of token-id lists")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--slots", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=96)
+    ap.add_argument("--max-prompt-len", type=int, default=64)
+    args = ap.parse_args()
+
+    import jax
+
+    from jserve import LLM
+    from jserve.sampling import SamplingParams
+    from jserve.sharding import device_bytes
+
+    prompts = json.loads(args.prompts)
+    out = {"devices": jax.device_count(), "runs": {}}
+    for mesh in args.meshes:
+        llm = LLM(args.checkpoint, slots=args.slots, max_len=args.max_len,
+                  max_prompt_len=args.max_prompt_len, quantize=args.quantize,
+                  mesh=None if mesh == "none" else mesh, compile_cache=None)
+        try:
+            results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                                           ignore_eos=True))
+            params, state = llm.engine.params, llm.engine.init_state()
+            layer = params.layers[0]
+            leaves = {"wqkv": layer.wqkv, "wo": layer.wo, "w_gate_up": layer.w_gate_up, "w_down": layer.w_down,
+                      "embed": params.embed, "lm_head": params.lm_head, "attn_norm": layer.attn_norm}
+            run = {
+                "tokens": [r.token_ids for r in results],
+                "params_total": sum(x.nbytes for x in jax.tree.leaves(params)),
+                "params_per_device": sorted(device_bytes(params).values()),
+                "state_total": sum(x.nbytes for x in jax.tree.leaves(state)),
+                "state_per_device": sorted(device_bytes(state).values()),
+                "cache_spec": list(getattr(state.cache.k[0].sharding, "spec", ())),
+                "cache_shard_shape": list(state.cache.k[0].addressable_shards[0].data.shape),
+                "cache_shape": list(state.cache.k[0].shape),
+                "leaf_shard_fraction": {},
+            }
+            for name, x in leaves.items():
+                if x is None:
+                    continue
+                arr = getattr(x, "q", x)
+                run["leaf_shard_fraction"][name] = arr.addressable_shards[0].data.size / arr.size
+            out["runs"][mesh] = run
+        finally:
+            llm.close(drain=False)
+    json.dump(out, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
