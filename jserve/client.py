@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -32,16 +34,34 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None  # "UNAVAILABLE: ..." when the call failed (``complete_many``)
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+# Several replicas: round-robin over those whose health service says SERVING (a replica warming
+# up or draining gets no new work), and a request refused UNAVAILABLE before any response (a
+# replica that just went away) is retried on another. A stream already under way is not retried:
+# it fails, and only those in flight on the lost replica do.
+REPLICAS_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": SERVICE},
+    "methodConfig": [{
+        "name": [{"service": SERVICE}],
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
 
 
 def target_for(addresses: str | Sequence[str]) -> tuple[str, list[tuple[str, Any]]]:
-    """gRPC target and channel options; several addresses get round-robin load balancing."""
+    """gRPC target and channel options; several addresses get health-checked round-robin."""
     addrs = [a.strip() for a in (addresses.split(",") if isinstance(addresses, str) else addresses) if a.strip()]
     if not addrs:
         raise ValueError("no server address given")
     if len(addrs) == 1:
         return addrs[0], []
-    return "ipv4:" + ",".join(addrs), [("grpc.lb_policy_name", "round_robin")]
+    return "ipv4:" + ",".join(addrs), [("grpc.service_config", REPLICAS_SERVICE_CONFIG),
+                                       ("grpc.enable_retries", 1)]
 
 
 def build_request(prompt: Prompt, request_id: str = "", **sampling: Any) -> pb.GenerateRequest:
@@ -87,6 +107,24 @@ class Client:
 
     def complete(self, prompt: Prompt, timeout: float | None = None, **sampling: Any) -> Completion:
         return _fold(self.stream(prompt, timeout=timeout, **sampling))
+
+    def complete_many(self, prompts: Sequence[Prompt], concurrency: int = 8, timeout: float | None = None,
+                      **sampling: Any) -> list[Completion]:
+        """Every prompt, ``concurrency`` at a time, in order. A failed call does not stop the
+        others: its ``Completion`` has ``finish_reason == "error"`` and ``error`` says why (for
+        example ``UNAVAILABLE`` for requests in flight on a replica that went away)."""
+        def one(prompt: Prompt) -> Completion:
+            got: list[pb.GenerateResponse] = []
+            try:
+                for r in self.stream(prompt, timeout=timeout, **sampling):
+                    got.append(r)
+                return _fold(got)
+            except grpc.RpcError as e:
+                partial = _fold(got)
+                return dataclasses.replace(partial, finish_reason="error", error=f"{e.code().name}: {e.details()}")
+
+        with ThreadPoolExecutor(max(1, concurrency)) as pool:
+            return list(pool.map(one, prompts))
 
     def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)

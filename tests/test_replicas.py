@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,7 +23,10 @@ def _finished(server) -> float:
 def test_target_for_one_or_several_addresses():
     assert target_for("127.0.0.1:5000") == ("127.0.0.1:5000", [])
     target, opts = target_for("127.0.0.1:1, 127.0.0.1:2")
-    assert target == "ipv4:127.0.0.1:1,127.0.0.1:2" and ("grpc.lb_policy_name", "round_robin") in opts
+    assert target == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    config = json.loads(dict(opts)["grpc.service_config"])
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"]["serviceName"] == "jserve.v1.Generation"
 
 
 def test_client_with_two_addresses_spreads_20_requests_over_both(tiny_ckpt):
@@ -36,6 +41,35 @@ def test_client_with_two_addresses_spreads_20_requests_over_both(tiny_ckpt):
         assert all(r.finish_reason == "length" and r.completion_tokens == 4 for r in results)
         counts = [_finished(s) for s in servers]
         assert sum(counts) == 20 and min(counts) >= 5, counts
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_replica_going_away_costs_only_its_in_flight_requests(tiny_ckpt):
+    flags = ("--slots", "2", "--max-len", "128", "--max-prompt-len", "32")
+    servers = [ServerProcess(tiny_ckpt, *flags) for _ in range(2)]
+    try:
+        with Client([s.address for s in servers]) as client:
+            client.model_info()
+            prompts = [[5, 6, 7 + i] for i in range(24)]
+            before = time.monotonic()
+            with ThreadPoolExecutor(1) as bg:
+                pending = bg.submit(client.complete_many, prompts, concurrency=4, max_tokens=90, temperature=0.0,
+                                    ignore_eos=True)
+                while _finished(servers[1]) < 2 and time.monotonic() - before < 120:
+                    time.sleep(0.05)
+                servers[1].proc.kill()  # abruptly: no drain
+                results = pending.result(timeout=300)
+            done_on_survivor = _finished(servers[0])
+        failed = [r for r in results if r.finish_reason == "error"]
+        ok = [r for r in results if r.finish_reason == "length"]
+        assert len(failed) + len(ok) == 24
+        # only requests on the lost replica's 2 slots (plus any queued there) fail, and they say why
+        assert 1 <= len(failed) <= 4, [r.error for r in failed]
+        assert all(r.error.startswith("UNAVAILABLE") for r in failed), [r.error for r in failed]
+        assert all(r.completion_tokens == 90 for r in ok)
+        assert done_on_survivor >= len(ok) - 4  # after the loss, the rest went to the survivor
     finally:
         for s in servers:
             s.stop()
