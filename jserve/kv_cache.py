@@ -1,8 +1,11 @@
 """The preallocated KV cache: fixed shapes, written in place through donated buffers.
 
-One ``[S, T, K, H]`` array for keys and one for values per layer (a tuple over layers):
-the same memory as one ``[L, S, T, K, H]`` array, but each layer's update is a
-``dynamic_update_slice`` / scatter on its own buffer, which XLA keeps in place.
+One ``[S, K, T, H]`` array for keys and one for values per layer (a tuple over layers):
+the same memory as one ``[L, S, K, T, H]`` array, but each layer's update is a
+``dynamic_update_slice`` / scatter on its own buffer, which XLA keeps in place. Slots and KV
+heads lead, so a decode step's attention reads each (slot, head)'s ``[T, H]`` block as it lies:
+on XLA:CPU this layout with multiply-reduce attention measured 3-4x faster than ``[S, T, K, H]``
+with ``einsum`` (``model._attend_step``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from jserve.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of every slot. ``k[l]``, ``v[l]``: ``[S, T, K, H]``."""
+    """Keys and values of every slot. ``k[l]``, ``v[l]``: ``[S, K, T, H]``."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -27,11 +30,11 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, slots: int, max_len: int, dtype: jnp.dtype) -> KVCache:
-        shape = (slots, max_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (slots, cfg.n_kv_heads, max_len, cfg.head_dim)
         return cls(
             k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
             v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
@@ -50,15 +53,16 @@ def write_prefix(cache: KVCache, prefix_k: tuple[jax.Array, ...], prefix_v: tupl
     zero = jnp.zeros((), jnp.int32)
 
     def put(buf: jax.Array, pre: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice(buf, pre[None].astype(buf.dtype), (slot, zero, zero, zero))
+        block = jnp.swapaxes(pre, 0, 1)[None].astype(buf.dtype)  # [1, K, P, H]
+        return jax.lax.dynamic_update_slice(buf, block, (slot, zero, zero, zero))
 
     return KVCache(k=tuple(map(put, cache.k, prefix_k)), v=tuple(map(put, cache.v, prefix_v)))
 
 
 def write_step(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Write one new position per slot: ``buf [S, T, K, H]``, ``new [S, K, H]``, ``positions [S]``.
+    """Write one new position per slot: ``buf [S, K, T, H]``, ``new [S, K, H]``, ``positions [S]``.
 
     Positions at or past ``T`` (inactive slots) are dropped rather than clamped.
     """
     slots = jnp.arange(buf.shape[0])
-    return buf.at[slots, positions].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[slots, :, positions].set(new.astype(buf.dtype), mode="drop")

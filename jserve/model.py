@@ -110,6 +110,19 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
     return jnp.einsum("bkgts,bskh->btkgh", p, v)
 
 
+def _attend_step(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """One query per slot against the cache: ``q [S, K, G, H]``, ``k/v [S, K, T, H]``, ``mask [S, T]``
+    → ``[S, K, G, H]``. Written as multiply-and-reduce, which XLA:CPU fuses over the cache as it
+    lies; the ``einsum`` form transposes every layer's cache on every step (see ``kv_cache.py``)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qf = q.astype(jnp.float32)[:, :, :, None, :]  # [S, K, G, 1, H]
+    s = jnp.sum(qf * k[:, :, None].astype(jnp.float32), axis=-1) * scale  # [S, K, G, T]
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.sum(p[..., None] * v[:, :, None].astype(jnp.float32), axis=3)  # [S, K, G, H]
+    return out.astype(v.dtype)
+
+
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     return take_rows(params.embed, tokens, params.final_norm.dtype)
 
@@ -181,7 +194,7 @@ def decode_step(
     s_ = tokens.shape[0]
     t = cache.max_len
     inv_freq = rope_inv_freq(cfg)
-    mask = (jnp.arange(t)[None, :] <= positions[:, None])[:, None, :]  # [S, 1, T]
+    mask = jnp.arange(t)[None, :] <= positions[:, None]  # [S, T]
     x = embed_tokens(params, tokens[:, None])  # [S, 1, D]
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
@@ -190,8 +203,8 @@ def decode_step(
         q, k = apply_rope(q, positions[:, None], inv_freq), apply_rope(k, positions[:, None], inv_freq)
         ck = write_step(cache.k[i], k[:, 0], positions)
         cv = write_step(cache.v[i], v[:, 0], positions)
-        q = q.reshape(s_, 1, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-        o = _attend(q, ck, cv, mask).reshape(s_, 1, cfg.n_heads * cfg.head_dim)
+        q = q.reshape(s_, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+        o = _attend_step(q, ck, cv, mask).reshape(s_, 1, cfg.n_heads * cfg.head_dim)
         x = x + dense(o, layer.wo)
         x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), params.mlp_groups)
         new_k.append(ck)

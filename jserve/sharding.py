@@ -85,7 +85,8 @@ STORED_AXES: dict[str, tuple[str, ...]] = {
     "w_down": ("layers", "mlp", "embed"),
 }
 
-CACHE_AXES = ("slots", "time", "kv_heads", "head_dim")
+CACHE_AXES = ("slots", "kv_heads", "time", "head_dim")
+PREFIX_AXES = ("time", "kv_heads", "head_dim")  # a prefilled prompt's keys/values, per layer
 
 
 class ShardingError(ValueError):
@@ -239,7 +240,7 @@ def prefix_sharding(prefix, p: Plan):
     """Shardings for an ``engine.Prefix``: keys/values ``[P, K, H]`` over KV heads, the rest replicated."""
     def leaf(path, x):
         if getattr(path[0], "name", None) in ("k", "v"):
-            return p.sharding(CACHE_AXES[1:])
+            return p.sharding(PREFIX_AXES)
         return p.replicated()
 
     return jax.tree_util.tree_map_with_path(leaf, prefix)

@@ -61,8 +61,8 @@ def test_decode_slot_ignores_other_slots_and_masked_positions():
     noisy = KVCache(k=tuple(jnp.array(rng.normal(size=k.shape), jnp.float32) for k in base.k),
                     v=tuple(jnp.array(rng.normal(size=v.shape), jnp.float32) for v in base.v))
     # Slot 2 holds the same 5 positions in both caches; everything else differs.
-    clean = KVCache(k=tuple(b.at[2, :5].set(n[2, :5]) for b, n in zip(base.k, noisy.k)),
-                    v=tuple(b.at[2, :5].set(n[2, :5]) for b, n in zip(base.v, noisy.v)))
+    clean = KVCache(k=tuple(b.at[2, :, :5].set(n[2, :, :5]) for b, n in zip(base.k, noisy.k)),
+                    v=tuple(b.at[2, :, :5].set(n[2, :, :5]) for b, n in zip(base.v, noisy.v)))
     la, _ = model.decode_step(params, cfg, jnp.array([1, 2, 3, 4]), jnp.array([7, 9, 5, 2]), noisy)
     lb, _ = model.decode_step(params, cfg, jnp.array([9, 8, 3, 6]), jnp.array([16, 16, 5, 16]), clean)
     np.testing.assert_array_equal(np.asarray(la)[2], np.asarray(lb)[2])
@@ -72,7 +72,7 @@ def test_decode_writes_only_active_positions():
     cfg, params = _setup()
     cache = KVCache.zeros(cfg, 3, 8, jnp.float32)
     _, out = model.decode_step(params, cfg, jnp.array([1, 2, 3]), jnp.array([2, 8, 0]), cache)
-    written = np.abs(np.asarray(out.k[0])).sum(axis=(2, 3)) > 0  # [S, T]
+    written = np.abs(np.asarray(out.k[0])).sum(axis=(1, 3)) > 0  # [S, T]
     expect = np.zeros((3, 8), bool)
     expect[0, 2] = expect[2, 0] = True
     np.testing.assert_array_equal(written, expect)

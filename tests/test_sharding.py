@@ -75,10 +75,10 @@ def test_sharded_greedy_equals_single_device_and_devices_hold_shards(mesh_ckpt, 
         per_device = run["params_per_device"]
         assert len(per_device) == tp * dp and max(per_device) < run["params_total"] / tp * 1.05, mesh
         # the cache over slots (dp) and KV heads (tp)
-        s, t, k, h = run["cache_shape"]
-        assert run["cache_shard_shape"] == [s // dp, t, k // tp, h], mesh
+        s, k, t, h = run["cache_shape"]
+        assert run["cache_shard_shape"] == [s // dp, k // tp, t, h], mesh
         assert max(run["state_per_device"]) <= run["state_total"] / (tp * dp) * 1.05, mesh
-    assert runs["dp=2,tp=2"]["cache_spec"] == ["dp", None, "tp", None]
+    assert runs["dp=2,tp=2"]["cache_spec"] == ["dp", "tp", None, None]
 
 
 def test_real_model_tp2_replicates_3_kv_heads_and_matches_hf(real_ckpt, reference):
