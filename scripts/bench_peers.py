@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pause", type=float, default=3.0,
+                    help="idle seconds before each timed run, so the previous engine's spinning threads settle")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
     ap.add_argument("--jserve-quantize", default="int8-dynamic", choices=["none", "int8", "int8-dynamic"])
     ap.add_argument("--jserve-slots", type=int, default=16, help="jserve slots; also hf's and batched llama.cpp's "
@@ -268,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     first: dict[str, list[int]] = {}
     for rnd in range(args.rounds):
         for r in runners:
+            # Let the previous engine's worker threads (OpenMP / ggml spin-wait after their work)
+            # go idle first, so they do not eat into the next engine's round.
+            time.sleep(args.pause)
             t0 = time.perf_counter()
             outs = r.run(prompts, args.max_tokens)
             dt = time.perf_counter() - t0
