@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale = ap.add_argument_group("several devices and hosts")
     scale.add_argument("--mesh", default=None,
                        help="device mesh, e.g. tp=4 or dp=2,tp=4: tp shards heads, MLP width and vocabulary, "
-                            "dp shards slots; the product must equal the device count (default: one device; "
-                            "with several processes, tp over all devices)")
+                            "dp shards slots; uses the first dp*tp devices (default: one device; with several "
+                            "processes, tp over all devices)")
     scale.add_argument("--indivisible", choices=["replicate", "error"], default="replicate",
                        help="a dimension the mesh does not divide (e.g. 3 KV heads over tp=2): replicate it "
                             "(default, with a warning) or refuse to start")
@@ -277,7 +277,15 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.mesh is not None:
+        from jserve.sharding import ShardingError, parse_mesh
+
+        try:
+            parse_mesh(args.mesh)
+        except ShardingError as e:
+            ap.error(str(e))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
