@@ -48,6 +48,7 @@ LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up",
 # Matrices that int8 quantization covers, and their output-channel axis (within one layer).
 QUANTIZED_KEYS = {"wq": 1, "wk": 1, "wv": 1, "wo": 1, "w_gate": 1, "w_up": 1, "w_down": 1, "embed": 0, "lm_head": 1}
 SCALE = "_scale"
+CHUNK_BYTES = 4 << 20
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -103,9 +104,12 @@ def save(directory: pathlib.Path, cfg: ModelConfig, weights: Weights, tokenizer:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        arrays = {k: v if v.dtype == np.int8 else np.asarray(v, np.float32) for k, v in weights.items()}
+        # Stored in chunks of at most CHUNK_BYTES, so a sharded load reads about its own shard,
+        # not every array whole.
+        chunked = {k: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES) for k in arrays}
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp / "params", {k: v if v.dtype == np.int8 else np.asarray(v, np.float32)
-                                       for k, v in weights.items()})
+            ckpt.save(tmp / "params", arrays, save_args=chunked)
         cfg.save(tmp / "config.json")
         if is_quantized(weights):
             (tmp / "quantization.json").write_text(json.dumps({"quantization": "int8"}))

@@ -29,7 +29,7 @@ PROMPTS = [[5, 6, 7 + i, 100 + 37 * i, 2000 + 911 * i] for i in range(6)]
 @pytest.fixture(scope="module")
 def mesh_ckpt(tmp_path_factory):
     """Tiny model whose heads (8), KV heads (4), MLP width (128) and vocab divide by 2 and 4."""
-    cfg = tiny_config(vocab_size=8192, n_heads=8, n_kv_heads=4, head_dim=8, ffn_dim=128, tie_embeddings=False)
+    cfg = tiny_config(vocab_size=32768, n_heads=8, n_kv_heads=4, head_dim=8, ffn_dim=128, tie_embeddings=False)
     out = tmp_path_factory.mktemp("mesh") / "tiny8"
     checkpoint.save(out, cfg, tiny_weights(cfg, seed=3), None)
     return out
@@ -45,6 +45,19 @@ def run_worker(ckpt, meshes, prompts, quantize=None, max_tokens=16, **extra) -> 
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
+
+
+def test_checkpoint_arrays_are_stored_in_chunks_a_shard_can_read_alone(mesh_ckpt):
+    import math
+
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        meta = ckpt.metadata(mesh_ckpt / "params")
+    meta = getattr(meta, "item_metadata", meta)
+    for name in ("embed", "lm_head"):  # 8 MiB each
+        shape, chunk = tuple(meta[name].shape), tuple(meta[name].storage.chunk_shape)
+        assert chunk != shape and math.prod(chunk) * 4 <= checkpoint.CHUNK_BYTES, (name, chunk)
 
 
 def test_parse_mesh():
