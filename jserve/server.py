@@ -219,14 +219,20 @@ async def serve(args: argparse.Namespace) -> int:
     metrics = ServingMetrics()
     service = GenerationService(metrics)
     health_servicer = health.aio.HealthServicer()
-    server = grpc.aio.server()
+    # No SO_REUSEPORT: a second server on a port already in use must fail, not share the port.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_GenerationServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    try:
+        port = server.add_insecure_port(f"{args.host}:{args.port}")
+    except RuntimeError:
+        port = 0
     if port == 0:
-        log.error("could not bind %s:%d", args.host, args.port)
+        log.error("could not bind %s:%d (is another server using the port?)", args.host, args.port)
+        print(f"jserve: could not bind {args.host}:{args.port} (is another server using the port?)",
+              file=sys.stderr, flush=True)
         return 1
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -248,3 +248,11 @@ def test_server_reflection_lists_the_services(server):
                                                 timeout=10))
     names = {s.name for s in resp.list_services_response.service}
     assert {"jserve.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+def test_a_port_in_use_is_refused_not_shared(server, tiny_ckpt):
+    port = server.address.rsplit(":", 1)[1]
+    proc = subprocess.run([sys.executable, "-m", "jserve.server", "--checkpoint", str(tiny_ckpt), "--port", port,
+                           "--log-level", "ERROR"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"could not bind 127.0.0.1:{port}" in proc.stderr
