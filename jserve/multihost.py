@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jserve.engine import DecodeState, JaxEngine, Prefix
-from jserve.sampling import SamplingParams
+from jserve.sampling import SamplingParams, seed_to_key
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def encode(op: int, width: int, slot: int = 0, tokens: list[int] | None = None,
         cmd[HEADER:HEADER + len(tokens)] = tokens
     if params is not None:
         cmd[3] = params.top_k
-        cmd[4:6] = np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32).view(np.int32)
+        cmd[4:6] = seed_to_key(seed).view(np.int32)
         cmd[6:HEADER] = np.array([getattr(params, f) for f in FLOATS], np.float32).view(np.int32)
     return cmd
 
