@@ -88,3 +88,51 @@ def test_llama3_rope_scaling_changes_only_low_frequencies():
     wavelen = 2 * np.pi / a
     np.testing.assert_allclose(b[wavelen < 64 / 4], a[wavelen < 64 / 4])  # high frequencies untouched
     np.testing.assert_allclose(b[wavelen > 64], a[wavelen > 64] / 8)  # low frequencies divided by factor
+
+
+def _random_cache(rng, slots: int, kv: int, t: int, h: int) -> tuple[jax.Array, jax.Array]:
+    return (jnp.array(rng.normal(size=(slots, kv, t, h)), jnp.float32),
+            jnp.array(rng.normal(size=(slots, kv, t, h)), jnp.float32))
+
+
+def test_blocked_attention_matches_the_dense_reference():
+    rng = np.random.default_rng(3)
+    t = 4 * model.ATTN_BLOCK
+    k, v = _random_cache(rng, 5, 2, t, 16)
+    q = jnp.array(rng.normal(size=(5, 2, 3, 16)), jnp.float32)
+    positions = jnp.array([0, 5, model.ATTN_BLOCK - 1, model.ATTN_BLOCK, t - 1])
+    mask = jnp.arange(t)[None, :] <= positions[:, None]
+    dense = np.asarray(model._attend_step(q, k, v, mask))
+    blocked = np.asarray(jax.jit(model._attend_blocks)(q, k, v, positions, jnp.int32(4)))
+    np.testing.assert_allclose(blocked, dense, atol=2e-6, rtol=1e-5)
+
+
+def test_blocked_attention_of_a_slot_is_bitwise_the_same_however_many_blocks_are_read():
+    """Blocks past a slot's position add exact zeros: a short sequence beside a long one gets the
+    same bits as alone, which is what keeps batch invariance with length-bounded attention."""
+    rng = np.random.default_rng(4)
+    t = 4 * model.ATTN_BLOCK
+    k, v = _random_cache(rng, 3, 2, t, 16)
+    q = jnp.array(rng.normal(size=(3, 2, 2, 16)), jnp.float32)
+    positions = jnp.array([7, model.ATTN_BLOCK + 3, 2 * model.ATTN_BLOCK])
+    attend = jax.jit(model._attend_blocks)
+    own = [1, 2, 3]  # blocks each slot needs
+    for n in range(1, 5):
+        out = np.asarray(attend(q, k, v, positions, jnp.int32(n)))
+        for s, need in enumerate(own):
+            if n >= need:
+                np.testing.assert_array_equal(out[s], np.asarray(attend(q, k, v, positions, jnp.int32(need)))[s])
+
+
+def test_decode_with_blocked_attention_follows_the_dense_step():
+    cfg, params = _setup()
+    rng = np.random.default_rng(5)
+    t = model.padded_cache_len(200)
+    assert t % model.attention_block(t) == 0 and t >= 200
+    cache = KVCache(*_random_cache(rng, 3, cfg.n_kv_heads, t, cfg.head_dim))
+    cache = KVCache(k=(cache.k,) * cfg.n_layers, v=(cache.v,) * cfg.n_layers)
+    tokens, positions = jnp.array([3, 4, 5]), jnp.array([150, 4, t])  # slot 2 inactive
+    dense, _ = model.decode_step(params, cfg, tokens, positions, cache)
+    n_blocks = jnp.int32(150 // model.attention_block(t) + 1)
+    blocked, _ = jax.jit(model.decode_step, static_argnums=1)(params, cfg, tokens, positions, cache, n_blocks)
+    np.testing.assert_allclose(np.asarray(blocked)[:2], np.asarray(dense)[:2], atol=1e-4, rtol=1e-4)
