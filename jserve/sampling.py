@@ -9,6 +9,7 @@ give the same output whenever, wherever the request runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -29,8 +30,9 @@ class SamplingParams:
     filters. ``repetition_penalty`` (1 = off) divides positive / multiplies negative logits of
     tokens seen in the prompt or output; ``presence_penalty`` and ``frequency_penalty``
     (0 = off) subtract from the logits of tokens already generated, once / per occurrence.
-    ``stop`` strings end the text just before the stop string. ``logprobs`` is how many top
-    alternatives to report per token (0: only the chosen token's logprob).
+    ``stop`` strings end the text just before the stop string. ``logprobs``: None (the default)
+    computes no log-probabilities at all; 0 reports the chosen token's; n > 0 also the n most
+    likely alternatives per token.
     """
 
     max_tokens: int = 128
@@ -45,7 +47,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: int = 0
+    logprobs: int | None = None
 
     def validate(self, vocab_size: int, max_logprobs: int) -> None:
         def bad(msg: str) -> None:
@@ -74,7 +76,7 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 bad(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
-        if not 0 <= self.logprobs <= max_logprobs:
+        if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
             bad(f"logprobs must be in [0, {max_logprobs}] on this server, got {self.logprobs}")
 
 
@@ -85,7 +87,9 @@ def seed_to_key(seed: int) -> np.ndarray:
 
 @struct.dataclass
 class SlotSampling:
-    """Per-slot sampling parameters, each ``[S]`` (``key``: ``[S, 2]`` raw threefry keys)."""
+    """Per-slot sampling parameters, each ``[S]`` (``key``: ``[S, 2]`` raw threefry keys).
+
+    ``logprobs`` is -1 for a slot that wants no log-probabilities, else ``SamplingParams.logprobs``."""
 
     temperature: jax.Array
     top_k: jax.Array
@@ -95,6 +99,7 @@ class SlotSampling:
     presence_penalty: jax.Array
     frequency_penalty: jax.Array
     key: jax.Array
+    logprobs: jax.Array
 
     @classmethod
     def empty(cls, slots: int) -> SlotSampling:
@@ -105,7 +110,7 @@ class SlotSampling:
 
         return cls(temperature=f(0.0), top_k=jnp.zeros((slots,), jnp.int32), top_p=f(1.0), min_p=f(0.0),
                    repetition_penalty=f(1.0), presence_penalty=f(0.0), frequency_penalty=f(0.0),
-                   key=jnp.zeros((slots, 2), jnp.uint32))
+                   key=jnp.zeros((slots, 2), jnp.uint32), logprobs=jnp.full((slots,), -1, jnp.int32))
 
     @classmethod
     def from_params(cls, p: SamplingParams, seed: int) -> SlotSampling:
@@ -116,19 +121,29 @@ class SlotSampling:
         return cls(temperature=f(p.temperature), top_k=np.array([p.top_k], np.int32), top_p=f(p.top_p),
                    min_p=f(p.min_p), repetition_penalty=f(p.repetition_penalty),
                    presence_penalty=f(p.presence_penalty), frequency_penalty=f(p.frequency_penalty),
-                   key=seed_to_key(seed)[None])
+                   key=seed_to_key(seed)[None],
+                   logprobs=np.array([-1 if p.logprobs is None else p.logprobs], np.int32))
 
     def set_row(self, slot: jax.Array, row: SlotSampling) -> SlotSampling:
         return jax.tree.map(lambda a, r: a.at[slot].set(r[0]), self, row)
 
 
 def apply_penalties(logits: jax.Array, sp: SlotSampling, seen: jax.Array, counts: jax.Array) -> jax.Array:
-    """``logits [B, V]``; ``seen [B, V]`` bool (prompt or output); ``counts [B, V]`` output counts."""
-    rep = sp.repetition_penalty[:, None]
-    penalized = jnp.where(logits > 0, logits / rep, logits * rep)
-    logits = jnp.where(seen, penalized, logits)
-    c = counts.astype(jnp.float32)
-    return logits - sp.frequency_penalty[:, None] * c - sp.presence_penalty[:, None] * (c > 0)
+    """``logits [B, V]``; ``seen [B, V]`` bool (prompt or output); ``counts [B, V]`` output counts.
+
+    When no row has a penalty the logits pass through untouched (the formulas below leave such
+    rows bitwise unchanged too, so skipping them changes no result, only the cost).
+    """
+    def penalize(lg: jax.Array) -> jax.Array:
+        rep = sp.repetition_penalty[:, None]
+        penalized = jnp.where(lg > 0, lg / rep, lg * rep)
+        lg = jnp.where(seen, penalized, lg)
+        c = counts.astype(jnp.float32)
+        return lg - sp.frequency_penalty[:, None] * c - sp.presence_penalty[:, None] * (c > 0)
+
+    any_penalty = jnp.any((sp.repetition_penalty != 1.0) | (sp.presence_penalty != 0.0)
+                          | (sp.frequency_penalty != 0.0))
+    return jax.lax.cond(any_penalty, penalize, lambda lg: lg, logits)
 
 
 def greedy(logits: jax.Array) -> jax.Array:
@@ -138,28 +153,116 @@ def greedy(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(logits == top, iota, logits.shape[-1]), axis=-1)
 
 
-def _sample_row(logits: jax.Array, t: jax.Array, k: jax.Array, p: jax.Array, min_p: jax.Array,
-                key: jax.Array) -> jax.Array:
-    """One row: temperature, top-k, top-p, min-p, then a categorical draw. ``logits [V]``."""
-    v = logits.shape[0]
-    scaled = logits / jnp.maximum(t, 1e-6)
-    order = jnp.argsort(-scaled)  # stable: equal logits keep index order
-    s = scaled[order]
-    probs = jax.nn.softmax(s)
-    rank = jnp.arange(v)
-    keep = (rank < jnp.where(k > 0, k, v)) & (jnp.cumsum(probs) - probs < p) & (probs >= min_p * probs[0])
-    choice = jax.random.categorical(key, jnp.where(keep, s, -jnp.inf))
-    return jnp.where(t > 0, order[choice], order[0])
+# Top candidates per sampled row (``lax.top_k``, no sort of the vocabulary). A row whose filters
+# keep only tokens among them is drawn from them; other rows take the full-vocabulary path.
+CANDIDATES = 256
+# Vocabulary entries per block of the two-level inverse-CDF draw over the full vocabulary.
+DRAW_BLOCK = 256
+BISECT_STEPS = 31  # 2**31 > the bit pattern of 1.0: the bisection ends on the exact threshold
+
+
+def _draw(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """Index drawn from each row of unnormalized ``weights [B, N]`` (>= 0, some > 0) by inverse CDF
+    with ``u [B]`` in [0, 1): the first index whose running sum exceeds ``u`` · total."""
+    cdf = jnp.cumsum(weights, axis=-1)
+    idx = jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=-1)
+    last = weights.shape[-1] - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1)  # last index with weight
+    return jnp.minimum(idx, last)
+
+
+def _draw_blocked(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """``_draw`` over a wide row in two levels: pick a block by its mass, then an entry in it,
+    so nothing runs a cumulative sum over the whole vocabulary."""
+    b, n = weights.shape
+    blk = DRAW_BLOCK
+    nb = -(-n // blk)
+    w = jnp.pad(weights, ((0, 0), (0, nb * blk - n))).reshape(b, nb, blk)
+    mass = jnp.sum(w, axis=-1)  # [B, nb]
+    chosen = _draw(mass, u)
+    cum = jnp.cumsum(mass, axis=-1)
+    before = jnp.take_along_axis(cum, chosen[:, None], axis=-1)[:, 0] - mass[jnp.arange(b), chosen]
+    inner = jnp.take_along_axis(w, chosen[:, None, None], axis=1)[:, 0]  # [B, blk]
+    target = u * cum[:, -1] - before
+    frac = jnp.clip(target / jnp.maximum(mass[jnp.arange(b), chosen], 1e-30), 0.0, 1.0 - 1e-7)
+    return chosen * blk + _draw(inner, frac)
+
+
+def _bisect_thresholds(e: jax.Array, k: jax.Array, mass: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row of ``e [B, V]`` (>= 0, max 1): the largest ``thr`` with at least ``k`` entries >= thr,
+    and the largest with the entries >= thr summing to at least ``mass``. Exact: both bisect the bit
+    patterns of non-negative float32 values (ordered as integers), ``BISECT_STEPS`` halvings."""
+    def fold(_, bounds):
+        (klo, khi), (plo, phi) = bounds  # int32 bit patterns; lo satisfies its condition, hi does not
+        kmid, pmid = (klo + khi) // 2, (plo + phi) // 2
+        kthr = jax.lax.bitcast_convert_type(kmid, jnp.float32)[:, None]
+        pthr = jax.lax.bitcast_convert_type(pmid, jnp.float32)[:, None]
+        kok = jnp.sum(e >= kthr, axis=-1) >= k
+        pok = jnp.sum(jnp.where(e >= pthr, e, 0.0), axis=-1) >= mass
+        return ((jnp.where(kok, kmid, klo), jnp.where(kok, khi, kmid)),
+                (jnp.where(pok, pmid, plo), jnp.where(pok, phi, pmid)))
+
+    lo = jnp.zeros(e.shape[:1], jnp.int32)  # thr 0 keeps everything
+    hi = jnp.full(e.shape[:1], jax.lax.bitcast_convert_type(jnp.float32(1.0), jnp.int32) + 1)
+    (klo, _), (plo, _) = jax.lax.fori_loop(0, BISECT_STEPS, fold, ((lo, hi), (lo, hi)))
+    as_float = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
+    return as_float(klo), as_float(plo)
 
 
 def sample(logits: jax.Array, sp: SlotSampling, step: jax.Array) -> jax.Array:
     """Next tokens ``[B]`` for already-penalized ``logits [B, V]``; ``step [B]`` indexes the keys.
 
-    When no row samples (all temperatures 0) this is an argmax and nothing is sorted.
+    Greedy rows take the argmax. A sampled row applies temperature, then keeps the tokens that
+    pass top-k (the ``top_k`` most likely), top-p (the most likely ones until their mass reaches
+    ``top_p``) and min-p (probability >= ``min_p`` x the top one), all measured on the full
+    softmax, and draws one of them by inverse CDF with a single uniform number per step. A row
+    whose kept set lies within the ``CANDIDATES`` most likely tokens is drawn from those
+    (``lax.top_k``, no sort); any other row (plain temperature sampling, a wide nucleus) draws
+    over the whole vocabulary in two levels. Nothing is sorted, and a row's token depends only on
+    its own logits, parameters and key, never on which other rows shared the step. Tokens tied
+    with the last kept one are all kept.
     """
     def stochastic(lg: jax.Array) -> jax.Array:
         keys = jax.vmap(jax.random.fold_in)(sp.key, step)
-        sampled = jax.vmap(_sample_row)(lg, sp.temperature, sp.top_k, sp.top_p, sp.min_p, keys)
-        return jnp.where(sp.temperature > 0, sampled, greedy(lg))
+        return sample_with_uniform(lg, sp, jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys))
 
     return jax.lax.cond(jnp.any(sp.temperature > 0), stochastic, greedy, logits)
+
+
+def sample_with_uniform(logits: jax.Array, sp: SlotSampling, u: jax.Array) -> jax.Array:
+    """``sample`` given each row's uniform number ``u [B]`` in [0, 1) (tests drive it with a grid)."""
+    b, v = logits.shape
+    t, k, p, min_p = sp.temperature, sp.top_k, sp.top_p, sp.min_p
+    sampled = t > 0
+    filtered = (k > 0) | (p < 1.0) | (min_p > 0.0)
+    scaled = logits / jnp.where(sampled, t, 1.0)[:, None]
+    top = jnp.max(scaled, axis=-1)
+    z = jnp.sum(jnp.exp(scaled - top[:, None]), axis=-1)
+    c = min(CANDIDATES, v)
+
+    def from_candidates(_):
+        vals, ids = jax.lax.top_k(scaled, c)
+        pc = jnp.exp(vals - top[:, None]) / z[:, None]  # [B, C], descending
+        rank = jnp.arange(c)[None, :]
+        keep = ((rank < jnp.where(k > 0, k, c)[:, None]) & (jnp.cumsum(pc, axis=-1) - pc < p[:, None])
+                & (pc >= (min_p * pc[:, 0])[:, None])) | (rank == 0)
+        fits = ((k > 0) & (k <= c)) | ~keep[:, -1]
+        pick = _draw(jnp.where(keep, pc, 0.0), u)
+        return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0], fits
+
+    tok_c, fits = jax.lax.cond(jnp.any(sampled & filtered), from_candidates,
+                               lambda _: (jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)), None)
+    use_c = filtered & fits
+
+    def from_vocab(_):
+        e = jnp.exp(scaled - top[:, None])  # [B, V], the top token at 1
+        wide_k = (k > c) & (k < v)
+        bisect = sampled & ~use_c & (wide_k | (p < 1.0))
+        zeros = jnp.zeros((b,), jnp.float32)
+        thr_k, thr_p = jax.lax.cond(jnp.any(bisect), lambda _: _bisect_thresholds(e, k, p * z),
+                                    lambda _: (zeros, zeros), None)
+        thr = jnp.maximum(jnp.where(bisect & wide_k, thr_k, 0.0), jnp.where(bisect & (p < 1.0), thr_p, 0.0))
+        thr = jnp.maximum(thr, min_p)
+        return _draw_blocked(jnp.where(e >= thr[:, None], e, 0.0), u)
+
+    tok_v = jax.lax.cond(jnp.any(sampled & ~use_c), from_vocab, lambda _: jnp.zeros((b,), jnp.int32), None)
+    return jnp.where(sampled, jnp.where(use_c, tok_c, tok_v), greedy(logits))
