@@ -88,14 +88,34 @@ def buckets_for(max_prompt_len: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _pack(tokens: jax.Array, raw_logits: jax.Array, active: jax.Array, top_n: int) -> jax.Array:
-    """One float32 array ``[B, 3 + 2 top_n]``: token, logprob, active, top ids, top logprobs."""
-    logp = jax.nn.log_softmax(raw_logits, axis=-1)
-    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-    cols = [tokens.astype(jnp.float32)[:, None], chosen[:, None], active.astype(jnp.float32)[:, None]]
-    if top_n:
-        vals, ids = jax.lax.top_k(logp, top_n)
-        cols += [ids.astype(jnp.float32), vals]
+def _pack(tokens: jax.Array, raw_logits: jax.Array, active: jax.Array, logprobs: jax.Array,
+          top_n: int) -> jax.Array:
+    """One float32 array ``[B, 3 + 2 top_n]``: token, logprob, active, top ids, top logprobs.
+
+    ``logprobs [B]`` is what each row asked for (``SlotSampling.logprobs``): in a step where no
+    active row asked, no log-softmax is computed, and no top-k where none asked for alternatives
+    (those columns are then zero)."""
+    b = tokens.shape[0]
+    wants = active & (logprobs >= 0)
+
+    def with_logprobs(_):
+        logp = jax.nn.log_softmax(raw_logits, axis=-1)
+        chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+        if not top_n:
+            return chosen, jnp.zeros((b, 0), jnp.float32)
+
+        def tops(_):
+            vals, ids = jax.lax.top_k(logp, top_n)
+            return jnp.concatenate([ids.astype(jnp.float32), vals], axis=-1)
+
+        alt = jax.lax.cond(jnp.any(wants & (logprobs > 0)), tops,
+                           lambda _: jnp.zeros((b, 2 * top_n), jnp.float32), None)
+        return chosen, alt
+
+    chosen, alt = jax.lax.cond(jnp.any(wants), with_logprobs,
+                               lambda _: (jnp.zeros((b,), jnp.float32), jnp.zeros((b, 2 * top_n), jnp.float32)),
+                               None)
+    cols = [tokens.astype(jnp.float32)[:, None], chosen[:, None], active.astype(jnp.float32)[:, None], alt]
     return jnp.concatenate(cols, axis=-1)
 
 
@@ -107,7 +127,7 @@ def _prefill(params: Params, tokens: jax.Array, length: jax.Array, sampling: Slo
     seen = jnp.zeros((1, v), bool).at[0, jnp.where(valid, tokens, v)].set(True, mode="drop")
     penalized = apply_penalties(logits, sampling, seen, jnp.zeros((1, v), jnp.int32))
     first = sample(penalized, sampling, jnp.zeros((1,), jnp.int32))
-    result = _pack(first, logits, jnp.ones((1,), bool), top_n)[0]
+    result = _pack(first, logits, jnp.ones((1,), bool), sampling.logprobs, top_n)[0]
     return Prefix(k=tuple(k[0] for k in ks), v=tuple(x[0] for x in vs), tokens=tokens, length=length,
                   sampling=sampling, result=result)
 
@@ -134,7 +154,10 @@ def _insert(prefix: Prefix, state: DecodeState, slot: jax.Array) -> DecodeState:
 def _generate(params: Params, state: DecodeState, *, cfg: ModelConfig, top_n: int) -> tuple[DecodeState, jax.Array]:
     t = state.cache.max_len
     positions = jnp.where(state.active, state.lengths, t)  # inactive slots write nothing
-    logits, cache = model.decode_step(params, cfg, state.last_tokens, positions, state.cache)
+    # Attention reads the cache blocks up to the longest live sequence, not all T positions.
+    longest = jnp.max(jnp.where(state.active, state.lengths, 0))
+    n_blocks = longest // model.attention_block(t) + 1
+    logits, cache = model.decode_step(params, cfg, state.last_tokens, positions, state.cache, n_blocks)
     penalized = apply_penalties(logits, state.sampling, state.seen, state.counts)
     tokens = sample(penalized, state.sampling, state.steps)
     tokens = jnp.where(state.active, tokens, 0)
@@ -150,7 +173,7 @@ def _generate(params: Params, state: DecodeState, *, cfg: ModelConfig, top_n: in
         seen=state.seen.at[rows, tokens].set(state.seen[rows, tokens] | state.active),
         counts=state.counts.at[rows, tokens].add(inc),
     )
-    return new_state, _pack(tokens, logits, state.active, top_n)
+    return new_state, _pack(tokens, logits, state.active, state.sampling.logprobs, top_n)
 
 
 def _release(state: DecodeState, slot: jax.Array) -> DecodeState:
@@ -205,7 +228,8 @@ class JaxEngine:
         self._release = jax.jit(_release, donate_argnames=("state",), out_shardings=state_sh)
         self._compiled: dict[tuple[str, int], jax.stages.Compiled] = {}  # filled by warmup
         log.info("engine: %d slots x %d positions, KV cache %.1f MiB, prefill buckets %s", self.slots,
-                 self.max_len, cache_bytes(self.cfg, self.slots, self.max_len, self.cache_dtype) / 2**20,
+                 self.max_len,
+                 cache_bytes(self.cfg, self.slots, model.padded_cache_len(self.max_len), self.cache_dtype) / 2**20,
                  self.buckets)
 
     def init_state(self) -> DecodeState:
@@ -214,7 +238,7 @@ class JaxEngine:
     def _zeros(self) -> DecodeState:
         s, v = self.slots, self.cfg.vocab_size
         return DecodeState(
-            cache=KVCache.zeros(self.cfg, s, self.max_len, self.cache_dtype),
+            cache=KVCache.zeros(self.cfg, s, model.padded_cache_len(self.max_len), self.cache_dtype),
             lengths=jnp.full((s,), self.max_len, jnp.int32),
             last_tokens=jnp.zeros((s,), jnp.int32),
             steps=jnp.zeros((s,), jnp.int32),

@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 NOOP, INIT, PREFILL, INSERT, GENERATE, RELEASE, STOP = range(7)
 OP_NAMES = ("noop", "init", "prefill", "insert", "generate", "release", "stop")
-# Command layout (int32): op, slot, prompt length, top_k, key (2 words), 6 float32 fields as bits, tokens.
+# Command layout (int32): op, slot, prompt length, top_k, key (2 words), logprobs (-1: none),
+# 6 float32 fields as bits, tokens.
 FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-HEADER = 6 + len(FLOATS)
+HEADER = 7 + len(FLOATS)
 HEARTBEAT_S = 5.0
 
 
@@ -53,7 +54,8 @@ def encode(op: int, width: int, slot: int = 0, tokens: list[int] | None = None,
     if params is not None:
         cmd[3] = params.top_k
         cmd[4:6] = seed_to_key(seed).view(np.int32)
-        cmd[6:HEADER] = np.array([getattr(params, f) for f in FLOATS], np.float32).view(np.int32)
+        cmd[6] = -1 if params.logprobs is None else params.logprobs
+        cmd[7:HEADER] = np.array([getattr(params, f) for f in FLOATS], np.float32).view(np.int32)
     return cmd
 
 
@@ -61,8 +63,10 @@ def decode(cmd: np.ndarray) -> tuple[int, int, list[int], SamplingParams, int]:
     """``(op, slot, tokens, sampling params, seed)`` of a command."""
     op, slot, n, top_k = (int(x) for x in cmd[:4])
     hi, lo = (int(x) for x in cmd[4:6].view(np.uint32))
-    floats = cmd[6:HEADER].view(np.float32)
-    params = SamplingParams(top_k=top_k, **{f: float(v) for f, v in zip(FLOATS, floats)})
+    logprobs = int(cmd[6])
+    floats = cmd[7:HEADER].view(np.float32)
+    params = SamplingParams(top_k=top_k, logprobs=None if logprobs < 0 else logprobs,
+                            **{f: float(v) for f, v in zip(FLOATS, floats)})
     return op, slot, cmd[HEADER:HEADER + n].tolist(), params, (hi << 32) | lo
 
 

@@ -68,7 +68,7 @@ def request_to_params(req: pb.GenerateRequest) -> SamplingParams:
         top_k=opt("top_k", 0), top_p=opt("top_p", 1.0), min_p=opt("min_p", 0.0), seed=opt("seed", None),
         repetition_penalty=opt("repetition_penalty", 1.0), presence_penalty=opt("presence_penalty", 0.0),
         frequency_penalty=opt("frequency_penalty", 0.0), stop=tuple(req.stop),
-        stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos, logprobs=req.logprobs,
+        stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos, logprobs=req.logprobs or None,
     )
 
 

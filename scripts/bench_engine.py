@@ -1,12 +1,18 @@
-"""Engine benchmark on the real model: decode per slot count, prefill per bucket, bandwidth use.
+"""Engine benchmark on the real model: decode per slot count and context, sampling, prefill, bandwidth.
 
-- decode: tokens/s and step time with every slot busy, at each ``--slots`` value;
+- decode: tokens/s and step time with every slot busy, at each ``--slots`` and ``--max-len``
+  value, each slot holding ``--context`` tokens (the step's cost should follow the context,
+  not ``--max-len``);
+- sampling: with ``--sampling``, the same step with every slot greedy, then with every slot
+  sampled at temperature 0.8 / top-p 0.95 / top-k 50 and penalties on half of them, then plain
+  temperature 1.0 (the server's default), rounds interleaved;
 - prefill: prompt tokens/s for each length bucket (one prompt filling its bucket);
 - model bandwidth utilization (MBU): bytes the decode step must read (weights + the KV cache
   it attends over) / step time / memory bandwidth, the bandwidth measured by this script in
   the same run (the best of several XLA reductions over a 512 MiB array).
 
-    python scripts/bench_engine.py [--slots 1 2 4 8 16 32] [--max-len 256] [--quantize int8-dynamic]
+    python scripts/bench_engine.py [--slots 1 2 4 8 16 32] [--max-len 256 1024 4096] [--context 128]
+                                   [--quantize int8-dynamic] [--sampling]
 
 Prints a table and writes JSON with ``--json``. Timings are medians; nothing here is a test.
 """
@@ -27,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=pathlib.Path, default=None)
     ap.add_argument("--slots", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--max-len", type=int, nargs="+", default=[256])
     ap.add_argument("--max-prompt-len", type=int, default=128)
+    ap.add_argument("--context", type=int, default=4,
+                    help="tokens in each slot's cache when the timed steps start (a prompt of this length)")
+    ap.add_argument("--sampling", action="store_true", help="also time sampled steps against greedy ones")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
     ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json", type=pathlib.Path, default=None)
@@ -39,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from jserve import checkpoint
+    from jserve import checkpoint, model
     from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
     from jserve.engine import JaxEngine
     from jserve.kv_cache import cache_bytes
@@ -61,51 +71,96 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params, _ = checkpoint.load(ckpt, jnp.float32, args.quantize)
     wbytes = weight_bytes(params)
     greedy = SamplingParams(temperature=0.0)
-    decode = []
-    for slots in args.slots:
-        eng = JaxEngine(cfg, params, slots=slots, max_len=args.max_len, max_prompt_len=args.max_prompt_len)
-        eng.warmup()
+    prompt = [1, 9690, 198] + [2683 + (i % 500) for i in range(max(args.context - 3, 1))]
+    block = model.attention_block(max(args.max_len))
+
+    def fill(eng, params_of_slot):
         state = eng.init_state()
-        for s in range(slots):
-            state = eng.insert(eng.prefill([1, 9690, 198, 2683 + s], greedy, s), state, s)
-        step_times = []
-        for i in range(args.steps + 2):
+        for s in range(eng.slots):
+            p = params_of_slot(s)
+            state = eng.insert(eng.prefill(prompt[:-1] + [prompt[-1] + s], p, s), state, s)
+        return state
+
+    def timed_steps(eng, state, n):
+        times = []
+        for i in range(n + 2):
             t0 = time.perf_counter()
             state, out = eng.generate(state)
             np.asarray(out)
             if i >= 2:
-                step_times.append(time.perf_counter() - t0)
-        step = statistics.median(step_times)
-        read = wbytes + cache_bytes(cfg, slots, args.max_len, jnp.float32)
-        decode.append({"slots": slots, "step_ms": 1000 * step, "tokens_per_s": slots / step,
-                       "bytes_per_step": read, "mbu": read / step / bandwidth})
-        print(f"decode {slots} slots: {1000 * step:.1f} ms/step", file=sys.stderr)
-        if slots == args.slots[0]:
-            prefill = []
-            for b in eng.buckets:
-                pt = []
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    np.asarray(eng.prefill(list(range(100, 100 + b)), greedy, 0).result)
-                    pt.append(time.perf_counter() - t0)
-                prefill.append({"bucket": b, "ms": 1000 * min(pt), "tokens_per_s": b / min(pt)})
-        del eng, state
+                times.append(time.perf_counter() - t0)
+        return state, times
+
+    decode, prefill, sampling = [], [], []
+    for max_len in args.max_len:
+        for slots in args.slots:
+            eng = JaxEngine(cfg, params, slots=slots, max_len=max_len, max_prompt_len=min(args.max_prompt_len,
+                                                                                          max_len - 1))
+            eng.warmup()
+            state, step_times = timed_steps(eng, fill(eng, lambda s: greedy), args.steps)
+            step = statistics.median(step_times)
+            live = -(-(len(prompt) + args.steps + 2) // block) * block  # positions attention reads
+            read = wbytes + cache_bytes(cfg, slots, min(live, max_len), jnp.float32)
+            decode.append({"slots": slots, "max_len": max_len, "context": len(prompt), "step_ms": 1000 * step,
+                           "tokens_per_s": slots / step, "bytes_per_step": read, "mbu": read / step / bandwidth})
+            print(f"decode {slots} slots x {max_len}: {1000 * step:.1f} ms/step", file=sys.stderr)
+            if slots == args.slots[0] and max_len == args.max_len[0] and not args.no_prefill:
+                for b in eng.buckets:
+                    pt = []
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        np.asarray(eng.prefill(list(range(100, 100 + b)), greedy, 0).result)
+                        pt.append(time.perf_counter() - t0)
+                    prefill.append({"bucket": b, "ms": 1000 * min(pt), "tokens_per_s": b / min(pt)})
+            del eng, state
+
+    if args.sampling:
+        slots, max_len = args.slots[-1], args.max_len[0]
+        eng = JaxEngine(cfg, params, slots=slots, max_len=max_len, max_prompt_len=min(args.max_prompt_len,
+                                                                                      max_len - 1))
+        eng.warmup()
+        filtered = SamplingParams(temperature=0.8, top_p=0.95, top_k=50)
+        penalized = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, repetition_penalty=1.1,
+                                   presence_penalty=0.5, frequency_penalty=0.5)
+        modes = {"greedy": lambda s: greedy,
+                 "t0.8 top-p 0.95 top-k 50, penalties on half": lambda s: penalized if s % 2 else filtered,
+                 "t1.0 (server default)": lambda s: SamplingParams(temperature=1.0)}
+        times = {m: [] for m in modes}
+        for _ in range(3):  # rounds interleaved: the machine is shared and noisy
+            for m, of_slot in modes.items():
+                state, t = timed_steps(eng, fill(eng, of_slot), args.steps)
+                times[m] += t
+                del state
+        base = statistics.median(times["greedy"])
+        for m, t in times.items():
+            step = statistics.median(t)
+            sampling.append({"mode": m, "slots": slots, "max_len": max_len, "step_ms": 1000 * step,
+                             "tokens_per_s": slots / step, "vs_greedy": base / step})
+        del eng
 
     print(f"jax {jax.__version__}, {platform.machine()}, {jax.devices()[0].platform}; weights "
           f"{args.quantize or 'float32'} {wbytes / 2**20:.1f} MiB; measured bandwidth {bandwidth / 1e9:.1f} GB/s; "
-          f"max_len {args.max_len}")
-    print("| slots | step (ms) | tokens/s | vs 1 slot | bytes read/step (MiB) | MBU |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"context {len(prompt)} tokens per slot")
+    print("| slots | max_len | step (ms) | tokens/s | vs first | bytes read/step (MiB) | MBU |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     base = decode[0]["tokens_per_s"]
     for d in decode:
-        print(f"| {d['slots']} | {d['step_ms']:.1f} | {d['tokens_per_s']:.1f} | {d['tokens_per_s'] / base:.2f} "
-              f"| {d['bytes_per_step'] / 2**20:.0f} | {100 * d['mbu']:.0f}% |")
-    print("| prefill bucket | ms | prompt tokens/s |")
-    print("| ---: | ---: | ---: |")
-    for p in prefill:
-        print(f"| {p['bucket']} | {p['ms']:.1f} | {p['tokens_per_s']:.0f} |")
+        print(f"| {d['slots']} | {d['max_len']} | {d['step_ms']:.1f} | {d['tokens_per_s']:.1f} "
+              f"| {d['tokens_per_s'] / base:.2f} | {d['bytes_per_step'] / 2**20:.0f} | {100 * d['mbu']:.0f}% |")
+    if prefill:
+        print("| prefill bucket | ms | prompt tokens/s |")
+        print("| ---: | ---: | ---: |")
+        for p in prefill:
+            print(f"| {p['bucket']} | {p['ms']:.1f} | {p['tokens_per_s']:.0f} |")
+    if sampling:
+        print("| sampling (every slot) | slots | max_len | step (ms) | tokens/s | vs greedy |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for r in sampling:
+            print(f"| {r['mode']} | {r['slots']} | {r['max_len']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.1f} "
+                  f"| {r['vs_greedy']:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"bandwidth_bytes_per_s": bandwidth, "decode": decode, "prefill": prefill},
+        args.json.write_text(json.dumps({"bandwidth_bytes_per_s": bandwidth, "decode": decode, "prefill": prefill,
+                                         "sampling": sampling},
                                         indent=1))
     return 0
 

@@ -77,7 +77,7 @@ def test_serving_after_warmup_compiles_nothing_and_donation_is_clean(engine):
 
 def test_step_result_packs_tokens_logprobs_flags_and_top_alternatives(engine):
     state = engine.init_state()
-    prefix = engine.prefill([5, 6, 7], SamplingParams(temperature=0.0), seed=0)
+    prefix = engine.prefill([5, 6, 7], SamplingParams(temperature=0.0, logprobs=2), seed=0)
     first = np.asarray(prefix.result)
     assert first.shape == (3 + 2 * 2,)
     state = engine.insert(prefix, state, 1)
@@ -98,3 +98,19 @@ def test_old_state_is_donated(engine):
     assert state.cache.k[0].is_deleted()  # the cache was updated in place, not copied
     new, _ = engine.generate(new)
     engine.release(new, 0)
+
+
+def test_no_logprob_work_when_no_slot_asks(engine):
+    state = engine.init_state()
+    prefix = engine.prefill([5, 6, 7], SamplingParams(temperature=0.0), seed=0)
+    assert np.asarray(prefix.result)[1:].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    state = engine.insert(prefix, state, 0)
+    state, out = engine.generate(state)
+    out = np.asarray(out)
+    assert out[0, 1] == 0.0 and not out[0, 3:].any()  # the log-softmax and top-k branches did not run
+    # One slot asking for the chosen token's logprob only: it gets it, and still no top-k runs.
+    state = engine.insert(engine.prefill([8, 9], SamplingParams(temperature=0.0, logprobs=0), seed=0), state, 2)
+    state, out = engine.generate(state)
+    out = np.asarray(out)
+    assert out[2, 1] < 0 and not out[:, 3:].any()
+    engine.release(state, 0)
