@@ -1,11 +1,13 @@
 """The orchestrator: a bounded waiting queue, slots, and the decode loop (continuous batching).
 
-One background thread owns the engine and its decode state. Between decode steps it ends
-cancelled and expired requests, admits waiting requests into free slots (prefill + insert,
-bounded by a prompt-token budget so running streams are not stalled for long), then runs one
-decode step for all slots, copies the packed step result to the host once, and hands each
-request its new token: detokenized incrementally, checked against EOS, stop ids, stop strings
-and max_tokens. A finished request's slot is released before the next step.
+One background thread owns the engine and its decode state. Each turn of its loop ends
+cancelled and expired requests, dispatches the next decode step for all slots, and only then
+handles the previous step's tokens (copied to the host once; detokenized incrementally, checked
+against EOS, stop ids, stop strings and max_tokens, delivered), so the host's per-token work
+overlaps the device's next step. Then it admits waiting requests into free slots (prefill +
+insert, bounded by a prompt-token budget so running streams are not stalled for long). A request
+that finishes while the next step is already on the device has that one extra token dropped;
+its slot is released before the step after.
 """
 
 from __future__ import annotations
@@ -126,8 +128,9 @@ class Orchestrator:
 
     def __init__(self, engine: Engine, tokenizer: TextTokenizer | None, eos_token_ids: tuple[int, ...] = (),
                  max_waiting: int = 256, prefill_budget: int = 512,
-                 on_event: Callable[[str, Request, float], None] | None = None):
+                 on_event: Callable[[str, Request, float], None] | None = None, pipeline: bool = True):
         self.engine = engine
+        self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_waiting = max_waiting
@@ -203,6 +206,7 @@ class Orchestrator:
     # ---- the loop, orchestrator thread only ---------------------------------------------
     def _loop(self) -> None:
         state = self.engine.init_state()
+        in_flight = None  # (packed result, slot -> run at dispatch) of the step whose tokens are not yet handled
         while True:
             with self._cv:
                 while not self._running and not self._waiting and not self._stopping:
@@ -211,15 +215,24 @@ class Orchestrator:
                     return
             try:
                 state = self._end_cancelled_and_expired(state)
+                dispatched = None
+                if self._running:  # step n+1 goes to the device before step n's tokens are handled
+                    state, packed = self.engine.generate(state)
+                    self.steps += 1
+                    dispatched = (packed, dict(self._running))
+                if not self.pipeline and dispatched is not None:
+                    in_flight, dispatched = dispatched, None
+                if in_flight is not None:
+                    state = self._handle_step(state, *in_flight)
+                in_flight = dispatched
                 state = self._admit(state)
-                if self._running:
-                    state = self._step(state)
             except Exception as e:  # the device state may be gone: fail what runs, start clean
                 log.exception("decode loop failed; ending %d running requests", len(self._running))
                 for run in list(self._running.values()):
                     self._finish(run, ERROR, error=f"internal error: {e}")
                 self._running.clear()
                 self._free = collections.deque(range(self.engine.slots))
+                in_flight = None
                 state = self.engine.init_state()
             with self._cv:
                 self._cv.notify_all()  # wake blocked submitters: the queue may have room
@@ -297,11 +310,14 @@ class Orchestrator:
             state = self._on_token(state, run, first)
         return state
 
-    def _step(self, state):
-        state, packed = self.engine.generate(state)
+    def _handle_step(self, state, packed, owners: dict[int, _Running]):
+        """Hand each request its token from one step's packed result (``owners``: slot -> run when
+        the step was dispatched). A run that ended since then (stop, cancel, ...) had one step too
+        many on the device: its token is dropped here and never reaches a client."""
         result = np.asarray(packed)  # the one device-to-host copy of this step
-        self.steps += 1
-        for slot, run in list(self._running.items()):
+        for slot, run in owners.items():
+            if self._running.get(slot) is not run:
+                continue
             row = result[slot]
             if row[ACTIVE] < 0.5:
                 raise RuntimeError(f"slot {slot} is running on the host but inactive on device")
@@ -362,7 +378,8 @@ class Orchestrator:
                 end = len(run.text) - _held_back(run.text, p.stop)
         piece = run.text[run.emitted:end]
         run.emitted = end
-        out = StreamOutput(text=piece, token_ids=[token], logprobs=[float(row[LOGPROB])], top_logprobs=tops,
+        lps = [float(row[LOGPROB])] if p.logprobs is not None else []
+        out = StreamOutput(text=piece, token_ids=[token], logprobs=lps, top_logprobs=tops,
                            prompt_tokens=len(run.req.prompt_ids), completion_tokens=run.generated,
                            finish_reason=reason)
         return reason, out

@@ -75,7 +75,9 @@ def test_cancel_frees_slot_within_one_step_and_leaves_others_untouched(tiny_llm)
     victim.cancel()
     rest = list(it)
     assert rest[-1].finish_reason == "cancelled"
-    assert orch.steps - step_at_cancel <= 1
+    # At most the step already on the device when the cancel landed holds the slot; the loop may
+    # dispatch one more (without it) before this thread reads the counter.
+    assert orch.steps - step_at_cancel <= 2
     assert rest[-1].completion_tokens < 120
     assert collect(list(other)).token_ids == expected_other
     assert orch.slots_in_use == 0
