@@ -26,6 +26,7 @@ import numpy as np
 
 from jserve.engine import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, Engine
 from jserve.sampling import SamplingParams
+from jserve.stops import StopMatcher
 from jserve.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class _Running:
     slot: int
     detok: IncrementalDetokenizer | None
     stop_ids: frozenset[int]
-    max_stop: int
+    stops: StopMatcher
     text: str = ""
     emitted: int = 0
     generated: int = 0
@@ -265,10 +266,12 @@ class Orchestrator:
 
     @staticmethod
     def _ended(req: Request, now: float) -> str | None:
-        if req.cancelled:
-            return CANCELLED
+        # A passed deadline wins over a cancel: a gRPC client whose deadline passes also cancels
+        # its call, and that request ran out of time rather than being withdrawn.
         if req.deadline is not None and now >= req.deadline:
             return DEADLINE
+        if req.cancelled:
+            return CANCELLED
         return None
 
     def _admit(self, state):
@@ -304,7 +307,7 @@ class Orchestrator:
                 detok=self.tokenizer.detokenizer() if self.tokenizer is not None else None,
                 stop_ids=frozenset(req.params.stop_token_ids)
                 | (frozenset() if req.params.ignore_eos else self.eos_token_ids),
-                max_stop=max((len(s) for s in req.params.stop), default=0),
+                stops=StopMatcher(req.params.stop),
             )
             self._running[slot] = run
             state = self._on_token(state, run, first)
@@ -368,14 +371,13 @@ class Orchestrator:
             run.text += run.detok.flush()
         end = len(run.text)
         if p.stop and run.detok is not None:
-            lo = max(0, start - run.max_stop + 1)
-            hits = [i for i in (run.text.find(s, lo) for s in p.stop) if i >= 0]
-            if hits:
-                end = min(hits)
+            hit = run.stops.feed(run.text[start:])
+            if hit is not None:
+                end = hit
                 run.text = run.text[:end]
                 reason = STOP
             elif reason is None:
-                end = len(run.text) - _held_back(run.text, p.stop)
+                end = len(run.text) - run.stops.held_back
         piece = run.text[run.emitted:end]
         run.emitted = end
         lps = [float(row[LOGPROB])] if p.logprobs is not None else []
@@ -399,13 +401,3 @@ class Orchestrator:
                                   finish_reason=reason, error=error))
         self._on_event("finished:" + reason, run.req, time.monotonic() - run.req.arrival)
 
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best

@@ -10,7 +10,7 @@ import pytest
 
 from jserve import SamplingParams
 from jserve.llm import collect
-from jserve.orchestrator import Orchestrator, QueueFullError, Stream, _held_back
+from jserve.orchestrator import Orchestrator, QueueFullError, Stream
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -106,6 +106,16 @@ def test_deadline_ends_request_with_reason_deadline(tiny_llm):
     assert tiny_llm.orchestrator.slots_in_use == 0
 
 
+def test_a_cancel_after_the_deadline_counts_as_deadline():
+    from jserve.orchestrator import Request
+
+    now = time.monotonic()
+    late = Request([1], SamplingParams(), "r", sink=lambda out: None, deadline=now - 0.1, cancelled=True)
+    early = Request([1], SamplingParams(), "r", sink=lambda out: None, deadline=now + 60, cancelled=True)
+    assert Orchestrator._ended(late, now) == "deadline"
+    assert Orchestrator._ended(early, now) == "cancelled"
+
+
 def test_stop_string_spanning_tokens_ends_text_before_it_without_leaking(tiny_llm):
     prompt = "The weather today is"
     full = _alone(tiny_llm, prompt, SamplingParams(max_tokens=60, **GREEDY))
@@ -120,12 +130,6 @@ def test_stop_string_spanning_tokens_ends_text_before_it_without_leaking(tiny_ll
     assert text == full.text[:cut]
     assert pieces[-1].finish_reason == "stop"
     assert stop not in text
-
-
-def test_held_back_is_the_longest_stop_prefix_suffix():
-    assert _held_back("hello wor", ("world",)) == 3
-    assert _held_back("hello", ("xyz", "lo!")) == 2
-    assert _held_back("abc", ("zzz",)) == 0
 
 
 def test_eos_finishes_with_stop_and_max_tokens_with_length(tiny_llm):
