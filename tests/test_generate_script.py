@@ -75,7 +75,7 @@ def test_bad_lines_get_precise_errors_and_the_rest_still_run(tmp_path, tiny_ckpt
     assert out[1]["line"] == 2 and "invalid JSON" in out[1]["error"]
     assert out[2]["line"] == 3 and "id" in out[2]["error"]
     assert "exactly one of prompt, messages, token_ids" in out[3]["error"]
-    assert "temperature must be >= 0" in out[4]["error"]
+    assert "temperature must be a finite number >= 0" in out[4]["error"]
     assert "token id 49152 at index 1 is outside the vocabulary" in out[5]["error"]
     assert "unknown role 'wizard'" in out[6]["error"]
     assert "exceeds the context of 128 tokens" in out[7]["error"]

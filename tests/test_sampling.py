@@ -69,7 +69,8 @@ def test_penalties():
 
 
 @pytest.mark.parametrize("kwargs, msg", [
-    ({"temperature": -0.1}, "temperature must be >= 0"),
+    ({"temperature": -0.1}, "temperature must be a finite number >= 0"),
+    ({"temperature": float("inf")}, "temperature must be a finite number >= 0 (0 = greedy), got inf"),
     ({"top_p": 0.0}, "top_p must be in (0, 1]"),
     ({"top_p": 1.5}, "top_p must be in (0, 1]"),
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
