@@ -64,6 +64,28 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def random_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
+    """Random weights (``model.init_params``) in the stored layout: a model for tests and benchmarks."""
+    from jserve.model import init_params
+
+    p = init_params(cfg, jax.random.PRNGKey(seed))
+    nq, nk, f = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
+
+    def stack(get) -> np.ndarray:
+        return np.stack([np.asarray(get(layer)) for layer in p.layers])
+
+    w = {
+        "attn_norm": stack(lambda x: x.attn_norm), "mlp_norm": stack(lambda x: x.mlp_norm),
+        "wq": stack(lambda x: x.wqkv[:, :nq]), "wk": stack(lambda x: x.wqkv[:, nq:nq + nk]),
+        "wv": stack(lambda x: x.wqkv[:, nq + nk:]), "wo": stack(lambda x: x.wo),
+        "w_gate": stack(lambda x: x.w_gate_up[:, :f]), "w_up": stack(lambda x: x.w_gate_up[:, f:]),
+        "w_down": stack(lambda x: x.w_down), "embed": np.asarray(p.embed), "final_norm": np.asarray(p.final_norm),
+    }
+    if p.lm_head is not None:
+        w["lm_head"] = np.asarray(p.lm_head)
+    return w
+
+
 def is_quantized(weights: Weights) -> bool:
     return "wq" + SCALE in weights
 

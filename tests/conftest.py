@@ -6,13 +6,11 @@ import json
 import pathlib
 import shutil
 
-import jax
 import pytest
 
 from jserve import checkpoint
 from jserve.config import tiny_config
 from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
-from jserve.model import init_params
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -27,37 +25,13 @@ def reference() -> dict:
     return json.loads((DATA / "reference_smollm2.json").read_text())
 
 
-def tiny_weights(cfg, seed: int = 0) -> dict:
-    """Random weights in the checkpoint's stacked, unfused layout."""
-    import numpy as np
-
-    p = init_params(cfg, jax.random.PRNGKey(seed))
-    nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    lay = p.layers
-    w = {
-        "attn_norm": np.stack([np.asarray(x.attn_norm) for x in lay]),
-        "mlp_norm": np.stack([np.asarray(x.mlp_norm) for x in lay]),
-        "wq": np.stack([np.asarray(x.wqkv)[:, :nq] for x in lay]),
-        "wk": np.stack([np.asarray(x.wqkv)[:, nq:nq + nk] for x in lay]),
-        "wv": np.stack([np.asarray(x.wqkv)[:, nq + nk:] for x in lay]),
-        "wo": np.stack([np.asarray(x.wo) for x in lay]),
-        "w_gate": np.stack([np.asarray(x.w_gate_up)[:, :cfg.ffn_dim] for x in lay]),
-        "w_up": np.stack([np.asarray(x.w_gate_up)[:, cfg.ffn_dim:] for x in lay]),
-        "w_down": np.stack([np.asarray(x.w_down) for x in lay]),
-        "embed": np.asarray(p.embed), "final_norm": np.asarray(p.final_norm),
-    }
-    if p.lm_head is not None:
-        w["lm_head"] = np.asarray(p.lm_head)
-    return w
-
-
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory, real_ckpt) -> pathlib.Path:
     """A 2-layer random model with the real tokenizer (so text, chat and stop strings work)."""
     tok = checkpoint.load_tokenizer(real_ckpt)
     cfg = tiny_config(vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids, bos_token_id=1)
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    checkpoint.save(out, cfg, tiny_weights(cfg), None)
+    checkpoint.save(out, cfg, checkpoint.random_weights(cfg), None)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(real_ckpt / name, out / name)
     return out

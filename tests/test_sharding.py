@@ -17,7 +17,6 @@ from jserve import checkpoint
 from jserve.config import tiny_config
 from jserve.sharding import ShardingError, parse_mesh
 
-from .conftest import tiny_weights
 from .servers import ServerProcess, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +30,7 @@ def mesh_ckpt(tmp_path_factory):
     """Tiny model whose heads (8), KV heads (4), MLP width (128) and vocab divide by 2 and 4."""
     cfg = tiny_config(vocab_size=32768, n_heads=8, n_kv_heads=4, head_dim=8, ffn_dim=128, tie_embeddings=False)
     out = tmp_path_factory.mktemp("mesh") / "tiny8"
-    checkpoint.save(out, cfg, tiny_weights(cfg, seed=3), None)
+    checkpoint.save(out, cfg, checkpoint.random_weights(cfg, seed=3), None)
     return out
 
 
