@@ -188,10 +188,23 @@ class LLM:
                 f"{self.engine.max_len} tokens; lower max_tokens to at most {self.engine.max_len - len(ids)}")
         return ids
 
+    def _check_text_fits(self, text: str, what: str) -> None:
+        """Refuse, before tokenizing it, a text that must hold more tokens than a prompt may: every
+        token stands for at most ``max_token_bytes`` bytes, so more bytes than that many tokens'
+        worth can never fit (a multi-megabyte prompt is refused at once, not after tokenizing)."""
+        tok = self._require_tokenizer()
+        limit = self.engine.max_prompt_len * tok.max_token_bytes
+        if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+            n = len(text.encode("utf-8", "surrogatepass"))
+            raise InvalidRequestError(
+                f"{what} has {n} bytes; this server accepts prompts of at most {self.engine.max_prompt_len} tokens, "
+                f"which is at most {limit} bytes of text ({tok.max_token_bytes} bytes per token at most)")
+
     def tokenize_input(self, prompt: PromptInput) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("the prompt is empty")
+            self._check_text_fits(prompt, "the prompt")
             return self._require_tokenizer().encode(prompt)
         if not isinstance(prompt, Sequence) or isinstance(prompt, bytes):
             raise InvalidRequestError(f"a prompt must be text, chat messages or token ids, got {type(prompt).__name__}")
@@ -218,11 +231,13 @@ class LLM:
             extra = set(m) - {"role", "content"}
             if extra:
                 raise InvalidRequestError(f"message {i}: unknown fields {sorted(extra)}")
+        tok = self._require_tokenizer()
         try:
-            return self._require_tokenizer().encode_chat([{"role": m["role"], "content": m["content"]}
-                                                          for m in messages])
+            text = tok.render_chat([{"role": m["role"], "content": m["content"]} for m in messages])
         except ChatTemplateError as e:
             raise InvalidRequestError(str(e)) from e
+        self._check_text_fits(text, "the chat (rendered with its template)")
+        return tok.encode_rendered(text)
 
     def _require_tokenizer(self):
         if self.tokenizer is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import pathlib
 import signal
@@ -89,8 +90,11 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             llm = self._ready()
             prompt, params = request_to_input(request), request_to_params(request)
-            stream = llm.submit(prompt, params, request_id=request.request_id or None,
-                                timeout=context.time_remaining(), loop=asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
+            # Tokenizing and chat templates run off the event loop: other streams keep flowing.
+            stream = await loop.run_in_executor(None, functools.partial(
+                llm.submit, prompt, params, request_id=request.request_id or None,
+                timeout=context.time_remaining(), loop=loop))
         except _Abort as e:
             self.metrics.reject("unavailable")
             await context.abort(e.code, e.message)
@@ -142,10 +146,12 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             llm = self._ready()
             kind = request.WhichOneof("input")
+            loop = asyncio.get_running_loop()
             if kind == "text":
-                ids = llm.tokenize_input(request.text) if request.text else []
+                ids = await loop.run_in_executor(None, llm.tokenize_input, request.text) if request.text else []
             elif kind == "chat":
-                ids = llm.encode_chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
+                chat = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+                ids = await loop.run_in_executor(None, llm.encode_chat, chat)
             else:
                 raise InvalidRequestError("no input: set text or chat")
         except _Abort as e:

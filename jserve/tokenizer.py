@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import json
 import pathlib
 from collections.abc import Sequence
@@ -123,6 +124,11 @@ class TextTokenizer:
                 table.append(bytes(byte_of[ch] for ch in piece))
         return table
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token stands for: a text of ``b`` bytes has >= b / this tokens."""
+        return max(map(len, self._token_bytes), default=1) or 1
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.cfg.eos_token_ids
@@ -148,8 +154,11 @@ class TextTokenizer:
             raise ChatTemplateError(f"chat template refused the messages: {e}") from e
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        # The rendered template already holds its special tokens as text.
-        return self.tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self.encode_rendered(self.render_chat(messages))
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Token ids of a rendered chat, which already holds its special tokens as text."""
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def _piece(self, i: int | None) -> str:
         return "" if i is None else (self.tok.id_to_token(i) or "")
