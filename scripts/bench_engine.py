@@ -2,7 +2,8 @@
 
 - decode: tokens/s and step time with every slot busy, at each ``--slots`` and ``--max-len``
   value, each slot holding ``--context`` tokens (the step's cost should follow the context,
-  not ``--max-len``);
+  not ``--max-len``); every configuration is built first, then timed in ``--rounds``
+  interleaved rounds;
 - sampling: with ``--sampling``, the same step with every slot greedy, then with every slot
   sampled at temperature 0.8 / top-p 0.95 / top-k 50 and penalties on half of them, then plain
   temperature 1.0 (the server's default), rounds interleaved;
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sampling", action="store_true", help="also time sampled steps against greedy ones")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
     ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"])
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed decode steps per round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all configurations, interleaved")
     ap.add_argument("--json", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -92,18 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         return state, times
 
     decode, prefill, sampling = [], [], []
+    configs = []  # every (max_len, slots) engine is built first, then timed in interleaved rounds
     for max_len in args.max_len:
         for slots in args.slots:
             eng = JaxEngine(cfg, params, slots=slots, max_len=max_len, max_prompt_len=min(args.max_prompt_len,
                                                                                           max_len - 1))
             eng.warmup()
-            state, step_times = timed_steps(eng, fill(eng, lambda s: greedy), args.steps)
-            step = statistics.median(step_times)
-            live = -(-(len(prompt) + args.steps + 2) // block) * block  # positions attention reads
-            read = wbytes + cache_bytes(cfg, slots, min(live, max_len), jnp.float32)
-            decode.append({"slots": slots, "max_len": max_len, "context": len(prompt), "step_ms": 1000 * step,
-                           "tokens_per_s": slots / step, "bytes_per_step": read, "mbu": read / step / bandwidth})
-            print(f"decode {slots} slots x {max_len}: {1000 * step:.1f} ms/step", file=sys.stderr)
+            configs.append([eng, fill(eng, lambda s: greedy), []])
             if slots == args.slots[0] and max_len == args.max_len[0] and not args.no_prefill:
                 for b in eng.buckets:
                     pt = []
@@ -112,7 +109,18 @@ def main(argv: list[str] | None = None) -> int:
                         np.asarray(eng.prefill(list(range(100, 100 + b)), greedy, 0).result)
                         pt.append(time.perf_counter() - t0)
                     prefill.append({"bucket": b, "ms": 1000 * min(pt), "tokens_per_s": b / min(pt)})
-            del eng, state
+    for _ in range(args.rounds):
+        for c in configs:
+            c[1], t = timed_steps(c[0], c[1], args.steps)
+            c[2] += t
+    for eng, _, step_times in configs:
+        step = statistics.median(step_times)
+        grown = len(prompt) + args.rounds * (args.steps + 2)
+        live = -(-grown // block) * block  # positions attention reads at the end
+        read = wbytes + cache_bytes(cfg, eng.slots, min(live, eng.max_len), jnp.float32)
+        decode.append({"slots": eng.slots, "max_len": eng.max_len, "context": len(prompt), "step_ms": 1000 * step,
+                       "tokens_per_s": eng.slots / step, "bytes_per_step": read, "mbu": read / step / bandwidth})
+    del configs
 
     if args.sampling:
         slots, max_len = args.slots[-1], args.max_len[0]
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                  "t0.8 top-p 0.95 top-k 50, penalties on half": lambda s: penalized if s % 2 else filtered,
                  "t1.0 (server default)": lambda s: SamplingParams(temperature=1.0)}
         times = {m: [] for m in modes}
-        for _ in range(3):  # rounds interleaved: the machine is shared and noisy
+        for _ in range(args.rounds):  # rounds interleaved: the machine is shared and noisy
             for m, of_slot in modes.items():
                 state, t = timed_steps(eng, fill(eng, of_slot), args.steps)
                 times[m] += t
