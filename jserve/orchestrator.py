@@ -182,9 +182,19 @@ class Orchestrator:
         return stream
 
     def cancel(self, req: Request) -> None:
+        """End ``req``. One still waiting leaves the queue at once (its place is free for the next
+        request) and gets its final message here; a running one is ended by the loop, whose slot
+        is free before the step after next."""
         with self._cv:
             req.cancelled = True
+            try:
+                self._waiting.remove(req)
+                waiting = True
+            except ValueError:
+                waiting = False
             self._cv.notify_all()
+        if waiting:
+            self._end_unstarted(req, self._ended(req, time.monotonic()) or CANCELLED)
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> bool:
         """Stop accepting work; finish (``drain``) or cancel what is in flight. True if all ended."""

@@ -204,3 +204,69 @@ def test_concurrent_submitters_all_complete(tiny_llm):
     for t in threads:
         t.join(60)
     assert results == [expected] * 12
+
+
+def test_a_prompt_too_big_to_fit_is_refused_before_tokenizing(tiny_llm, monkeypatch):
+    from jserve.sampling import InvalidRequestError
+
+    tok = tiny_llm.tokenizer
+    limit = tiny_llm.engine.max_prompt_len * tok.max_token_bytes
+
+    def must_not_run(*a, **k):
+        raise AssertionError("tokenized a prompt that cannot fit")
+
+    monkeypatch.setattr(tok, "encode", must_not_run)
+    monkeypatch.setattr(tok, "encode_rendered", must_not_run)
+    huge = "hello world " * 350_000  # 4.2 MB
+    with pytest.raises(InvalidRequestError, match=rf"the prompt has 4200000 bytes; .* at most {limit} bytes"):
+        tiny_llm.prepare(huge, SamplingParams())
+    with pytest.raises(InvalidRequestError, match=r"the chat \(rendered with its template\) has \d+ bytes"):
+        tiny_llm.prepare([{"role": "user", "content": huge}], SamplingParams())
+    monkeypatch.undo()
+    # Just under the byte bound the prompt is tokenized and refused (or not) by its token count.
+    text = "x" * limit
+    n = len(tok.encode(text))
+    if n > tiny_llm.engine.max_prompt_len:
+        with pytest.raises(InvalidRequestError, match=rf"the prompt has {n} tokens"):
+            tiny_llm.prepare(text, SamplingParams(max_tokens=1))
+
+
+class _GatedEngine:
+    """An engine whose prefills wait for a gate: the loop is held inside admission while the test acts."""
+
+    def __init__(self, engine):
+        self._engine, self.gate = engine, threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def prefill(self, *args):
+        self.gate.wait(30)
+        return self._engine.prefill(*args)
+
+
+def test_cancelled_waiting_requests_leave_the_queue_at_once(tiny_llm):
+    gated = _GatedEngine(tiny_llm.engine)
+    orch = Orchestrator(gated, tiny_llm.tokenizer, max_waiting=3)
+    try:
+        sp = SamplingParams(max_tokens=5, **GREEDY)
+        first = orch.submit([1, 2, 3], sp, Stream())
+        deadline = time.monotonic() + 30
+        while orch.num_waiting and time.monotonic() < deadline:  # taken: the loop now waits in its prefill
+            time.sleep(0.01)
+        waiting = [orch.submit([4, 5], sp, Stream()) for _ in range(3)]
+        with pytest.raises(QueueFullError):
+            orch.submit([6], sp, Stream())
+        for w in waiting:
+            w.cancel()
+        assert orch.num_waiting == 0  # while the loop is still held: the places are free now
+        for w in waiting:
+            [last] = list(w)
+            assert last.finish_reason == "cancelled" and last.completion_tokens == 0
+        again = orch.submit([7, 8], sp, Stream())
+        gated.gate.set()
+        assert collect(list(first)).finish_reason == "length"
+        assert collect(list(again)).finish_reason == "length"
+    finally:
+        gated.gate.set()
+        orch.shutdown(drain=False, timeout=10)
