@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from jserve.orchestrator import Orchestrator, Stream, StreamOutput
-from jserve.sampling import InvalidRequestError, SamplingParams
+from jserve.sampling import MAX_REQUEST_ID_CHARS, InvalidRequestError, SamplingParams
 from jserve.tokenizer import ChatTemplateError
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,9 @@ class LLM:
                block: bool = False) -> Stream:
         """Validate and queue one request; iterate the returned ``Stream`` for its output."""
         params = params or SamplingParams()
+        if request_id is not None and len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequestError(f"request_id may have at most {MAX_REQUEST_ID_CHARS} characters, "
+                                      f"got {len(request_id)}")
         ids = self.prepare(prompt, params)
         deadline = time.monotonic() + timeout if timeout is not None else None
         return self.orchestrator.submit(ids, params, Stream(loop), request_id=request_id, deadline=deadline,

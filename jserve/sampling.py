@@ -22,6 +22,13 @@ class InvalidRequestError(ValueError):
     """A request that can never be served as given; the message says exactly why."""
 
 
+# Bounds on what a client controls (besides the prompt, bounded by the engine's max_prompt_len).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1000
+MAX_STOP_TOKEN_IDS = 64
+MAX_REQUEST_ID_CHARS = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How one request is sampled and when it stops.
@@ -73,6 +80,13 @@ class SamplingParams:
             bad(f"seed must be in [0, 2**64), got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop strings must be non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            bad(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(self.stop)}")
+        longest = max(map(len, self.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            bad(f"stop strings may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are accepted, got {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 bad(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")

@@ -79,6 +79,9 @@ def test_penalties():
     ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
     ({"stop_token_ids": (10**6,)}, "outside the vocabulary"),
     ({"logprobs": 9}, "logprobs must be in [0, 5]"),
+    ({"stop": ("x",) * 17}, "at most 16 stop strings are accepted, got 17"),
+    ({"stop": ("x" * 1001,)}, "stop strings may have at most 1000 characters, got one of 1001"),
+    ({"stop_token_ids": tuple(range(65))}, "at most 64 stop_token_ids are accepted, got 65"),
 ])
 def test_invalid_params_are_refused_precisely(kwargs, msg):
     with pytest.raises(InvalidRequestError) as e:

@@ -165,6 +165,9 @@ def test_overload_gets_resource_exhausted_while_admitted_work_completes(server, 
     ([1, 2, 49152], {}, "token id 49152 at index 2 is outside the vocabulary"),
     ([1, -1], {}, "token id -1 at index 1 is outside the vocabulary"),
     ("hello", {"logprobs": 50}, "logprobs must be in [0, 5]"),
+    ("hello", {"stop": ["a", "b"] * 9}, "at most 16 stop strings are accepted, got 18"),
+    ("hello", {"request_id": "r" * 300}, "request_id may have at most 256 characters, got 300"),
+    ("hello " * 40000, {}, "the prompt has 240000 bytes"),
 ])
 def test_bad_input_gets_invalid_argument_and_the_server_keeps_serving(client, prompt, kwargs, message):
     with pytest.raises(grpc.RpcError) as e:
