@@ -32,6 +32,7 @@ from jserve.tokenizer import IncrementalDetokenizer, TextTokenizer
 log = logging.getLogger(__name__)
 
 STOP, LENGTH, CANCELLED, DEADLINE, ERROR = "stop", "length", "cancelled", "deadline", "error"
+SHUTDOWN = "shutdown"  # cut by a shutdown (no drain, or the drain ran out of time): worth retrying elsewhere
 
 
 class QueueFullError(RuntimeError):
@@ -142,6 +143,7 @@ class Orchestrator:
         self._free: collections.deque[int] = collections.deque(range(engine.slots))
         self._running: dict[int, _Running] = {}
         self._stopping = False
+        self._aborting = False  # shutdown without (or past) its drain: the loop cuts everything
         self._seeds = np.random.default_rng()
         self._ids = itertools.count()
         self.steps = 0
@@ -197,18 +199,20 @@ class Orchestrator:
             self._end_unstarted(req, self._ended(req, time.monotonic()) or CANCELLED)
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> bool:
-        """Stop accepting work; finish (``drain``) or cancel what is in flight. True if all ended."""
+        """Stop accepting work; finish (``drain``) or cut what is in flight. True if all ended.
+
+        Requests cut (at once without ``drain``, or when ``timeout`` runs out) end with finish
+        reason ``shutdown``. Only the loop thread touches the running requests: it is asked to
+        cut them, so nothing here races it."""
         with self._cv:
             self._stopping = True
             if not drain:
-                for r in list(self._waiting) + [a.req for a in self._running.values()]:
-                    r.cancelled = True
+                self._aborting = True
             self._cv.notify_all()
         self._thread.join(timeout)
         if self._thread.is_alive():
             with self._cv:
-                for r in list(self._waiting) + [a.req for a in self._running.values()]:
-                    r.cancelled = True
+                self._aborting = True
                 self._cv.notify_all()
             self._thread.join(5.0)
             return False
@@ -251,7 +255,7 @@ class Orchestrator:
     def _end_cancelled_and_expired(self, state):
         now = time.monotonic()
         for run in list(self._running.values()):
-            reason = self._ended(run.req, now)
+            reason = SHUTDOWN if self._aborting else self._ended(run.req, now)
             if reason:
                 state = self._release(state, run)
                 self._finish(run, reason)
@@ -259,7 +263,7 @@ class Orchestrator:
             keep = collections.deque()
             ended = []
             for req in self._waiting:
-                reason = self._ended(req, now)
+                reason = SHUTDOWN if self._aborting else self._ended(req, now)
                 if reason:
                     ended.append((req, reason))
                 else:

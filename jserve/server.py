@@ -30,7 +30,16 @@ from grpc_reflection.v1alpha import reflection
 
 from jserve.llm import LLM
 from jserve.metrics import ServingMetrics
-from jserve.orchestrator import CANCELLED, DEADLINE, ERROR, LENGTH, STOP, QueueFullError, ShuttingDownError
+from jserve.orchestrator import (
+    CANCELLED,
+    DEADLINE,
+    ERROR,
+    LENGTH,
+    SHUTDOWN,
+    STOP,
+    QueueFullError,
+    ShuttingDownError,
+)
 from jserve.sampling import InvalidRequestError, SamplingParams
 from jserve.v1 import jserve_pb2 as pb
 from jserve.v1 import jserve_pb2_grpc as pb_grpc
@@ -111,6 +120,10 @@ class GenerationService(pb_grpc.GenerationServicer):
                 if piece.finish_reason == DEADLINE:
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"deadline exceeded after {piece.completion_tokens} tokens")
+                if piece.finish_reason == SHUTDOWN:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"the server shut down before request {rid} finished "
+                                        f"({piece.completion_tokens} tokens sent); retry it")
                 if piece.finish_reason == ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, f"request {rid} failed: {piece.error}")
                 resp = pb.GenerateResponse(text=piece.text, token_ids=piece.token_ids, request_id=rid)

@@ -270,3 +270,18 @@ def test_cancelled_waiting_requests_leave_the_queue_at_once(tiny_llm):
     finally:
         gated.gate.set()
         orch.shutdown(drain=False, timeout=10)
+
+
+def test_shutdown_without_drain_cuts_running_and_waiting_requests_once_each(tiny_llm):
+    orch = Orchestrator(tiny_llm.engine, tiny_llm.tokenizer, max_waiting=16)
+    sp = SamplingParams(max_tokens=100, **GREEDY)
+    streams = [orch.submit([1, 2, 3 + i], sp, Stream(), block=True) for i in range(tiny_llm.engine.slots + 3)]
+    next(iter(streams[0]))  # running
+    assert orch.shutdown(drain=False, timeout=30)
+    for s in streams:
+        pieces = list(s)  # each stream ends exactly once (iteration stops at the final piece)
+        assert pieces[-1].finish_reason == "shutdown"
+        assert sum(p.finish_reason is not None for p in pieces) == 1
+        assert s._q.empty()
+    with pytest.raises(Exception, match="shutting down"):
+        orch.submit([1], sp, Stream())

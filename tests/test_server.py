@@ -242,6 +242,23 @@ def test_health_is_not_serving_during_warmup_and_sigterm_drains_then_exits_0(tin
         s.stop()
 
 
+def test_a_drain_that_runs_out_of_time_ends_streams_with_unavailable(tiny_ckpt):
+    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "1024", "--max-prompt-len", "16",
+                      "--drain-timeout", "0.1")
+    try:
+        with Client(s.address) as c:
+            call = c.stream([1, 2, 3], max_tokens=1000, **GREEDY)
+            next(call)
+            s.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as e:
+                list(call)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shut down before request" in e.value.details() and "retry" in e.value.details()
+        assert s.proc.wait(60) == 0
+    finally:
+        s.stop()
+
+
 def test_server_reflection_lists_the_services(server):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
