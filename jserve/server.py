@@ -18,9 +18,11 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import pathlib
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -49,6 +51,7 @@ log = logging.getLogger("jserve.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH = {STOP: pb.STOP, LENGTH: pb.LENGTH, CANCELLED: pb.CANCELLED, DEADLINE: pb.DEADLINE, ERROR: pb.ERROR}
 DEFAULT_MAX_TOKENS = 128
+STOPPED_DURING_STARTUP = -1
 
 
 def request_to_input(req: pb.GenerateRequest) -> Any:
@@ -253,26 +256,49 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"jserve: could not bind {args.host}:{args.port} (is another server using the port?)",
               file=sys.stderr, flush=True)
         return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second signal: do not wait for the drain
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     log.info("listening on %s:%d (NOT_SERVING until warm-up is done)", args.host, port)
     print(f"jserve listening on {args.host}:{port}", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
     t0 = time.perf_counter()
     kwargs = dict(engine_kwargs(args), max_waiting=args.max_waiting, prefill_budget=args.prefill_budget,
                   on_event=metrics.on_event)
-    load = loop.run_in_executor(None, lambda: LLM(args.checkpoint, **kwargs))
+    # Loading and compiling run in a daemon thread, not the default executor: a signal during
+    # start-up must not wait for the compilation to finish.
+    load = loop.create_future()
+
+    def hand_over(settle: Any, value: Any) -> None:
+        if not load.done():
+            settle(value)
+
+    def load_model() -> None:
+        try:
+            llm = LLM(args.checkpoint, **kwargs)
+        except BaseException as e:  # handed to the event loop, which logs it and exits 1
+            loop.call_soon_threadsafe(hand_over, load.set_exception, e)
+        else:
+            loop.call_soon_threadsafe(hand_over, load.set_result, llm)
+
+    threading.Thread(target=load_model, name="jserve-load", daemon=True).start()
     done, _ = await asyncio.wait({load, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     if load not in done:
         log.info("stopped during start-up")
         await server.stop(0)
-        return 0
+        return STOPPED_DURING_STARTUP
     try:
         llm = load.result()
     except Exception:
@@ -324,7 +350,13 @@ def main(argv: list[str] | None = None) -> int:
 
             multihost.follow(load_engine(args.checkpoint, **engine_kwargs(args)).engine)
             return 0
-    return asyncio.run(serve(args))
+    code = asyncio.run(serve(args))
+    if code == STOPPED_DURING_STARTUP:
+        # The load thread may be deep in XLA compilation; leave without waiting for it.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
+    return code
 
 
 if __name__ == "__main__":

@@ -259,6 +259,38 @@ def test_a_drain_that_runs_out_of_time_ends_streams_with_unavailable(tiny_ckpt):
         s.stop()
 
 
+def test_sigterm_during_warmup_exits_without_waiting_for_compilation(tiny_ckpt, tmp_path):
+    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "1024", "--max-prompt-len", "1000",
+                      "--compile-cache", str(tmp_path / "empty-cache"), "--log-level", "INFO", wait_serving=False)
+    try:
+        s.proc.send_signal(signal.SIGTERM)  # the model is still loading or compiling
+        assert s.proc.wait(60) == 0
+        log = "\n".join(getattr(s, "err", []))
+        assert "stopped during start-up" in s.stderr_tail()
+        assert "warm-up compiled" not in log  # it did not wait for the compilation to finish
+        assert not s._serving.is_set()
+    finally:
+        s.stop()
+
+
+def test_a_second_signal_while_draining_exits_at_once(tiny_ckpt):
+    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "1024", "--max-prompt-len", "16",
+                      "--drain-timeout", "600")
+    try:
+        with Client(s.address) as c:
+            call = c.stream([1, 2, 3], max_tokens=1000, **GREEDY)
+            next(call)
+            s.proc.send_signal(signal.SIGTERM)
+            next(call)  # draining: the stream goes on
+            s.proc.send_signal(signal.SIGINT)
+            assert s.proc.wait(30) == 1  # long before the 600 s drain would have ended
+            with pytest.raises(grpc.RpcError):
+                list(call)
+        assert "second signal" in s.stderr_tail()
+    finally:
+        s.stop()
+
+
 def test_server_reflection_lists_the_services(server):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
