@@ -142,7 +142,9 @@ class LLM:
     devices (``"tp=2"``, ``"dp=2,tp=2"``; see ``jserve.sharding``). With several processes
     (``jax.distributed``) the LLM lives on process 0 and the others run ``multihost.follow``.
     ``pipeline``: dispatch each decode step before handling the previous step's tokens (default;
-    False alternates host and device, for comparison).
+    False alternates host and device, for comparison). ``on_fatal(message)`` is called (on the
+    orchestrator's thread) if the engine fails and cannot be rebuilt: every request has then
+    ended with an error and new ones are refused.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, *, slots: int = 8, max_len: int = 1024,
@@ -150,7 +152,8 @@ class LLM:
                  top_logprobs: int = 0, max_waiting: int = 256, prefill_budget: int = 512,
                  mesh: str | None = None, indivisible: str = "replicate",
                  compile_cache: pathlib.Path | None = DEFAULT_COMPILE_CACHE, warmup: bool = True,
-                 on_event: Callable[[str, Any, float], None] | None = None, pipeline: bool = True):
+                 on_event: Callable[[str, Any, float], None] | None = None, pipeline: bool = True,
+                 on_fatal: Callable[[str], None] | None = None):
         import jax
 
         if jax.process_index() != 0:
@@ -170,7 +173,7 @@ class LLM:
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
         self.orchestrator = Orchestrator(self.engine, self.tokenizer, eos_token_ids=tuple(eos),
                                          max_waiting=max_waiting, prefill_budget=prefill_budget, on_event=on_event,
-                                         pipeline=pipeline)
+                                         pipeline=pipeline, on_fatal=on_fatal)
 
     # ---- validation at the edge ----------------------------------------------------------
     def prepare(self, prompt: PromptInput, params: SamplingParams) -> list[int]:

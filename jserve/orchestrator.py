@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
@@ -41,6 +42,10 @@ class QueueFullError(RuntimeError):
 
 class ShuttingDownError(RuntimeError):
     """The orchestrator no longer accepts work."""
+
+
+class EngineDeadError(ShuttingDownError):
+    """The engine failed and could not be rebuilt: nothing more will be served by this process."""
 
 
 @dataclasses.dataclass
@@ -130,9 +135,12 @@ class Orchestrator:
 
     def __init__(self, engine: Engine, tokenizer: TextTokenizer | None, eos_token_ids: tuple[int, ...] = (),
                  max_waiting: int = 256, prefill_budget: int = 512,
-                 on_event: Callable[[str, Request, float], None] | None = None, pipeline: bool = True):
+                 on_event: Callable[[str, Request, float], None] | None = None, pipeline: bool = True,
+                 on_fatal: Callable[[str], None] | None = None):
         self.engine = engine
         self.pipeline = pipeline
+        self._on_fatal = on_fatal  # called once, on the loop thread, if the engine dies
+        self.dead: str | None = None
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_waiting = max_waiting
@@ -171,6 +179,8 @@ class Orchestrator:
         stream.request, stream._orch = req, self
         with self._cv:
             while True:
+                if self.dead is not None:
+                    raise EngineDeadError(self.dead)
                 if self._stopping:
                     raise ShuttingDownError("server is shutting down; not accepting new requests")
                 if len(self._waiting) < self.max_waiting:
@@ -220,6 +230,31 @@ class Orchestrator:
 
     # ---- the loop, orchestrator thread only ---------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # the engine cannot be (re)built, or the loop itself broke
+            log.critical("the engine is dead: %s", e, exc_info=True)
+            self._die(f"the engine failed and could not be restarted: {e}")
+
+    def _die(self, message: str) -> None:
+        """End every request with an error, refuse new ones, and tell ``on_fatal``."""
+        with self._cv:
+            self.dead = message
+            self._stopping = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            self._cv.notify_all()
+        ends = [functools.partial(self._finish, run, ERROR, error=message) for run in self._running.values()]
+        ends += [functools.partial(self._end_unstarted, req, ERROR, error=message) for req in waiting]
+        self._running.clear()
+        for end in ends:
+            try:
+                end()
+            except Exception:  # a failing hook must not keep the others from their final message
+                log.exception("could not end a request of the dead engine")
+        if self._on_fatal is not None:
+            self._on_fatal(message)
+
+    def _serve(self) -> None:
         state = self.engine.init_state()
         in_flight = None  # (packed result, slot -> run at dispatch) of the step whose tokens are not yet handled
         while True:
@@ -248,7 +283,7 @@ class Orchestrator:
                 self._running.clear()
                 self._free = collections.deque(range(self.engine.slots))
                 in_flight = None
-                state = self.engine.init_state()
+                state = self.engine.init_state()  # if this fails too, the engine is dead (see _loop)
             with self._cv:
                 self._cv.notify_all()  # wake blocked submitters: the queue may have room
 
@@ -313,7 +348,12 @@ class Orchestrator:
                 self._free.appendleft(slot)
                 self._end_unstarted(req, ERROR, error=f"prefill failed: {e}")
                 continue
-            state = self.engine.insert(prefix, state, slot)
+            try:
+                state = self.engine.insert(prefix, state, slot)
+            except Exception as e:  # the donated state may be gone: end this request, let the loop recover
+                self._free.appendleft(slot)
+                self._end_unstarted(req, ERROR, error=f"insert failed: {e}")
+                raise
             budget -= len(req.prompt_ids)
             admitted += 1
             run = _Running(
@@ -402,8 +442,10 @@ class Orchestrator:
 
     def _release(self, state, run: _Running):
         if self._running.get(run.slot) is run:
-            del self._running[run.slot]
+            # Released on the device first: if that raises, the run is still running here and the
+            # loop's recovery ends it with its one final (error) message.
             state = self.engine.release(state, run.slot)
+            del self._running[run.slot]
             self._free.append(run.slot)
         return state
 

@@ -275,8 +275,14 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"jserve listening on {args.host}:{port}", flush=True)
 
     t0 = time.perf_counter()
+    dead: list[str] = []
+
+    def on_fatal(message: str) -> None:  # the orchestrator's thread: hand over to the event loop
+        dead.append(message)
+        loop.call_soon_threadsafe(stop.set)
+
     kwargs = dict(engine_kwargs(args), max_waiting=args.max_waiting, prefill_budget=args.prefill_budget,
-                  on_event=metrics.on_event)
+                  on_event=metrics.on_event, on_fatal=on_fatal)
     # Loading and compiling run in a daemon thread, not the default executor: a signal during
     # start-up must not wait for the compilation to finish.
     load = loop.create_future()
@@ -317,6 +323,13 @@ async def serve(args: argparse.Namespace) -> int:
     print("jserve SERVING", flush=True)
 
     await stop.wait()
+    if dead:  # nothing can be served: say so, and exit non-zero so a supervisor restarts the server
+        service.draining = True
+        for name in ("", SERVICE):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.critical("exiting: %s", dead[0])
+        await server.stop(grace=2.0)
+        return 1
     log.info("signal received: draining (up to %.0fs)", args.drain_timeout)
     service.draining = True
     for name in ("", SERVICE):

@@ -285,3 +285,68 @@ def test_shutdown_without_drain_cuts_running_and_waiting_requests_once_each(tiny
         assert s._q.empty()
     with pytest.raises(Exception, match="shutting down"):
         orch.submit([1], sp, Stream())
+
+
+class _FaultyEngine:
+    """An engine that raises once from ``fail`` (a method name) after ``after`` good calls."""
+
+    def __init__(self, engine, fail: str, after: int = 0, times: int = 1):
+        self._engine, self.fail, self.after, self.times, self.calls = engine, fail, after, times, 0
+
+    def __getattr__(self, name):
+        real = getattr(self._engine, name)
+        if name != self.fail:
+            return real
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.calls > self.after and self.times > 0:
+                self.times -= 1
+                raise RuntimeError(f"injected {name} fault")
+            return real(*args, **kwargs)
+
+        return call
+
+
+def _final_pieces(stream, timeout: float = 60.0):
+    """Every piece of a stream, failing (not hanging) if its final message never comes."""
+    pieces, deadline = [], time.monotonic() + timeout
+    while not pieces or pieces[-1].finish_reason is None:
+        pieces.append(stream._q.get(timeout=max(0.01, deadline - time.monotonic())))
+    return pieces
+
+
+@pytest.mark.parametrize("fail, after", [("generate", 3), ("insert", 1), ("release", 0)])
+def test_an_engine_fault_ends_each_request_once_and_serving_goes_on(tiny_llm, fail, after):
+    engine = _FaultyEngine(tiny_llm.engine, fail, after)
+    orch = Orchestrator(engine, tiny_llm.tokenizer, max_waiting=16)
+    try:
+        sp = SamplingParams(max_tokens=6, **GREEDY)
+        streams = [orch.submit([1, 2, 3 + i], sp, Stream(), block=True) for i in range(6)]
+        finals = [_final_pieces(s)[-1] for s in streams]
+        assert engine.times == 0  # the fault happened
+        assert any(f.finish_reason == "error" and "injected" in f.error for f in finals)
+        assert all(f.finish_reason in ("error", "length") for f in finals)
+        for s in streams:
+            assert s._q.empty()  # nothing after the final message
+        assert collect(_final_pieces(orch.submit([9, 9], sp, Stream()))).finish_reason == "length"
+        assert orch.dead is None and orch.slots_in_use == 0
+    finally:
+        orch.shutdown(drain=False, timeout=10)
+
+
+def test_an_engine_that_cannot_be_rebuilt_ends_everything_and_refuses_new_work(tiny_llm):
+    from jserve.orchestrator import EngineDeadError
+
+    engine = _FaultyEngine(_FaultyEngine(tiny_llm.engine, "generate", after=2), "init_state", after=1)
+    fatal = []
+    orch = Orchestrator(engine, tiny_llm.tokenizer, max_waiting=16, on_fatal=fatal.append)
+    sp = SamplingParams(max_tokens=50, **GREEDY)
+    streams = [orch.submit([1, 2, 3 + i], sp, Stream(), block=True) for i in range(tiny_llm.engine.slots + 4)]
+    finals = [_final_pieces(s)[-1] for s in streams]
+    assert all(f.finish_reason == "error" for f in finals)
+    assert fatal and "could not be restarted" in fatal[0] and "injected init_state fault" in fatal[0]
+    with pytest.raises(EngineDeadError):
+        orch.submit([1], sp, Stream())
+    orch._thread.join(10)
+    assert not orch._thread.is_alive()
