@@ -144,7 +144,8 @@ class LLM:
     ``pipeline``: dispatch each decode step before handling the previous step's tokens (default;
     False alternates host and device, for comparison). ``on_fatal(message)`` is called (on the
     orchestrator's thread) if the engine fails and cannot be rebuilt: every request has then
-    ended with an error and new ones are refused.
+    ended with an error and new ones are refused. ``max_undelivered``: output pieces a consumer
+    may leave unread; past that its request ends (finish reason ``slow_reader``), freeing its slot.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, *, slots: int = 8, max_len: int = 1024,
@@ -153,7 +154,7 @@ class LLM:
                  mesh: str | None = None, indivisible: str = "replicate",
                  compile_cache: pathlib.Path | None = DEFAULT_COMPILE_CACHE, warmup: bool = True,
                  on_event: Callable[[str, Any, float], None] | None = None, pipeline: bool = True,
-                 on_fatal: Callable[[str], None] | None = None):
+                 on_fatal: Callable[[str], None] | None = None, max_undelivered: int = 1024):
         import jax
 
         if jax.process_index() != 0:
@@ -173,7 +174,7 @@ class LLM:
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
         self.orchestrator = Orchestrator(self.engine, self.tokenizer, eos_token_ids=tuple(eos),
                                          max_waiting=max_waiting, prefill_budget=prefill_budget, on_event=on_event,
-                                         pipeline=pipeline, on_fatal=on_fatal)
+                                         pipeline=pipeline, on_fatal=on_fatal, max_undelivered=max_undelivered)
 
     # ---- validation at the edge ----------------------------------------------------------
     def prepare(self, prompt: PromptInput, params: SamplingParams) -> list[int]:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 STOP, LENGTH, CANCELLED, DEADLINE, ERROR = "stop", "length", "cancelled", "deadline", "error"
 SHUTDOWN = "shutdown"  # cut by a shutdown (no drain, or the drain ran out of time): worth retrying elsewhere
+SLOW_READER = "slow_reader"  # ended because its consumer left too much output undelivered
 
 
 class QueueFullError(RuntimeError):
@@ -74,6 +75,8 @@ class Request:
     deadline: float | None = None  # time.monotonic() seconds
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: bool = False
+    backlog: Callable[[], int] = lambda: 0  # pieces handed to ``sink`` that the consumer has not taken yet
+    slow_reader: bool = False
 
 
 @dataclasses.dataclass
@@ -99,9 +102,15 @@ class Stream:
         self._loop = loop
         self._q: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
         self._orch: Orchestrator | None = None
+        self._put = self._taken = 0  # each written by one thread only: the producer, the consumer
+
+    def backlog(self) -> int:
+        """Pieces put and not yet taken by the consumer."""
+        return self._put - self._taken
         self.request: Request | None = None
 
     def put(self, out: StreamOutput) -> None:
+        self._put += 1
         if self._loop is None:
             self._q.put(out)
             return
@@ -118,6 +127,7 @@ class Stream:
     def __iter__(self) -> Iterator[StreamOutput]:
         while True:
             out = self._q.get()
+            self._taken += 1
             yield out
             if out.finish_reason is not None:
                 return
@@ -125,6 +135,7 @@ class Stream:
     async def __aiter__(self) -> AsyncIterator[StreamOutput]:
         while True:
             out = await self._q.get()
+            self._taken += 1
             yield out
             if out.finish_reason is not None:
                 return
@@ -136,8 +147,9 @@ class Orchestrator:
     def __init__(self, engine: Engine, tokenizer: TextTokenizer | None, eos_token_ids: tuple[int, ...] = (),
                  max_waiting: int = 256, prefill_budget: int = 512,
                  on_event: Callable[[str, Request, float], None] | None = None, pipeline: bool = True,
-                 on_fatal: Callable[[str], None] | None = None):
+                 on_fatal: Callable[[str], None] | None = None, max_undelivered: int = 1024):
         self.engine = engine
+        self.max_undelivered = max_undelivered  # pieces a consumer may leave unread before its request ends
         self.pipeline = pipeline
         self._on_fatal = on_fatal  # called once, on the loop thread, if the engine dies
         self.dead: str | None = None
@@ -175,7 +187,8 @@ class Orchestrator:
                deadline: float | None = None, block: bool = False) -> Stream:
         """Queue a validated request. Raises ``QueueFullError`` when full (unless ``block``)."""
         req = Request(prompt_ids=list(prompt_ids), params=params, sink=stream.put, deadline=deadline,
-                      request_id=request_id if request_id is not None else f"req-{next(self._ids)}")
+                      request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+                      backlog=stream.backlog)
         stream.request, stream._orch = req, self
         with self._cv:
             while True:
@@ -319,6 +332,8 @@ class Orchestrator:
         # its call, and that request ran out of time rather than being withdrawn.
         if req.deadline is not None and now >= req.deadline:
             return DEADLINE
+        if req.slow_reader:
+            return SLOW_READER
         if req.cancelled:
             return CANCELLED
         return None
@@ -396,6 +411,9 @@ class Orchestrator:
         except Exception:  # a broken consumer ends its own request only
             log.exception("output of request %s could not be delivered; cancelling it", run.req.request_id)
             run.req.cancelled = True
+        if reason is None and run.req.backlog() > self.max_undelivered:  # ended before the next step
+            log.warning("request %s: %d pieces undelivered; ending it", run.req.request_id, run.req.backlog())
+            run.req.slow_reader = True
         elapsed = time.monotonic() - run.req.arrival
         self._on_event("first_token" if run.generated == 1 else "token", run.req, elapsed)
         if reason is not None:

@@ -38,6 +38,7 @@ from jserve.orchestrator import (
     ERROR,
     LENGTH,
     SHUTDOWN,
+    SLOW_READER,
     STOP,
     QueueFullError,
     ShuttingDownError,
@@ -123,6 +124,11 @@ class GenerationService(pb_grpc.GenerationServicer):
                 if piece.finish_reason == DEADLINE:
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"deadline exceeded after {piece.completion_tokens} tokens")
+                if piece.finish_reason == SLOW_READER:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"request {rid} ended after {piece.completion_tokens} tokens: the client "
+                                        f"left more than {llm.orchestrator.max_undelivered} responses unread "
+                                        "(--max-undelivered)")
                 if piece.finish_reason == SHUTDOWN:
                     await context.abort(grpc.StatusCode.UNAVAILABLE,
                                         f"the server shut down before request {rid} finished "
@@ -196,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-waiting", type=int, default=256,
                     help="waiting-queue bound; beyond it requests get RESOURCE_EXHAUSTED (default 256)")
     ap.add_argument("--max-logprobs", type=int, default=5, help="most top alternatives a request may ask for")
+    ap.add_argument("--max-undelivered", type=int, default=1024,
+                    help="responses a client may leave unread before its request is ended with RESOURCE_EXHAUSTED "
+                         "and its slot freed (default 1024)")
     ap.add_argument("--prefill-budget", type=int, default=512,
                     help="prompt tokens admitted between two decode steps, bounding stalls of running streams")
     ap.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
@@ -282,7 +291,7 @@ async def serve(args: argparse.Namespace) -> int:
         loop.call_soon_threadsafe(stop.set)
 
     kwargs = dict(engine_kwargs(args), max_waiting=args.max_waiting, prefill_budget=args.prefill_budget,
-                  on_event=metrics.on_event, on_fatal=on_fatal)
+                  on_event=metrics.on_event, on_fatal=on_fatal, max_undelivered=args.max_undelivered)
     # Loading and compiling run in a daemon thread, not the default executor: a signal during
     # start-up must not wait for the compilation to finish.
     load = loop.create_future()

@@ -350,3 +350,22 @@ def test_an_engine_that_cannot_be_rebuilt_ends_everything_and_refuses_new_work(t
         orch.submit([1], sp, Stream())
     orch._thread.join(10)
     assert not orch._thread.is_alive()
+
+
+def test_a_reader_that_stops_reading_has_its_request_ended_and_slot_freed(tiny_llm):
+    orch = Orchestrator(tiny_llm.engine, tiny_llm.tokenizer, max_undelivered=8)
+    try:
+        sp = SamplingParams(max_tokens=100, **GREEDY)
+        unread = orch.submit([1, 2, 3], sp, Stream())
+        reader = orch.submit([4, 5, 6], sp, Stream())
+        pieces = list(reader)  # read as it comes (may still fall behind now and then)
+        deadline = time.monotonic() + 30
+        while orch.slots_in_use and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert orch.slots_in_use == 0
+        got = _final_pieces(unread)
+        assert got[-1].finish_reason == "slow_reader"
+        assert 9 <= len(got) - 1 < 100  # stopped soon after the backlog passed 8, long before 100 tokens
+        assert pieces[-1].finish_reason in ("length", "slow_reader")
+    finally:
+        orch.shutdown(drain=False, timeout=10)
