@@ -53,6 +53,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH = {STOP: pb.STOP, LENGTH: pb.LENGTH, CANCELLED: pb.CANCELLED, DEADLINE: pb.DEADLINE, ERROR: pb.ERROR}
 DEFAULT_MAX_TOKENS = 128
 STOPPED_DURING_STARTUP = -1
+GRPC_RECEIVE_LIMIT = 64 << 20
 
 
 def request_to_input(req: pb.GenerateRequest) -> Any:
@@ -88,9 +89,16 @@ def request_to_params(req: pb.GenerateRequest) -> SamplingParams:
 
 class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, metrics: ServingMetrics):
+        self.max_request_bytes = 4 << 20
         self.llm: LLM | None = None
         self.metrics = metrics
         self.draining = False
+
+    def _check_size(self, request: Any) -> None:
+        size = request.ByteSize()
+        if size > self.max_request_bytes:
+            raise InvalidRequestError(f"the request has {size} bytes; this server accepts at most "
+                                      f"{self.max_request_bytes} (--max-request-bytes)")
 
     def _ready(self) -> LLM:
         if self.llm is None:
@@ -102,6 +110,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
             llm = self._ready()
+            self._check_size(request)
             prompt, params = request_to_input(request), request_to_params(request)
             loop = asyncio.get_running_loop()
             # Tokenizing and chat templates run off the event loop: other streams keep flowing.
@@ -167,6 +176,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
             llm = self._ready()
+            self._check_size(request)
             kind = request.WhichOneof("input")
             loop = asyncio.get_running_loop()
             if kind == "text":
@@ -202,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-waiting", type=int, default=256,
                     help="waiting-queue bound; beyond it requests get RESOURCE_EXHAUSTED (default 256)")
     ap.add_argument("--max-logprobs", type=int, default=5, help="most top alternatives a request may ask for")
+    ap.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                    help=f"largest request accepted, in bytes (default 4 MiB; at most {GRPC_RECEIVE_LIMIT >> 20} MiB, "
+                         "gRPC's own limit here); a larger one gets INVALID_ARGUMENT")
     ap.add_argument("--max-undelivered", type=int, default=1024,
                     help="responses a client may leave unread before its request is ended with RESOURCE_EXHAUSTED "
                          "and its slot freed (default 1024)")
@@ -251,7 +264,11 @@ async def serve(args: argparse.Namespace) -> int:
     service = GenerationService(metrics)
     health_servicer = health.aio.HealthServicer()
     # No SO_REUSEPORT: a second server on a port already in use must fail, not share the port.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # gRPC's own receive limit is set well above ours: a request between the two gets a precise
+    # INVALID_ARGUMENT from us (never retried), not gRPC's RESOURCE_EXHAUSTED (which clients retry).
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                      ("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT)])
+    service.max_request_bytes = args.max_request_bytes
     pb_grpc.add_GenerationServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
