@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from jserve.orchestrator import Orchestrator, Stream, StreamOutput
-from jserve.sampling import MAX_REQUEST_ID_CHARS, InvalidRequestError, SamplingParams
+from jserve.sampling import MAX_CHAT_MESSAGES, MAX_REQUEST_ID_CHARS, InvalidRequestError, SamplingParams
 from jserve.tokenizer import ChatTemplateError
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,8 @@ class LLM:
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         if not messages:
             raise InvalidRequestError("the chat has no messages")
+        if len(messages) > MAX_CHAT_MESSAGES:
+            raise InvalidRequestError(f"a chat may have at most {MAX_CHAT_MESSAGES} messages, got {len(messages)}")
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
             if role not in CHAT_ROLES:

@@ -124,11 +124,17 @@ def test_cancel_mid_stream_frees_the_slot(server, client):
     assert 'jserve_requests_finished_total{reason="cancelled"}' in _metrics(server)
 
 
-def test_deadline_gives_deadline_exceeded_and_frees_the_slot(client):
+def test_deadline_gives_deadline_exceeded_and_frees_the_slot(server, client):
+    reason = 'jserve_requests_finished_total{reason="deadline"}'
+    before = _metric(_metrics(server), reason)
     with pytest.raises(grpc.RpcError) as e:
         list(client.stream([1, 2, 3], max_tokens=120, timeout=0.05, **GREEDY))
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _wait_slots_free(client) == 0
+    deadline = time.monotonic() + 10
+    while _metric(_metrics(server), reason) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(_metrics(server), reason) >= before + 1  # counted as a deadline, not a cancel
 
 
 def test_overload_gets_resource_exhausted_while_admitted_work_completes(server, client):
@@ -168,6 +174,7 @@ def test_overload_gets_resource_exhausted_while_admitted_work_completes(server, 
     ("hello", {"stop": ["a", "b"] * 9}, "at most 16 stop strings are accepted, got 18"),
     ("hello", {"request_id": "r" * 300}, "request_id may have at most 256 characters, got 300"),
     ("hello " * 40000, {}, "the prompt has 240000 bytes"),
+    ([{"role": "user", "content": ""}] * 1025, {}, "a chat may have at most 1024 messages, got 1025"),
 ])
 def test_bad_input_gets_invalid_argument_and_the_server_keeps_serving(client, prompt, kwargs, message):
     with pytest.raises(grpc.RpcError) as e:
