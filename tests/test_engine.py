@@ -6,6 +6,7 @@ import warnings
 
 import jax
 import jax.monitoring
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -38,10 +39,14 @@ def test_buckets_are_powers_of_two_closed_by_the_max():
     assert buckets_for(10) == (10,)
 
 
-@pytest.fixture(scope="module", params=QUANT_MODES, ids=["f32", "int8"])
+ENGINE_MODES = [(jnp.float32, q) for q in QUANT_MODES] + [(jnp.float32, "int8-dynamic"), (jnp.bfloat16, None)]
+
+
+@pytest.fixture(scope="module", params=ENGINE_MODES, ids=["f32", "int8", "int8-dynamic", "bf16"])
 def engine(tiny_ckpt, request):
-    cfg, params, _ = checkpoint.load(tiny_ckpt, quantize=request.param)
-    eng = JaxEngine(cfg, params, slots=3, max_len=96, max_prompt_len=40, top_logprobs=2)
+    dtype, quant = request.param
+    cfg, params, _ = checkpoint.load(tiny_ckpt, dtype, quantize=quant)
+    eng = JaxEngine(cfg, params, slots=3, max_len=96, max_prompt_len=40, top_logprobs=2, cache_dtype=dtype)
     _counter.count, _counter.on = 0, True
     eng.warmup()
     _counter.on = False
