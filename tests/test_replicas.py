@@ -12,12 +12,20 @@ from jserve.client import Client, target_for
 from .servers import ServerProcess
 
 
-def _finished(server) -> float:
+def _metric_sum(server, prefix: str) -> float:
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as r:
         text = r.read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("jserve_requests_finished_total{"))
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def _finished(server) -> float:
+    return _metric_sum(server, "jserve_requests_finished_total{")
+
+
+def _running(server) -> float:
+    """Requests in a slot: admitted, with their first token already streamed."""
+    return _metric_sum(server, "jserve_requests_running ")
 
 
 def test_target_for_one_or_several_addresses():
@@ -57,8 +65,16 @@ def test_replica_going_away_costs_only_its_in_flight_requests(tiny_ckpt):
             with ThreadPoolExecutor(1) as bg:
                 pending = bg.submit(client.complete_many, prompts, concurrency=4, max_tokens=90, temperature=0.0,
                                     ignore_eos=True)
-                while _finished(servers[1]) < 2 and time.monotonic() - before < 120:
-                    time.sleep(0.05)
+                # Kill it while it streams: requests that got a first response cannot be retried.
+                # "Running" starts when a request's first token is made, a moment before the client
+                # has it: wait for a few more tokens on that replica too.
+                while ((_finished(servers[1]) < 2 or _running(servers[1]) < 1)
+                       and time.monotonic() - before < 120):
+                    time.sleep(0.01)
+                tokens = _metric_sum(servers[1], "jserve_generation_tokens_total")
+                while ((_metric_sum(servers[1], "jserve_generation_tokens_total") < tokens + 8
+                        or _running(servers[1]) < 1) and time.monotonic() - before < 120):
+                    time.sleep(0.005)
                 servers[1].proc.kill()  # abruptly: no drain
                 results = pending.result(timeout=300)
             done_on_survivor = _finished(servers[0])

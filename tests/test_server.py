@@ -305,8 +305,8 @@ def test_sigterm_during_warmup_exits_without_waiting_for_compilation(tiny_ckpt, 
     try:
         s.proc.send_signal(signal.SIGTERM)  # the model is still loading or compiling
         assert s.proc.wait(60) == 0
+        assert "stopped during start-up" in s.stderr_tail()  # (waits for stderr to be read)
         log = "\n".join(getattr(s, "err", []))
-        assert "stopped during start-up" in s.stderr_tail()
         assert "warm-up compiled" not in log  # it did not wait for the compilation to finish
         assert not s._serving.is_set()
     finally:
