@@ -328,8 +328,11 @@ async def serve(args: argparse.Namespace) -> int:
     threading.Thread(target=load_model, name="jserve-load", daemon=True).start()
     done, _ = await asyncio.wait({load, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     if load not in done:
-        log.info("stopped during start-up")
         await server.stop(0)
+        if dead:
+            log.critical("exiting: %s", dead[0])
+            return 1
+        log.info("stopped during start-up")
         return STOPPED_DURING_STARTUP
     try:
         llm = load.result()
@@ -362,7 +365,7 @@ async def serve(args: argparse.Namespace) -> int:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     drained = await loop.run_in_executor(None, llm.close, True, args.drain_timeout)
     await server.stop(grace=5.0)
-    log.info("stopped (%s)", "all requests finished" if drained else "drain timed out; the rest were cancelled")
+    log.info("stopped (%s)", "all requests finished" if drained else "drain timed out; the rest ended UNAVAILABLE")
     return 0
 
 
