@@ -369,3 +369,25 @@ def test_a_reader_that_stops_reading_has_its_request_ended_and_slot_freed(tiny_l
         assert pieces[-1].finish_reason in ("length", "slow_reader")
     finally:
         orch.shutdown(drain=False, timeout=10)
+
+
+def test_cancel_while_text_is_held_back_never_leaks_or_repeats_text(tiny_llm):
+    prompt = "The weather today is"
+    full = _alone(tiny_llm, prompt, SamplingParams(max_tokens=60, **GREEDY))
+    tok = tiny_llm.tokenizer
+    start = len(tok.decode(full.token_ids[:20]))
+    partial = tok.decode(full.token_ids[:23])[start:]  # the text of tokens 20..22
+    assert len(partial) >= 2
+    stop = partial + "\x00never"  # the text starts it, but never completes it
+    stream = tiny_llm.submit(prompt, SamplingParams(max_tokens=60, stop=(stop,), **GREEDY))
+    it = iter(stream)
+    pieces = []
+    while sum(len(p.token_ids) for p in pieces) < 23:
+        pieces.append(next(it))
+    assert "".join(p.text for p in pieces) == full.text[:start]  # tokens 20..22 could still start the stop
+    stream.cancel()
+    pieces += list(it)
+    text = "".join(p.text for p in pieces)
+    assert pieces[-1].finish_reason == "cancelled"
+    assert full.text.startswith(text) and len(text) >= start  # nothing repeated, nothing invented
+    assert stop not in text

@@ -168,3 +168,20 @@ def test_penalties_skip_is_bitwise_neutral():
     np.testing.assert_array_equal(a, np.asarray(logits))
     np.testing.assert_array_equal(b[0], a[0])
     assert not np.array_equal(b[1], a[1])
+
+
+def test_penalties_match_a_host_reference_on_random_rows():
+    rng = np.random.default_rng(14)
+    b, v = 6, 300
+    logits = rng.normal(size=(b, v)).astype(np.float32) * 3
+    seen = rng.random((b, v)) < 0.3
+    counts = np.where(rng.random((b, v)) < 0.2, rng.integers(1, 5, (b, v)), 0).astype(np.int32)
+    params = [SamplingParams(repetition_penalty=float(r), presence_penalty=float(pp), frequency_penalty=float(f))
+              for r, pp, f in zip(rng.uniform(0.5, 2, b), rng.uniform(-2, 2, b), rng.uniform(-2, 2, b))]
+    got = np.asarray(jax.jit(apply_penalties)(jnp.asarray(logits), _rows(params, [0] * b), jnp.asarray(seen),
+                                              jnp.asarray(counts)))
+    for i, p in enumerate(params):
+        x = logits[i].astype(np.float64)
+        x = np.where(seen[i], np.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+        x = x - p.frequency_penalty * counts[i] - p.presence_penalty * (counts[i] > 0)
+        np.testing.assert_allclose(got[i], x, rtol=1e-6, atol=1e-5)
