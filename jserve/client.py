@@ -35,6 +35,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # "UNAVAILABLE: ..." when the call failed (``complete_many``)
+    cached_prompt_tokens: int = 0  # prompt tokens the server took from its prefix cache
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -90,7 +91,8 @@ def _fold(responses: Iterator[pb.GenerateResponse] | list[pb.GenerateResponse]) 
         ids.extend(r.token_ids)
         last = r
     return Completion("".join(text), ids, FINISH_NAMES.get(last.finish_reason, "unknown") if last else "unknown",
-                      last.usage.prompt_tokens if last else 0, last.usage.completion_tokens if last else 0)
+                      last.usage.prompt_tokens if last else 0, last.usage.completion_tokens if last else 0,
+                      cached_prompt_tokens=last.usage.cached_prompt_tokens if last else 0)
 
 
 class Client:

@@ -1,10 +1,12 @@
-"""The engine: jit-compiled prefill, insert and generate over fixed batch slots.
+"""The engine: jit-compiled extend, generate and release over fixed batch slots.
 
-``prefill`` runs one prompt (padded to a power-of-two bucket) and samples its first token;
-``insert`` writes that prompt's keys/values into one slot of the preallocated cache;
-``generate`` advances every slot by one token. ``insert``, ``generate`` and ``release`` take
-the decode state donated, so the cache is updated in place and the caller must use the
-state they return. Shapes never change after ``warmup``, so serving compiles nothing.
+A request is started in a slot with ``begin`` (its sampling parameters and penalty tables),
+its prompt is run into that slot's cache by ``extend`` in chunks of ``chunk`` positions (rows
+of several requests in one call; a row's last chunk samples the first token and makes the slot
+live), ``copy`` reuses another slot's cached prefix, and ``generate`` advances every live slot
+by one token. All of them take the decode state donated, so the cache is updated in place and
+the caller must use the state they return. Shapes never change after ``warmup``, so serving
+compiles nothing.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from flax import struct
 
 from jserve import model
 from jserve.config import ModelConfig
-from jserve.kv_cache import KVCache, cache_bytes, write_prefix
+from jserve.kv_cache import KVCache, cache_bytes, copy_prefix
 from jserve.model import Params
 from jserve.sampling import SamplingParams, SlotSampling, apply_penalties, sample
-from jserve.sharding import Plan, prefix_sharding, state_sharding
+from jserve.sharding import Plan, state_sharding
 
 log = logging.getLogger(__name__)
 
-MIN_BUCKET = 16
+CHUNK = 32  # prompt positions per row of an ``extend`` call
+CHUNK_ROWS = (2, 4, 8, 16)  # the row counts ``extend`` is compiled for (calls pad to the next one)
 
 # Columns of the packed per-step result ``[S, RESULT_COLS + 2 * top_logprobs]`` (float32).
 TOKEN, LOGPROB, ACTIVE = 0, 1, 2
@@ -50,16 +53,15 @@ class DecodeState:
     counts: jax.Array  # [S, V] int32: occurrences in output (presence/frequency penalties)
 
 
-@struct.dataclass
-class Prefix:
-    """A prefilled prompt waiting to be inserted. ``k``, ``v``: ``[P, K, H]`` per layer."""
+@dataclasses.dataclass(frozen=True)
+class ChunkRow:
+    """One row of an ``extend`` call: ``tokens`` (at most ``chunk``) of ``slot`` from position
+    ``start``; ``final`` when they end the prompt (the first token is then sampled)."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    tokens: jax.Array  # [P] padded prompt
-    length: jax.Array  # scalar int32
-    sampling: SlotSampling  # one row
-    result: jax.Array  # [RESULT_COLS + 2 * top_logprobs] first token, its logprob, ...
+    slot: int
+    start: int
+    tokens: list[int]
+    final: bool
 
 
 class Engine(Protocol):
@@ -72,20 +74,12 @@ class Engine(Protocol):
     top_logprobs: int
 
     def init_state(self) -> DecodeState: ...
-    def prefill(self, tokens: list[int], params: SamplingParams, seed: int) -> Prefix: ...
-    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState: ...
+    def begin(self, state: DecodeState, slot: int, prompt: list[int], params: SamplingParams,
+              seed: int) -> DecodeState: ...
+    def copy(self, state: DecodeState, src: int, dst: int, n: int) -> DecodeState: ...
+    def extend(self, state: DecodeState, rows: list[ChunkRow]) -> tuple[DecodeState, jax.Array]: ...
     def generate(self, state: DecodeState) -> tuple[DecodeState, jax.Array]: ...
     def release(self, state: DecodeState, slot: int) -> DecodeState: ...
-
-
-def buckets_for(max_prompt_len: int) -> tuple[int, ...]:
-    """Powers of two from 16 up to (and including) ``max_prompt_len``, which closes the list."""
-    out, b = [], MIN_BUCKET
-    while b < max_prompt_len:
-        out.append(b)
-        b *= 2
-    out.append(max_prompt_len)
-    return tuple(out)
 
 
 def _pack(tokens: jax.Array, raw_logits: jax.Array, active: jax.Array, logprobs: jax.Array,
@@ -119,36 +113,59 @@ def _pack(tokens: jax.Array, raw_logits: jax.Array, active: jax.Array, logprobs:
     return jnp.concatenate(cols, axis=-1)
 
 
-def _prefill(params: Params, tokens: jax.Array, length: jax.Array, sampling: SlotSampling, *,
-             cfg: ModelConfig, top_n: int) -> Prefix:
-    logits, ks, vs = model.prefill(params, cfg, tokens[None], length[None])
-    v = cfg.vocab_size
-    valid = jnp.arange(tokens.shape[0]) < length
-    seen = jnp.zeros((1, v), bool).at[0, jnp.where(valid, tokens, v)].set(True, mode="drop")
-    penalized = apply_penalties(logits, sampling, seen, jnp.zeros((1, v), jnp.int32))
-    first = sample(penalized, sampling, jnp.zeros((1,), jnp.int32))
-    result = _pack(first, logits, jnp.ones((1,), bool), sampling.logprobs, top_n)[0]
-    return Prefix(k=tuple(k[0] for k in ks), v=tuple(x[0] for x in vs), tokens=tokens, length=length,
-                  sampling=sampling, result=result)
-
-
-def _insert(prefix: Prefix, state: DecodeState, slot: jax.Array) -> DecodeState:
+def _begin(state: DecodeState, slot: jax.Array, prompt: jax.Array, n: jax.Array,
+           sampling: SlotSampling) -> DecodeState:
+    """Start a request in ``slot``: its sampling row and penalty tables (``prompt [T]`` padded,
+    ``n`` long). The slot stays inactive (decode steps skip it) until its last chunk is run."""
     v = state.seen.shape[1]
-    first = prefix.result[TOKEN].astype(jnp.int32)
-    valid = jnp.arange(prefix.tokens.shape[0]) < prefix.length
-    seen_row = jnp.zeros((v,), bool).at[jnp.where(valid, prefix.tokens, v)].set(True, mode="drop")
-    seen_row = seen_row.at[first].set(True)
-    counts_row = jnp.zeros((v,), jnp.int32).at[first].set(1)
-    return DecodeState(
-        cache=write_prefix(state.cache, prefix.k, prefix.v, slot),
-        lengths=state.lengths.at[slot].set(prefix.length),
-        last_tokens=state.last_tokens.at[slot].set(first),
-        steps=state.steps.at[slot].set(1),
-        active=state.active.at[slot].set(True),
-        sampling=state.sampling.set_row(slot, prefix.sampling),
+    seen_row = jnp.zeros((v,), bool).at[jnp.where(jnp.arange(prompt.shape[0]) < n, prompt, v)].set(True, mode="drop")
+    return state.replace(
+        lengths=state.lengths.at[slot].set(state.cache.max_len),
+        steps=state.steps.at[slot].set(0),
+        active=state.active.at[slot].set(False),
+        sampling=state.sampling.set_row(slot, sampling),
         seen=state.seen.at[slot].set(seen_row),
-        counts=state.counts.at[slot].set(counts_row),
+        counts=state.counts.at[slot].set(jnp.zeros((v,), jnp.int32)),
     )
+
+
+def _copy(state: DecodeState, src: jax.Array, dst: jax.Array, n: jax.Array) -> DecodeState:
+    return state.replace(cache=copy_prefix(state.cache, src, dst, n, model.attention_block(state.cache.max_len)))
+
+
+def _extend(params: Params, state: DecodeState, tokens: jax.Array, slots: jax.Array, starts: jax.Array,
+            counts: jax.Array, finals: jax.Array, *, cfg: ModelConfig, top_n: int,
+            out_rows: int) -> tuple[DecodeState, jax.Array]:
+    """Run rows of prompt chunks into their slots; sample the first token of rows that end a prompt.
+
+    The first tokens' logits always come from ``out_rows`` rows (padded), so a request's first
+    token is computed by the same shapes whichever row bucket its last chunk ran in."""
+    r = tokens.shape[0]
+    t = state.cache.max_len
+    furthest = jnp.max(jnp.where(counts > 0, starts + counts - 1, 0))
+    n_blocks = furthest // model.attention_block(t) + 1
+    x, cache = model.extend(params, cfg, tokens, slots, starts, counts, state.cache, n_blocks)
+    last = x[jnp.arange(r), jnp.maximum(counts - 1, 0)]  # [R, D]
+    pad = out_rows - r
+    last = jnp.pad(last, ((0, pad), (0, 0)))
+    rows_slot = jnp.pad(slots, (0, pad))
+    final = jnp.pad(finals & (counts > 0), (0, pad))
+    logits = model.unembed(params, cfg, last)  # [out_rows, V]
+    sp = jax.tree.map(lambda a: a[rows_slot], state.sampling)
+    penalized = apply_penalties(logits, sp, state.seen[rows_slot], state.counts[rows_slot])
+    first = jnp.where(final, sample(penalized, sp, jnp.zeros((out_rows,), jnp.int32)), 0)
+    idx = jnp.where(final, rows_slot, state.lengths.shape[0])  # rows that end no prompt write nothing
+    ends = jnp.pad(starts + counts, (0, pad))
+    new_state = state.replace(
+        cache=cache,
+        lengths=state.lengths.at[idx].set(ends, mode="drop"),
+        last_tokens=state.last_tokens.at[idx].set(first, mode="drop"),
+        steps=state.steps.at[idx].set(1, mode="drop"),
+        active=state.active.at[idx].set(True, mode="drop"),
+        seen=state.seen.at[idx, first].set(True, mode="drop"),
+        counts=state.counts.at[idx, first].set(1, mode="drop"),
+    )
+    return new_state, _pack(first, logits, final, sp.logprobs, top_n)
 
 
 def _generate(params: Params, state: DecodeState, *, cfg: ModelConfig, top_n: int) -> tuple[DecodeState, jax.Array]:
@@ -196,6 +213,8 @@ class JaxEngine:
     cache_dtype: jnp.dtype = jnp.float32
     top_logprobs: int = 0
     plan: Plan | None = None
+    chunk: int = CHUNK
+    chunk_rows: tuple[int, ...] = CHUNK_ROWS
 
     def __post_init__(self) -> None:
         if self.max_prompt_len is None:
@@ -205,32 +224,37 @@ class JaxEngine:
         if self.max_len > self.cfg.max_position_embeddings:
             log.warning("max_len %d exceeds the model's trained context %d", self.max_len,
                         self.cfg.max_position_embeddings)
+        if self.chunk < 1 or not self.chunk_rows or min(self.chunk_rows) < 1:
+            raise ValueError(f"chunk={self.chunk} and chunk_rows={self.chunk_rows} must be positive")
+        self.chunk_rows = tuple(sorted(set(self.chunk_rows)))
         self.vocab_size = self.cfg.vocab_size
-        self.buckets = buckets_for(self.max_prompt_len)
+        self.cache_len = model.padded_cache_len(self.max_len)
         top_n = self.top_logprobs
-        prefill = functools.partial(_prefill, cfg=self.cfg, top_n=top_n)
+        extend = functools.partial(_extend, cfg=self.cfg, top_n=top_n, out_rows=self.chunk_rows[-1])
         generate = functools.partial(_generate, cfg=self.cfg, top_n=top_n)
         self._state_shape = jax.eval_shape(self._zeros)
         if self.plan is None:
-            state_sh = prefix_sh = result_sh = None
+            state_sh = result_sh = None
         else:  # outputs pinned to the shardings the next call expects, so donation stays in place
             state_sh = state_sharding(self._state_shape, self.plan)
-            row = SlotSampling.from_params(SamplingParams(), 0)
-            prefix_sh = prefix_sharding(jax.eval_shape(prefill, self.params, np.zeros((MIN_BUCKET,), np.int32),
-                                                       np.int32(1), row), self.plan)
             result_sh = self.plan.replicated()
             self._state_shape = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                              self._state_shape, state_sh)
         self._init = jax.jit(self._zeros, out_shardings=state_sh)
-        self._prefill = jax.jit(prefill, out_shardings=prefix_sh)
-        self._insert = jax.jit(_insert, donate_argnames=("state",), out_shardings=state_sh)
+        self._begin = jax.jit(_begin, donate_argnames=("state",), out_shardings=state_sh)
+        self._copy = jax.jit(_copy, donate_argnames=("state",), out_shardings=state_sh)
+        self._extend = jax.jit(extend, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
         self._generate = jax.jit(generate, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
         self._release = jax.jit(_release, donate_argnames=("state",), out_shardings=state_sh)
         self._compiled: dict[tuple[str, int], jax.stages.Compiled] = {}  # filled by warmup
-        log.info("engine: %d slots x %d positions, KV cache %.1f MiB, prefill buckets %s", self.slots,
-                 self.max_len,
-                 cache_bytes(self.cfg, self.slots, model.padded_cache_len(self.max_len), self.cache_dtype) / 2**20,
-                 self.buckets)
+        log.info("engine: %d slots x %d positions, KV cache %.1f MiB, prompt chunks of %d positions in %s rows",
+                 self.slots, self.max_len, cache_bytes(self.cfg, self.slots, self.cache_len, self.cache_dtype) / 2**20,
+                 self.chunk, self.chunk_rows)
+
+    @property
+    def max_rows(self) -> int:
+        """The most rows one ``extend`` call takes."""
+        return self.chunk_rows[-1]
 
     def init_state(self) -> DecodeState:
         return self._init()
@@ -238,8 +262,8 @@ class JaxEngine:
     def _zeros(self) -> DecodeState:
         s, v = self.slots, self.cfg.vocab_size
         return DecodeState(
-            cache=KVCache.zeros(self.cfg, s, model.padded_cache_len(self.max_len), self.cache_dtype),
-            lengths=jnp.full((s,), self.max_len, jnp.int32),
+            cache=KVCache.zeros(self.cfg, s, self.cache_len, self.cache_dtype),
+            lengths=jnp.full((s,), self.cache_len, jnp.int32),
             last_tokens=jnp.zeros((s,), jnp.int32),
             steps=jnp.zeros((s,), jnp.int32),
             active=jnp.zeros((s,), bool),
@@ -248,23 +272,56 @@ class JaxEngine:
             counts=jnp.zeros((s, v), jnp.int32),
         )
 
-    def bucket(self, n: int) -> int:
-        for b in self.buckets:
-            if n <= b:
-                return b
-        raise ValueError(f"prompt of {n} tokens exceeds max_prompt_len={self.max_prompt_len}")
+    def check_prompt(self, n: int) -> None:
+        if not 1 <= n <= self.max_prompt_len:
+            raise ValueError(f"prompt of {n} tokens must have 1..max_prompt_len={self.max_prompt_len} tokens")
 
-    def prefill(self, tokens: list[int], params: SamplingParams, seed: int) -> Prefix:
-        n = len(tokens)
-        b = self.bucket(n)
-        padded = np.zeros((b,), np.int32)
-        padded[:n] = tokens
-        fn = self._compiled.get(("prefill", b), self._prefill)
-        return fn(self.params, padded, np.int32(n), SlotSampling.from_params(params, seed))
+    def begin(self, state: DecodeState, slot: int, prompt: list[int], params: SamplingParams,
+              seed: int) -> DecodeState:
+        self.check_prompt(len(prompt))
+        padded = np.zeros((self.cache_len,), np.int32)
+        padded[:len(prompt)] = prompt
+        fn = self._compiled.get(("begin", 0), self._begin)
+        return fn(state=state, slot=np.int32(slot), prompt=padded, n=np.int32(len(prompt)),
+                  sampling=SlotSampling.from_params(params, seed))
 
-    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
-        fn = self._compiled.get(("insert", prefix.tokens.shape[0]), self._insert)
-        return fn(prefix, state=state, slot=np.int32(slot))
+    def copy(self, state: DecodeState, src: int, dst: int, n: int) -> DecodeState:
+        fn = self._compiled.get(("copy", 0), self._copy)
+        return fn(state=state, src=np.int32(src), dst=np.int32(dst), n=np.int32(n))
+
+    def rows_bucket(self, n: int) -> int:
+        for r in self.chunk_rows:
+            if n <= r:
+                return r
+        raise ValueError(f"{n} rows exceed the largest extend call ({self.max_rows} rows)")
+
+    def extend(self, state: DecodeState, rows: list[ChunkRow]) -> tuple[DecodeState, jax.Array]:
+        """Run ``rows`` (at most ``max_rows``); the packed result's row r is ``rows[r]``'s first
+        token when it is final (``ACTIVE`` set), else zeros."""
+        r = self.rows_bucket(len(rows))
+        tokens = np.zeros((r, self.chunk), np.int32)
+        slots, starts, counts = (np.zeros((r,), np.int32) for _ in range(3))
+        finals = np.zeros((r,), bool)
+        for i, row in enumerate(rows):
+            n = len(row.tokens)
+            if not 1 <= n <= self.chunk or row.start < 0 or row.start + n > self.max_len:
+                raise ValueError(f"bad chunk: {n} tokens at {row.start}")
+            tokens[i, :n] = row.tokens
+            slots[i], starts[i], counts[i], finals[i] = row.slot, row.start, n, row.final
+        fn = self._compiled.get(("extend", r), self._extend)
+        return fn(self.params, state=state, tokens=tokens, slots=slots, starts=starts, counts=counts, finals=finals)
+
+    def prefill(self, state: DecodeState, slot: int, prompt: list[int], params: SamplingParams,
+                seed: int) -> tuple[DecodeState, np.ndarray]:
+        """``begin`` and every chunk of ``prompt`` into ``slot`` (no reuse), in calls of up to
+        ``max_rows`` rows; returns the state and the first token's packed row. For scripts and tests:
+        the orchestrator interleaves chunks with decode steps itself."""
+        state = self.begin(state, slot, prompt, params, seed)
+        rows = [ChunkRow(slot, a, prompt[a:a + self.chunk], a + self.chunk >= len(prompt))
+                for a in range(0, len(prompt), self.chunk)]
+        for i in range(0, len(rows), self.max_rows):
+            state, packed = self.extend(state, rows[i:i + self.max_rows])
+        return state, np.asarray(packed)[len(rows[i:i + self.max_rows]) - 1]
 
     def generate(self, state: DecodeState) -> tuple[DecodeState, jax.Array]:
         return self._compiled.get(("generate", 0), self._generate)(self.params, state=state)
@@ -273,7 +330,7 @@ class JaxEngine:
         return self._compiled.get(("release", 0), self._release)(state=state, slot=np.int32(slot))
 
     def warmup(self) -> float:
-        """Compile (ahead of time) every prefill bucket, insert, generate and release.
+        """Compile (ahead of time) begin, copy, every ``extend`` row bucket, generate and release.
 
         Nothing is executed: the compiled executables are kept and called directly, so
         serving never traces or compiles, and with JAX's persistent cache a restart only
@@ -281,16 +338,20 @@ class JaxEngine:
         """
         t0 = time.perf_counter()
         state = self._state_shape
+        i32 = np.int32(0)
         row = SlotSampling.from_params(SamplingParams(), 0)
-        slot = np.int32(0)
-        for b in self.buckets:
+        self._compiled[("begin", 0)] = self._begin.lower(
+            state=state, slot=i32, prompt=np.zeros((self.cache_len,), np.int32), n=i32, sampling=row).compile()
+        self._compiled[("copy", 0)] = self._copy.lower(state=state, src=i32, dst=i32, n=i32).compile()
+        for r in self.chunk_rows:
             tb = time.perf_counter()
-            lowered = self._prefill.lower(self.params, np.zeros((b,), np.int32), np.int32(1), row)
-            self._compiled[("prefill", b)] = lowered.compile()
-            self._compiled[("insert", b)] = self._insert.lower(lowered.out_info, state=state, slot=slot).compile()
-            log.info("compiled prefill+insert bucket %d in %.1fs", b, time.perf_counter() - tb)
+            z = np.zeros((r,), np.int32)
+            self._compiled[("extend", r)] = self._extend.lower(
+                self.params, state=state, tokens=np.zeros((r, self.chunk), np.int32), slots=z, starts=z, counts=z,
+                finals=np.zeros((r,), bool)).compile()
+            log.info("compiled extend of %d rows x %d in %.1fs", r, self.chunk, time.perf_counter() - tb)
         tb = time.perf_counter()
         self._compiled[("generate", 0)] = self._generate.lower(self.params, state=state).compile()
-        self._compiled[("release", 0)] = self._release.lower(state=state, slot=slot).compile()
+        self._compiled[("release", 0)] = self._release.lower(state=state, slot=i32).compile()
         log.info("compiled generate in %.1fs", time.perf_counter() - tb)
         return time.perf_counter() - t0

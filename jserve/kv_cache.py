@@ -66,3 +66,26 @@ def write_step(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Arra
     """
     slots = jnp.arange(buf.shape[0])
     return buf.at[slots, :, positions].set(new.astype(buf.dtype), mode="drop")
+
+
+def write_chunks(buf: jax.Array, new: jax.Array, slots: jax.Array, positions: jax.Array) -> jax.Array:
+    """Write rows of positions: ``buf [S, K, T, H]``, ``new [R, C, K, H]``, ``slots [R]``,
+    ``positions [R, C]``. Positions at or past ``T`` (padding) are dropped."""
+    return buf.at[slots[:, None], :, positions].set(new.astype(buf.dtype), mode="drop")
+
+
+def copy_prefix(cache: KVCache, src: jax.Array, dst: jax.Array, n: jax.Array, block: int) -> KVCache:
+    """Copy positions ``0..n-1`` of slot ``src`` into slot ``dst`` (whole blocks of ``block``
+    positions: what follows ``n`` in the last block is copied too, and is overwritten before
+    ``dst`` reads it). The work follows ``n``, not the cache length."""
+    zero = jnp.zeros((), jnp.int32)
+
+    def body(i: jax.Array, bufs: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]):
+        def one(buf: jax.Array) -> jax.Array:
+            blk = jax.lax.dynamic_slice(buf, (src, zero, i * block, zero), (1, buf.shape[1], block, buf.shape[3]))
+            return jax.lax.dynamic_update_slice(buf, blk, (dst, zero, i * block, zero))
+
+        return tuple(map(one, bufs[0])), tuple(map(one, bufs[1]))
+
+    k, v = jax.lax.fori_loop(0, (n + block - 1) // block, body, (cache.k, cache.v))
+    return KVCache(k=k, v=v)

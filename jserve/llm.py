@@ -43,6 +43,7 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
 
 def collect(pieces: Sequence[StreamOutput]) -> Result:
@@ -55,6 +56,7 @@ def collect(pieces: Sequence[StreamOutput]) -> Result:
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         error=last.error,
+        cached_tokens=last.cached_tokens,
     )
 
 
@@ -127,7 +129,8 @@ def load_engine(checkpoint: str | os.PathLike | None = None, *, slots: int = 8, 
                        cache_dtype=getattr(jnp, dtype), top_logprobs=top_logprobs, plan=plan)
     seconds = engine.warmup() if warmup else 0.0
     if warmup:
-        log.info("warm-up compiled %d prefill buckets and the decode step in %.1fs", len(engine.buckets), seconds)
+        log.info("warm-up compiled %d prompt-chunk calls and the decode step in %.1fs", len(engine.chunk_rows),
+                 seconds)
     return LoadedModel(path, config, tokenizer, engine, mode, nbytes, seconds)
 
 
@@ -146,15 +149,19 @@ class LLM:
     orchestrator's thread) if the engine fails and cannot be rebuilt: every request has then
     ended with an error and new ones are refused. ``max_undelivered``: output pieces a consumer
     may leave unread; past that its request ends (finish reason ``slow_reader``), freeing its slot.
+    ``prefill_budget``: prompt tokens run per decode step while streams are live (rounded down to
+    whole chunks of ``engine.chunk``, at least one). ``prefix_cache``: reuse the keys/values of
+    prompt prefixes already in some slot (on by default).
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, *, slots: int = 8, max_len: int = 1024,
                  max_prompt_len: int | None = None, quantize: str | None = None, dtype: str = "float32",
-                 top_logprobs: int = 0, max_waiting: int = 256, prefill_budget: int = 512,
+                 top_logprobs: int = 0, max_waiting: int = 256, prefill_budget: int = 64,
                  mesh: str | None = None, indivisible: str = "replicate",
                  compile_cache: pathlib.Path | None = DEFAULT_COMPILE_CACHE, warmup: bool = True,
                  on_event: Callable[[str, Any, float], None] | None = None, pipeline: bool = True,
-                 on_fatal: Callable[[str], None] | None = None, max_undelivered: int = 1024):
+                 on_fatal: Callable[[str], None] | None = None, max_undelivered: int = 1024,
+                 prefix_cache: bool = True):
         import jax
 
         if jax.process_index() != 0:
@@ -174,7 +181,8 @@ class LLM:
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
         self.orchestrator = Orchestrator(self.engine, self.tokenizer, eos_token_ids=tuple(eos),
                                          max_waiting=max_waiting, prefill_budget=prefill_budget, on_event=on_event,
-                                         pipeline=pipeline, on_fatal=on_fatal, max_undelivered=max_undelivered)
+                                         pipeline=pipeline, on_fatal=on_fatal, max_undelivered=max_undelivered,
+                                         prefix_cache=prefix_cache)
 
     # ---- validation at the edge ----------------------------------------------------------
     def prepare(self, prompt: PromptInput, params: SamplingParams) -> list[int]:

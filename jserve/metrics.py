@@ -25,7 +25,11 @@ class ServingMetrics:
                              registry=r, buckets=_TOKEN_BUCKETS)
         self.e2e = Histogram("jserve_request_latency_seconds", "Arrival to finish", registry=r,
                              buckets=_LATENCY_BUCKETS)
-        self.prompt_tokens = Counter("jserve_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter("jserve_prompt_tokens", "Prompt tokens of requests that started", registry=r)
+        self.prefix_lookups = Counter("jserve_prefix_cache_lookups", "Prompts looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hit_tokens = Counter("jserve_prefix_cache_hit_tokens",
+                                         "Prompt tokens whose keys/values came from the prefix cache", registry=r)
         self.generation_tokens = Counter("jserve_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("jserve_requests_finished", "Finished requests by reason", ["reason"], registry=r)
         self.rejected = Counter("jserve_requests_rejected", "Requests refused at the edge", ["reason"], registry=r)
@@ -65,6 +69,9 @@ class ServingMetrics:
             self.finished.labels(kind.split(":", 1)[1]).inc()
             with self._lock:
                 self._last_token.pop(key, None)
+        elif kind == "prefix_lookup":
+            self.prefix_lookups.inc()
+            self.prefix_hit_tokens.inc(value)
         elif kind == "rejected":
             self.rejected.labels("queue_full").inc()
 

@@ -18,7 +18,7 @@ import numpy as np
 from flax import struct
 
 from jserve.config import ModelConfig
-from jserve.kv_cache import KVCache, write_step
+from jserve.kv_cache import KVCache, write_chunks, write_step
 from jserve.quant import QuantArray, dense, take_rows
 
 Weight = jax.Array | QuantArray
@@ -175,6 +175,57 @@ def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arra
     return (acc / jnp.where(denom > 0, denom, 1.0)[..., None]).astype(v.dtype)
 
 
+def _pairwise_sum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis as a fixed tree of elementwise adds (padded with zeros to a power of
+    two). ``jnp.sum``'s order of additions is XLA's choice and changed with the number of rows on
+    XLA:CPU (one ulp at 16 rows of 32 queries); this one is the same for any shape."""
+    n = x.shape[-1]
+    width = 1 << max(n - 1, 0).bit_length()
+    if width != n:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - n)])
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x[..., 0]
+
+
+def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, positions: jax.Array,
+                   n_blocks: jax.Array) -> jax.Array:
+    """Rows of queries against their slots' caches, block by block with an online softmax.
+
+    ``q [R, C, K, G, H]`` (row r: ``C`` consecutive positions of slot ``slots[r]``), ``k/v [S, K, T, H]``,
+    ``positions [R, C]`` (a query attends to its slot's positions ``0..position``), ``n_blocks`` a traced
+    scalar covering every row → ``[R, C, K, G, H]``. As in ``_attend_blocks``, a block past a query's
+    position adds exact zeros, so a query's result does not depend on how many blocks the call reads.
+    """
+    r, c, kh, g, h = q.shape
+    b = attention_block(k.shape[2])
+    qf = (q.astype(jnp.float32) * (1.0 / math.sqrt(h))).transpose(0, 2, 3, 1, 4).reshape(r, kh, g * c, h)
+    qpos = jnp.broadcast_to(positions[:, None, :], (r, g, c)).reshape(r, g * c)  # [R, GC]
+    offsets = jnp.arange(b)
+
+    def fold(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]):
+        m, denom, acc = carry
+        start = i * b
+        kb = jnp.take(jax.lax.dynamic_slice_in_dim(k, start, b, axis=2), slots, axis=0).astype(jnp.float32)
+        vb = jnp.take(jax.lax.dynamic_slice_in_dim(v, start, b, axis=2), slots, axis=0).astype(jnp.float32)
+        s = jnp.einsum("rkqh,rkbh->rkqb", qf, kb)  # [R, K, GC, B]
+        valid = (start + offsets)[None, None, :] <= qpos[:, :, None]  # [R, GC, B]
+        s = jnp.where(valid[:, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_safe[..., None])
+        alpha = jnp.exp(m - m_safe)
+        denom = denom * alpha + _pairwise_sum(p)
+        acc = acc * alpha[..., None] + jnp.einsum("rkqb,rkbh->rkqh", p, vb)
+        return m_new, denom, acc
+
+    init = (jnp.full((r, kh, g * c), -jnp.inf, jnp.float32), jnp.zeros((r, kh, g * c), jnp.float32),
+            jnp.zeros((r, kh, g * c, h), jnp.float32))
+    _, denom, acc = jax.lax.fori_loop(0, n_blocks, fold, init)
+    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [R, K, GC, H]
+    return out.reshape(r, kh, g, c, h).transpose(0, 3, 1, 2, 4).astype(v.dtype)
+
+
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     return take_rows(params.embed, tokens, params.final_norm.dtype)
 
@@ -269,6 +320,46 @@ def decode_step(
         new_k.append(ck)
         new_v.append(cv)
     return unembed(params, cfg, x[:, 0]), KVCache(k=tuple(new_k), v=tuple(new_v))
+
+
+def extend(
+    params: Params, cfg: ModelConfig, tokens: jax.Array, slots: jax.Array, starts: jax.Array,
+    counts: jax.Array, cache: KVCache, n_blocks: jax.Array,
+) -> tuple[jax.Array, KVCache]:
+    """Run chunks of new tokens into their slots: the one primitive behind prefill.
+
+    ``tokens [R, C]``: row r holds ``counts[r]`` tokens of slot ``slots[r]`` for positions
+    ``starts[r]...`` (a padding row has count 0; several rows may extend the same slot at
+    consecutive offsets). Every layer first writes the rows' keys/values into the cache, then each
+    token attends to its slot's positions ``0..its own``: what the cache held before the call
+    and what this call wrote. ``n_blocks`` (traced) must cover the furthest position of any row.
+    Returns the hidden states ``[R, C, D]`` (before the final norm) and the cache.
+
+    Each token's result is computed row-wise by the same fixed-shape matmuls, so it does not
+    depend on where a chunk boundary fell or which other rows shared the call.
+    """
+    r, c = tokens.shape
+    m = r * c
+    t = cache.max_len
+    inv_freq = rope_inv_freq(cfg)
+    pos = starts[:, None] + jnp.arange(c)[None, :]  # [R, C]
+    write_pos = jnp.where(jnp.arange(c)[None, :] < counts[:, None], pos, t)  # padding writes nothing
+    flat_pos = pos.reshape(m)
+    x = embed_tokens(params, tokens.reshape(m))  # [M, D]
+    new_k, new_v = [], []
+    for i, layer in enumerate(params.layers):
+        h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
+        q, k, v = _split_qkv(cfg, dense(h, layer.wqkv), params.qkv_groups)  # [M, *, H]
+        q, k = apply_rope(q, flat_pos, inv_freq), apply_rope(k, flat_pos, inv_freq)
+        ck = write_chunks(cache.k[i], k.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
+        cv = write_chunks(cache.v[i], v.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
+        q = q.reshape(r, c, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+        o = _attend_chunks(q, ck, cv, slots, pos, n_blocks).reshape(m, cfg.n_heads * cfg.head_dim)
+        x = x + dense(o, layer.wo)
+        x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), params.mlp_groups)
+        new_k.append(ck)
+        new_v.append(cv)
+    return x.reshape(r, c, -1), KVCache(k=tuple(new_k), v=tuple(new_v))
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:

@@ -3,8 +3,8 @@
 Every process of a multi-host run holds some of the mesh's devices, and a sharded computation
 only runs when *every* process launches it, in the same order. Process 0 (the leader) runs the
 orchestrator and the gRPC server; its engine is a ``LeaderEngine``, which before each engine
-call broadcasts a small fixed-size command (the op, the slot, the prompt's token ids, the
-sampling row) to the others with ``multihost_utils.broadcast_one_to_all``. Each other process
+call broadcasts a small fixed-size command (the op, the slot, the prompt's token ids or the
+rows of prompt chunks, the sampling row) to the others with ``multihost_utils.broadcast_one_to_all``. Each other process
 (a follower) runs ``follow``: receive a command, make the same engine call, repeat, until the
 leader says stop. Results are read on the leader only.
 
@@ -21,15 +21,16 @@ import time
 import jax
 import numpy as np
 
-from jserve.engine import DecodeState, JaxEngine, Prefix
+from jserve.engine import ChunkRow, DecodeState, JaxEngine
 from jserve.sampling import SamplingParams, seed_to_key
 
 log = logging.getLogger(__name__)
 
-NOOP, INIT, PREFILL, INSERT, GENERATE, RELEASE, STOP = range(7)
-OP_NAMES = ("noop", "init", "prefill", "insert", "generate", "release", "stop")
-# Command layout (int32): op, slot, prompt length, top_k, key (2 words), logprobs (-1: none),
-# 6 float32 fields as bits, tokens.
+NOOP, INIT, BEGIN, COPY, EXTEND, GENERATE, RELEASE, STOP = range(8)
+OP_NAMES = ("noop", "init", "begin", "copy", "extend", "generate", "release", "stop")
+# Command layout (int32): op, slot, payload length, top_k, key (2 words), logprobs (-1: none),
+# 6 float32 fields as bits, payload: a prompt's tokens (begin); source, count (copy); per row
+# slot, start, count, final, then ``chunk`` tokens (extend).
 FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 HEADER = 7 + len(FLOATS)
 HEARTBEAT_S = 5.0
@@ -70,6 +71,25 @@ def decode(cmd: np.ndarray) -> tuple[int, int, list[int], SamplingParams, int]:
     return op, slot, cmd[HEADER:HEADER + n].tolist(), params, (hi << 32) | lo
 
 
+def payload_width(engine: JaxEngine) -> int:
+    return max(engine.cache_len, engine.max_rows * (4 + engine.chunk))
+
+
+def encode_rows(rows: list[ChunkRow], chunk: int) -> list[int]:
+    out = []
+    for r in rows:
+        out += [r.slot, r.start, len(r.tokens), int(r.final)] + list(r.tokens) + [0] * (chunk - len(r.tokens))
+    return out
+
+
+def decode_rows(words: list[int], chunk: int) -> list[ChunkRow]:
+    rows, step = [], 4 + chunk
+    for i in range(0, len(words), step):
+        slot, start, n, final = words[i:i + 4]
+        rows.append(ChunkRow(slot, start, words[i + 4:i + 4 + n], bool(final)))
+    return rows
+
+
 class LeaderEngine:
     """``JaxEngine`` on process 0 that mirrors every call to the follower processes."""
 
@@ -77,6 +97,7 @@ class LeaderEngine:
         self.engine = engine
         self.slots, self.max_len, self.max_prompt_len = engine.slots, engine.max_len, engine.max_prompt_len
         self.vocab_size, self.top_logprobs = engine.vocab_size, engine.top_logprobs
+        self.chunk, self.max_rows = engine.chunk, engine.max_rows
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._closed = threading.Event()
@@ -85,7 +106,7 @@ class LeaderEngine:
     def _send(self, op: int, **fields) -> None:
         from jax.experimental import multihost_utils
 
-        multihost_utils.broadcast_one_to_all(encode(op, self.max_prompt_len, **fields))
+        multihost_utils.broadcast_one_to_all(encode(op, payload_width(self.engine), **fields))
         self._last = time.monotonic()
 
     def _heartbeat(self) -> None:
@@ -99,16 +120,23 @@ class LeaderEngine:
             self._send(INIT)
             return self.engine.init_state()
 
-    def prefill(self, tokens: list[int], params: SamplingParams, seed: int) -> Prefix:
-        self.engine.bucket(len(tokens))  # refuse before telling anyone
+    def begin(self, state: DecodeState, slot: int, prompt: list[int], params: SamplingParams,
+              seed: int) -> DecodeState:
+        self.engine.check_prompt(len(prompt))  # refuse before telling anyone
         with self._lock:
-            self._send(PREFILL, tokens=tokens, params=params, seed=seed)
-            return self.engine.prefill(tokens, params, seed)
+            self._send(BEGIN, slot=slot, tokens=prompt, params=params, seed=seed)
+            return self.engine.begin(state, slot, prompt, params, seed)
 
-    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
+    def copy(self, state: DecodeState, src: int, dst: int, n: int) -> DecodeState:
         with self._lock:
-            self._send(INSERT, slot=slot)
-            return self.engine.insert(prefix, state, slot)
+            self._send(COPY, slot=dst, tokens=[src, n])
+            return self.engine.copy(state, src, dst, n)
+
+    def extend(self, state: DecodeState, rows: list[ChunkRow]):
+        self.engine.rows_bucket(len(rows))
+        with self._lock:
+            self._send(EXTEND, tokens=encode_rows(rows, self.engine.chunk))
+            return self.engine.extend(state, rows)
 
     def generate(self, state: DecodeState):
         with self._lock:
@@ -131,10 +159,10 @@ def follow(engine: JaxEngine) -> int:
     """Run the leader's engine calls on this process until it says stop; returns calls made."""
     from jax.experimental import multihost_utils
 
-    state, prefix, calls = None, None, 0
+    state, calls = None, 0
     log.info("process %d following process 0", jax.process_index())
     while True:
-        cmd = multihost_utils.broadcast_one_to_all(np.zeros((HEADER + engine.max_prompt_len,), np.int32))
+        cmd = multihost_utils.broadcast_one_to_all(np.zeros((HEADER + payload_width(engine),), np.int32))
         op, slot, tokens, params, seed = decode(np.asarray(cmd))
         if op == STOP:
             log.info("leader stopped; %d calls followed", calls)
@@ -144,10 +172,12 @@ def follow(engine: JaxEngine) -> int:
         calls += 1
         if op == INIT:
             state = engine.init_state()
-        elif op == PREFILL:
-            prefix = engine.prefill(tokens, params, seed)
-        elif op == INSERT:
-            state = engine.insert(prefix, state, slot)
+        elif op == BEGIN:
+            state = engine.begin(state, slot, tokens, params, seed)
+        elif op == COPY:
+            state = engine.copy(state, tokens[0], slot, tokens[1])
+        elif op == EXTEND:
+            state, _ = engine.extend(state, decode_rows(tokens, engine.chunk))
         elif op == GENERATE:
             state, _ = engine.generate(state)
         elif op == RELEASE:

@@ -1,13 +1,19 @@
 """The orchestrator: a bounded waiting queue, slots, and the decode loop (continuous batching).
 
 One background thread owns the engine and its decode state. Each turn of its loop ends
-cancelled and expired requests, dispatches the next decode step for all slots, and only then
-handles the previous step's tokens (copied to the host once; detokenized incrementally, checked
-against EOS, stop ids, stop strings and max_tokens, delivered), so the host's per-token work
-overlaps the device's next step. Then it admits waiting requests into free slots (prefill +
-insert, bounded by a prompt-token budget so running streams are not stalled for long). A request
-that finishes while the next step is already on the device has that one extra token dropped;
-its slot is released before the step after.
+cancelled and expired requests, dispatches the next decode step for all live slots, then one
+``extend`` call that runs the next chunks of the prompts being prefilled, oldest first (at most
+``prefill_budget`` prompt tokens while streams that went live before the oldest of them arrived
+are decoding, so they keep their pace; else the engine's largest call), and only then handles the previous turn's tokens (copied to the
+host once; detokenized incrementally, checked against EOS, stop ids, stop strings and
+max_tokens, delivered), so the host's per-token work overlaps the device's next step. Then it
+admits waiting requests into free slots. A request that finishes while the next step is already
+on the device has that one extra token dropped; its slot is released before the step after.
+
+Prefix caching: a slot keeps the keys/values of what it last held (prompt and output) until it
+is needed again, and the host keeps the token ids they belong to. A new request takes the free
+slot whose tokens share the longest prefix with its prompt (else the least recently used one),
+or copies a longer prefix from any other slot, live or idle, and computes only the rest.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import jax
 import numpy as np
 
-from jserve.engine import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, Engine
+from jserve.engine import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, ChunkRow, Engine
 from jserve.sampling import SamplingParams
 from jserve.stops import StopMatcher
 from jserve.tokenizer import IncrementalDetokenizer, TextTokenizer
@@ -35,6 +42,12 @@ log = logging.getLogger(__name__)
 STOP, LENGTH, CANCELLED, DEADLINE, ERROR = "stop", "length", "cancelled", "deadline", "error"
 SHUTDOWN = "shutdown"  # cut by a shutdown (no drain, or the drain ran out of time): worth retrying elsewhere
 SLOW_READER = "slow_reader"  # ended because its consumer left too much output undelivered
+
+
+def _consumed(state) -> bool:
+    """Whether a donated state's buffers are gone (a call took it and then failed)."""
+    leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "is_deleted")]
+    return any(x.is_deleted() for x in leaves)
 
 
 class QueueFullError(RuntimeError):
@@ -64,6 +77,7 @@ class StreamOutput:
     completion_tokens: int
     finish_reason: str | None = None
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
 
 @dataclasses.dataclass
@@ -89,6 +103,18 @@ class _Running:
     text: str = ""
     emitted: int = 0
     generated: int = 0
+    prompt_done: int = 0  # prompt tokens whose keys/values are in the slot (reused or dispatched)
+    cached: int = 0  # of which reused from the prefix cache
+    live_since: float = float("inf")  # when its last prompt chunk was dispatched
+    out_ids: list[int] = dataclasses.field(default_factory=list)
+
+    def cache_tokens(self) -> np.ndarray:
+        """Token ids whose keys/values this run has put in its slot (the last output token has
+        not been fed to a step yet)."""
+        prompt = self.req.prompt_ids
+        if self.prompt_done < len(prompt):
+            return np.asarray(prompt[:self.prompt_done], np.int64)
+        return np.asarray(prompt + self.out_ids[:-1], np.int64)
 
 
 class Stream:
@@ -145,10 +171,12 @@ class Orchestrator:
     """Continuous batching over an ``Engine``'s fixed slots. Thread-safe ``submit``/``cancel``."""
 
     def __init__(self, engine: Engine, tokenizer: TextTokenizer | None, eos_token_ids: tuple[int, ...] = (),
-                 max_waiting: int = 256, prefill_budget: int = 512,
+                 max_waiting: int = 256, prefill_budget: int = 64,
                  on_event: Callable[[str, Request, float], None] | None = None, pipeline: bool = True,
-                 on_fatal: Callable[[str], None] | None = None, max_undelivered: int = 1024):
+                 on_fatal: Callable[[str], None] | None = None, max_undelivered: int = 1024,
+                 prefix_cache: bool = True):
         self.engine = engine
+        self.prefix_cache = prefix_cache
         self.max_undelivered = max_undelivered  # pieces a consumer may leave unread before its request ends
         self.pipeline = pipeline
         self._on_fatal = on_fatal  # called once, on the loop thread, if the engine dies
@@ -161,7 +189,10 @@ class Orchestrator:
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._free: collections.deque[int] = collections.deque(range(engine.slots))
-        self._running: dict[int, _Running] = {}
+        self._running: dict[int, _Running] = {}  # slot -> run: live on device, or its last chunk dispatched
+        self._prefilling: dict[int, _Running] = {}  # slot -> run whose prompt is still being run in (FIFO)
+        self._slot_tokens: list[np.ndarray] = [np.zeros((0,), np.int64)] * engine.slots  # idle slots' cache
+        self._slot_used = [0.0] * engine.slots  # when each slot was last released (least recently used first)
         self._stopping = False
         self._aborting = False  # shutdown without (or past) its drain: the loop cuts everything
         self._seeds = np.random.default_rng()
@@ -177,7 +208,7 @@ class Orchestrator:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._running) + len(self._prefilling)
 
     @property
     def slots_in_use(self) -> int:
@@ -256,9 +287,11 @@ class Orchestrator:
             self._stopping = True
             waiting, self._waiting = list(self._waiting), collections.deque()
             self._cv.notify_all()
-        ends = [functools.partial(self._finish, run, ERROR, error=message) for run in self._running.values()]
+        runs = list(self._running.values()) + list(self._prefilling.values())
+        ends = [functools.partial(self._finish, run, ERROR, error=message) for run in runs]
         ends += [functools.partial(self._end_unstarted, req, ERROR, error=message) for req in waiting]
         self._running.clear()
+        self._prefilling.clear()
         for end in ends:
             try:
                 end()
@@ -272,9 +305,9 @@ class Orchestrator:
         in_flight = None  # (packed result, slot -> run at dispatch) of the step whose tokens are not yet handled
         while True:
             with self._cv:
-                while not self._running and not self._waiting and not self._stopping:
+                while not self._busy() and not self._waiting and not self._stopping:
                     self._cv.wait()
-                if self._stopping and not self._running and not self._waiting:
+                if self._stopping and not self._busy() and not self._waiting:
                     return
             try:
                 state = self._end_cancelled_and_expired(state)
@@ -282,7 +315,11 @@ class Orchestrator:
                 if self._running:  # step n+1 goes to the device before step n's tokens are handled
                     state, packed = self.engine.generate(state)
                     self.steps += 1
-                    dispatched = (packed, dict(self._running))
+                    dispatched = (packed, dict(self._running), None, {})
+                if self._prefilling:  # then the next prompt chunks
+                    state, ext_packed, ext_owners = self._extend(state)
+                    gen = dispatched or (None, {}, None, {})
+                    dispatched = (gen[0], gen[1], ext_packed, ext_owners)
                 if not self.pipeline and dispatched is not None:
                     in_flight, dispatched = dispatched, None
                 if in_flight is not None:
@@ -290,19 +327,24 @@ class Orchestrator:
                 in_flight = dispatched
                 state = self._admit(state)
             except Exception as e:  # the device state may be gone: fail what runs, start clean
-                log.exception("decode loop failed; ending %d running requests", len(self._running))
-                for run in list(self._running.values()):
+                log.exception("decode loop failed; ending %d running requests", self.num_running)
+                for run in list(self._running.values()) + list(self._prefilling.values()):
                     self._finish(run, ERROR, error=f"internal error: {e}")
                 self._running.clear()
+                self._prefilling.clear()
                 self._free = collections.deque(range(self.engine.slots))
+                self._slot_tokens = [np.zeros((0,), np.int64)] * self.engine.slots  # the cache is rebuilt empty
                 in_flight = None
                 state = self.engine.init_state()  # if this fails too, the engine is dead (see _loop)
             with self._cv:
                 self._cv.notify_all()  # wake blocked submitters: the queue may have room
 
+    def _busy(self) -> bool:
+        return bool(self._running or self._prefilling)
+
     def _end_cancelled_and_expired(self, state):
         now = time.monotonic()
-        for run in list(self._running.values()):
+        for run in list(self._running.values()) + list(self._prefilling.values()):
             reason = SHUTDOWN if self._aborting else self._ended(run.req, now)
             if reason:
                 state = self._release(state, run)
@@ -339,61 +381,116 @@ class Orchestrator:
         return None
 
     def _admit(self, state):
-        budget = self.prefill_budget
-        admitted = 0
+        """Give waiting requests free slots (oldest first): pick the slot, reuse or copy a cached
+        prefix, and queue the rest of the prompt for ``_extend``."""
         while self._free:
             with self._cv:
                 if not self._waiting:
                     break
-                req = self._waiting[0]
-                if admitted and len(req.prompt_ids) > budget:
-                    break
-                self._waiting.popleft()
+                req = self._waiting.popleft()
             reason = self._ended(req, time.monotonic())
             if reason:  # cancelled or expired while waiting: never reaches the device
                 self._end_unstarted(req, reason)
                 continue
-            slot = self._free.popleft()
+            slot, src, reuse = self._place(req.prompt_ids)
+            self._free.remove(slot)
             seed = req.params.seed if req.params.seed is not None else int(self._seeds.integers(2**63))
-            try:
-                prefix = self.engine.prefill(req.prompt_ids, req.params, seed)
-                first = np.asarray(prefix.result)
-            except Exception as e:
-                log.exception("prefill failed for %s", req.request_id)
-                self._free.appendleft(slot)
-                self._end_unstarted(req, ERROR, error=f"prefill failed: {e}")
-                continue
-            try:
-                state = self.engine.insert(prefix, state, slot)
-            except Exception as e:  # the donated state may be gone: end this request, let the loop recover
-                self._free.appendleft(slot)
-                self._end_unstarted(req, ERROR, error=f"insert failed: {e}")
-                raise
-            budget -= len(req.prompt_ids)
-            admitted += 1
             run = _Running(
                 req=req, slot=slot,
                 detok=self.tokenizer.detokenizer() if self.tokenizer is not None else None,
                 stop_ids=frozenset(req.params.stop_token_ids)
                 | (frozenset() if req.params.ignore_eos else self.eos_token_ids),
                 stops=StopMatcher(req.params.stop),
+                prompt_done=reuse, cached=reuse,
             )
-            self._running[slot] = run
-            state = self._on_token(state, run, first)
+            try:
+                state = self.engine.begin(state, slot, req.prompt_ids, req.params, seed)
+            except Exception as e:
+                log.exception("could not start %s", req.request_id)
+                self._free.appendleft(slot)
+                self._end_unstarted(req, ERROR, error=f"could not start the request: {e}")
+                if _consumed(state):  # the donated state is gone: the loop rebuilds it
+                    raise
+                continue
+            self._prefilling[slot] = run  # from here the loop's recovery ends it if a call below fails
+            if src is not None:
+                state = self.engine.copy(state, src, slot, reuse)
+            self._slot_tokens[slot] = np.zeros((0,), np.int64)  # what it held is now being overwritten
+            if self.prefix_cache:
+                self._on_event("prefix_lookup", req, float(reuse))
         return state
 
-    def _handle_step(self, state, packed, owners: dict[int, _Running]):
-        """Hand each request its token from one step's packed result (``owners``: slot -> run when
-        the step was dispatched). A run that ended since then (stop, cancel, ...) had one step too
-        many on the device: its token is dropped here and never reaches a client."""
-        result = np.asarray(packed)  # the one device-to-host copy of this step
-        for slot, run in owners.items():
-            if self._running.get(slot) is not run:
+    def _place(self, prompt: list[int]) -> tuple[int, int | None, int]:
+        """``(slot, source slot to copy from or None, prompt tokens reused)`` for a new prompt.
+
+        At most ``len(prompt) - 1`` tokens are reused: the last one is always run, for its logits."""
+        if not self.prefix_cache:
+            return self._free[0], None, 0
+        ids = np.asarray(prompt, np.int64)
+        limit = len(ids) - 1
+
+        def shared(tokens: np.ndarray) -> int:
+            n = min(limit, len(tokens))
+            diff = np.flatnonzero(tokens[:n] != ids[:n])
+            return int(diff[0]) if diff.size else n
+
+        free = {s: shared(self._slot_tokens[s]) for s in self._free}
+        # The free slot with the longest shared prefix; among equals the least recently used.
+        slot = max(free, key=lambda s: (free[s], -self._slot_used[s]))
+        busy = {s: shared(run.cache_tokens()) for s, run in (*self._running.items(), *self._prefilling.items())}
+        best = max((*free.items(), *busy.items()), key=lambda kv: kv[1])
+        if best[1] > free[slot]:
+            return slot, best[0], best[1]
+        return slot, None, free[slot]
+
+    def _extend(self, state):
+        """Dispatch the next prompt chunks, oldest request first. Returns the state, the packed
+        result and ``{row: run}`` for rows that end a prompt (those runs are live from here on)."""
+        e = self.engine
+        rows_max = e.max_rows
+        head = next(iter(self._prefilling.values()))
+        if any(run.live_since < head.req.arrival for run in self._running.values()):
+            # Streams that were live before the oldest prompt arrived keep their pace: this call
+            # holds them up by at most ``prefill_budget`` tokens. (Streams that went live after it
+            # arrived, e.g. the rest of a burst it came in with, do not make it wait behind them.)
+            rows_max = max(1, min(rows_max, self.prefill_budget // e.chunk))
+        rows: list[ChunkRow] = []
+        owners: dict[int, _Running] = {}
+        for slot, run in list(self._prefilling.items()):
+            prompt = run.req.prompt_ids
+            while len(rows) < rows_max and run.prompt_done < len(prompt):
+                start = run.prompt_done
+                chunk = prompt[start:start + e.chunk]
+                run.prompt_done += len(chunk)
+                final = run.prompt_done == len(prompt)
+                if final:
+                    owners[len(rows)] = run
+                    del self._prefilling[slot]
+                    self._running[slot] = run
+                    run.live_since = time.monotonic()
+                rows.append(ChunkRow(slot=slot, start=start, tokens=chunk, final=final))
+            if len(rows) >= rows_max:
+                break
+        state, packed = e.extend(state, rows)
+        return state, packed, owners
+
+    def _handle_step(self, state, packed, owners: dict[int, _Running], ext_packed, ext_owners: dict[int, _Running]):
+        """Hand each request its token from one turn's packed results: the decode step's
+        (``owners``: slot -> run when it was dispatched), then the first tokens of prompts that
+        ended in the ``extend`` call after it (``ext_owners``: row -> run). A run that ended since
+        (stop, cancel, ...) had one step too many on the device: its token is dropped here and
+        never reaches a client."""
+        for result, owned in ((packed, owners), (ext_packed, ext_owners)):
+            if not owned:
                 continue
-            row = result[slot]
-            if row[ACTIVE] < 0.5:
-                raise RuntimeError(f"slot {slot} is running on the host but inactive on device")
-            state = self._on_token(state, run, row)
+            result = np.asarray(result)  # one device-to-host copy per call
+            for i, run in owned.items():
+                if self._running.get(run.slot) is not run:
+                    continue
+                row = result[i]
+                if row[ACTIVE] < 0.5:
+                    raise RuntimeError(f"slot {run.slot} is running on the host but inactive on device")
+                state = self._on_token(state, run, row)
         return state
 
     def _on_token(self, state, run: _Running, row: np.ndarray):
@@ -425,6 +522,7 @@ class Orchestrator:
         p = run.req.params
         token = int(row[TOKEN])
         run.generated += 1
+        run.out_ids.append(token)
         tops = []
         n = self.engine.top_logprobs
         if p.logprobs and n:
@@ -455,16 +553,19 @@ class Orchestrator:
         lps = [float(row[LOGPROB])] if p.logprobs is not None else []
         out = StreamOutput(text=piece, token_ids=[token], logprobs=lps, top_logprobs=tops,
                            prompt_tokens=len(run.req.prompt_ids), completion_tokens=run.generated,
-                           finish_reason=reason)
+                           finish_reason=reason, cached_tokens=run.cached)
         return reason, out
 
     def _release(self, state, run: _Running):
-        if self._running.get(run.slot) is run:
-            # Released on the device first: if that raises, the run is still running here and the
-            # loop's recovery ends it with its one final (error) message.
-            state = self.engine.release(state, run.slot)
-            del self._running[run.slot]
-            self._free.append(run.slot)
+        for table in (self._running, self._prefilling):
+            if table.get(run.slot) is run:
+                # Released on the device first: if that raises, the run is still running here and
+                # the loop's recovery ends it with its one final (error) message.
+                state = self.engine.release(state, run.slot)
+                del table[run.slot]
+                self._slot_tokens[run.slot] = run.cache_tokens()  # kept for the next prompt sharing it
+                self._slot_used[run.slot] = time.monotonic()
+                self._free.append(run.slot)
         return state
 
     def _finish(self, run: _Running, reason: str, error: str | None = None) -> None:
@@ -472,6 +573,6 @@ class Orchestrator:
         if reason != ERROR and run.detok is not None:  # text held back for a stop string that never came
             tail = run.text[run.emitted:] + run.detok.flush()
         run.req.sink(StreamOutput(tail, [], [], [], len(run.req.prompt_ids), run.generated,
-                                  finish_reason=reason, error=error))
+                                  finish_reason=reason, error=error, cached_tokens=run.cached))
         self._on_event("finished:" + reason, run.req, time.monotonic() - run.req.arrival)
 

@@ -154,6 +154,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                     resp.finish_reason = FINISH[piece.finish_reason]
                     resp.usage.prompt_tokens = piece.prompt_tokens
                     resp.usage.completion_tokens = piece.completion_tokens
+                    resp.usage.cached_prompt_tokens = piece.cached_tokens
                 yield resp
         finally:
             stream.cancel()  # no-op when finished; frees the slot when the client went away
@@ -171,6 +172,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             max_logprobs=eng.top_logprobs, eos_token_ids=list(eos), dtype=llm.dtype,
             quantization=llm.quantize or "none",
             has_chat_template=bool(llm.tokenizer and llm.tokenizer.has_chat_template),
+            prefix_cache=llm.orchestrator.prefix_cache,
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
@@ -218,8 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-undelivered", type=int, default=1024,
                     help="responses a client may leave unread before its request is ended with RESOURCE_EXHAUSTED "
                          "and its slot freed (default 1024)")
-    ap.add_argument("--prefill-budget", type=int, default=512,
-                    help="prompt tokens admitted between two decode steps, bounding stalls of running streams")
+    ap.add_argument("--prefill-budget", type=int, default=64,
+                    help="prompt tokens run between two decode steps while streams are live, in chunks of 32 "
+                         "(default 64): a long prompt is run a chunk at a time, so live streams keep their pace; "
+                         "with no live stream each call takes up to 512")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="compute every prompt in full (default: reuse the keys/values of a prompt prefix "
+                         "already held by some slot, e.g. a shared system prompt or the earlier turns of a chat)")
     ap.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
                     help="int8 weights applied at load: int8 = weight-only (GPU/TPU fast path), "
                          "int8-dynamic = int8 weights and per-row int8 activations (fastest on CPU)")
@@ -308,6 +315,7 @@ async def serve(args: argparse.Namespace) -> int:
         loop.call_soon_threadsafe(stop.set)
 
     kwargs = dict(engine_kwargs(args), max_waiting=args.max_waiting, prefill_budget=args.prefill_budget,
+                  prefix_cache=not args.no_prefix_cache,
                   on_event=metrics.on_event, on_fatal=on_fatal, max_undelivered=args.max_undelivered)
     # Loading and compiling run in a daemon thread, not the default executor: a signal during
     # start-up must not wait for the compilation to finish.

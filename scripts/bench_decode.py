@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                             cache_dtype=getattr(jnp, dtype))
             state = eng.init_state()
             for s in range(slots):
-                state = eng.insert(eng.prefill([1, 9690, 198, 2683 + s], greedy, s), state, s)
+                state, _ = eng.prefill(state, s, [1, 9690, 198, 2683 + s], greedy, s)
             for _ in range(2):  # compile and settle
                 state, out = eng.generate(state)
                 np.asarray(out)

@@ -7,7 +7,7 @@
 - sampling: with ``--sampling``, the same step with every slot greedy, then with every slot
   sampled at temperature 0.8 / top-p 0.95 / top-k 50 and penalties on half of them, then plain
   temperature 1.0 (the server's default), rounds interleaved;
-- prefill: prompt tokens/s for each length bucket (one prompt filling its bucket);
+- prefill: prompt tokens/s for one prompt filling each ``extend`` call size (rows x chunk);
 - model bandwidth utilization (MBU): bytes the decode step must read (weights + the KV cache
   it attends over) / step time / memory bandwidth, the bandwidth measured by this script in
   the same run (the best of several XLA reductions over a 512 MiB array).
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         state = eng.init_state()
         for s in range(eng.slots):
             p = params_of_slot(s)
-            state = eng.insert(eng.prefill(prompt[:-1] + [prompt[-1] + s], p, s), state, s)
+            state, _ = eng.prefill(state, s, prompt[:-1] + [prompt[-1] + s], p, s)
         return state
 
     def timed_steps(eng, state, n):
@@ -102,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             eng.warmup()
             configs.append([eng, fill(eng, lambda s: greedy), []])
             if slots == args.slots[0] and max_len == args.max_len[0] and not args.no_prefill:
-                for b in eng.buckets:
+                for rows in eng.chunk_rows:  # one prompt filling a call of each row bucket
+                    b = rows * eng.chunk
                     pt = []
                     for _ in range(3):
+                        st = eng.init_state()
                         t0 = time.perf_counter()
-                        np.asarray(eng.prefill(list(range(100, 100 + b)), greedy, 0).result)
+                        st, first = eng.prefill(st, 0, list(range(100, 100 + b)), greedy, 0)
                         pt.append(time.perf_counter() - t0)
                     prefill.append({"bucket": b, "ms": 1000 * min(pt), "tokens_per_s": b / min(pt)})
     for _ in range(args.rounds):
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {d['slots']} | {d['max_len']} | {d['step_ms']:.1f} | {d['tokens_per_s']:.1f} "
               f"| {d['tokens_per_s'] / base:.2f} | {d['bytes_per_step'] / 2**20:.0f} | {100 * d['mbu']:.0f}% |")
     if prefill:
-        print("| prefill bucket | ms | prompt tokens/s |")
+        print("| prompt tokens (one call) | ms | prompt tokens/s |")
         print("| ---: | ---: | ---: |")
         for p in prefill:
             print(f"| {p['bucket']} | {p['ms']:.1f} | {p['tokens_per_s']:.0f} |")

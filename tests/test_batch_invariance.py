@@ -1,5 +1,7 @@
-"""The needle test: a request's tokens and logprobs are bitwise the same alone and amid traffic of
-any lengths, including neighbours near ``max_len`` whose attention reads many more cache blocks."""
+"""The needle test: a request's tokens and logprobs are bitwise the same alone (its prompt computed,
+no prefix cache) and amid traffic of any lengths (neighbours near ``max_len`` whose attention reads
+many more cache blocks, long prompts chunked into the same calls as the needle's), with its prompt
+taken from the prefix cache: its own earlier run's, or a live neighbour's that shares its start."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 from jserve import SamplingParams
 from jserve.llm import collect
 from jserve.model import ATTN_BLOCK
+from jserve.orchestrator import Orchestrator, Stream
 
 MAX_LEN = 3 * ATTN_BLOCK
 MAX_PROMPT = MAX_LEN - 64
@@ -38,11 +41,18 @@ def test_needle_alone_equals_needle_amid_15_random_neighbours(llm16, sampled):
     needle_params = SamplingParams(max_tokens=48, ignore_eos=True, logprobs=3,
                                    **(dict(temperature=0.9, top_p=0.95, top_k=40, seed=1234) if sampled
                                       else dict(temperature=0.0)))
-    [alone] = llm16.generate([needle_prompt], needle_params)
-    assert alone.finish_reason == "length" and len(alone.logprobs) == 48
+    cold = Orchestrator(llm16.engine, llm16.tokenizer, prefix_cache=False)
+    try:
+        alone = collect(list(cold.submit(needle_prompt, needle_params, Stream())))
+    finally:
+        cold.shutdown(drain=False, timeout=10)
+    assert alone.finish_reason == "length" and len(alone.logprobs) == 48 and alone.cached_tokens == 0
+    cached = []
     for trial in range(3):
-        others = []
-        for _ in range(15):
+        # A neighbour that starts like the needle: the needle may copy its prefix from that slot.
+        sharer = needle_prompt[:16] + rng.integers(17, vocab, int(rng.integers(1, 60))).tolist()
+        others = [(sharer, SamplingParams(max_tokens=30, ignore_eos=True))]
+        for _ in range(14):
             n = int(rng.choice([rng.integers(1, 40), rng.integers(MAX_PROMPT - 40, MAX_PROMPT + 1)]))
             room = MAX_LEN - n
             params = SamplingParams(max_tokens=int(rng.integers(max(1, room - 10), room + 1)), ignore_eos=True,
@@ -57,5 +67,7 @@ def test_needle_alone_equals_needle_amid_15_random_neighbours(llm16, sampled):
             time.sleep(float(rng.uniform(0, 0.01)))
         results = [collect(list(s)) for s in streams]
         assert _fingerprint(results[at]) == _fingerprint(alone), f"trial {trial}: the needle changed at {at}"
+        cached.append(results[at].cached_tokens)
         assert any(len(p) + r.completion_tokens > MAX_LEN - 16 for (p, _), r in zip(order, results))
     assert llm16.orchestrator.slots_in_use == 0
+    assert any(cached), "the needle never took its prefix from the cache: that path went untested"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jserve import checkpoint
-from jserve.engine import ACTIVE, TOKEN, JaxEngine, buckets_for
+from jserve.engine import ACTIVE, TOKEN, ChunkRow, JaxEngine
 from jserve.sampling import SamplingParams
 
 from .conftest import QUANT_MODES
@@ -33,12 +33,6 @@ class CompileCounter:
 _counter = CompileCounter()
 
 
-def test_buckets_are_powers_of_two_closed_by_the_max():
-    assert buckets_for(100) == (16, 32, 64, 100)
-    assert buckets_for(64) == (16, 32, 64)
-    assert buckets_for(10) == (10,)
-
-
 ENGINE_MODES = [(jnp.float32, q) for q in QUANT_MODES] + [(jnp.float32, "int8-dynamic"), (jnp.bfloat16, None)]
 
 
@@ -55,9 +49,9 @@ def engine(tiny_ckpt, request):
 
 
 def test_warmup_compiles_every_bucket_and_the_counter_sees_it(engine):
-    # At least prefill per bucket (16, 32, 40) and generate are traced: the counter is not blind.
-    # (insert and release may be shared with an earlier engine in this process: same shapes.)
-    assert engine.warmup_traces >= len(engine.buckets) + 1
+    # At least extend per row bucket and generate are traced: the counter is not blind.
+    # (begin, copy and release may be shared with an earlier engine in this process: same shapes.)
+    assert engine.warmup_traces >= len(engine.chunk_rows) + 1
 
 
 def test_serving_after_warmup_compiles_nothing_and_donation_is_clean(engine):
@@ -69,8 +63,13 @@ def test_serving_after_warmup_compiles_nothing_and_donation_is_clean(engine):
         try:
             for i, n in enumerate([1, 5, 16, 17, 33, 40, 2, 30]):
                 p = SamplingParams(temperature=[0.0, 0.7][i % 2], top_k=i, top_p=0.9, repetition_penalty=1.1)
-                prefix = engine.prefill(rng.integers(0, engine.vocab_size, n).tolist(), p, seed=i)
-                state = engine.insert(prefix, state, i % engine.slots)
+                state, _ = engine.prefill(state, i % engine.slots, rng.integers(0, engine.vocab_size, n).tolist(), p,
+                                          seed=i)
+                if i and n < 40:  # a prefix copied from another slot, then a chunk run after it
+                    state = engine.copy(state, (i - 1) % engine.slots, (i + 1) % engine.slots, n)
+                    state = engine.begin(state, (i + 1) % engine.slots, [3] * (n + 1), p, seed=i)
+                    state, _ = engine.extend(state, [ChunkRow((i + 1) % engine.slots, n, [3], True)])
+                    state = engine.release(state, (i + 1) % engine.slots)
                 for _ in range(3):
                     state, out = engine.generate(state)
                     np.asarray(out)
@@ -82,10 +81,8 @@ def test_serving_after_warmup_compiles_nothing_and_donation_is_clean(engine):
 
 def test_step_result_packs_tokens_logprobs_flags_and_top_alternatives(engine):
     state = engine.init_state()
-    prefix = engine.prefill([5, 6, 7], SamplingParams(temperature=0.0, logprobs=2), seed=0)
-    first = np.asarray(prefix.result)
-    assert first.shape == (3 + 2 * 2,)
-    state = engine.insert(prefix, state, 1)
+    state, first = engine.prefill(state, 1, [5, 6, 7], SamplingParams(temperature=0.0, logprobs=2), seed=0)
+    assert first.shape == (3 + 2 * 2,) and first[ACTIVE] == 1.0
     state, out = engine.generate(state)
     out = np.asarray(out)
     assert out.shape == (3, 3 + 2 * 2)
@@ -98,8 +95,11 @@ def test_step_result_packs_tokens_logprobs_flags_and_top_alternatives(engine):
 
 def test_old_state_is_donated(engine):
     state = engine.init_state()
-    prefix = engine.prefill([1, 2, 3], SamplingParams(temperature=0.0), seed=0)
-    new = engine.insert(prefix, state, 0)
+    new = engine.begin(state, 0, [1, 2, 3], SamplingParams(temperature=0.0), seed=0)
+    assert state.cache.k[0].is_deleted()
+    state, _ = engine.extend(new, [ChunkRow(0, 0, [1, 2, 3], True)])
+    assert new.cache.k[0].is_deleted()
+    new = engine.copy(state, 0, 1, 3)
     assert state.cache.k[0].is_deleted()  # the cache was updated in place, not copied
     new, _ = engine.generate(new)
     engine.release(new, 0)
@@ -107,14 +107,13 @@ def test_old_state_is_donated(engine):
 
 def test_no_logprob_work_when_no_slot_asks(engine):
     state = engine.init_state()
-    prefix = engine.prefill([5, 6, 7], SamplingParams(temperature=0.0), seed=0)
-    assert np.asarray(prefix.result)[1:].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
-    state = engine.insert(prefix, state, 0)
+    state, first = engine.prefill(state, 0, [5, 6, 7], SamplingParams(temperature=0.0), seed=0)
+    assert first[1:].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
     state, out = engine.generate(state)
     out = np.asarray(out)
     assert out[0, 1] == 0.0 and not out[0, 3:].any()  # the log-softmax and top-k branches did not run
     # One slot asking for the chosen token's logprob only: it gets it, and still no top-k runs.
-    state = engine.insert(engine.prefill([8, 9], SamplingParams(temperature=0.0, logprobs=0), seed=0), state, 2)
+    state, _ = engine.prefill(state, 2, [8, 9], SamplingParams(temperature=0.0, logprobs=0), seed=0)
     state, out = engine.generate(state)
     out = np.asarray(out)
     assert out[2, 1] < 0 and not out[:, 3:].any()

@@ -136,3 +136,97 @@ def test_decode_with_blocked_attention_follows_the_dense_step():
     n_blocks = jnp.int32(150 // model.attention_block(t) + 1)
     blocked, _ = jax.jit(model.decode_step, static_argnums=1)(params, cfg, tokens, positions, cache, n_blocks)
     np.testing.assert_allclose(np.asarray(blocked)[:2], np.asarray(dense)[:2], atol=1e-4, rtol=1e-4)
+
+
+def _run_chunks(params, cfg, seq, calls, rows, slots=3, slot=1, t=256, filler_seed=None):
+    """Run ``seq`` into ``slot`` by ``model.extend``: ``calls`` is a list of calls, each a list of
+    ``(start, n)`` chunks (of at most 32). Returns hidden states ``[len(seq), D]`` and the cache."""
+    ext = jax.jit(model.extend, static_argnums=1)
+    cache = KVCache.zeros(cfg, slots, t, jnp.float32)
+    rng = np.random.default_rng(filler_seed)
+    hidden = {}
+    for call in calls:
+        tok, sl, st, ct = (np.zeros((rows, 32), np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32),
+                           np.zeros(rows, np.int32))
+        for r, (a, n) in enumerate(call):
+            tok[r, :n], sl[r], st[r], ct[r] = seq[a:a + n], slot, a, n
+        if filler_seed is not None and len(call) < rows:  # another slot's chunk shares the call
+            r = len(call)
+            tok[r], sl[r], st[r], ct[r] = rng.integers(0, cfg.vocab_size, 32), (slot + 1) % slots, 0, 32
+        furthest = max(a + n - 1 for a, n in call)
+        x, cache = ext(params, cfg, tok, sl, st, ct, cache, jnp.int32(furthest // model.attention_block(t) + 1))
+        x = np.asarray(x)
+        for r, (a, n) in enumerate(call):
+            for j in range(n):
+                hidden[a + j] = x[r, j]
+    return np.stack([hidden[i] for i in sorted(hidden)]), cache
+
+
+def _chunks(length, first=32):
+    out, a = [], 0
+    for n in [first] + [32] * length:
+        if a >= length:
+            break
+        out.append((a, min(n, length - a)))
+        a += out[-1][1]
+    return out
+
+
+@pytest.mark.parametrize("over, t, n_seq, n_prompt", [
+    ({}, 256, 170, 150),  # crosses an attention block (128)
+    ({"n_kv_heads": 1, "tie_embeddings": False}, 256, 170, 150),
+    ({}, 96, 90, 70),  # a cache shorter than one block: one block of 96, not a power of two
+])
+def test_extend_in_chunks_reproduces_full_forward_and_decode_continues(over, t, n_seq, n_prompt):
+    cfg, params = _setup(**over)
+    rng = np.random.default_rng(3)
+    seq = rng.integers(0, cfg.vocab_size, size=n_seq)
+    full = np.asarray(model.logits_all(params, cfg, jnp.array(seq[None])))[0]
+    chunks = _chunks(n_prompt, first=7)
+    hidden, cache = _run_chunks(params, cfg, seq, [chunks[i:i + 2] for i in range(0, len(chunks), 2)], rows=2,
+                                t=t)
+    logits = np.asarray(model.unembed(params, cfg, jnp.asarray(hidden[:n_prompt])))
+    np.testing.assert_allclose(logits, full[:n_prompt], atol=1e-4, rtol=1e-4)
+    step = jax.jit(model.decode_step, static_argnums=1)
+    for pos in range(n_prompt, len(seq)):
+        tokens = jnp.zeros((3,), jnp.int32).at[1].set(seq[pos])
+        positions = jnp.full((3,), t).at[1].set(pos)
+        out, cache = step(params, cfg, tokens, positions, cache, jnp.int32(pos // model.attention_block(t) + 1))
+        np.testing.assert_allclose(np.asarray(out)[1], full[pos], atol=1e-4, rtol=1e-4)
+
+
+def test_extend_is_bitwise_the_same_wherever_chunks_are_cut_and_whatever_shares_the_call():
+    cfg, params = _setup()
+    seq = np.random.default_rng(4).integers(0, cfg.vocab_size, size=200)
+    aligned = _chunks(200)
+    h0, c0 = _run_chunks(params, cfg, seq, [aligned[i:i + 1] for i in range(len(aligned))], rows=2)
+    shifted = _chunks(200, first=5)
+    h1, c1 = _run_chunks(params, cfg, seq, [shifted[i:i + 3] for i in range(0, len(shifted), 3)], rows=8,
+                         filler_seed=0)
+    h2, c2 = _run_chunks(params, cfg, seq, [aligned], rows=16, filler_seed=1)
+    for h, c in ((h1, c1), (h2, c2)):
+        assert np.array_equal(h, h0)
+        for a, b in zip(c.k + c.v, c0.k + c0.v):
+            assert np.array_equal(np.asarray(a)[1, :, :200], np.asarray(b)[1, :, :200])
+
+
+def test_copy_prefix_copies_whole_blocks_of_one_slot_only():
+    from jserve.kv_cache import copy_prefix
+
+    cfg, _ = _setup()
+    rng = np.random.default_rng(6)
+    shape = (3, cfg.n_kv_heads, 64, cfg.head_dim)
+    cache = KVCache(k=tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(cfg.n_layers)),
+                    v=tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(cfg.n_layers)))
+    before = [np.asarray(x) for x in cache.k + cache.v]
+    out = jax.jit(copy_prefix, static_argnums=4)(cache, jnp.int32(0), jnp.int32(2), jnp.int32(20), 16)
+    for b, a in zip(before, out.k + out.v):
+        a = np.asarray(a)
+        assert np.array_equal(a[2, :, :32], b[0, :, :32])  # 20 positions, rounded up to 2 blocks of 16
+        assert np.array_equal(a[2, :, 32:], b[2, :, 32:]) and np.array_equal(a[:2], b[:2])
+
+
+@pytest.mark.parametrize("n", [1, 3, 96, 128])
+def test_pairwise_sum_sums_any_width(n):
+    x = np.random.default_rng(n).standard_normal((2, n)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(model._pairwise_sum(jnp.asarray(x))), x.sum(-1), rtol=1e-5, atol=1e-5)

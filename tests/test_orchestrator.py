@@ -145,14 +145,14 @@ def test_eos_finishes_with_stop_and_max_tokens_with_length(tiny_llm):
 
 def test_error_in_one_request_ends_only_that_request(tiny_llm, monkeypatch):
     engine = tiny_llm.engine
-    real_prefill = engine.prefill
+    real_begin = engine.begin
 
-    def flaky(tokens, params, seed):
+    def flaky(state, slot, tokens, params, seed):
         if tokens[0] == 4242:
             raise RuntimeError("injected failure")
-        return real_prefill(tokens, params, seed)
+        return real_begin(state, slot, tokens, params, seed)
 
-    monkeypatch.setattr(engine, "prefill", flaky)
+    monkeypatch.setattr(engine, "begin", flaky)
     sp = SamplingParams(max_tokens=10, **GREEDY)
     expected = _alone(tiny_llm, [7, 8, 9], sp).token_ids
     res = _staggered(tiny_llm, [[7, 8, 9], [4242, 1], [7, 8, 9]], [sp] * 3)
@@ -232,7 +232,7 @@ def test_a_prompt_too_big_to_fit_is_refused_before_tokenizing(tiny_llm, monkeypa
 
 
 class _GatedEngine:
-    """An engine whose prefills wait for a gate: the loop is held inside admission while the test acts."""
+    """An engine whose requests' starts wait for a gate: the loop is held inside admission while the test acts."""
 
     def __init__(self, engine):
         self._engine, self.gate = engine, threading.Event()
@@ -240,9 +240,9 @@ class _GatedEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def prefill(self, *args):
+    def begin(self, *args):
         self.gate.wait(30)
-        return self._engine.prefill(*args)
+        return self._engine.begin(*args)
 
 
 def test_cancelled_waiting_requests_leave_the_queue_at_once(tiny_llm):
@@ -316,14 +316,18 @@ def _final_pieces(stream, timeout: float = 60.0):
     return pieces
 
 
-@pytest.mark.parametrize("fail, after", [("generate", 3), ("insert", 1), ("release", 0)])
+@pytest.mark.parametrize("fail, after", [("generate", 3), ("extend", 1), ("begin", 2), ("copy", 0),
+                                         ("release", 0)])
 def test_an_engine_fault_ends_each_request_once_and_serving_goes_on(tiny_llm, fail, after):
     engine = _FaultyEngine(tiny_llm.engine, fail, after)
     orch = Orchestrator(engine, tiny_llm.tokenizer, max_waiting=16)
     try:
         sp = SamplingParams(max_tokens=6, **GREEDY)
-        streams = [orch.submit([1, 2, 3 + i], sp, Stream(), block=True) for i in range(6)]
-        finals = [_final_pieces(s)[-1] for s in streams]
+        first = orch.submit([1, 2, 3, 4, 5, 6], sp, Stream(), block=True)
+        head = first._q.get(timeout=60)  # live (or already ended): the others find its prefix to copy
+        streams = [orch.submit([1, 2, 3, 4, 5, 6 + i], sp, Stream(), block=True) for i in range(1, 6)]
+        finals = [head if head.finish_reason else _final_pieces(first)[-1]]
+        finals += [_final_pieces(s)[-1] for s in streams]
         assert engine.times == 0  # the fault happened
         assert any(f.finish_reason == "error" and "injected" in f.error for f in finals)
         assert all(f.finish_reason in ("error", "length") for f in finals)

@@ -223,6 +223,19 @@ def test_metrics_move_with_the_work_done(server, client):
     assert _metric(_metrics(server), "jserve_slots") == SLOTS
 
 
+def test_a_repeated_prompt_prefix_is_served_from_the_cache_and_reported(server, client):
+    names = ("jserve_prefix_cache_lookups_total", "jserve_prefix_cache_hit_tokens_total")
+    before = {n: _metric(_metrics(server), n) for n in names}
+    prompt = list(range(7000, 7040))
+    first = client.complete(prompt, max_tokens=5, **GREEDY)
+    again = client.complete(prompt[:-1] + [9], max_tokens=5, **GREEDY)
+    assert client.model_info().prefix_cache
+    assert again.cached_prompt_tokens == len(prompt) - 1 and first.cached_prompt_tokens == 0
+    after = {n: _metric(_metrics(server), n) for n in names}
+    assert after[names[0]] - before[names[0]] >= 2
+    assert after[names[1]] - before[names[1]] >= len(prompt) - 1
+
+
 def test_an_oversized_request_gets_invalid_argument_naming_the_limit(client):
     with pytest.raises(grpc.RpcError) as e:
         list(client.stream("x" * (5 << 20), max_tokens=2))
