@@ -46,9 +46,13 @@ def parse_line(obj: Any) -> tuple[str, Any, dict[str, Any]]:
     """``(id, prompt input, SamplingParams kwargs)`` of one input object, or ``LineError``."""
     if not isinstance(obj, dict):
         raise LineError(f"each line must be a JSON object, got {type(obj).__name__}")
+    from jserve.sampling import MAX_REQUEST_ID_CHARS
+
     rid = obj.get("id")
     if not isinstance(rid, str):
         raise LineError("missing or non-string \"id\"")
+    if len(rid) > MAX_REQUEST_ID_CHARS:
+        raise LineError(f"\"id\" has {len(rid)} characters; at most {MAX_REQUEST_ID_CHARS} are allowed")
     given = [k for k in INPUT_KEYS if k in obj]
     if len(given) != 1:
         raise LineError(f"exactly one of {', '.join(INPUT_KEYS)} is required, got {given or 'none'}")
@@ -97,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"],
                     help="int8 weights at load time (int8-dynamic also quantizes activations per row)")
+    ap.add_argument("--max-line-bytes", type=int, default=4 << 20,
+                    help="longest input line, in bytes (default 4 MiB); a longer one gets an error record "
+                         "without being parsed")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("-v", "--verbose", action="store_true", help="log loading and compilation")
     args = ap.parse_args(argv)
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     from jserve import LLM, SamplingParams
-    from jserve.sampling import InvalidRequestError
+    from jserve.sampling import MAX_REQUEST_ID_CHARS, InvalidRequestError
 
     src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     with src:
@@ -113,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     requests: list[tuple[int, str, Any, Any]] = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
+            continue
+        size = len(line.encode("utf-8", "surrogatepass"))
+        if size > args.max_line_bytes:
+            records.append({"line": n, "error": f"line of {size} bytes exceeds --max-line-bytes={args.max_line_bytes}"})
             continue
         try:
             obj = json.loads(line)
@@ -123,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             rid, prompt, kwargs = parse_line(obj)
             params = SamplingParams(**kwargs)
         except LineError as e:
-            key = {"id": obj["id"]} if isinstance(obj, dict) and isinstance(obj.get("id"), str) else {"line": n}
+            rid = obj.get("id") if isinstance(obj, dict) else None
+            key = {"id": rid} if isinstance(rid, str) and len(rid) <= MAX_REQUEST_ID_CHARS else {"line": n}
             records.append({**key, "error": str(e)})
             continue
         requests.append((len(records), rid, prompt, params))

@@ -67,9 +67,11 @@ def test_bad_lines_get_precise_errors_and_the_rest_still_run(tmp_path, tiny_ckpt
         {"id": "role", "messages": [{"role": "wizard", "content": "hi"}]},
         {"id": "long", "prompt": "x", "max_tokens": 500},
         {"id": "empty", "prompt": ""},
+        {"id": "huge", "prompt": "x" * 5000},
+        {"id": "i" * 300, "prompt": "x"},
         {"id": "ok2", "token_ids": [5, 6], "max_tokens": 2, "temperature": 0},
     ]
-    out, summary = run_script(tmp_path, tiny_ckpt, lines, "--max-len", "128")
+    out, summary = run_script(tmp_path, tiny_ckpt, lines, "--max-len", "128", "--max-line-bytes", "4096")
     assert len(out) == len(lines)
     assert out[0]["id"] == "ok1" and out[0]["completion_tokens"] == 3
     assert out[1]["line"] == 2 and "invalid JSON" in out[1]["error"]
@@ -80,5 +82,7 @@ def test_bad_lines_get_precise_errors_and_the_rest_still_run(tmp_path, tiny_ckpt
     assert "unknown role 'wizard'" in out[6]["error"]
     assert "exceeds the context of 128 tokens" in out[7]["error"]
     assert "empty" in out[8]["error"]
-    assert out[9]["id"] == "ok2" and len(out[9]["token_ids"]) == 2
-    assert summary["errors"] == 8 and summary["requests"] == 10
+    assert out[9] == {"line": 10, "error": "line of 5028 bytes exceeds --max-line-bytes=4096"}
+    assert out[10]["line"] == 11 and "\"id\" has 300 characters; at most 256" in out[10]["error"]
+    assert out[11]["id"] == "ok2" and len(out[11]["token_ids"]) == 2
+    assert summary["errors"] == 10 and summary["requests"] == 12
