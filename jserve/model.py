@@ -11,6 +11,7 @@ D model dim, F MLP width, V vocab, L layers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -238,6 +239,25 @@ def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return dense(x, params.lm_head).astype(jnp.float32)
 
 
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, tuple[jax.Array, jax.Array]]]
+
+
+def _block(params: Params, cfg: ModelConfig, layer: LayerParams, x: jax.Array, positions: jax.Array,
+           inv_freq: np.ndarray, attend: Attend) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One decoder layer, shared by every entry point: ``x [..., D]`` at ``positions [...]``.
+
+    ``attend(q, k, v)`` gets the rotated queries ``[..., N, H]`` and keys/values ``[..., K, H]``,
+    does what the entry point needs (write the cache, attend to it) and returns the attention
+    output ``[..., N·H]`` and the layer's keys/values as that entry point keeps them."""
+    h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
+    q, k, v = _split_qkv(cfg, dense(h, layer.wqkv), params.qkv_groups)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    o, kv = attend(q, k, v)
+    x = x + dense(o, layer.wo)
+    x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), params.mlp_groups)
+    return x, kv
+
+
 def forward(
     params: Params, cfg: ModelConfig, tokens: jax.Array
 ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
@@ -252,15 +272,14 @@ def forward(
     inv_freq = rope_inv_freq(cfg)
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     x = embed_tokens(params, tokens)
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array):
+        q = q.reshape(b, t, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+        return _attend(q, k, v, mask).reshape(b, t, cfg.n_heads * cfg.head_dim), (k, v)
+
     ks, vs = [], []
     for layer in params.layers:
-        h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
-        q, k, v = _split_qkv(cfg, dense(h, layer.wqkv), params.qkv_groups)
-        q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
-        q = q.reshape(b, t, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-        o = _attend(q, k, v, mask).reshape(b, t, cfg.n_heads * cfg.head_dim)
-        x = x + dense(o, layer.wo)
-        x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), params.mlp_groups)
+        x, (k, v) = _block(params, cfg, layer, x, pos, inv_freq, attend)
         ks.append(k)
         vs.append(v)
     return x, tuple(ks), tuple(vs)
@@ -304,19 +323,19 @@ def decode_step(
     x = embed_tokens(params, tokens[:, None])  # [S, 1, D]
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
-        h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
-        q, k, v = _split_qkv(cfg, dense(h, layer.wqkv), params.qkv_groups)  # [S, 1, *, H]
-        q, k = apply_rope(q, positions[:, None], inv_freq), apply_rope(k, positions[:, None], inv_freq)
-        ck = write_step(cache.k[i], k[:, 0], positions)
-        cv = write_step(cache.v[i], v[:, 0], positions)
-        q = q.reshape(s_, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-        if n_blocks is None:
-            o = _attend_step(q, ck, cv, mask)
-        else:
-            o = _attend_blocks(q, ck, cv, positions, n_blocks)
-        o = o.reshape(s_, 1, cfg.n_heads * cfg.head_dim)
-        x = x + dense(o, layer.wo)
-        x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), params.mlp_groups)
+
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array, i: int = i):  # q [S, 1, N, H], k/v [S, 1, K, H]
+            # Written before attending: reading the donated cache first would make XLA copy it.
+            ck = write_step(cache.k[i], k[:, 0], positions)
+            cv = write_step(cache.v[i], v[:, 0], positions)
+            q = q.reshape(s_, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+            if n_blocks is None:
+                o = _attend_step(q, ck, cv, mask)
+            else:
+                o = _attend_blocks(q, ck, cv, positions, n_blocks)
+            return o.reshape(s_, 1, cfg.n_heads * cfg.head_dim), (ck, cv)
+
+        x, (ck, cv) = _block(params, cfg, layer, x, positions[:, None], inv_freq, attend)
         new_k.append(ck)
         new_v.append(cv)
     return unembed(params, cfg, x[:, 0]), KVCache(k=tuple(new_k), v=tuple(new_v))
@@ -348,15 +367,14 @@ def extend(
     x = embed_tokens(params, tokens.reshape(m))  # [M, D]
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
-        h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
-        q, k, v = _split_qkv(cfg, dense(h, layer.wqkv), params.qkv_groups)  # [M, *, H]
-        q, k = apply_rope(q, flat_pos, inv_freq), apply_rope(k, flat_pos, inv_freq)
-        ck = write_chunks(cache.k[i], k.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
-        cv = write_chunks(cache.v[i], v.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
-        q = q.reshape(r, c, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-        o = _attend_chunks(q, ck, cv, slots, pos, n_blocks).reshape(m, cfg.n_heads * cfg.head_dim)
-        x = x + dense(o, layer.wo)
-        x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), params.mlp_groups)
+
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array, i: int = i):  # q [M, N, H], k/v [M, K, H]
+            ck = write_chunks(cache.k[i], k.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
+            cv = write_chunks(cache.v[i], v.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
+            q = q.reshape(r, c, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+            return _attend_chunks(q, ck, cv, slots, pos, n_blocks).reshape(m, cfg.n_heads * cfg.head_dim), (ck, cv)
+
+        x, (ck, cv) = _block(params, cfg, layer, x, flat_pos, inv_freq, attend)
         new_k.append(ck)
         new_v.append(cv)
     return x.reshape(r, c, -1), KVCache(k=tuple(new_k), v=tuple(new_v))
