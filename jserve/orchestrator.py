@@ -105,7 +105,7 @@ class _Running:
     generated: int = 0
     prompt_done: int = 0  # prompt tokens whose keys/values are in the slot (reused or dispatched)
     cached: int = 0  # of which reused from the prefix cache
-    live_since: float = float("inf")  # when its last prompt chunk was dispatched
+    live_since: float = float("inf")  # when its first token was handled (it streams from then on)
     out_ids: list[int] = dataclasses.field(default_factory=list)
 
     def cache_tokens(self) -> np.ndarray:
@@ -450,9 +450,9 @@ class Orchestrator:
         rows_max = e.max_rows
         head = next(iter(self._prefilling.values()))
         if any(run.live_since < head.req.arrival for run in self._running.values()):
-            # Streams that were live before the oldest prompt arrived keep their pace: this call
-            # holds them up by at most ``prefill_budget`` tokens. (Streams that went live after it
-            # arrived, e.g. the rest of a burst it came in with, do not make it wait behind them.)
+            # Streams that were live (had their first token) before the oldest prompt arrived keep
+            # their pace: this call holds them up by at most ``prefill_budget`` tokens. Streams that
+            # went live after it arrived (the rest of a burst it came in with) do not make it wait.
             rows_max = max(1, min(rows_max, self.prefill_budget // e.chunk))
         rows: list[ChunkRow] = []
         owners: dict[int, _Running] = {}
@@ -467,7 +467,6 @@ class Orchestrator:
                     owners[len(rows)] = run
                     del self._prefilling[slot]
                     self._running[slot] = run
-                    run.live_since = time.monotonic()
                 rows.append(ChunkRow(slot=slot, start=start, tokens=chunk, final=final))
             if len(rows) >= rows_max:
                 break
@@ -511,7 +510,10 @@ class Orchestrator:
         if reason is None and run.req.backlog() > self.max_undelivered:  # ended before the next step
             log.warning("request %s: %d pieces undelivered; ending it", run.req.request_id, run.req.backlog())
             run.req.slow_reader = True
-        elapsed = time.monotonic() - run.req.arrival
+        now = time.monotonic()
+        elapsed = now - run.req.arrival
+        if run.generated == 1:
+            run.live_since = now
         self._on_event("first_token" if run.generated == 1 else "token", run.req, elapsed)
         if reason is not None:
             self._on_event("finished:" + reason, run.req, elapsed)
