@@ -18,9 +18,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, checkpoint: pathlib.Path, *args: str, wait_serving: bool = True):
+    def __init__(self, checkpoint: pathlib.Path, *args: str, wait_serving: bool = True,
+                 launch: tuple[str, ...] = ("-m", "jserve.server")):
+        """``launch``: what follows the interpreter (e.g. ``("-c", code)`` to patch the engine first)."""
         self.metrics_port = free_port()
-        cmd = [sys.executable, "-m", "jserve.server", "--checkpoint", str(checkpoint), "--port", "0",
+        cmd = [sys.executable, *launch, "--checkpoint", str(checkpoint), "--port", "0",
                "--metrics-port", str(self.metrics_port), "--log-level", "WARNING", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})

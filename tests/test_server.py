@@ -344,6 +344,42 @@ def test_a_second_signal_while_draining_exits_at_once(tiny_ckpt):
         s.stop()
 
 
+# A server whose device fails for good: decode steps fail after a few, and the state cannot be
+# rebuilt. (Patched in the server process itself: jserve has no fault-injection switch.)
+DYING_SERVER = """
+import sys
+import jserve.engine as e
+calls = {"generate": 0, "init": 0}
+generate, init_state = e.JaxEngine.generate, e.JaxEngine.init_state
+def failing_generate(self, state):
+    calls["generate"] += 1
+    if calls["generate"] > 5:
+        raise RuntimeError("injected device fault")
+    return generate(self, state)
+def failing_init_state(self):
+    calls["init"] += 1
+    if calls["init"] > 1:
+        raise RuntimeError("injected: the device state cannot be rebuilt")
+    return init_state(self)
+e.JaxEngine.generate, e.JaxEngine.init_state = failing_generate, failing_init_state
+from jserve.server import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_engine_that_dies_ends_streams_turns_not_serving_and_exits_1(tiny_ckpt):
+    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "128", launch=("-c", DYING_SERVER))
+    try:
+        with Client(s.address) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.complete([5, 6, 7], max_tokens=50, timeout=60, **GREEDY)
+            assert err.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+            assert s.proc.wait(60) == 1  # a supervisor sees the failure and restarts it
+        assert any("cannot be rebuilt" in line for line in s.err)
+    finally:
+        s.stop()
+
+
 def test_server_reflection_lists_the_services(server):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
