@@ -44,6 +44,13 @@ SHUTDOWN = "shutdown"  # cut by a shutdown (no drain, or the drain ran out of ti
 SLOW_READER = "slow_reader"  # ended because its consumer left too much output undelivered
 
 
+def _shared(a: np.ndarray, b: np.ndarray, limit: int) -> int:
+    """Length of the common prefix of two token arrays, at most ``limit``."""
+    n = min(limit, len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
 def _consumed(state) -> bool:
     """Whether a donated state's buffers are gone (a call took it and then failed)."""
     leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "is_deleted")]
@@ -382,12 +389,20 @@ class Orchestrator:
 
     def _admit(self, state):
         """Give waiting requests free slots (oldest first): pick the slot, reuse or copy a cached
-        prefix, and queue the rest of the prompt for ``_extend``."""
+        prefix, and queue the rest of the prompt for ``_extend``. A request whose prompt starts
+        like one still being prefilled, by at least a chunk more than any slot holds yet, waits
+        for that prefix to be computed and then copies it (a burst sharing a system prompt
+        computes it once); requests behind it are not held up."""
+        skipped = 0
         while self._free:
             with self._cv:
-                if not self._waiting:
+                if skipped >= len(self._waiting) or skipped > self.engine.slots:
                     break
-                req = self._waiting.popleft()
+                req = self._waiting[skipped]
+                if self._wait_for_prefix(req.prompt_ids):
+                    skipped += 1
+                    continue
+                del self._waiting[skipped]
             reason = self._ended(req, time.monotonic())
             if reason:  # cancelled or expired while waiting: never reaches the device
                 self._end_unstarted(req, reason)
@@ -420,6 +435,23 @@ class Orchestrator:
                 self._on_event("prefix_lookup", req, float(reuse))
         return state
 
+    def _wait_for_prefix(self, prompt: list[int]) -> bool:
+        if not self.prefix_cache or not self._prefilling:
+            return False
+        ids = np.asarray(prompt, np.int64)
+        limit = len(ids) - 1
+        pending = max(_shared(np.asarray(run.req.prompt_ids, np.int64), ids, limit)
+                      for run in self._prefilling.values())
+        if pending < self.engine.chunk:
+            return False
+        held = max(_shared(t, ids, limit) for t in self._cached_tokens())
+        return pending - held >= self.engine.chunk
+
+    def _cached_tokens(self) -> list[np.ndarray]:
+        out = [self._slot_tokens[s] for s in self._free]
+        out += [run.cache_tokens() for run in (*self._running.values(), *self._prefilling.values())]
+        return out
+
     def _place(self, prompt: list[int]) -> tuple[int, int | None, int]:
         """``(slot, source slot to copy from or None, prompt tokens reused)`` for a new prompt.
 
@@ -430,9 +462,7 @@ class Orchestrator:
         limit = len(ids) - 1
 
         def shared(tokens: np.ndarray) -> int:
-            n = min(limit, len(tokens))
-            diff = np.flatnonzero(tokens[:n] != ids[:n])
-            return int(diff[0]) if diff.size else n
+            return _shared(tokens, ids, limit)
 
         free = {s: shared(self._slot_tokens[s]) for s in self._free}
         # The free slot with the longest shared prefix; among equals the least recently used.

@@ -133,3 +133,15 @@ def test_long_prompts_are_chunked_between_decode_steps_without_changing_any_stre
             assert _fp(_run(off, p, GREEDY)) == _fp(r)
     finally:
         off.shutdown(drain=False, timeout=10)
+
+
+def test_requests_arriving_together_compute_a_shared_prefix_once(pair):
+    on, off = pair
+    rng = np.random.default_rng(9)
+    system = rng.integers(17, 40000, 40).tolist()
+    prompts = [system + rng.integers(17, 40000, 5).tolist() for _ in range(3)]
+    streams = [on.submit(p, GREEDY, Stream()) for p in prompts]  # the later ones wait for the first's prefix
+    results = [collect(list(s)) for s in streams]
+    assert [r.cached_tokens for r in results] == [0, len(system), len(system)]
+    for p, r in zip(prompts, results):
+        assert _fp(r) == _fp(_run(off, p, GREEDY))
