@@ -4,11 +4,12 @@ One background thread owns the engine and its decode state. Each turn of its loo
 cancelled and expired requests, dispatches the next decode step for all live slots, then one
 ``extend`` call that runs the next chunks of the prompts being prefilled, oldest first (at most
 ``prefill_budget`` prompt tokens while streams that went live before the oldest of them arrived
-are decoding, so they keep their pace; else the engine's largest call), and only then handles the previous turn's tokens (copied to the
-host once; detokenized incrementally, checked against EOS, stop ids, stop strings and
-max_tokens, delivered), so the host's per-token work overlaps the device's next step. Then it
-admits waiting requests into free slots. A request that finishes while the next step is already
-on the device has that one extra token dropped; its slot is released before the step after.
+are decoding, so they keep their pace; else the engine's largest call), and only then handles
+the previous turn's tokens (copied to the host once; detokenized incrementally, checked against
+EOS, stop ids, stop strings and max_tokens, delivered), so the host's per-token work overlaps
+the device's next step. Then it admits waiting requests into free slots. A request that
+finishes while the next step is already on the device has that one extra token dropped; its
+slot is released before the step after.
 
 Prefix caching: a slot keeps the keys/values of what it last held (prompt and output) until it
 is needed again, and the host keeps the token ids they belong to. A new request takes the free

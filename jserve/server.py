@@ -10,12 +10,16 @@ Several devices: ``--mesh tp=4`` (or ``dp=2,tp=4``) shards the model over them. 
 start the same command on every host with ``--coordinator HOST:PORT --num-processes N
 --process-id I`` (or JAX's environment variables, or ``--distributed`` on a TPU slice);
 process 0 serves gRPC and the others follow its steps.
+
+``--http-port PORT`` also serves the OpenAI-compatible HTTP API (``jserve.http_api``) from the
+same process, event loop and engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -208,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="jserve checkpoint directory (default: SmolLM2-135M-Instruct, converted on first start)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; [::] for all)")
     ap.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
+    ap.add_argument("--http-port", type=int, default=None,
+                    help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                         "/v1/models, /health, /metrics) on this port (default: off; 0 picks a free one)")
     ap.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
     ap.add_argument("--max-len", type=int, default=1024, help="positions per slot: prompt + output (default 1024)")
     ap.add_argument("--max-prompt-len", type=int, default=None, help="longest prompt accepted (default max-len - 1)")
@@ -289,8 +296,29 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"jserve: could not bind {args.host}:{args.port} (is another server using the port?)",
               file=sys.stderr, flush=True)
         return 1
+    http = http_server = http_task = None
+    if args.http_port is not None:
+        from jserve import http_api
+
+        try:
+            sock = http_api.bind(args.host, args.http_port)
+        except OSError as e:
+            await server.stop(0)
+            print(f"jserve: could not bind HTTP {args.host}:{args.http_port}: {e}", file=sys.stderr, flush=True)
+            return 1
+        http = http_api.HttpFrontEnd(metrics.registry)
+        http.max_request_bytes = args.max_request_bytes
+        http_server = http_api.make_server(http.app, sock)
+        http_task = asyncio.ensure_future(http_server.serve(sockets=[sock]))
+        http_port = sock.getsockname()[1]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    async def stop_http() -> None:
+        if http_server is not None:
+            http_server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(http_task, 10)
 
     def on_signal() -> None:
         if stop.is_set():  # a second signal: do not wait for the drain
@@ -305,6 +333,9 @@ async def serve(args: argparse.Namespace) -> int:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     log.info("listening on %s:%d (NOT_SERVING until warm-up is done)", args.host, port)
+    if http is not None:
+        log.info("HTTP API on %s:%d", args.host, http_port)
+        print(f"jserve http listening on {args.host}:{http_port}", flush=True)
     print(f"jserve listening on {args.host}:{port}", flush=True)
 
     t0 = time.perf_counter()
@@ -336,6 +367,7 @@ async def serve(args: argparse.Namespace) -> int:
     threading.Thread(target=load_model, name="jserve-load", daemon=True).start()
     done, _ = await asyncio.wait({load, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     if load not in done:
+        await stop_http()
         await server.stop(0)
         if dead:
             log.critical("exiting: %s", dead[0])
@@ -346,6 +378,7 @@ async def serve(args: argparse.Namespace) -> int:
         llm = load.result()
     except Exception:
         log.exception("could not load the model")
+        await stop_http()
         await server.stop(0)
         return 1
     o = llm.orchestrator
@@ -354,6 +387,8 @@ async def serve(args: argparse.Namespace) -> int:
         metrics.serve(args.metrics_port, addr=args.host if args.host not in ("[::]", "0.0.0.0") else "")
         log.info("metrics on port %d", args.metrics_port)
     service.llm = llm
+    if http is not None:
+        http.llm = llm
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("SERVING %s after %.1fs (warm-up %.1fs)", llm.checkpoint, time.perf_counter() - t0, llm.warmup_seconds)
@@ -362,17 +397,21 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     if dead:  # nothing can be served: say so, and exit non-zero so a supervisor restarts the server
         service.draining = True
+        if http is not None:
+            http.draining = True
         for name in ("", SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         log.critical("exiting: %s", dead[0])
-        await server.stop(grace=2.0)
+        await asyncio.gather(server.stop(grace=2.0), stop_http())
         return 1
     log.info("signal received: draining (up to %.0fs)", args.drain_timeout)
     service.draining = True
+    if http is not None:
+        http.draining = True
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     drained = await loop.run_in_executor(None, llm.close, True, args.drain_timeout)
-    await server.stop(grace=5.0)
+    await asyncio.gather(server.stop(grace=5.0), stop_http())
     log.info("stopped (%s)", "all requests finished" if drained else "drain timed out; the rest ended UNAVAILABLE")
     return 0
 

@@ -138,7 +138,8 @@ def main() -> None:
     ap.add_argument("--tree", action="append", default=[], help="NAME=PATH of a checkout to measure (repeatable)")
     ap.add_argument("--workloads", default="shared,chat,burst,stall")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--budget", type=int, default=None, help="--prefill-budget for every tree (default: each tree's own)")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="--prefill-budget for every tree (default: each tree's own)")
     ap.add_argument("--checkpoint", default=str(CHECKPOINT))
     ap.add_argument("--json", type=pathlib.Path, default=None)
     args = ap.parse_args()

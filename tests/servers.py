@@ -40,6 +40,8 @@ class ServerProcess:
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip())
+            if line.startswith("jserve http listening on "):
+                self.http_address = line.split()[-1]
             if line.startswith("jserve listening on "):
                 self.address = line.split()[-1]
                 self._listening.set()

@@ -1,0 +1,207 @@
+"""The OpenAI-compatible HTTP API, driven by the official ``openai`` client against a real server
+process (the tiny model), and compared with the gRPC path on the same server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from jserve.client import Client
+
+from .servers import ServerProcess
+
+SLOTS, MAX_LEN, MAX_PROMPT, MAX_WAITING = 4, 128, 64, 4
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt):
+    s = ServerProcess(tiny_ckpt, "--slots", str(SLOTS), "--max-len", str(MAX_LEN), "--max-prompt-len",
+                      str(MAX_PROMPT), "--max-waiting", str(MAX_WAITING), "--http-port", "0")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=f"http://{server.http_address}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(oai):
+    return oai.models.list().data[0].id
+
+
+def _post(server, path: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://{server.http_address}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_and_health(server, oai, model):
+    assert model == "tiny" and oai.models.list().data[0].max_model_len == MAX_LEN
+    with urllib.request.urlopen(f"http://{server.http_address}/health", timeout=10) as r:
+        assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+
+
+def test_chat_completion_greedy_equals_grpc(server, oai, model):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    r = oai.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+    with Client(server.address) as c:
+        ref = c.complete(messages, max_tokens=12, temperature=0.0)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == ref.text
+    assert choice.finish_reason == {"length": "length", "stop": "stop"}[ref.finish_reason]
+    assert r.usage.prompt_tokens == ref.prompt_tokens and r.usage.completion_tokens == ref.completion_tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_with_text_and_token_ids_prompts(oai, model):
+    a = oai.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
+    ids = [5, 900, 12000, 77]
+    b = oai.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0)
+    assert a.choices[0].text and a.usage.completion_tokens == 8 and a.choices[0].finish_reason == "length"
+    assert b.usage.prompt_tokens == len(ids)
+    two = oai.completions.create(model=model, prompt=["Once upon a time", "Hello"], max_tokens=8, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == a.choices[0].text
+
+
+def test_streaming_chat_matches_the_whole_answer_and_reports_usage(oai, model):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    whole = oai.chat.completions.create(model=model, messages=messages, max_tokens=20, temperature=0)
+    chunks = list(oai.chat.completions.create(model=model, messages=messages, max_tokens=20, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_streaming_completion(oai, model):
+    chunks = list(oai.completions.create(model=model, prompt="Hello", max_tokens=6, temperature=0, stream=True))
+    whole = oai.completions.create(model=model, prompt="Hello", max_tokens=6, temperature=0)
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+
+
+def test_n_choices_and_seed_reproducibility(server, oai, model):
+    kw = dict(model=model, messages=[{"role": "user", "content": "Say something."}], max_tokens=10,
+              temperature=1.5, seed=1234)
+    a, b = oai.chat.completions.create(n=3, **kw), oai.chat.completions.create(n=3, **kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len({c.message.content for c in a.choices}) > 1  # seed, seed+1, seed+2: different draws
+    with Client(server.address) as c:  # each choice is the same request with seed + index
+        for i, choice in enumerate(a.choices):
+            ref = c.complete(kw["messages"], max_tokens=10, temperature=1.5, seed=1234 + i)
+            assert choice.message.content == ref.text
+
+
+def test_logprobs_chat_and_completions(oai, model):
+    r = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                    temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token
+    c = oai.completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+
+
+def test_stop_strings(oai, model):
+    base = oai.completions.create(model=model, prompt="Once upon a time", max_tokens=20, temperature=0)
+    text = base.choices[0].text
+    cut = text[3:6]
+    r = oai.completions.create(model=model, prompt="Once upon a time", max_tokens=20, temperature=0, stop=[cut])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[:text.index(cut)]
+
+
+def test_extras_in_the_body(oai, model):
+    r = oai.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=0.8, seed=3,
+                               extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.2, "ignore_eos": True})
+    assert r.usage.completion_tokens == 5
+
+
+def test_errors_have_openai_bodies_and_statuses(server, oai, model):
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=-1)
+    assert "temperature must be a finite number >= 0" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=model, prompt="Hello", max_tokens=5000)
+    assert "exceeds the context of 128 tokens" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=model, prompt="x " * 500, max_tokens=5)
+    assert "the prompt has" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="gpt-4", prompt="Hello", max_tokens=5)
+    status, body = _post(server, "/v1/completions", {"model": model, "prompt": "Hi", "bogus": 1})
+    assert status == 400 and body["error"]["type"] == "invalid_request_error" and "bogus" in body["error"]["message"]
+    status, body = _post(server, "/v1/chat/completions", {"model": model, "messages": []})
+    assert status == 400 and body["error"]["param"] == "messages"
+    status, body = _post(server, "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 50,
+                                                      "timeout": 0.01, "ignore_eos": True})
+    assert status == 504 and body["error"]["code"] == "deadline_exceeded"
+
+
+def test_a_full_queue_is_429(server, oai, model):
+    """Fill the slots and the queue with long requests (streamed, held open), then one more."""
+    held = []
+    try:
+        for _ in range(SLOTS + MAX_WAITING):
+            held.append(oai.completions.create(model=model, prompt="Hello", max_tokens=100, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True}))
+        with pytest.raises(openai.RateLimitError) as e:
+            oai.completions.create(model=model, prompt="Hello", max_tokens=5)
+        assert "queue is full" in e.value.message
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_client_that_disconnects_frees_its_slot(server, oai, model):
+    stream = oai.completions.create(model=model, prompt="Hello", max_tokens=100, temperature=0, stream=True,
+                                    extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    with Client(server.address) as c:
+        deadline = time.monotonic() + 10
+        while c.model_info().slots_in_use and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.model_info().slots_in_use == 0
+
+
+def test_metrics_on_the_http_port(server, oai, model):
+    oai.completions.create(model=model, prompt="Hello", max_tokens=2)
+    with urllib.request.urlopen(f"http://{server.http_address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert "jserve_time_to_first_token_seconds_count" in text
+    count = next(float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith("jserve_time_to_first_token_seconds_count "))
+    assert count >= 1
+
+
+def test_concurrent_clients(oai, model):
+    results = []
+
+    def one(i: int) -> None:
+        r = oai.completions.create(model=model, prompt=f"Number {i}", max_tokens=6, temperature=0)
+        results.append(r.usage.completion_tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [6] * 6
