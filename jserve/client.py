@@ -79,6 +79,10 @@ def build_request(prompt: Prompt, request_id: str = "", **sampling: Any) -> pb.G
             continue
         if key in ("stop", "stop_token_ids"):
             getattr(req, key).extend([value] if isinstance(value, str) else value)
+        elif key == "choice":  # structured output: one of these strings
+            req.choice.choices.extend(value)
+        elif key == "json_schema" and not isinstance(value, str):  # a schema given as a dict
+            req.json_schema = json.dumps(value)
         else:
             setattr(req, key, value)
     return req

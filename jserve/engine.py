@@ -113,6 +113,21 @@ def _pack(tokens: jax.Array, raw_logits: jax.Array, active: jax.Array, logprobs:
     return jnp.concatenate(cols, axis=-1)
 
 
+def apply_bitmask(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """``logits [B, V]`` with tokens whose bit is clear in ``mask [B, ceil(V/32)]`` (int32, bit i of
+    word w = token 32 w + i) set to -inf. A step where every bit is set costs one comparison."""
+    def masked(lg: jax.Array) -> jax.Array:
+        bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+        allowed = bits.reshape(mask.shape[0], -1)[:, :lg.shape[1]] != 0
+        return jnp.where(allowed, lg, -jnp.inf)
+
+    return jax.lax.cond(jnp.any(mask != -1), masked, lambda lg: lg, logits)
+
+
+def mask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
 def _begin(state: DecodeState, slot: jax.Array, prompt: jax.Array, n: jax.Array,
            sampling: SlotSampling) -> DecodeState:
     """Start a request in ``slot``: its sampling row and penalty tables (``prompt [T]`` padded,
@@ -134,7 +149,7 @@ def _copy(state: DecodeState, src: jax.Array, dst: jax.Array, n: jax.Array) -> D
 
 
 def _extend(params: Params, state: DecodeState, tokens: jax.Array, slots: jax.Array, starts: jax.Array,
-            counts: jax.Array, finals: jax.Array, *, cfg: ModelConfig, top_n: int,
+            counts: jax.Array, finals: jax.Array, masks: jax.Array, *, cfg: ModelConfig, top_n: int,
             out_rows: int) -> tuple[DecodeState, jax.Array]:
     """Run rows of prompt chunks into their slots; sample the first token of rows that end a prompt.
 
@@ -153,6 +168,7 @@ def _extend(params: Params, state: DecodeState, tokens: jax.Array, slots: jax.Ar
     logits = model.unembed(params, cfg, last)  # [out_rows, V]
     sp = jax.tree.map(lambda a: a[rows_slot], state.sampling)
     penalized = apply_penalties(logits, sp, state.seen[rows_slot], state.counts[rows_slot])
+    penalized = apply_bitmask(penalized, masks)
     first = jnp.where(final, sample(penalized, sp, jnp.zeros((out_rows,), jnp.int32)), 0)
     idx = jnp.where(final, rows_slot, state.lengths.shape[0])  # rows that end no prompt write nothing
     ends = jnp.pad(starts + counts, (0, pad))
@@ -168,14 +184,15 @@ def _extend(params: Params, state: DecodeState, tokens: jax.Array, slots: jax.Ar
     return new_state, _pack(first, logits, final, sp.logprobs, top_n)
 
 
-def _generate(params: Params, state: DecodeState, *, cfg: ModelConfig, top_n: int) -> tuple[DecodeState, jax.Array]:
+def _generate(params: Params, state: DecodeState, mask: jax.Array, *, cfg: ModelConfig,
+              top_n: int) -> tuple[DecodeState, jax.Array]:
     t = state.cache.max_len
     positions = jnp.where(state.active, state.lengths, t)  # inactive slots write nothing
     # Attention reads the cache blocks up to the longest live sequence, not all T positions.
     longest = jnp.max(jnp.where(state.active, state.lengths, 0))
     n_blocks = longest // model.attention_block(t) + 1
     logits, cache = model.decode_step(params, cfg, state.last_tokens, positions, state.cache, n_blocks)
-    penalized = apply_penalties(logits, state.sampling, state.seen, state.counts)
+    penalized = apply_bitmask(apply_penalties(logits, state.sampling, state.seen, state.counts), mask)
     tokens = sample(penalized, state.sampling, state.steps)
     tokens = jnp.where(state.active, tokens, 0)
     rows = jnp.arange(tokens.shape[0])
@@ -247,6 +264,10 @@ class JaxEngine:
         self._generate = jax.jit(generate, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
         self._release = jax.jit(_release, donate_argnames=("state",), out_shardings=state_sh)
         self._compiled: dict[tuple[str, int], jax.stages.Compiled] = {}  # filled by warmup
+        # All tokens allowed: what steps without a constrained request are given (kept on the device).
+        self.mask_words = mask_words(self.vocab_size)
+        self._no_mask_slots = jnp.full((self.slots, self.mask_words), -1, jnp.int32)
+        self._no_mask_rows = jnp.full((self.chunk_rows[-1], self.mask_words), -1, jnp.int32)
         log.info("engine: %d slots x %d positions, KV cache %.1f MiB, prompt chunks of %d positions in %s rows",
                  self.slots, self.max_len, cache_bytes(self.cfg, self.slots, self.cache_len, self.cache_dtype) / 2**20,
                  self.chunk, self.chunk_rows)
@@ -295,9 +316,11 @@ class JaxEngine:
                 return r
         raise ValueError(f"{n} rows exceed the largest extend call ({self.max_rows} rows)")
 
-    def extend(self, state: DecodeState, rows: list[ChunkRow]) -> tuple[DecodeState, jax.Array]:
+    def extend(self, state: DecodeState, rows: list[ChunkRow],
+               masks: np.ndarray | None = None) -> tuple[DecodeState, jax.Array]:
         """Run ``rows`` (at most ``max_rows``); the packed result's row r is ``rows[r]``'s first
-        token when it is final (``ACTIVE`` set), else zeros."""
+        token when it is final (``ACTIVE`` set), else zeros. ``masks [max_rows, mask_words]``:
+        allowed first tokens per row (``apply_bitmask``), None for all."""
         r = self.rows_bucket(len(rows))
         tokens = np.zeros((r, self.chunk), np.int32)
         slots, starts, counts = (np.zeros((r,), np.int32) for _ in range(3))
@@ -309,7 +332,8 @@ class JaxEngine:
             tokens[i, :n] = row.tokens
             slots[i], starts[i], counts[i], finals[i] = row.slot, row.start, n, row.final
         fn = self._compiled.get(("extend", r), self._extend)
-        return fn(self.params, state=state, tokens=tokens, slots=slots, starts=starts, counts=counts, finals=finals)
+        return fn(self.params, state=state, tokens=tokens, slots=slots, starts=starts, counts=counts, finals=finals,
+                  masks=self._no_mask_rows if masks is None else masks)
 
     def prefill(self, state: DecodeState, slot: int, prompt: list[int], params: SamplingParams,
                 seed: int) -> tuple[DecodeState, np.ndarray]:
@@ -323,8 +347,11 @@ class JaxEngine:
             state, packed = self.extend(state, rows[i:i + self.max_rows])
         return state, np.asarray(packed)[len(rows[i:i + self.max_rows]) - 1]
 
-    def generate(self, state: DecodeState) -> tuple[DecodeState, jax.Array]:
-        return self._compiled.get(("generate", 0), self._generate)(self.params, state=state)
+    def generate(self, state: DecodeState, mask: np.ndarray | None = None) -> tuple[DecodeState, jax.Array]:
+        """One token for every live slot; ``mask [slots, mask_words]``: allowed tokens per slot
+        (``apply_bitmask``), None for all."""
+        fn = self._compiled.get(("generate", 0), self._generate)
+        return fn(self.params, state=state, mask=self._no_mask_slots if mask is None else mask)
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         return self._compiled.get(("release", 0), self._release)(state=state, slot=np.int32(slot))
@@ -348,10 +375,11 @@ class JaxEngine:
             z = np.zeros((r,), np.int32)
             self._compiled[("extend", r)] = self._extend.lower(
                 self.params, state=state, tokens=np.zeros((r, self.chunk), np.int32), slots=z, starts=z, counts=z,
-                finals=np.zeros((r,), bool)).compile()
+                finals=np.zeros((r,), bool), masks=self._no_mask_rows).compile()
             log.info("compiled extend of %d rows x %d in %.1fs", r, self.chunk, time.perf_counter() - tb)
         tb = time.perf_counter()
-        self._compiled[("generate", 0)] = self._generate.lower(self.params, state=state).compile()
+        self._compiled[("generate", 0)] = self._generate.lower(self.params, state=state,
+                                                               mask=self._no_mask_slots).compile()
         self._compiled[("release", 0)] = self._release.lower(state=state, slot=i32).compile()
         log.info("compiled generate in %.1fs", time.perf_counter() - tb)
         return time.perf_counter() - t0

@@ -42,6 +42,7 @@ from jserve.orchestrator import (
     StreamOutput,
 )
 from jserve.sampling import InvalidRequestError, SamplingParams
+from jserve.structured import Constraint
 
 log = logging.getLogger("jserve.http")
 
@@ -71,6 +72,27 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str = "answer"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_object":
+            return Constraint("json_object")
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ApiError(400, "response_format json_schema needs its json_schema.schema", param="response_format")
+            return Constraint("json_schema", json.dumps(self.json_schema.schema_))
+        return None
+
+
 class _Sampling(_Body):
     """Fields both endpoints share, OpenAI's and jserve's own extras (``top_k``, ``min_p``,
     ``repetition_penalty``, ``ignore_eos``, ``timeout`` in seconds)."""
@@ -93,6 +115,19 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     timeout: float | None = Field(None, gt=0)
+    response_format: ResponseFormat | None = None
+    guided_regex: str | None = None  # jserve/vLLM extras: the answer matches this regex ...
+    guided_choice: list[str] | None = None  # ... or is exactly one of these strings
+
+    def constraint(self) -> Constraint | None:
+        given = [c for c in (self.response_format.constraint() if self.response_format else None,
+                             Constraint("regex", self.guided_regex) if self.guided_regex is not None else None,
+                             Constraint("choice", tuple(self.guided_choice)) if self.guided_choice is not None
+                             else None) if c is not None]
+        if len(given) > 1:
+            raise ApiError(400, "give at most one of response_format (json), guided_regex and guided_choice",
+                           param="response_format")
+        return given[0] if given else None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -178,7 +213,8 @@ class HttpFrontEnd:
             top_k=given(body.top_k, 0), min_p=given(body.min_p, 0.0), seed=seed,
             repetition_penalty=given(body.repetition_penalty, 1.0),
             presence_penalty=given(body.presence_penalty, 0.0), frequency_penalty=given(body.frequency_penalty, 0.0),
-            stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs)
+            stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
+            constraint=body.constraint())
 
     async def _submit(self, ids: list[int], params: SamplingParams, timeout: float | None) -> Stream:
         llm = self.llm

@@ -174,6 +174,7 @@ class LLM:
         self.checkpoint, self.config, self.tokenizer = m.checkpoint, m.config, m.tokenizer
         self.weight_bytes, self.warmup_seconds = m.weight_bytes, m.warmup_seconds
         self.engine = m.engine
+        self._grammars = None  # built on the first constrained request
         if jax.process_count() > 1:
             from jserve.multihost import LeaderEngine
 
@@ -268,9 +269,25 @@ class LLM:
             raise InvalidRequestError(f"request_id may have at most {MAX_REQUEST_ID_CHARS} characters, "
                                       f"got {len(request_id)}")
         ids = self.prepare(prompt, params)
+        matcher = self._matcher(params)
         deadline = time.monotonic() + timeout if timeout is not None else None
         return self.orchestrator.submit(ids, params, Stream(loop), request_id=request_id, deadline=deadline,
-                                        block=block)
+                                        block=block, matcher=matcher)
+
+    def _matcher(self, params: SamplingParams):
+        """The compiled constraint of a structured-output request (None without one)."""
+        if params.constraint is None:
+            return None
+        import jax
+
+        if jax.process_count() > 1:
+            raise InvalidRequestError("structured output is not supported across several processes")
+        if self._grammars is None:
+            from jserve.structured import Grammars
+
+            eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
+            self._grammars = Grammars(self.tokenizer, self.config.vocab_size, tuple(eos))
+        return self._grammars.matcher(params.constraint)
 
     def generate(self, prompts: Sequence[PromptInput], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  on_finish: Callable[[int, Result | InvalidRequestError], None] | None = None,

@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -36,6 +37,7 @@ import numpy as np
 from jserve.engine import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, ChunkRow, Engine
 from jserve.sampling import SamplingParams
 from jserve.stops import StopMatcher
+from jserve.structured import advance, fill_mask
 from jserve.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class Request:
     cancelled: bool = False
     backlog: Callable[[], int] = lambda: 0  # pieces handed to ``sink`` that the consumer has not taken yet
     slow_reader: bool = False
+    matcher: Any = None  # structured output: an llguidance matcher (``jserve.structured``), else None
 
 
 @dataclasses.dataclass
@@ -223,11 +226,12 @@ class Orchestrator:
         return self.engine.slots - len(self._free)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stream: Stream, request_id: str | None = None,
-               deadline: float | None = None, block: bool = False) -> Stream:
-        """Queue a validated request. Raises ``QueueFullError`` when full (unless ``block``)."""
+               deadline: float | None = None, block: bool = False, matcher: Any = None) -> Stream:
+        """Queue a validated request. Raises ``QueueFullError`` when full (unless ``block``).
+        ``matcher``: the request's compiled constraint (``jserve.structured``), if any."""
         req = Request(prompt_ids=list(prompt_ids), params=params, sink=stream.put, deadline=deadline,
                       request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
-                      backlog=stream.backlog)
+                      backlog=stream.backlog, matcher=matcher)
         stream.request, stream._orch = req, self
         with self._cv:
             while True:
@@ -319,9 +323,14 @@ class Orchestrator:
                     return
             try:
                 state = self._end_cancelled_and_expired(state)
+                if in_flight is not None and self._constrained():
+                    # A constrained request's next mask depends on its last token: no overlap now.
+                    state = self._handle_step(state, *in_flight)
+                    in_flight = None
+                    state = self._end_cancelled_and_expired(state)
                 dispatched = None
                 if self._running:  # step n+1 goes to the device before step n's tokens are handled
-                    state, packed = self.engine.generate(state)
+                    state, packed = self.engine.generate(state, self._masks())
                     self.steps += 1
                     dispatched = (packed, dict(self._running), None, {})
                 if self._prefilling:  # then the next prompt chunks
@@ -346,6 +355,19 @@ class Orchestrator:
                 state = self.engine.init_state()  # if this fails too, the engine is dead (see _loop)
             with self._cv:
                 self._cv.notify_all()  # wake blocked submitters: the queue may have room
+
+    def _constrained(self) -> bool:
+        return any(run.req.matcher is not None for run in self._running.values())
+
+    def _masks(self) -> np.ndarray | None:
+        """Allowed tokens per slot for the next step (None when no live request is constrained)."""
+        if not self._constrained():
+            return None
+        masks = np.full((self.engine.slots, self.engine.mask_words), -1, np.int32)
+        for slot, run in self._running.items():
+            if run.req.matcher is not None:
+                fill_mask(run.req.matcher, masks[slot])
+        return masks
 
     def _busy(self) -> bool:
         return bool(self._running or self._prefilling)
@@ -501,7 +523,13 @@ class Orchestrator:
                 rows.append(ChunkRow(slot=slot, start=start, tokens=chunk, final=final))
             if len(rows) >= rows_max:
                 break
-        state, packed = e.extend(state, rows)
+        masks = None
+        if any(run.req.matcher is not None for run in owners.values()):
+            masks = np.full((e.max_rows, e.mask_words), -1, np.int32)
+            for i, run in owners.items():
+                if run.req.matcher is not None:
+                    fill_mask(run.req.matcher, masks[i])
+        state, packed = e.extend(state, rows, masks)
         return state, packed, owners
 
     def _handle_step(self, state, packed, owners: dict[int, _Running], ext_packed, ext_owners: dict[int, _Running]):
@@ -566,8 +594,15 @@ class Orchestrator:
         start = len(run.text)
         if token in run.stop_ids:
             reason = STOP
-        elif run.detok is not None:
-            run.text += run.detok.add(token)
+        else:
+            if run.detok is not None:
+                run.text += run.detok.add(token)
+            if run.req.matcher is not None:
+                verdict = advance(run.req.matcher, token)
+                if verdict is not None and verdict.startswith("error"):
+                    raise RuntimeError(f"structured output: {verdict}")
+                if verdict == "stop":  # the grammar is complete: nothing else may follow
+                    reason = STOP
         if reason is None and run.generated >= p.max_tokens:
             reason = LENGTH
         if reason is not None and run.detok is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,10 @@ MAX_STOP_CHARS = 1000
 MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_CHARS = 256
 MAX_CHAT_MESSAGES = 1024
+
+
+if TYPE_CHECKING:
+    from jserve.structured import Constraint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    constraint: Constraint | None = None  # structured output (``jserve.structured``); host side only
 
     def validate(self, vocab_size: int, max_logprobs: int) -> None:
         def bad(msg: str) -> None:

@@ -48,6 +48,7 @@ from jserve.orchestrator import (
     ShuttingDownError,
 )
 from jserve.sampling import InvalidRequestError, SamplingParams
+from jserve.structured import Constraint
 from jserve.v1 import jserve_pb2 as pb
 from jserve.v1 import jserve_pb2_grpc as pb_grpc
 
@@ -88,7 +89,19 @@ def request_to_params(req: pb.GenerateRequest) -> SamplingParams:
         repetition_penalty=opt("repetition_penalty", 1.0), presence_penalty=opt("presence_penalty", 0.0),
         frequency_penalty=opt("frequency_penalty", 0.0), stop=tuple(req.stop),
         stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos, logprobs=req.logprobs or None,
+        constraint=request_to_constraint(req),
     )
+
+
+def request_to_constraint(req: pb.GenerateRequest) -> Constraint | None:
+    kind = req.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not req.json_object):
+        return None
+    if kind == "choice":
+        return Constraint("choice", tuple(req.choice.choices))
+    if kind == "json_object":
+        return Constraint("json_object")
+    return Constraint(kind, getattr(req, kind))
 
 
 class GenerationService(pb_grpc.GenerationServicer):

@@ -4,6 +4,7 @@ process (the tiny model), and compared with the gRPC path on the same server."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -205,3 +206,34 @@ def test_concurrent_clients(oai, model):
     for t in threads:
         t.join()
     assert results == [6] * 6
+
+
+def test_json_schema_response_format_parsed_by_pydantic(oai, model):
+    from typing import Literal
+
+    import pydantic
+
+    class Answer(pydantic.BaseModel):
+        ok: bool
+        colour: Literal["red", "green", "blue"]
+
+    r = oai.chat.completions.parse(model=model, messages=[{"role": "user", "content": "Answer as JSON."}],
+                                   response_format=Answer, max_tokens=40, temperature=0.9, seed=2)
+    answer = r.choices[0].message.parsed
+    assert isinstance(answer, Answer) and r.choices[0].finish_reason == "stop"
+
+
+def test_guided_choice_regex_and_json_object(oai, model):
+    chat = [{"role": "user", "content": "Well?"}]
+    c = oai.chat.completions.create(model=model, messages=chat, max_tokens=10, temperature=1.0, seed=4,
+                                    extra_body={"guided_choice": ["alpha", "beta"]})
+    assert c.choices[0].message.content in ("alpha", "beta") and c.choices[0].finish_reason == "stop"
+    r = oai.completions.create(model=model, prompt="Code:", max_tokens=10, temperature=1.0, seed=4,
+                               extra_body={"guided_regex": "[A-Z]{2}-[0-9]{3}"})
+    assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}", r.choices[0].text)
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=model, prompt="x", max_tokens=5, extra_body={"guided_regex": "[a-"})
+    assert "the regex constraint is invalid" in e.value.message
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model=model, prompt="x", max_tokens=5,
+                               extra_body={"guided_regex": "a", "response_format": {"type": "json_object"}})

@@ -397,3 +397,18 @@ def test_a_port_in_use_is_refused_not_shared(server, tiny_ckpt):
                            "--log-level", "ERROR"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert f"could not bind 127.0.0.1:{port}" in proc.stderr
+
+
+def test_structured_output_over_grpc(client):
+    chat = [{"role": "user", "content": "Well?"}]
+    r = client.complete(chat, max_tokens=10, temperature=1.0, seed=7, choice=["left", "right"])
+    assert r.text in ("left", "right") and r.finish_reason == "stop"
+    r = client.complete(chat, max_tokens=10, temperature=1.0, seed=7, regex="[0-9]{4}")
+    assert len(r.text) == 4 and r.text.isdigit()
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = client.complete(chat, max_tokens=20, temperature=0.0, json_schema=schema)
+    assert json.loads(r.text) in ({"ok": True}, {"ok": False})
+    with pytest.raises(grpc.RpcError) as e:
+        client.complete(chat, max_tokens=5, regex="(")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "regex constraint is invalid" in e.value.details()

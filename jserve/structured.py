@@ -1,0 +1,114 @@
+"""Structured output: the tokens a constrained request may take next, from llguidance.
+
+A ``Constraint`` (JSON schema, any JSON object, regular expression, or a choice among strings) is
+compiled once per request, at the edge, into an ``llguidance.LLMatcher``; a bad schema or regex
+is an ``InvalidRequestError`` there. While the request runs, the orchestrator asks its matcher for
+the bitmask of allowed tokens before each step (``mask``), the engine applies it on the device
+inside the step, and the matcher consumes each sampled token (``advance``). When the grammar is
+complete (the JSON object closed, the regex matched as far as it can go) the request ends with
+finish reason ``stop``. Unconstrained requests carry no matcher and cost nothing here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from typing import Any
+
+import numpy as np
+
+from jserve.sampling import InvalidRequestError
+
+KINDS = ("json_schema", "json_object", "regex", "choice")
+MAX_CONSTRAINT_CHARS = 64 * 1024
+MAX_CHOICES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """``kind``: one of ``KINDS``; ``value``: the schema (JSON text), the regex, or the choices."""
+
+    kind: str
+    value: str | tuple[str, ...] = ""
+
+    def grammar(self) -> str:
+        from llguidance import LLMatcher
+
+        if self.kind not in KINDS:
+            raise InvalidRequestError(f"unknown constraint {self.kind!r} (expected one of {', '.join(KINDS)})")
+        size = len(self.value) if isinstance(self.value, str) else sum(len(c) for c in self.value)
+        if size > MAX_CONSTRAINT_CHARS:
+            raise InvalidRequestError(f"the {self.kind} constraint has {size} characters; at most "
+                                      f"{MAX_CONSTRAINT_CHARS} are accepted")
+        # Compact JSON: no free whitespace, so a model cannot pad the answer with it forever.
+        compact = {"whitespace_flexible": False}
+        if self.kind == "json_object":
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=compact)
+        if self.kind == "json_schema":
+            try:
+                schema = json.loads(self.value)
+            except json.JSONDecodeError as e:
+                raise InvalidRequestError(f"the JSON schema is not valid JSON: {e}") from e
+            if not isinstance(schema, dict):
+                raise InvalidRequestError("the JSON schema must be a JSON object")
+            return LLMatcher.grammar_from_json_schema(schema, overrides=compact)
+        if self.kind == "regex":
+            if not self.value:
+                raise InvalidRequestError("the regex is empty")
+            return LLMatcher.grammar_from_regex(self.value)
+        choices = tuple(self.value)
+        if not choices or len(choices) > MAX_CHOICES or not all(isinstance(c, str) and c for c in choices):
+            raise InvalidRequestError(f"choice needs 1..{MAX_CHOICES} non-empty strings")
+        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+
+
+class Grammars:
+    """Compiles constraints into matchers over one tokenizer (built once, on first use)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        self._source = tokenizer
+        self.vocab_size = vocab_size
+        self.words = (vocab_size + 31) // 32
+        self._eos = eos_token_ids
+        self._tok = None
+        self._lock = threading.Lock()
+
+    def _tokenizer(self):
+        from llguidance import LLTokenizer
+
+        with self._lock:
+            if self._tok is None:
+                if self._source is None:
+                    raise InvalidRequestError("structured output needs the checkpoint's tokenizer")
+                self._tok = LLTokenizer(self._source.tok.to_str(), n_vocab=self.vocab_size,
+                                        eos_token=self._eos[0] if self._eos else None)
+            return self._tok
+
+    def matcher(self, constraint: Constraint):
+        """A fresh matcher for ``constraint``; ``InvalidRequestError`` if it does not compile."""
+        from llguidance import LLMatcher
+
+        grammar = constraint.grammar()
+        m = LLMatcher(self._tokenizer(), grammar, log_level=0)
+        if m.is_error():
+            raise InvalidRequestError(f"the {constraint.kind} constraint is invalid: {m.get_error()}")
+        return m
+
+
+
+def fill_mask(matcher, out: np.ndarray) -> None:
+    """Write ``matcher``'s allowed-token bitmask into ``out`` (``[words]`` int32, contiguous; bit i of
+    word w: token 32 w + i)."""
+    matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.size * out.itemsize)
+
+
+def advance(matcher, token: int) -> str | None:
+    """Feed a sampled token; ``"stop"`` when the grammar is complete, ``"error: ..."`` if the
+    matcher refuses it (it cannot, when its mask was applied), else None."""
+    matcher.consume_token(token)
+    if matcher.is_error():
+        return "error: " + matcher.get_error()
+    if matcher.is_stopped():
+        return "stop"
+    return None
