@@ -132,13 +132,17 @@ class LeaderEngine:
             self._send(COPY, slot=dst, tokens=[src, n])
             return self.engine.copy(state, src, dst, n)
 
-    def extend(self, state: DecodeState, rows: list[ChunkRow]):
+    def extend(self, state: DecodeState, rows: list[ChunkRow], masks=None):
+        if masks is not None:  # LLM refuses structured output across processes: masks are not mirrored
+            raise ValueError("structured output is not supported across several processes")
         self.engine.rows_bucket(len(rows))
         with self._lock:
             self._send(EXTEND, tokens=encode_rows(rows, self.engine.chunk))
             return self.engine.extend(state, rows)
 
-    def generate(self, state: DecodeState):
+    def generate(self, state: DecodeState, mask=None):
+        if mask is not None:
+            raise ValueError("structured output is not supported across several processes")
         with self._lock:
             self._send(GENERATE)
             return self.engine.generate(state)
