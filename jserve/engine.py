@@ -31,8 +31,8 @@ from jserve.sharding import Plan, state_sharding
 
 log = logging.getLogger(__name__)
 
-CHUNK = 32  # prompt positions per row of an ``extend`` call
-CHUNK_ROWS = (2, 4, 8, 16)  # the row counts ``extend`` is compiled for (calls pad to the next one)
+CHUNK = 16  # prompt positions per row of an ``extend`` call
+CHUNK_ROWS = (4, 8, 16, 32)  # the row counts ``extend`` is compiled for (calls pad to the next one)
 
 # Columns of the packed per-step result ``[S, RESULT_COLS + 2 * top_logprobs]`` (float32).
 TOKEN, LOGPROB, ACTIVE = 0, 1, 2

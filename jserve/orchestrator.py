@@ -465,10 +465,11 @@ class Orchestrator:
         limit = len(ids) - 1
         pending = max(_shared(np.asarray(run.req.prompt_ids, np.int64), ids, limit)
                       for run in self._prefilling.values())
-        if pending < self.engine.chunk:
+        least = max(1, self.engine.chunk // 2)  # worth a wait: half a chunk (a chat template's system prompt)
+        if pending < least:
             return False
         held = max(_shared(t, ids, limit) for t in self._cached_tokens())
-        return pending - held >= self.engine.chunk
+        return pending - held >= least
 
     def _cached_tokens(self) -> list[np.ndarray]:
         out = [self._slot_tokens[s] for s in self._free]
