@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="responses a client may leave unread before its request is ended with RESOURCE_EXHAUSTED "
                          "and its slot freed (default 1024)")
     ap.add_argument("--prefill-budget", type=int, default=64,
-                    help="prompt tokens run between two decode steps while streams are live, in chunks of 32 "
+                    help="prompt tokens run between two decode steps while streams are live, in chunks of 16 "
                          "(default 64): a long prompt is run a chunk at a time, so live streams keep their pace; "
                          "with no live stream each call takes up to 512")
     ap.add_argument("--no-prefix-cache", action="store_true",
