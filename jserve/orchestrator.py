@@ -395,8 +395,8 @@ class Orchestrator:
 
     def _end_unstarted(self, req: Request, reason: str, error: str | None = None) -> None:
         """Finish a request that never got a slot (or whose prefill failed)."""
-        req.sink(StreamOutput("", [], [], [], len(req.prompt_ids), 0, finish_reason=reason, error=error))
         self._on_event("finished:" + reason, req, time.monotonic() - req.arrival)
+        req.sink(StreamOutput("", [], [], [], len(req.prompt_ids), 0, finish_reason=reason, error=error))
 
     @staticmethod
     def _ended(req: Request, now: float) -> str | None:
@@ -562,6 +562,14 @@ class Orchestrator:
             return state
         if reason is not None:
             state = self._release(state, run)
+        now = time.monotonic()
+        elapsed = now - run.req.arrival
+        if run.generated == 1:
+            run.live_since = now
+        # Counted before it is delivered: a client that has its piece sees it in the metrics.
+        self._on_event("first_token" if run.generated == 1 else "token", run.req, elapsed)
+        if reason is not None:
+            self._on_event("finished:" + reason, run.req, elapsed)
         try:
             run.req.sink(out)
         except Exception:  # a broken consumer ends its own request only
@@ -570,13 +578,6 @@ class Orchestrator:
         if reason is None and run.req.backlog() > self.max_undelivered:  # ended before the next step
             log.warning("request %s: %d pieces undelivered; ending it", run.req.request_id, run.req.backlog())
             run.req.slow_reader = True
-        now = time.monotonic()
-        elapsed = now - run.req.arrival
-        if run.generated == 1:
-            run.live_since = now
-        self._on_event("first_token" if run.generated == 1 else "token", run.req, elapsed)
-        if reason is not None:
-            self._on_event("finished:" + reason, run.req, elapsed)
         return state
 
     def _advance(self, run: _Running, row: np.ndarray) -> tuple[str | None, StreamOutput]:
@@ -641,7 +642,7 @@ class Orchestrator:
         tail = ""
         if reason != ERROR and run.detok is not None:  # text held back for a stop string that never came
             tail = run.text[run.emitted:] + run.detok.flush()
+        self._on_event("finished:" + reason, run.req, time.monotonic() - run.req.arrival)
         run.req.sink(StreamOutput(tail, [], [], [], len(run.req.prompt_ids), run.generated,
                                   finish_reason=reason, error=error, cached_tokens=run.cached))
-        self._on_event("finished:" + reason, run.req, time.monotonic() - run.req.arrival)
 

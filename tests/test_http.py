@@ -156,19 +156,31 @@ def test_errors_have_openai_bodies_and_statuses(server, oai, model):
     assert status == 504 and body["error"]["code"] == "deadline_exceeded"
 
 
+def _wait_idle(server) -> None:
+    with Client(server.address) as c:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = c.model_info()
+            if not info.slots_in_use and not info.waiting:
+                return
+            time.sleep(0.05)
+    raise AssertionError("the server did not become idle")
+
+
 def test_a_full_queue_is_429(server, oai, model):
-    """Fill the slots and the queue with long requests (streamed, held open), then one more."""
+    """Hold long requests open (streamed, unread) until one is refused: at most slots + queue fit
+    (fewer when the loop has not yet moved the first ones from the queue into slots)."""
     held = []
     try:
-        for _ in range(SLOTS + MAX_WAITING):
-            held.append(oai.completions.create(model=model, prompt="Hello", max_tokens=100, temperature=0,
-                                               stream=True, extra_body={"ignore_eos": True}))
         with pytest.raises(openai.RateLimitError) as e:
-            oai.completions.create(model=model, prompt="Hello", max_tokens=5)
-        assert "queue is full" in e.value.message
+            for _ in range(SLOTS + MAX_WAITING + 1):
+                held.append(oai.completions.create(model=model, prompt="Hello", max_tokens=100, temperature=0,
+                                                   stream=True, extra_body={"ignore_eos": True}))
+        assert "queue is full" in e.value.message and MAX_WAITING <= len(held) <= SLOTS + MAX_WAITING
     finally:
         for s in held:
             s.close()
+        _wait_idle(server)  # the closed streams' requests are cancelled and their slots freed
 
 
 def test_a_client_that_disconnects_frees_its_slot(server, oai, model):
@@ -193,19 +205,20 @@ def test_metrics_on_the_http_port(server, oai, model):
     assert count >= 1
 
 
-def test_concurrent_clients(oai, model):
+def test_concurrent_clients(server, oai, model):
+    _wait_idle(server)
     results = []
 
     def one(i: int) -> None:
         r = oai.completions.create(model=model, prompt=f"Number {i}", max_tokens=6, temperature=0)
         results.append(r.usage.completion_tokens)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(MAX_WAITING)]  # always fit the queue
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results == [6] * 6
+    assert results == [6] * MAX_WAITING
 
 
 def test_json_schema_response_format_parsed_by_pydantic(oai, model):
