@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 import time
 import urllib.error
@@ -250,3 +251,43 @@ def test_guided_choice_regex_and_json_object(oai, model):
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model=model, prompt="x", max_tokens=5,
                                extra_body={"guided_regex": "a", "response_format": {"type": "json_object"}})
+
+
+def _health(address: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{address}/health", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_503_while_warming_up_and_draining_then_exit_0(tiny_ckpt):
+    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "1024", "--max-prompt-len", "128", "--http-port", "0",
+                      wait_serving=False)
+    try:
+        statuses = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            st = _health(s.http_address)
+            if not statuses or statuses[-1] != st:
+                statuses.append(st)
+            if st == 200:
+                break
+            time.sleep(0.05)
+        assert statuses == [503, 200]
+        client = openai.OpenAI(base_url=f"http://{s.http_address}/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=300, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        chunks = [next(iter(stream))]
+        s.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _health(s.http_address) != 503 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(openai.APIStatusError) as e:  # while draining, new work is refused
+            client.completions.create(model="tiny", prompt="more", max_tokens=2)
+        assert e.value.status_code == 503 and "shutting down" in e.value.message
+        chunks += list(stream)  # in-flight work is finished, not cut
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert s.proc.wait(60) == 0
+    finally:
+        s.stop()
