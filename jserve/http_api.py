@@ -7,8 +7,9 @@ by pydantic models (unknown fields are refused, not ignored); prompts and sampli
 then go through the same ``LLM.submit`` validation as gRPC, so both APIs refuse the same input
 with the same message. Errors use OpenAI's body ``{"error": {"message", "type", "param",
 "code"}}``: 400 bad input, 404 unknown model, 429 queue full, 503 warming up or shutting down,
-504 deadline passed, 500 internal. A client that disconnects has its requests cancelled: their
-slots are free before the next step.
+504 deadline passed, 500 internal. A streaming client that disconnects has its requests
+cancelled: their slots are free before the next step. (A non-streaming request whose client
+went away still runs to its end; watching for that is not done yet.)
 """
 
 from __future__ import annotations
@@ -335,26 +336,17 @@ class HttpFrontEnd:
             started = await self._start(prompts, body, body.max_tokens, body.logprobs)
             return await self._respond(request, body, started, chat=False)
 
-        async def disconnected(request: Request) -> None:
-            """Returns when the client has gone away."""
-            while True:
-                message = await request.receive()
-                if message["type"] == "http.disconnect":
-                    return
-
         async def respond(request: Request, body: _Sampling, started: list[tuple[list[int], Stream]], chat: bool):
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             created = int(time.time())
             if body.stream:
                 return StreamingResponse(self._sse(rid, created, body, started, chat), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            watcher = asyncio.ensure_future(disconnected(request))
             try:
                 results = await asyncio.gather(*(self._collect(s) for _, s in started))
             finally:
-                watcher.cancel()
                 for _, s in started:
-                    s.cancel()  # no-op when finished; frees the slots when the client went away
+                    s.cancel()  # no-op when finished; frees the slots if this handler is cancelled
             max_undelivered = self.llm.orchestrator.max_undelivered
             for pieces in results:
                 err = _finish_error(pieces[-1], rid, max_undelivered)
