@@ -4,7 +4,8 @@ A request is started in a slot with ``begin`` (its sampling parameters and penal
 its prompt is run into that slot's cache by ``extend`` in chunks of ``chunk`` positions (rows
 of several requests in one call; a row's last chunk samples the first token and makes the slot
 live), ``copy`` reuses another slot's cached prefix, and ``generate`` advances every live slot
-by one token. All of them take the decode state donated, so the cache is updated in place and
+by one token. ``verify`` is a decode step that also checks drafted tokens per slot (speculative
+decoding) and keeps as many as the model agrees with, plus its own next token. All of them take the decode state donated, so the cache is updated in place and
 the caller must use the state they return. Shapes never change after ``warmup``, so serving
 compiles nothing.
 """
@@ -210,6 +211,72 @@ def _generate(params: Params, state: DecodeState, mask: jax.Array, *, cfg: Model
     return new_state, _pack(tokens, logits, state.active, state.sampling.logprobs, top_n)
 
 
+def _verify(params: Params, state: DecodeState, slots: jax.Array, drafts: jax.Array, n_draft: jax.Array,
+            live: jax.Array, *, cfg: ModelConfig, top_n: int) -> tuple[DecodeState, jax.Array]:
+    """A decode step that also checks drafted tokens: speculative decoding.
+
+    Row r runs slot ``slots[r]``'s last token and its ``n_draft[r]`` drafted tokens ``drafts[r]``
+    (``[R, k]``) at positions ``length..length + n_draft`` (``extend``: causal within the row, keys
+    and values written for all). At each position j the model's own token ``x_j`` is drawn exactly
+    as a decode step would draw it there (penalties counting the drafts before it, the key of that
+    step). The row keeps ``x_0..x_a`` where ``a`` is the number of leading drafts equal to the
+    model's token: as long as the drafts agree, ``x_j`` is the token decoding would have produced
+    with the same prefix, and ``x_a`` is the model's own token after the agreed prefix. So the
+    output is the one plain decoding gives, for greedy and seeded sampling alike (for sampling
+    this is speculative sampling's acceptance rule with a single-token draft: a draft is kept with
+    probability p(draft), and a rejected one is replaced by a draw from p without it). Keys/values
+    past the kept tokens are left behind and overwritten later. Rows with ``live`` false are
+    padding. Returns the state and ``[R, k + 1, RESULT_COLS + 2 top_n]``, ``ACTIVE`` set on the
+    kept positions.
+    """
+    r, k = drafts.shape
+    c = k + 1
+    s_, v = state.seen.shape
+    t = state.cache.max_len
+    starts = state.lengths[slots]
+    counts = jnp.where(live, 1 + n_draft, 0)
+    tokens = jnp.concatenate([state.last_tokens[slots][:, None], drafts], axis=1)  # [R, C]
+    furthest = jnp.max(jnp.where(live, starts + counts - 1, 0))
+    n_blocks = jnp.minimum(furthest, t - 1) // model.attention_block(t) + 1
+    x, cache = model.extend(params, cfg, tokens, slots, starts, counts, state.cache, n_blocks)
+    logits = model.unembed(params, cfg, x).reshape(r * c, v)  # position j of row r at r * C + j
+    sp = jax.tree.map(lambda a: jnp.repeat(a[slots], c, axis=0), state.sampling)
+    j = jnp.arange(c)
+
+    def penalize(lg: jax.Array) -> jax.Array:
+        # Position j counts the drafts before it as output: [R, C, V] one-hot counts, cumulated.
+        valid = j[None, :k] < n_draft[:, None]  # [R, k]
+        hot = jax.nn.one_hot(jnp.where(valid, drafts, v), v, dtype=jnp.int32)  # [R, k, V]
+        before = jnp.concatenate([jnp.zeros((r, 1, v), jnp.int32), jnp.cumsum(hot, axis=1)], axis=1)
+        cnt = (state.counts[slots][:, None] + before).reshape(r * c, v)
+        seen = (state.seen[slots][:, None] | (before > 0)).reshape(r * c, v)
+        return apply_penalties(lg, sp, seen, cnt)
+
+    any_penalty = jnp.any((sp.repetition_penalty != 1.0) | (sp.presence_penalty != 0.0)
+                          | (sp.frequency_penalty != 0.0))
+    penalized = jax.lax.cond(any_penalty, penalize, lambda lg: lg, logits)
+    steps = (state.steps[slots][:, None] + j[None]).reshape(r * c)
+    drawn = sample(penalized, sp, steps).reshape(r, c)  # x_j
+    agree = (drawn[:, :k] == drafts) & (j[None, :k] < n_draft[:, None])
+    accepted = jnp.sum(jnp.cumprod(agree, axis=1), axis=1)  # a: leading drafts the model agrees with
+    keep = live[:, None] & (j[None, :] <= accepted[:, None])  # [R, C]
+    out = jnp.where(keep, drawn, 0)
+    emitted = jnp.where(live, accepted + 1, 0)
+    idx = jnp.where(live, slots, s_)  # padding rows write nothing
+    last = jnp.take_along_axis(drawn, accepted[:, None], axis=1)[:, 0]
+    hot_idx = jnp.where(keep, jnp.broadcast_to(slots[:, None], (r, c)), s_)
+    new_state = state.replace(
+        cache=cache,
+        lengths=state.lengths.at[idx].add(emitted, mode="drop"),
+        last_tokens=state.last_tokens.at[idx].set(last, mode="drop"),
+        steps=state.steps.at[idx].add(emitted, mode="drop"),
+        seen=state.seen.at[hot_idx, out].set(True, mode="drop"),
+        counts=state.counts.at[hot_idx, out].add(1, mode="drop"),
+    )
+    packed = _pack(out.reshape(r * c), logits, keep.reshape(r * c), sp.logprobs, top_n)
+    return new_state, packed.reshape(r, c, -1)
+
+
 def _release(state: DecodeState, slot: jax.Array) -> DecodeState:
     return state.replace(
         active=state.active.at[slot].set(False),
@@ -232,6 +299,7 @@ class JaxEngine:
     plan: Plan | None = None
     chunk: int = CHUNK
     chunk_rows: tuple[int, ...] = CHUNK_ROWS
+    speculate: int = 0  # drafted tokens a ``verify`` call checks per slot (0: no speculative decoding)
 
     def __post_init__(self) -> None:
         if self.max_prompt_len is None:
@@ -249,6 +317,12 @@ class JaxEngine:
         top_n = self.top_logprobs
         extend = functools.partial(_extend, cfg=self.cfg, top_n=top_n, out_rows=self.chunk_rows[-1])
         generate = functools.partial(_generate, cfg=self.cfg, top_n=top_n)
+        verify = functools.partial(_verify, cfg=self.cfg, top_n=top_n)
+        if self.speculate < 0:
+            raise ValueError(f"speculate={self.speculate} must be >= 0")
+        # ``verify`` is compiled for these row counts (live slots, rounded up): one stream checks its
+        # drafts in a call of k + 1 positions, not slots x (k + 1).
+        self.verify_rows = tuple(sorted({min(1 << i, self.slots) for i in range(self.slots.bit_length() + 1)}))
         self._state_shape = jax.eval_shape(self._zeros)
         if self.plan is None:
             state_sh = result_sh = None
@@ -263,6 +337,7 @@ class JaxEngine:
         self._extend = jax.jit(extend, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
         self._generate = jax.jit(generate, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
         self._release = jax.jit(_release, donate_argnames=("state",), out_shardings=state_sh)
+        self._verify = jax.jit(verify, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
         self._compiled: dict[tuple[str, int], jax.stages.Compiled] = {}  # filled by warmup
         # All tokens allowed: what steps without a constrained request are given (kept on the device).
         self.mask_words = mask_words(self.vocab_size)
@@ -353,6 +428,33 @@ class JaxEngine:
         fn = self._compiled.get(("generate", 0), self._generate)
         return fn(self.params, state=state, mask=self._no_mask_slots if mask is None else mask)
 
+    def verify_bucket(self, n: int) -> int:
+        """The row count a ``verify`` call of ``n`` rows is padded to."""
+        r = next((b for b in self.verify_rows if b >= n), None)
+        if r is None or n < 1:
+            raise ValueError(f"verify takes 1..{self.slots} rows, got {n}")
+        return r
+
+    def verify(self, state: DecodeState, rows: list[tuple[int, list[int]]]) -> tuple[DecodeState, jax.Array]:
+        """A decode step with drafts (``_verify``): ``rows`` lists every live slot with its drafted
+        tokens (at most ``speculate``, maybe none), and the packed result's row i (``[k + 1, cols]``,
+        ``ACTIVE`` on the tokens kept) is ``rows[i]``'s. A slot must have room for its drafts:
+        ``length + len(draft) < max_len``."""
+        if not self.speculate:
+            raise ValueError("this engine was built without speculative decoding (speculate=0)")
+        r = self.verify_bucket(len(rows))
+        k = self.speculate
+        slots, n_draft = np.zeros((r,), np.int32), np.zeros((r,), np.int32)
+        drafts = np.zeros((r, k), np.int32)
+        live = np.zeros((r,), bool)
+        for i, (slot, draft) in enumerate(rows):
+            if len(draft) > k:
+                raise ValueError(f"{len(draft)} drafted tokens exceed speculate={k}")
+            slots[i], n_draft[i], live[i] = slot, len(draft), True
+            drafts[i, :len(draft)] = draft
+        fn = self._compiled.get(("verify", r), self._verify)
+        return fn(self.params, state=state, slots=slots, drafts=drafts, n_draft=n_draft, live=live)
+
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         return self._compiled.get(("release", 0), self._release)(state=state, slot=np.int32(slot))
 
@@ -382,4 +484,13 @@ class JaxEngine:
                                                                mask=self._no_mask_slots).compile()
         self._compiled[("release", 0)] = self._release.lower(state=state, slot=i32).compile()
         log.info("compiled generate in %.1fs", time.perf_counter() - tb)
+        if self.speculate:
+            tb = time.perf_counter()
+            for r in self.verify_rows:
+                z = np.zeros((r,), np.int32)
+                self._compiled[("verify", r)] = self._verify.lower(
+                    self.params, state=state, slots=z, drafts=np.zeros((r, self.speculate), np.int32), n_draft=z,
+                    live=np.zeros((r,), bool)).compile()
+            log.info("compiled verify (%d drafts) for %s rows in %.1fs", self.speculate, self.verify_rows,
+                     time.perf_counter() - tb)
         return time.perf_counter() - t0

@@ -96,7 +96,7 @@ class ResponseFormat(_Body):
 
 class _Sampling(_Body):
     """Fields both endpoints share, OpenAI's and jserve's own extras (``top_k``, ``min_p``,
-    ``repetition_penalty``, ``ignore_eos``, ``timeout`` in seconds)."""
+    ``repetition_penalty``, ``ignore_eos``, ``speculate``, ``timeout`` in seconds)."""
 
     model: str
     max_tokens: int | None = None
@@ -114,6 +114,7 @@ class _Sampling(_Body):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    speculate: bool | None = None  # speculative decoding for this request (None: the server's default)
     stop_token_ids: list[int] | None = None
     timeout: float | None = Field(None, gt=0)
     response_format: ResponseFormat | None = None
@@ -215,7 +216,7 @@ class HttpFrontEnd:
             repetition_penalty=given(body.repetition_penalty, 1.0),
             presence_penalty=given(body.presence_penalty, 0.0), frequency_penalty=given(body.frequency_penalty, 0.0),
             stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
-            constraint=body.constraint())
+            constraint=body.constraint(), speculate=body.speculate)
 
     async def _submit(self, ids: list[int], params: SamplingParams, timeout: float | None) -> Stream:
         llm = self.llm

@@ -88,12 +88,14 @@ class LoadedModel:
 def load_engine(checkpoint: str | os.PathLike | None = None, *, slots: int = 8, max_len: int = 1024,
                 max_prompt_len: int | None = None, quantize: str | None = None, dtype: str = "float32",
                 top_logprobs: int = 0, mesh: str | None = None, indivisible: str = "replicate",
-                compile_cache: pathlib.Path | None = DEFAULT_COMPILE_CACHE, warmup: bool = True) -> LoadedModel:
+                compile_cache: pathlib.Path | None = DEFAULT_COMPILE_CACHE, warmup: bool = True,
+                speculate: int = 0) -> LoadedModel:
     """Load ``checkpoint`` (default: SmolLM2, converted on first use) into a ``JaxEngine``.
 
     ``mesh`` (``"tp=4"``, ``"dp=2,tp=4"``) shards the model and the decode state over that many
     devices (see ``jserve.sharding``); ``None`` uses one device, or with several processes
-    (``jax.distributed``) ``tp`` over every device of every process.
+    (``jax.distributed``) ``tp`` over every device of every process. ``speculate``: drafted tokens
+    a decode step may check per slot (speculative decoding; 0 = off).
     """
     import jax
     import jax.numpy as jnp
@@ -126,7 +128,8 @@ def load_engine(checkpoint: str | os.PathLike | None = None, *, slots: int = 8, 
     log.info("loaded %s (%d layers, dim %d, vocab %d; %s weights, %.1f MiB in all) in %.1fs", path,
              config.n_layers, config.dim, config.vocab_size, mode or dtype, nbytes / 2**20, time.perf_counter() - t0)
     engine = JaxEngine(config, params, slots=slots, max_len=max_len, max_prompt_len=max_prompt_len,
-                       cache_dtype=getattr(jnp, dtype), top_logprobs=top_logprobs, plan=plan)
+                       cache_dtype=getattr(jnp, dtype), top_logprobs=top_logprobs, plan=plan,
+                       speculate=speculate)
     seconds = engine.warmup() if warmup else 0.0
     if warmup:
         log.info("warm-up compiled %d prompt-chunk calls and the decode step in %.1fs", len(engine.chunk_rows),
@@ -151,7 +154,10 @@ class LLM:
     may leave unread; past that its request ends (finish reason ``slow_reader``), freeing its slot.
     ``prefill_budget``: prompt tokens run per decode step while streams are live (rounded down to
     whole chunks of ``engine.chunk``, at least one). ``prefix_cache``: reuse the keys/values of
-    prompt prefixes already in some slot (on by default).
+    prompt prefixes already in some slot (on by default). ``speculate``: speculative decoding
+    with prompt-lookup drafts of up to this many tokens per step (0 = off, the default here; see
+    ``jserve.speculative``); ``speculate_default``: whether requests that do not say
+    (``SamplingParams.speculate`` None) use it. Not with several processes.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, *, slots: int = 8, max_len: int = 1024,
@@ -161,7 +167,7 @@ class LLM:
                  compile_cache: pathlib.Path | None = DEFAULT_COMPILE_CACHE, warmup: bool = True,
                  on_event: Callable[[str, Any, float], None] | None = None, pipeline: bool = True,
                  on_fatal: Callable[[str], None] | None = None, max_undelivered: int = 1024,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, speculate: int = 0, speculate_default: bool = True):
         import jax
 
         if jax.process_index() != 0:
@@ -169,7 +175,7 @@ class LLM:
                                "jserve.multihost.follow(load_engine(...).engine)")
         m = load_engine(checkpoint, slots=slots, max_len=max_len, max_prompt_len=max_prompt_len, quantize=quantize,
                         dtype=dtype, top_logprobs=top_logprobs, mesh=mesh, indivisible=indivisible,
-                        compile_cache=compile_cache, warmup=warmup)
+                        compile_cache=compile_cache, warmup=warmup, speculate=speculate)
         self.dtype, self.quantize = dtype, m.quantize
         self.checkpoint, self.config, self.tokenizer = m.checkpoint, m.config, m.tokenizer
         self.weight_bytes, self.warmup_seconds = m.weight_bytes, m.warmup_seconds
@@ -183,7 +189,7 @@ class LLM:
         self.orchestrator = Orchestrator(self.engine, self.tokenizer, eos_token_ids=tuple(eos),
                                          max_waiting=max_waiting, prefill_budget=prefill_budget, on_event=on_event,
                                          pipeline=pipeline, on_fatal=on_fatal, max_undelivered=max_undelivered,
-                                         prefix_cache=prefix_cache)
+                                         prefix_cache=prefix_cache, speculate=speculate_default)
 
     # ---- validation at the edge ----------------------------------------------------------
     def prepare(self, prompt: PromptInput, params: SamplingParams) -> list[int]:

@@ -30,6 +30,10 @@ class ServingMetrics:
                                       registry=r)
         self.prefix_hit_tokens = Counter("jserve_prefix_cache_hit_tokens",
                                          "Prompt tokens whose keys/values came from the prefix cache", registry=r)
+        self.spec_drafted = Counter("jserve_spec_drafted_tokens", "Tokens drafted by prompt lookup and checked "
+                                    "by a speculative decode step", registry=r)
+        self.spec_accepted = Counter("jserve_spec_accepted_tokens", "Drafted tokens the model agreed with (kept)",
+                                     registry=r)
         self.generation_tokens = Counter("jserve_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("jserve_requests_finished", "Finished requests by reason", ["reason"], registry=r)
         self.rejected = Counter("jserve_requests_rejected", "Requests refused at the edge", ["reason"], registry=r)
@@ -72,6 +76,10 @@ class ServingMetrics:
         elif kind == "prefix_lookup":
             self.prefix_lookups.inc()
             self.prefix_hit_tokens.inc(value)
+        elif kind == "spec_drafted":
+            self.spec_drafted.inc(value)
+        elif kind == "spec_accepted":
+            self.spec_accepted.inc(value)
         elif kind == "rejected":
             self.rejected.labels("queue_full").inc()
 

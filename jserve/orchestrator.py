@@ -36,6 +36,7 @@ import numpy as np
 
 from jserve.engine import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, ChunkRow, Engine
 from jserve.sampling import SamplingParams
+from jserve.speculative import MIN_RATE, RETRY_STEPS, Acceptance, PromptLookup, SpecPolicy
 from jserve.stops import StopMatcher
 from jserve.structured import advance, fill_mask
 from jserve.tokenizer import IncrementalDetokenizer, TextTokenizer
@@ -118,6 +119,9 @@ class _Running:
     cached: int = 0  # of which reused from the prefix cache
     live_since: float = float("inf")  # when its first token was handled (it streams from then on)
     out_ids: list[int] = dataclasses.field(default_factory=list)
+    drafter: PromptLookup | None = None  # speculative decoding: this run drafts (``jserve.speculative``)
+    acceptance: Acceptance = dataclasses.field(default_factory=Acceptance)
+    drafted: int = 0  # tokens drafted for the verify step in flight
 
     def cache_tokens(self) -> np.ndarray:
         """Token ids whose keys/values this run has put in its slot (the last output token has
@@ -185,8 +189,13 @@ class Orchestrator:
                  max_waiting: int = 256, prefill_budget: int = 64,
                  on_event: Callable[[str, Request, float], None] | None = None, pipeline: bool = True,
                  on_fatal: Callable[[str], None] | None = None, max_undelivered: int = 1024,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, speculate: bool = True):
         self.engine = engine
+        # Speculative decoding, when the engine checks drafts (``speculate`` > 0): the default for
+        # requests that do not say (``SamplingParams.speculate``).
+        self.spec_tokens = getattr(engine, "speculate", 0) if hasattr(engine, "verify") else 0
+        self.speculate = speculate
+        self.policy = SpecPolicy()  # when a step checks drafts (replaceable, e.g. by tests)
         self.prefix_cache = prefix_cache
         self.max_undelivered = max_undelivered  # pieces a consumer may leave unread before its request ends
         self.pipeline = pipeline
@@ -323,16 +332,15 @@ class Orchestrator:
                     return
             try:
                 state = self._end_cancelled_and_expired(state)
-                if in_flight is not None and self._constrained():
-                    # A constrained request's next mask depends on its last token: no overlap now.
+                spec = self._drafting()
+                if in_flight is not None and (self._constrained() or spec):
+                    # A constrained request's next mask, and a draft, depend on the last token: no overlap now.
                     state = self._handle_step(state, *in_flight)
                     in_flight = None
                     state = self._end_cancelled_and_expired(state)
                 dispatched = None
                 if self._running:  # step n+1 goes to the device before step n's tokens are handled
-                    state, packed = self.engine.generate(state, self._masks())
-                    self.steps += 1
-                    dispatched = (packed, dict(self._running), None, {})
+                    state, dispatched = self._step(state, spec and self._drafting() and not self._constrained())
                 if self._prefilling:  # then the next prompt chunks
                     state, ext_packed, ext_owners = self._extend(state)
                     gen = dispatched or (None, {}, None, {})
@@ -355,6 +363,52 @@ class Orchestrator:
                 state = self.engine.init_state()  # if this fails too, the engine is dead (see _loop)
             with self._cv:
                 self._cv.notify_all()  # wake blocked submitters: the queue may have room
+
+    def _step(self, state, spec: bool):
+        """Dispatch the next decode step: ``verify`` with the live runs' drafts when ``spec`` and
+        the policy expects more tokens per second from it, else ``generate``. In a ``spec`` turn
+        (synchronous anyway) the call is waited for and timed, for the policy."""
+        rows = self._spec_rows() if spec else None
+        t0 = time.perf_counter()
+        if rows is not None:
+            state, packed = self.engine.verify(state, rows)
+            owners = {i: self._running[slot] for i, (slot, _) in enumerate(rows)}
+            kind = f"verify:{self.engine.verify_bucket(len(rows))}"
+        else:
+            state, packed = self.engine.generate(state, self._masks())
+            owners, kind = dict(self._running), "generate"
+        self.steps += 1
+        if spec:
+            jax.block_until_ready(packed)
+            self.policy.observe(kind, time.perf_counter() - t0)
+        return state, (packed, owners, None, {})
+
+    def _drafting(self) -> bool:
+        """Whether some live run drafts (speculative decoding may be worth a synchronous step)."""
+        return any(run.drafter is not None for run in self._running.values())
+
+    def _spec_rows(self) -> list[tuple[int, list[int]]] | None:
+        """Every live slot with its draft, if verifying them is expected to pay; else None."""
+        e = self.engine
+        rows, extra = [], 0.0
+        for slot, run in self._running.items():
+            draft: list[int] = []
+            acc = run.acceptance
+            if run.drafter is not None and (acc.rate >= MIN_RATE or acc.idle >= RETRY_STEPS):
+                length = len(run.req.prompt_ids) + run.generated - 1  # the position of the last token
+                room = min(self.spec_tokens, run.req.params.max_tokens - run.generated - 1, e.max_len - 1 - length)
+                draft = run.drafter.propose(room) if room > 0 else []
+                extra += acc.expected(len(draft))
+            rows.append((slot, draft))
+        if not self.policy.choose(len(rows), e.verify_bucket(len(rows)), extra):
+            for run in self._running.values():
+                run.acceptance.idle += 1
+            return None
+        for slot, draft in rows:
+            run = self._running[slot]
+            run.drafted = len(draft)
+            run.acceptance.idle = 0 if draft else run.acceptance.idle + 1
+        return rows
 
     def _constrained(self) -> bool:
         return any(run.req.matcher is not None for run in self._running.values())
@@ -441,6 +495,9 @@ class Orchestrator:
                 stops=StopMatcher(req.params.stop),
                 prompt_done=reuse, cached=reuse,
             )
+            wants = req.params.speculate if req.params.speculate is not None else self.speculate
+            if self.spec_tokens and wants and req.matcher is None:
+                run.drafter = PromptLookup(req.prompt_ids)
             try:
                 state = self.engine.begin(state, slot, req.prompt_ids, req.params, seed)
             except Exception as e:
@@ -547,9 +604,22 @@ class Orchestrator:
                 if self._running.get(run.slot) is not run:
                     continue
                 row = result[i]
-                if row[ACTIVE] < 0.5:
+                if result.ndim == 3:  # a verify step: the kept tokens at the start of the row
+                    kept = int(np.sum(row[:, ACTIVE] > 0.5))
+                    if run.drafted:
+                        run.acceptance.update(run.drafted, kept - 1)
+                        self._on_event("spec_drafted", run.req, float(run.drafted))
+                        self._on_event("spec_accepted", run.req, float(kept - 1))
+                        run.drafted = 0
+                    row = row[:max(kept, 1)]
+                else:
+                    row = row[None]
+                if row[0, ACTIVE] < 0.5:
                     raise RuntimeError(f"slot {run.slot} is running on the host but inactive on device")
-                state = self._on_token(state, run, row)
+                for token_row in row:
+                    state = self._on_token(state, run, token_row)
+                    if self._running.get(run.slot) is not run:  # it ended: the rest is dropped
+                        break
         return state
 
     def _on_token(self, state, run: _Running, row: np.ndarray):
@@ -586,6 +656,8 @@ class Orchestrator:
         token = int(row[TOKEN])
         run.generated += 1
         run.out_ids.append(token)
+        if run.drafter is not None:
+            run.drafter.append(token)
         tops = []
         n = self.engine.top_logprobs
         if p.logprobs and n:

@@ -62,6 +62,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     constraint: Constraint | None = None  # structured output (``jserve.structured``); host side only
+    speculate: bool | None = None  # speculative decoding for this request; None: the server's default
 
     def validate(self, vocab_size: int, max_logprobs: int) -> None:
         def bad(msg: str) -> None:

@@ -89,7 +89,7 @@ def request_to_params(req: pb.GenerateRequest) -> SamplingParams:
         repetition_penalty=opt("repetition_penalty", 1.0), presence_penalty=opt("presence_penalty", 0.0),
         frequency_penalty=opt("frequency_penalty", 0.0), stop=tuple(req.stop),
         stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos, logprobs=req.logprobs or None,
-        constraint=request_to_constraint(req),
+        constraint=request_to_constraint(req), speculate=opt("speculate", None),
     )
 
 
@@ -189,7 +189,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             max_logprobs=eng.top_logprobs, eos_token_ids=list(eos), dtype=llm.dtype,
             quantization=llm.quantize or "none",
             has_chat_template=bool(llm.tokenizer and llm.tokenizer.has_chat_template),
-            prefix_cache=llm.orchestrator.prefix_cache,
+            prefix_cache=llm.orchestrator.prefix_cache, speculate=orch.spec_tokens,
+            speculate_default=orch.speculate,
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
@@ -247,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="compute every prompt in full (default: reuse the keys/values of a prompt prefix "
                          "already held by some slot, e.g. a shared system prompt or the earlier turns of a chat)")
+    ap.add_argument("--speculate", type=int, default=4, metavar="K",
+                    help="speculative decoding: a decode step may check up to K tokens drafted by prompt lookup "
+                         "(the request's own earlier text) per slot, and keeps those the model agrees with, so "
+                         "the output is unchanged; used only while measured to pay (default 4; 0 = off, which "
+                         "also saves compiling the checking step)")
+    ap.add_argument("--speculate-default", choices=["on", "off"], default="on",
+                    help="whether requests that do not set 'speculate' use speculative decoding (default on)")
     ap.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
                     help="int8 weights applied at load: int8 = weight-only (GPU/TPU fast path), "
                          "int8-dynamic = int8 weights and per-row int8 activations (fastest on CPU)")
@@ -359,7 +367,8 @@ async def serve(args: argparse.Namespace) -> int:
         loop.call_soon_threadsafe(stop.set)
 
     kwargs = dict(engine_kwargs(args), max_waiting=args.max_waiting, prefill_budget=args.prefill_budget,
-                  prefix_cache=not args.no_prefix_cache,
+                  prefix_cache=not args.no_prefix_cache, speculate=args.speculate,
+                  speculate_default=args.speculate_default == "on",
                   on_event=metrics.on_event, on_fatal=on_fatal, max_undelivered=args.max_undelivered)
     # Loading and compiling run in a daemon thread, not the default executor: a signal during
     # start-up must not wait for the compilation to finish.

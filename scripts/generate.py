@@ -35,6 +35,7 @@ PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "max_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float),
     "min_p": (int, float), "seed": (int,), "repetition_penalty": (int, float),
     "presence_penalty": (int, float), "frequency_penalty": (int, float), "ignore_eos": (bool,),
+    "speculate": (bool,),
 }
 
 
