@@ -46,6 +46,11 @@ PROMPTS = [
     {"id": "raw_code", "prompt": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"},
     {"id": "raw_numbers", "prompt": "In 1969, 3 astronauts flew 384400 km to the Moon; the list: 1, 2, 3,"},
     {"id": "raw_unicode", "prompt": "Café, naïve, 東京 and emoji 🙂 are all"},
+    # Input-grounded: the answer repeats its input, where speculative decoding's drafts are kept.
+    {"id": "grounded_repeat", "messages": [{"role": "user", "content":
+        "Repeat this sentence exactly: The old stone bridge over the river was built in 1820 by the village."}]},
+    {"id": "grounded_list", "prompt": "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday. "
+                                      "Monday, Tuesday, Wednesday,"},
 ]
 
 TINY_CONFIGS = {
@@ -133,9 +138,11 @@ def main() -> None:
     ap.add_argument("--gguf", type=pathlib.Path, required=True, help="path to SmolLM2-135M-Instruct GGUF")
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("tests/data"))
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--skip-tiny", action="store_true", help="leave tests/data/tiny_hf as it is")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    reference_tiny(args.out / "tiny_hf")
+    if not args.skip_tiny:
+        reference_tiny(args.out / "tiny_hf")
     reference_smollm2(args.gguf, args.out / "reference_smollm2.json", args.new_tokens)
 
 

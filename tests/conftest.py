@@ -53,8 +53,15 @@ def tiny_llm(tiny_ckpt, request):
 
 @pytest.fixture(scope="session")
 def real_llm(real_ckpt):
+    """With speculative decoding available (the server's default), chosen by its policy; ``events``
+    counts the orchestrator's events (``spec_drafted``, ``spec_accepted``, ...)."""
+    import collections
+
     from jserve import LLM
 
-    llm = LLM(real_ckpt, slots=4, max_len=128, max_prompt_len=64)
+    events = collections.Counter()
+    llm = LLM(real_ckpt, slots=4, max_len=128, max_prompt_len=64, speculate=4,
+              on_event=lambda kind, req, value: events.update({kind: value}))
+    llm.events = events
     yield llm
     llm.close(drain=False)

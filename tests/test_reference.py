@@ -76,6 +76,28 @@ def test_greedy_through_engine_equals_hf(real_llm, reference):
         assert r.finish_reason == "length" and r.completion_tokens == n
 
 
+def test_speculative_greedy_equals_hf(real_llm, reference):
+    """Every fixture prompt alone, each decode step checking prompt-lookup drafts: the same 32 tokens
+    as HF, and on the input-grounded prompts most tokens come from kept drafts."""
+    from tests.test_speculative import AlwaysVerify
+
+    cases = reference["cases"]
+    n = len(cases[0]["greedy_ids"])
+    orch = real_llm.orchestrator
+    policy, orch.policy = orch.policy, AlwaysVerify()
+    try:
+        for case in cases:
+            before = real_llm.events["spec_accepted"]
+            [r] = real_llm.generate([case["prompt_ids"]],
+                                    SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, speculate=True))
+            k = _comparable_prefix(case)
+            assert r.token_ids[:k] == case["greedy_ids"][:k], case["id"]
+            if case["id"].startswith("grounded"):
+                assert real_llm.events["spec_accepted"] - before >= n // 2, case["id"]
+    finally:
+        orch.policy = policy
+
+
 def test_capital_of_france_answers_paris(real_llm, reference):
     case = next(c for c in reference["cases"] if c["id"] == "capital")
     [r] = real_llm.generate([case["messages"]], SamplingParams(temperature=0.0, max_tokens=32))
