@@ -378,14 +378,23 @@ class Orchestrator:
             state, packed = self.engine.generate(state, self._masks())
             owners, kind = dict(self._running), "generate"
         self.steps += 1
+        for run in self._running.values():  # steps since each last drafted (see ``RETRY_STEPS``)
+            run.acceptance.idle = 0 if run.drafted else run.acceptance.idle + 1
         if spec:
             jax.block_until_ready(packed)
             self.policy.observe(kind, time.perf_counter() - t0)
         return state, (packed, owners, None, {})
 
     def _drafting(self) -> bool:
-        """Whether some live run drafts (speculative decoding may be worth a synchronous step)."""
-        return any(run.drafter is not None for run in self._running.values())
+        """Whether a verify step could pay this turn: some live run drafts, and the policy says
+        so if each of them found a full draft. Only then is the turn synchronous (drafts follow
+        the last token)."""
+        runs = self._running.values()
+        if not any(run.drafter is not None for run in runs):
+            return False
+        extra = sum(run.acceptance.expected(self.spec_tokens) for run in runs if run.drafter is not None
+                    and (run.acceptance.rate >= MIN_RATE or run.acceptance.idle >= RETRY_STEPS))
+        return self.policy.could_pay(len(self._running), self.engine.verify_bucket(len(self._running)), extra)
 
     def _spec_rows(self) -> list[tuple[int, list[int]]] | None:
         """Every live slot with its draft, if verifying them is expected to pay; else None."""
@@ -401,13 +410,9 @@ class Orchestrator:
                 extra += acc.expected(len(draft))
             rows.append((slot, draft))
         if not self.policy.choose(len(rows), e.verify_bucket(len(rows)), extra):
-            for run in self._running.values():
-                run.acceptance.idle += 1
             return None
         for slot, draft in rows:
-            run = self._running[slot]
-            run.drafted = len(draft)
-            run.acceptance.idle = 0 if draft else run.acceptance.idle + 1
+            self._running[slot].drafted = len(draft)
         return rows
 
     def _constrained(self) -> bool:

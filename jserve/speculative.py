@@ -100,6 +100,17 @@ class SpecPolicy:
         self.times[kind] = seconds if n < 2 else 0.8 * self.times[kind] + 0.2 * seconds
         self._measured[kind] = self._turn
 
+    def could_pay(self, live: int, rows_bucket: int, extra: float) -> bool:
+        """Whether a step with drafts expected to yield ``extra`` tokens (an upper estimate: every
+        drafting request finds a full draft) could be chosen, or a kind is due to be timed. When
+        not, the caller need not wait for the last step's tokens to draft."""
+        gen_kind, ver_kind = "generate", f"verify:{rows_bucket}"
+        if self._count.get(gen_kind, 0) < 2 or self._count.get(ver_kind, 0) < 2:
+            return True
+        if (self._turn + 1) - self._measured[ver_kind] > self.refresh and extra > 0:
+            return True
+        return (live + extra) / self.times[ver_kind] > live / self.times[gen_kind]
+
     def choose(self, live: int, rows_bucket: int, extra: float) -> bool:
         """True to verify: ``live`` slots, the verify call's row bucket, ``extra`` expected drafted
         tokens accepted over all of them. Compares tokens per second of both kinds."""

@@ -67,6 +67,9 @@ def test_policy_compares_tokens_per_second_and_measures_both_kinds():
     p.observe("verify:1", 0.08)
     p.observe("verify:1", 0.08)
     assert p.choose(1, 1, 0.0) is True
+    # Whether a synchronous (drafting) turn is worth it at all: not when even full drafts can't pay.
+    assert p.could_pay(4, 4, 3.9) is False and p.could_pay(4, 4, 4.5) is True
+    assert p.could_pay(8, 8, 0.0) is True  # verify:8 never timed
     # The kind not chosen is timed again after ``refresh`` turns (verify only if there is a draft).
     picks = [p.choose(4, 4, 0.0) for _ in range(12)]
     assert not any(picks)
@@ -230,6 +233,9 @@ def test_engine_without_speculation_has_no_verify(tiny_ckpt):
 
 class AlwaysVerify(SpecPolicy):
     """Every step checks drafts (the real policy picks by measured speed, which a test can't fix)."""
+
+    def could_pay(self, live: int, rows_bucket: int, extra: float) -> bool:
+        return True
 
     def choose(self, live: int, rows_bucket: int, extra: float) -> bool:
         return True
