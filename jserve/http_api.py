@@ -7,9 +7,8 @@ by pydantic models (unknown fields are refused, not ignored); prompts and sampli
 then go through the same ``LLM.submit`` validation as gRPC, so both APIs refuse the same input
 with the same message. Errors use OpenAI's body ``{"error": {"message", "type", "param",
 "code"}}``: 400 bad input, 404 unknown model, 429 queue full, 503 warming up or shutting down,
-504 deadline passed, 500 internal. A streaming client that disconnects has its requests
-cancelled: their slots are free before the next step. (A non-streaming request whose client
-went away still runs to its end; watching for that is not done yet.)
+504 deadline passed, 500 internal. A client that disconnects, streaming or not, has its requests
+cancelled: their slots are free before the next step.
 """
 
 from __future__ import annotations
@@ -343,9 +342,18 @@ class HttpFrontEnd:
             if body.stream:
                 return StreamingResponse(self._sse(rid, created, body, started, chat), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
+            async def on_disconnect() -> None:
+                # The body has been read: the next ASGI message is the client going away.
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                for _, s in started:
+                    s.cancel()
+
+            watcher = asyncio.create_task(on_disconnect())
             try:
                 results = await asyncio.gather(*(self._collect(s) for _, s in started))
             finally:
+                watcher.cancel()
                 for _, s in started:
                     s.cancel()  # no-op when finished; frees the slots if this handler is cancelled
             max_undelivered = self.llm.orchestrator.max_undelivered

@@ -196,6 +196,35 @@ def test_a_client_that_disconnects_frees_its_slot(server, oai, model):
         assert c.model_info().slots_in_use == 0
 
 
+def _finished(server, reason: str) -> float:
+    with urllib.request.urlopen(f"http://{server.http_address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(f'jserve_requests_finished_total{{reason="{reason}"}}'))
+
+
+def test_a_non_streaming_client_that_disconnects_has_its_request_cancelled(server, model):
+    import http.client
+
+    _wait_idle(server)
+    before = _finished(server, "cancelled")
+    host, port = server.http_address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"model": model, "prompt": "Hello", "max_tokens": MAX_LEN - 8, "ignore_eos": True, "temperature": 0}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    with Client(server.address) as c:  # once it holds a slot, the client goes away without its answer
+        deadline = time.monotonic() + 10
+        while not c.model_info().slots_in_use and time.monotonic() < deadline:
+            time.sleep(0.01)
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.monotonic() + 10
+    while _finished(server, "cancelled") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _finished(server, "cancelled") == before + 1  # ended as cancelled, not after its 120 tokens
+    _wait_idle(server)
+
+
 def test_metrics_on_the_http_port(server, oai, model):
     oai.completions.create(model=model, prompt="Hello", max_tokens=2)
     with urllib.request.urlopen(f"http://{server.http_address}/metrics", timeout=10) as r:
