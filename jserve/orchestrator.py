@@ -386,11 +386,12 @@ class Orchestrator:
         return state, (packed, owners, None, {})
 
     def _drafting(self) -> bool:
-        """Whether a verify step could pay this turn: some live run drafts, and the policy says
-        so if each of them found a full draft. Only then is the turn synchronous (drafts follow
-        the last token)."""
+        """Whether a verify step could pay this turn: every live run speculates, and the policy
+        says so if each of them found a full draft. Only then is the turn synchronous (drafts
+        follow the last token). A live request that does not speculate (opted out, or
+        constrained) keeps every step plain: its output is bitwise what it would be alone."""
         runs = self._running.values()
-        if not any(run.drafter is not None for run in runs):
+        if not runs or any(run.drafter is None for run in runs):
             return False
         extra = sum(run.acceptance.expected(self.spec_tokens) for run in runs if run.drafter is not None
                     and (run.acceptance.rate >= MIN_RATE or run.acceptance.idle >= RETRY_STEPS))

@@ -11,7 +11,7 @@ import pytest
 
 from jserve import SamplingParams, checkpoint, model
 from jserve.engine import ACTIVE, LOGPROB, TOKEN, JaxEngine
-from jserve.speculative import MIN_RATE, RETRY_STEPS, Acceptance, PromptLookup, SpecPolicy
+from jserve.speculative import MIN_RATE, Acceptance, PromptLookup, SpecPolicy
 
 # ---- the drafter and the policy, on the host ---------------------------------------------------
 
@@ -273,26 +273,22 @@ REPETITIVE = [
 
 
 def _compare(llm, params_list):
-    """Each (prompt, params) twice in one batch, speculating and not: outputs must be equal."""
+    """Each (prompt, params) in one batch speculating, then in one batch not: outputs must be equal."""
     import dataclasses
 
-    prompts, params = [], []
-    for prompt in REPETITIVE:
-        for p in params_list:
-            for spec in (True, False):
-                prompts.append(prompt)
-                params.append(dataclasses.replace(p, speculate=spec))
-    results = llm.generate(prompts, params)
-    for i in range(0, len(results), 2):
-        a, b = results[i], results[i + 1]
-        assert a.token_ids == b.token_ids, params[i]
+    prompts = [p for p in REPETITIVE for _ in params_list]
+    params = [p for _ in REPETITIVE for p in params_list]
+    spec = llm.generate(prompts, [dataclasses.replace(p, speculate=True) for p in params])
+    plain = llm.generate(prompts, [dataclasses.replace(p, speculate=False) for p in params])
+    for p, a, b in zip(params, spec, plain):
+        assert a.token_ids == b.token_ids, p
         assert a.text == b.text and a.finish_reason == b.finish_reason
-        if params[i].logprobs is not None:
+        if p.logprobs is not None:
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
-    return results
+    return spec
 
 
-def test_speculative_output_equals_plain_decoding_in_a_mixed_batch(spec_llm):
+def test_speculating_batch_equals_plain_decoding(spec_llm):
     before = dict(spec_llm.events)
     spec_llm.traces.clear()
     results = _compare(spec_llm, [
@@ -306,6 +302,19 @@ def test_speculative_output_equals_plain_decoding_in_a_mixed_batch(spec_llm):
     accepted = spec_llm.events["spec_accepted"] - before.get("spec_accepted", 0)
     assert drafted > 0 and 0 < accepted <= drafted  # drafts were checked and some kept
     assert spec_llm.traces == []  # nothing compiled while serving: verify was compiled at warm-up
+
+
+def test_a_request_that_opts_out_keeps_every_step_plain_and_its_bits(spec_llm):
+    """Batch invariance is bitwise for a request that does not speculate: while it is live no step
+    verifies (a verify call's matmul shapes differ from the decode step's), so beside speculating
+    neighbours it gets exactly the logprobs it gets alone."""
+    out = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=0, speculate=False)
+    [alone] = spec_llm.generate([REPETITIVE[0]], out)
+    before = spec_llm.events["spec_drafted"]
+    neighbours = SamplingParams(temperature=0.0, max_tokens=20, speculate=True)
+    results = spec_llm.generate([REPETITIVE[0]] + REPETITIVE, [out] + [neighbours] * 3)
+    assert results[0].token_ids == alone.token_ids and results[0].logprobs == alone.logprobs
+    assert spec_llm.events["spec_drafted"] == before
 
 
 def test_stops_and_max_tokens_cut_inside_a_checked_block(spec_llm):
