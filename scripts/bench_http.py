@@ -1,0 +1,155 @@
+"""The HTTP API against gRPC, and constrained against free decoding, on one server in one run.
+
+Starts ``python -m jserve.server --http-port 0`` as a user would (``--slots``, ``--max-len``,
+other flags at their defaults) and, each round, sends the same ``--requests`` chat prompts
+``--streams`` at a time, streaming, in three variants, one after another:
+
+- ``grpc``: through ``jserve.client.Client``;
+- ``http``: through ``POST /v1/chat/completions`` with ``stream: true`` (server-sent events, read
+  with ``http.client``; the official ``openai`` client costs the same on the server);
+- ``grpc-half-constrained``: as ``grpc``, but every other request must answer JSON valid against a
+  schema (an object with a list of at least 20 strings: a long answer), the rest free text.
+
+All greedy, ``ignore_eos``, up to ``--max-tokens`` each (a constrained answer ends when its JSON
+is complete). Reports each variant's median tokens/s over the rounds and the ratios to ``grpc``.
+
+    python scripts/bench_http.py [--streams 8] [--requests 16] [--max-tokens 128] [--rounds 3]
+
+Nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import http.client
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from bench_peers import chats  # noqa: E402
+
+SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": 20}},
+          "required": ["items"]}
+
+
+class Server:
+    def __init__(self, args: argparse.Namespace):
+        cmd = [sys.executable, "-m", "jserve.server", "--port", "0", "--http-port", "0", "--slots", str(args.slots),
+               "--max-len", str(args.max_len)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        grpc_addr = http_addr = None
+        for line in self.proc.stdout:
+            if line.startswith("jserve http listening on "):
+                http_addr = line.split()[-1]
+            elif line.startswith("jserve listening on "):
+                grpc_addr = line.split()[-1]
+            if line.startswith("jserve SERVING"):
+                break
+        else:
+            raise RuntimeError("the server exited before SERVING")
+        if grpc_addr is None or http_addr is None:
+            raise RuntimeError(f"could not find the server's addresses (grpc {grpc_addr}, http {http_addr})")
+        threading_drain(self.proc)
+        from jserve.client import Client
+
+        self.client = Client(grpc_addr)
+        self.http_host, self.http_port = http_addr.rsplit(":", 1)
+        conn = http.client.HTTPConnection(self.http_host, int(self.http_port), timeout=60)
+        conn.request("GET", "/v1/models")
+        self.model = json.loads(conn.getresponse().read())["data"][0]["id"]
+        conn.close()
+        self.mode = " ".join(["python -m jserve.server"] + cmd[3:])
+
+    def grpc(self, messages, args, constrained: bool) -> int:
+        kw = dict(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+        if constrained:
+            kw["json_schema"] = SCHEMA
+        return sum(len(r.token_ids) for r in self.client.stream(messages, **kw))
+
+    def http(self, messages, args, constrained: bool) -> int:
+        body = {"model": self.model, "messages": messages, "max_tokens": args.max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        conn = http.client.HTTPConnection(self.http_host, int(self.http_port), timeout=600)
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+        tokens = 0
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+        conn.close()
+        return tokens
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def threading_drain(proc: subprocess.Popen) -> None:
+    """Keep reading the server's output so its pipe never fills."""
+    import threading
+
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+
+
+def run_round(send, prompts, args, constrained_every: int) -> dict:
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
+        counts = list(pool.map(lambda i: send(prompts[i], args, constrained_every and i % constrained_every == 0),
+                               range(len(prompts))))
+    wall = time.perf_counter() - t0
+    return {"tokens": sum(counts), "seconds": wall, "tokens_per_s": sum(counts) / wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=pathlib.Path, default=None)
+    args = ap.parse_args(argv)
+    prompts = chats(args.requests)
+    server = Server(args)
+    variants = {"grpc": (server.grpc, 0), "http": (server.http, 0), "grpc-half-constrained": (server.grpc, 2)}
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    try:
+        for send, every in variants.values():  # untimed: first-request effects (grammar compiler) out of the way
+            run_round(send, prompts[: args.streams], args, every)
+        for r in range(args.rounds):
+            for v, (send, every) in variants.items():
+                time.sleep(0.5)
+                res = run_round(send, prompts, args, every)
+                results[v].append(res)
+                print(f"round {r} {v}: {res['tokens']} tokens, {res['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    finally:
+        server.close()
+    med = {v: statistics.median(x["tokens_per_s"] for x in results[v]) for v in variants}
+    print(f"{platform.machine()}, {os.cpu_count()} cores; {args.requests} chat requests, {args.streams} at a time, "
+          f"greedy, up to {args.max_tokens} tokens; {args.rounds} rounds (medians); {server.mode}")
+    print("| variant | tokens/s | vs grpc |")
+    print("| --- | ---: | ---: |")
+    for v in variants:
+        print(f"| {v} | {med[v]:.1f} | {med[v] / med['grpc']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
