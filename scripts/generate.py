@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"],
                     help="int8 weights at load time (int8-dynamic also quantizes activations per row)")
+    ap.add_argument("--speculate", type=int, default=0, metavar="K",
+                    help="speculative decoding with prompt-lookup drafts of up to K tokens (default 0 = off: a "
+                         "batch keeps every slot busy, where it seldom pays); a line's 'speculate' key opts out")
     ap.add_argument("--max-line-bytes", type=int, default=4 << 20,
                     help="longest input line, in bytes (default 4 MiB); a longer one gets an error record "
                          "without being parsed")
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         records.append(None)
 
     llm = LLM(args.checkpoint, slots=args.slots, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
-              dtype=args.dtype, quantize=args.quantize)
+              dtype=args.dtype, quantize=args.quantize, speculate=args.speculate)
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     bar = tqdm(total=len(requests), unit="req", disable=args.no_progress, file=sys.stderr)
     totals = {"prompt_tokens": 0, "completion_tokens": 0}
