@@ -15,6 +15,7 @@ drafts are rarely accepted stops drafting (and tries again now and then).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 
 class PromptLookup:
@@ -83,22 +84,26 @@ class SpecPolicy:
     call kind: ``generate``, and ``verify:<rows>`` per row bucket) and the drafts' expected yield.
 
     A kind is tried until it has been timed twice (its first call may carry one-off costs,
-    so the second replaces it); after that, the one not chosen is measured again every
-    ``refresh`` steps (times change with context length and load), verify only when there is
-    something to verify."""
+    so the second replaces it); after that, the one not chosen is timed again once its last
+    time is ``refresh_s`` seconds old (times change with context length and load, and a
+    measurement taken under a passing load must not decide for ever), verify only when there is
+    something to verify. ``clock``: seconds, monotonic (tests pass their own)."""
 
-    def __init__(self, refresh: int = 128):
-        self.refresh = refresh
+    def __init__(self, refresh_s: float = 15.0, clock=time.monotonic):
+        self.refresh_s = refresh_s
+        self.clock = clock
         self.times: dict[str, float] = {}
-        self._measured: dict[str, int] = {}
+        self._measured: dict[str, float] = {}
         self._count: dict[str, int] = {}
-        self._turn = 0
 
     def observe(self, kind: str, seconds: float) -> None:
         n = self._count.get(kind, 0)
         self._count[kind] = n + 1
         self.times[kind] = seconds if n < 2 else 0.8 * self.times[kind] + 0.2 * seconds
-        self._measured[kind] = self._turn
+        self._measured[kind] = self.clock()
+
+    def _stale(self, kind: str) -> bool:
+        return self.clock() - self._measured[kind] > self.refresh_s
 
     def could_pay(self, live: int, rows_bucket: int, extra: float) -> bool:
         """Whether a step with drafts expected to yield ``extra`` tokens (an upper estimate: every
@@ -107,14 +112,13 @@ class SpecPolicy:
         gen_kind, ver_kind = "generate", f"verify:{rows_bucket}"
         if self._count.get(gen_kind, 0) < 2 or self._count.get(ver_kind, 0) < 2:
             return True
-        if (self._turn + 1) - self._measured[ver_kind] > self.refresh and extra > 0:
+        if extra > 0 and self._stale(ver_kind):
             return True
         return (live + extra) / self.times[ver_kind] > live / self.times[gen_kind]
 
     def choose(self, live: int, rows_bucket: int, extra: float) -> bool:
         """True to verify: ``live`` slots, the verify call's row bucket, ``extra`` expected drafted
         tokens accepted over all of them. Compares tokens per second of both kinds."""
-        self._turn += 1
         gen_kind, ver_kind = "generate", f"verify:{rows_bucket}"
         if self._count.get(gen_kind, 0) < 2:
             return False
@@ -122,7 +126,6 @@ class SpecPolicy:
             return True
         gen, ver = self.times[gen_kind], self.times[ver_kind]
         verify = (live + extra) / ver > live / gen
-        other = gen_kind if verify else ver_kind
-        if self._turn - self._measured[other] > self.refresh and (verify or extra > 0):
+        if self._stale(gen_kind if verify else ver_kind) and (verify or extra > 0):
             return not verify
         return verify

@@ -52,7 +52,8 @@ def test_acceptance_rate_and_expected_yield():
 
 
 def test_policy_compares_tokens_per_second_and_measures_both_kinds():
-    p = SpecPolicy(refresh=10)
+    now = [0.0]
+    p = SpecPolicy(refresh_s=10.0, clock=lambda: now[0])
     assert p.choose(4, 4, 3.0) is False  # generate not timed yet
     p.observe("generate", 0.5)  # a first call's one-off cost: replaced by the second
     p.observe("generate", 0.1)
@@ -70,11 +71,18 @@ def test_policy_compares_tokens_per_second_and_measures_both_kinds():
     # Whether a synchronous (drafting) turn is worth it at all: not when even full drafts can't pay.
     assert p.could_pay(4, 4, 3.9) is False and p.could_pay(4, 4, 4.5) is True
     assert p.could_pay(8, 8, 0.0) is True  # verify:8 never timed
-    # The kind not chosen is timed again after ``refresh`` turns (verify only if there is a draft).
-    picks = [p.choose(4, 4, 0.0) for _ in range(12)]
-    assert not any(picks)
-    picks = [p.choose(4, 4, 0.5) for _ in range(12)]
-    assert any(picks)
+    # A time older than ``refresh_s`` is measured again: verify only if something is drafted.
+    now[0] = 11.0
+    assert p.choose(4, 4, 0.0) is False and p.could_pay(4, 4, 0.0) is False
+    assert p.could_pay(4, 4, 0.5) is True and p.choose(4, 4, 0.5) is True
+    p.observe("verify:4", 0.2)
+    assert p.could_pay(4, 4, 0.5) is False and p.choose(4, 4, 0.5) is False
+    # ... and generate, while verify keeps being chosen.
+    p.observe("verify:1", 0.08)
+    now[0] = 22.0
+    assert p.choose(1, 1, 0.0) is False  # generate's time is 22 s old: timed once more
+    p.observe("generate", 0.1)
+    assert p.choose(1, 1, 0.0) is True
 
 
 # ---- the engine's verify step against plain decode steps ---------------------------------------
