@@ -225,6 +225,40 @@ def test_a_non_streaming_client_that_disconnects_has_its_request_cancelled(serve
     _wait_idle(server)
 
 
+FAULTY_SERVER = """
+import sys
+import jserve.engine as e
+calls = {"generate": 0}
+generate = e.JaxEngine.generate
+def generate_failing_once(self, state, mask=None):
+    calls["generate"] += 1
+    if calls["generate"] == 3:
+        raise RuntimeError("injected device fault")
+    return generate(self, state, mask)
+e.JaxEngine.generate = generate_failing_once
+from jserve.server import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_engine_fault_is_a_500_and_the_server_recovers(tiny_ckpt):
+    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "64", "--speculate", "0", "--http-port", "0",
+                      launch=("-c", FAULTY_SERVER))
+    try:
+        client = openai.OpenAI(base_url=f"http://{s.http_address}/v1", api_key="unused", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model=model, prompt="Hello", max_tokens=20, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert err.value.status_code == 500 and "injected device fault" in str(err.value)
+        # The engine's state was rebuilt: the next request is served.
+        r = client.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 5
+    finally:
+        s.stop()
+
+
 def test_metrics_on_the_http_port(server, oai, model):
     oai.completions.create(model=model, prompt="Hello", max_tokens=2)
     with urllib.request.urlopen(f"http://{server.http_address}/metrics", timeout=10) as r:

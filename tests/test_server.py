@@ -351,11 +351,11 @@ import sys
 import jserve.engine as e
 calls = {"generate": 0, "init": 0}
 generate, init_state = e.JaxEngine.generate, e.JaxEngine.init_state
-def failing_generate(self, state):
+def failing_generate(self, state, mask=None):
     calls["generate"] += 1
     if calls["generate"] > 5:
         raise RuntimeError("injected device fault")
-    return generate(self, state)
+    return generate(self, state, mask)
 def failing_init_state(self):
     calls["init"] += 1
     if calls["init"] > 1:
@@ -368,7 +368,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_an_engine_that_dies_ends_streams_turns_not_serving_and_exits_1(tiny_ckpt):
-    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "128", launch=("-c", DYING_SERVER))
+    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "128", "--speculate", "0", launch=("-c", DYING_SERVER))
     try:
         with Client(s.address) as c:
             with pytest.raises(grpc.RpcError) as err:
