@@ -70,7 +70,8 @@ def run_llguidance(tok_json: str, vocab: int, eos: int, cases):
         m = llguidance.LLMatcher(lt, g, log_level=0)
         compile_s = time.perf_counter() - t0
         buf = np.zeros(((vocab + 31) // 32,), np.int32)
-        times = timed_walk(ids, lambda: m.unsafe_compute_mask_ptr(buf.ctypes.data, buf.nbytes), m.consume_token)
+        times = timed_walk(ids, lambda m=m, buf=buf: m.unsafe_compute_mask_ptr(buf.ctypes.data, buf.nbytes),
+                           m.consume_token)
         assert not m.is_error(), m.get_error()
         out[name] = (compile_s, times)
     return out
@@ -93,7 +94,8 @@ def run_xgrammar(tok_file: str, vocab: int, cases):
         compile_s = time.perf_counter() - t0
         bitmask = xgr.allocate_token_bitmask(1, vocab)
         ok = []
-        times = timed_walk(ids, lambda: m.fill_next_token_bitmask(bitmask), lambda t: ok.append(m.accept_token(t)))
+        times = timed_walk(ids, lambda m=m, b=bitmask: m.fill_next_token_bitmask(b),
+                           lambda t, m=m, ok=ok: ok.append(m.accept_token(t)))
         assert all(ok), f"xgrammar refused a token of the {name} answer"
         out[name] = (compile_s, times)
     return out
@@ -121,7 +123,8 @@ def run_outlines(tok_json: str, vocab: int, eos: int, cases):
         guide = Guide(index)
         compile_s = time.perf_counter() - t0
         buf = np.zeros(((vocab + 31) // 32,), np.int32)
-        times = timed_walk(ids, lambda: guide.write_mask_into(buf.ctypes.data, buf.size, buf.itemsize), guide.advance)
+        times = timed_walk(ids, lambda g=guide, buf=buf: g.write_mask_into(buf.ctypes.data, buf.size, buf.itemsize),
+                           guide.advance)
         out[name] = (compile_s, times)
     return out
 
