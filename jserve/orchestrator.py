@@ -122,6 +122,7 @@ class _Running:
     drafter: PromptLookup | None = None  # speculative decoding: this run drafts (``jserve.speculative``)
     acceptance: Acceptance = dataclasses.field(default_factory=Acceptance)
     drafted: int = 0  # tokens drafted for the verify step in flight
+    draft_hint: bool = False  # whether its latest handled token left a draft to propose
 
     def cache_tokens(self) -> np.ndarray:
         """Token ids whose keys/values this run has put in its slot (the last output token has
@@ -387,13 +388,14 @@ class Orchestrator:
 
     def _drafting(self) -> bool:
         """Whether a verify step could pay this turn: every live run speculates, and the policy
-        says so if each of them found a full draft. Only then is the turn synchronous (drafts
-        follow the last token). A live request that does not speculate (opted out, or
-        constrained) keeps every step plain: its output is bitwise what it would be alone."""
+        says so if each run that had a draft after its last handled token finds a full one. Only
+        then is the turn synchronous (drafts follow the last token, which may still be on the
+        device). A live request that does not speculate (opted out, or constrained) keeps every
+        step plain: its output is bitwise what it would be alone."""
         runs = self._running.values()
         if not runs or any(run.drafter is None for run in runs):
             return False
-        extra = sum(run.acceptance.expected(self.spec_tokens) for run in runs if run.drafter is not None
+        extra = sum(run.acceptance.expected(self.spec_tokens) for run in runs if run.draft_hint
                     and (run.acceptance.rate >= MIN_RATE or run.acceptance.idle >= RETRY_STEPS))
         return self.policy.could_pay(len(self._running), self.engine.verify_bucket(len(self._running)), extra)
 
@@ -664,6 +666,7 @@ class Orchestrator:
         run.out_ids.append(token)
         if run.drafter is not None:
             run.drafter.append(token)
+            run.draft_hint = bool(run.drafter.propose(1))
         tops = []
         n = self.engine.top_logprobs
         if p.logprobs and n:
