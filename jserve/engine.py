@@ -5,9 +5,9 @@ its prompt is run into that slot's cache by ``extend`` in chunks of ``chunk`` po
 of several requests in one call; a row's last chunk samples the first token and makes the slot
 live), ``copy`` reuses another slot's cached prefix, and ``generate`` advances every live slot
 by one token. ``verify`` is a decode step that also checks drafted tokens per slot (speculative
-decoding) and keeps as many as the model agrees with, plus its own next token. All of them take the decode state donated, so the cache is updated in place and
-the caller must use the state they return. Shapes never change after ``warmup``, so serving
-compiles nothing.
+decoding) and keeps as many as the model agrees with, plus its own next token. All of them
+take the decode state donated, so the cache is updated in place and the caller must use the
+state they return. Shapes never change after ``warmup``, so serving compiles nothing.
 """
 
 from __future__ import annotations
