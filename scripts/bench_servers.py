@@ -60,10 +60,10 @@ class Timing:
 class JserveServer:
     name = "jserve"
 
-    def __init__(self, args: argparse.Namespace, max_prompt: int):
+    def __init__(self, args: argparse.Namespace, max_prompt: int, extra: tuple[str, ...] = ()):
         self.port = free_port()
         cmd = [sys.executable, "-m", "jserve.server", "--port", str(self.port), "--slots", str(args.slots),
-               "--max-len", str(args.max_len), "--max-prompt-len", str(max_prompt), "--max-logprobs", "0"]
+               "--max-len", str(args.max_len), "--max-prompt-len", str(max_prompt), "--max-logprobs", "0", *extra]
         if args.quantize != "none":
             cmd += ["--quantize", args.quantize]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -33,14 +33,13 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench_peers import chats  # noqa: E402
-from bench_servers import LlamaServer, Timing, free_port  # noqa: E402
+from bench_servers import JserveServer, LlamaServer, Timing, free_port  # noqa: E402
 
 PARAGRAPHS = [
     "The libary opened in 1902 with a colection of four hundred books donated by the town's first "
@@ -88,24 +87,12 @@ def grounded() -> list[list[dict[str, str]]]:
 WORKLOADS = {"grounded": grounded, "chat": lambda: chats(8)}
 
 
-class Jserve:
+class Jserve(JserveServer):
     def __init__(self, args: argparse.Namespace):
-        self.port, self.metrics_port = free_port(), free_port()
-        cmd = [sys.executable, "-m", "jserve.server", "--port", str(self.port), "--slots", str(args.slots),
-               "--max-len", str(args.max_len), "--speculate", str(args.speculate),
-               "--metrics-port", str(self.metrics_port)]
-        if args.quantize != "none":
-            cmd += ["--quantize", args.quantize]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        for line in self.proc.stdout:
-            if "SERVING" in line:
-                break
-        else:
-            raise RuntimeError("jserve server exited before SERVING")
-        from jserve.client import Client
-
-        self.client = Client(f"127.0.0.1:{self.port}")
-        self.mode = " ".join(["python -m jserve.server"] + cmd[5:])
+        self.metrics_port = free_port()
+        super().__init__(args, args.max_len - 1,
+                         extra=("--speculate", str(args.speculate), "--metrics-port", str(self.metrics_port)))
+        self.mode += f" --speculate {args.speculate}"
 
     def counters(self) -> dict[str, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
@@ -124,11 +111,6 @@ class Jserve:
         for r in self.client.stream(ids, **kw):
             t.got(len(r.token_ids))
         return t
-
-    def close(self) -> None:
-        self.client.close()
-        self.proc.terminate()
-        self.proc.wait(60)
 
 
 class Llama(LlamaServer):
