@@ -118,7 +118,9 @@ class LlamaServer:
         self.mode = " ".join(["llama-server", "-m", gguf.name] + cmd[7:])
 
     def request(self, ids: list[int], args: argparse.Namespace, seed: int) -> Timing:
-        body = {"prompt": ids, "n_predict": args.max_tokens, "ignore_eos": True, "stream": True,
+        # ``ignore_eos`` unless the caller's args say otherwise (bench_spec lets answers end at EOS).
+        body = {"prompt": ids, "n_predict": args.max_tokens, "ignore_eos": getattr(args, "ignore_eos", True),
+                "stream": True,
                 "cache_prompt": False, "temperature": args.temperature, "seed": seed}
         if args.temperature > 0:
             body.update(top_p=args.top_p, top_k=args.top_k, min_p=0.0)

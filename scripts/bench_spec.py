@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import http.client
 import json
 import os
 import pathlib
@@ -113,30 +112,6 @@ class Jserve(JserveServer):
         return t
 
 
-class Llama(LlamaServer):
-    def request(self, ids: list[int], args: argparse.Namespace, seed: int) -> Timing:
-        """Like jserve's requests: ends at EOS or ``max_tokens``; greedy is top-k 1."""
-        body = {"prompt": ids, "n_predict": args.max_tokens, "stream": True, "cache_prompt": False,
-                "temperature": args.temperature, "seed": seed}
-        body.update(top_p=args.top_p, top_k=0, min_p=0.0) if args.temperature > 0 else body.update(top_k=1)
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-        t = Timing(time.perf_counter())
-        conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise RuntimeError(f"llama-server answered {resp.status}: {resp.read()[:200]!r}")
-        for raw in resp:
-            line = raw.decode().strip()
-            if line.startswith("data: "):
-                event = json.loads(line[6:])
-                if event.get("stop"):
-                    t.got(max(0, event.get("tokens_predicted", t.tokens) - t.tokens))
-                    break
-                t.got(1)
-        conn.close()
-        return t
-
-
 def run_round(send, prompts: list[list[int]], streams: int) -> dict:
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
@@ -180,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     llama = None
     if args.llama_server:
         gguf = ckpt.parent / ".downloads" / DEFAULT_PACKAGE / DEFAULT_GGUF_NAME
-        llama = Llama(args, gguf)
-        variants["llama-server"] = lambda ids, i: llama.request(ids, args, i)
+        # Like jserve's requests: end at EOS or max_tokens; sampled requests use top-p only.
+        llama_args = argparse.Namespace(**vars(args), ignore_eos=False, top_k=0)
+        llama = LlamaServer(llama_args, gguf)
+        variants["llama-server"] = lambda ids, i: llama.request(ids, llama_args, i)
         modes["llama-server"] = llama.mode
     results: dict[str, dict[str, list[dict]]] = {w: {v: [] for v in variants} for w in workloads}
     try:
