@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -412,3 +413,76 @@ def test_structured_output_over_grpc(client):
     with pytest.raises(grpc.RpcError) as e:
         client.complete(chat, max_tokens=5, regex="(")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "regex constraint is invalid" in e.value.details()
+
+
+# A server whose tokenizer stalls on any text holding "HOLD" until a release file appears: a
+# stand-in for a prompt that takes long to tokenize or to render with its chat template.
+HOLDING_SERVER = """
+import os, pathlib, sys, threading, time
+import jserve.tokenizer as t
+release = pathlib.Path(os.environ["JSERVE_TEST_RELEASE"])
+encode, render_chat = t.TextTokenizer.encode, t.TextTokenizer.render_chat
+def hold(what, text):
+    if "HOLD" in text:
+        print(f"HOLDING {what} on {threading.current_thread().name}", flush=True)
+        deadline = time.monotonic() + 120
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+def held_encode(self, text):
+    hold("encode", text)
+    return encode(self, text)
+def held_render_chat(self, messages, *args, **kwargs):
+    hold("render_chat", " ".join(m["content"] for m in messages))
+    return render_chat(self, messages, *args, **kwargs)
+t.TextTokenizer.encode, t.TextTokenizer.render_chat = held_encode, held_render_chat
+from jserve.server import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_slow_tokenizing_and_chat_rendering_never_hold_up_other_streams(tiny_ckpt, tmp_path, monkeypatch):
+    """Requests whose text is slow to tokenize or to render (held here until released) stall
+    only themselves: while four are held (gRPC Generate text and chat, Tokenize, HTTP chat), a new
+    request is accepted and streamed to its end. Were any of them tokenized on the server's event
+    loop, the new request could not even start and its deadline would fail the test."""
+    release = tmp_path / "release"
+    monkeypatch.setenv("JSERVE_TEST_RELEASE", str(release))
+    s = ServerProcess(tiny_ckpt, "--slots", "4", "--max-len", "128", "--http-port", "0",
+                      "--speculate", "0", launch=("-c", HOLDING_SERVER))
+    try:
+        held_text = "HOLD the quick brown fox"
+        held_chat = [{"role": "user", "content": "HOLD what is two plus two?"}]
+        with Client(s.address) as c, ThreadPoolExecutor(4) as pool:
+            futures = [
+                pool.submit(c.complete, held_text, timeout=120, max_tokens=4, **GREEDY),
+                pool.submit(c.complete, held_chat, timeout=120, max_tokens=4, **GREEDY),
+                pool.submit(c.tokenize, held_text),
+                pool.submit(_post_json, s, "/v1/chat/completions",
+                            {"model": tiny_ckpt.name, "messages": held_chat, "max_tokens": 4, "temperature": 0}),
+            ]
+            deadline = time.monotonic() + 60
+            while sum(line.startswith("HOLDING") for line in s.lines) < 4:
+                assert time.monotonic() < deadline, f"not all requests reached the tokenizer: {s.lines}"
+                assert not any(f.done() for f in futures), [f.result() for f in futures if f.done()]
+                time.sleep(0.01)
+            assert all("MainThread" not in line for line in s.lines if line.startswith("HOLDING"))
+            # Meanwhile a new request (text too, so it needs the tokenizer's executor as well) runs to its end.
+            done = c.complete("the quick brown fox", timeout=60, max_tokens=24, **GREEDY)
+            assert done.completion_tokens == 24 and done.finish_reason == "length"
+            assert not any(f.done() for f in futures)
+            release.touch()
+            text_done, chat_done, ids, http_body = (f.result(timeout=60) for f in futures)
+        assert (text_done.completion_tokens, chat_done.completion_tokens) == (4, 4)
+        assert http_body["usage"]["completion_tokens"] == 4
+        with Client(s.address) as c:
+            assert ids == c.tokenize(held_text) and ids
+    finally:
+        release.touch()
+        assert s.stop() == 0
+
+
+def _post_json(server: ServerProcess, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"http://{server.http_address}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
