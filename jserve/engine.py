@@ -312,6 +312,11 @@ class JaxEngine:
         if self.chunk < 1 or not self.chunk_rows or min(self.chunk_rows) < 1:
             raise ValueError(f"chunk={self.chunk} and chunk_rows={self.chunk_rows} must be positive")
         self.chunk_rows = tuple(sorted(set(self.chunk_rows)))
+        # A call never needs more rows than every slot's longest prompt at once: the buckets past
+        # the first that holds that many are never used, and are not compiled.
+        need = self.slots * -(-self.max_prompt_len // self.chunk)
+        self.chunk_rows = tuple(r for r in self.chunk_rows if r < need) + tuple(
+            r for r in self.chunk_rows if r >= need)[:1]
         self.vocab_size = self.cfg.vocab_size
         self.cache_len = model.padded_cache_len(self.max_len)
         top_n = self.top_logprobs
@@ -353,7 +358,8 @@ class JaxEngine:
         return self.chunk_rows[-1]
 
     def init_state(self) -> DecodeState:
-        return self._init()
+        init = self._compiled.get(("init", 0))
+        return init() if init is not None else self._init()
 
     def _zeros(self) -> DecodeState:
         s, v = self.slots, self.cfg.vocab_size
@@ -459,7 +465,8 @@ class JaxEngine:
         return self._compiled.get(("release", 0), self._release)(state=state, slot=np.int32(slot))
 
     def warmup(self) -> float:
-        """Compile (ahead of time) begin, copy, every ``extend`` row bucket, generate and release.
+        """Compile (ahead of time) the initial state, begin, copy, every ``extend`` row bucket,
+        generate and release.
 
         Nothing is executed: the compiled executables are kept and called directly, so
         serving never traces or compiles, and with JAX's persistent cache a restart only
@@ -472,6 +479,7 @@ class JaxEngine:
         self._compiled[("begin", 0)] = self._begin.lower(
             state=state, slot=i32, prompt=np.zeros((self.cache_len,), np.int32), n=i32, sampling=row).compile()
         self._compiled[("copy", 0)] = self._copy.lower(state=state, src=i32, dst=i32, n=i32).compile()
+        self._compiled[("init", 0)] = self._init.lower().compile()  # the orchestrator's first state, and recovery's
         for r in self.chunk_rows:
             tb = time.perf_counter()
             z = np.zeros((r,), np.int32)
