@@ -15,6 +15,15 @@ Weights are stored unfused and stacked over layers, each matrix as ``[in, out]``
     wq [L, D, N H]   wk, wv [L, D, K H]   wo [L, N H, D]
     w_gate, w_up [L, D, F]   w_down [L, F, D]
 
+and, in the families that have them (``ModelConfig``'s fields say which)::
+
+    bq [L, N H]   bk, bv [L, K H]              (qkv_bias)
+    q_norm, k_norm [L, H]                      (qk_norm)
+    post_attn_norm, post_mlp_norm [L, D]       (post_norms)
+    router [L, D, E]   e_gate, e_up [L, E, D, F]   e_down [L, E, F, D]   (n_experts > 0, in place
+                                                                        of w_gate, w_up, w_down)
+
+Norm weights are stored as the model multiplies them (Gemma's ``1 + w`` is added on import),
 so a sharded load can read just a slice of each; fusing (Q/K/V, gate/up) happens at load.
 An int8 checkpoint stores each matrix above as int8 plus ``<name>_scale`` (float32, one per
 output channel: ``[L, O]``, ``[V]`` for ``embed``).
@@ -45,20 +54,32 @@ log = logging.getLogger(__name__)
 
 Weights = dict[str, np.ndarray]
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
-# Matrices that int8 quantization covers, and their output-channel axis (within one layer).
-QUANTIZED_KEYS = {"wq": 1, "wk": 1, "wv": 1, "wo": 1, "w_gate": 1, "w_up": 1, "w_down": 1, "embed": 0, "lm_head": 1}
+# Matrices that int8 quantization covers, and their output-channel axis (of the last two axes).
+# The router stays float: it is small, and which experts a token gets should not move with rounding.
+QUANTIZED_KEYS = {"wq": 1, "wk": 1, "wv": 1, "wo": 1, "w_gate": 1, "w_up": 1, "w_down": 1, "embed": 0, "lm_head": 1,
+                  "e_gate": 1, "e_up": 1, "e_down": 1}
 SCALE = "_scale"
 CHUNK_BYTES = 4 << 20
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    el, d, f, h = cfg.n_layers, cfg.dim, cfg.ffn_dim, cfg.head_dim
+    el, d, f, h, e = cfg.n_layers, cfg.dim, cfg.ffn_dim, cfg.head_dim, cfg.n_experts
+    nq, nk = cfg.n_heads * h, cfg.n_kv_heads * h
     shapes = {
         "embed": (cfg.vocab_size, d), "final_norm": (d,),
         "attn_norm": (el, d), "mlp_norm": (el, d),
-        "wq": (el, d, cfg.n_heads * h), "wk": (el, d, cfg.n_kv_heads * h), "wv": (el, d, cfg.n_kv_heads * h),
-        "wo": (el, cfg.n_heads * h, d), "w_gate": (el, d, f), "w_up": (el, d, f), "w_down": (el, f, d),
+        "wq": (el, d, nq), "wk": (el, d, nk), "wv": (el, d, nk), "wo": (el, nq, d),
     }
+    if e:
+        shapes.update(router=(el, d, e), e_gate=(el, e, d, f), e_up=(el, e, d, f), e_down=(el, e, f, d))
+    else:
+        shapes.update(w_gate=(el, d, f), w_up=(el, d, f), w_down=(el, f, d))
+    if cfg.qkv_bias:
+        shapes.update(bq=(el, nq), bk=(el, nk), bv=(el, nk))
+    if cfg.qk_norm:
+        shapes.update(q_norm=(el, h), k_norm=(el, h))
+    if cfg.post_norms:
+        shapes.update(post_attn_norm=(el, d), post_mlp_norm=(el, d))
     if not cfg.tie_embeddings:
         shapes["lm_head"] = (d, cfg.vocab_size)
     return shapes
@@ -105,7 +126,7 @@ def check_weights(cfg: ModelConfig, weights: Weights) -> None:
         for key, axis in QUANTIZED_KEYS.items():
             if key in want:
                 shape = want[key]
-                want[key + SCALE] = shape[:-2] + (shape[-2 + axis],)
+                want[key + SCALE] = (shape[:-2] if len(shape) > 2 else ()) + (shape[-2 + axis],)
     missing = sorted(set(want) - set(weights))
     extra = sorted(set(weights) - set(want))
     if missing or extra:
@@ -166,14 +187,17 @@ def load_tokenizer(directory: pathlib.Path) -> TextTokenizer | None:
 
 
 def to_params(cfg: ModelConfig, weights: Weights, dtype: jnp.dtype = jnp.float32,
-              quantize: str | None = None, qkv_groups: int = 1, mlp_groups: int = 1) -> Params:
+              quantize: str | None = None, qkv_groups: int = 1, mlp_groups: int = 1,
+              expert_groups: int | None = None) -> Params:
     """Fuse, cast (and with ``quantize``, int8-quantize) stacked weights into ``Params``.
 
     From numpy weights this runs on the host, matrix by matrix, so the device never holds the
     float originals; ``load_sharded`` runs it under ``jit`` on arrays already sharded. An int8
     checkpoint loads as int8 (``quantize`` then only picks the mode). ``qkv_groups`` and
-    ``mlp_groups`` lay the fused matrices out in per-shard blocks (``sharding.fuse``).
+    ``mlp_groups`` (``expert_groups`` for the experts' gate/up; default ``mlp_groups``) lay the
+    fused matrices out in per-shard blocks (``sharding.fuse``).
     """
+    expert_groups = mlp_groups if expert_groups is None else expert_groups
     check_weights(cfg, weights)
     stored_int8 = is_quantized(weights)
     mode = quantize or ("int8" if stored_int8 else None)
@@ -196,19 +220,35 @@ def to_params(cfg: ModelConfig, weights: Weights, dtype: jnp.dtype = jnp.float32
             return QuantArray(q=jnp.asarray(part()), scale=jnp.asarray(part(SCALE)), mode=mode, out_axis=axis)
         return quantize_matrix(part(), out_axis=axis, mode=mode) if mode else put(part())
 
+    def vector(key: str, i: int, parts: tuple[str, ...] = (), groups: int = 1) -> jax.Array | None:
+        names = parts or (key,)
+        if names[0] not in weights:
+            return None
+        if not parts:
+            return put(weights[key][i])
+        xp = np if isinstance(weights[names[0]], np.ndarray) else jnp
+        return put(fuse(xp, [weights[n][i] for n in names], groups))
+
     layers = []
     for i in range(cfg.n_layers):
+        moe = cfg.n_experts > 0
         layers.append(LayerParams(
             attn_norm=put(weights["attn_norm"][i]),
             wqkv=matrix("wqkv", i, ("wq", "wk", "wv"), qkv_groups),
             wo=matrix("wo", i),
             mlp_norm=put(weights["mlp_norm"][i]),
-            w_gate_up=matrix("w_gate_up", i, ("w_gate", "w_up"), mlp_groups),
-            w_down=matrix("w_down", i),
+            w_gate_up=None if moe else matrix("w_gate_up", i, ("w_gate", "w_up"), mlp_groups),
+            w_down=None if moe else matrix("w_down", i),
+            bqkv=vector("bqkv", i, ("bq", "bk", "bv"), qkv_groups),
+            q_norm=vector("q_norm", i), k_norm=vector("k_norm", i),
+            post_attn_norm=vector("post_attn_norm", i), post_mlp_norm=vector("post_mlp_norm", i),
+            router=vector("router", i),
+            experts_gate_up=matrix("experts_gate_up", i, ("e_gate", "e_up"), expert_groups) if moe else None,
+            experts_down=matrix("experts_down", i, ("e_down",)) if moe else None,
         ))
     lm_head = None if cfg.tie_embeddings else matrix("lm_head", None)
     return Params(embed=matrix("embed", None), layers=tuple(layers), final_norm=put(weights["final_norm"]),
-                  lm_head=lm_head, qkv_groups=qkv_groups, mlp_groups=mlp_groups)
+                  lm_head=lm_head, qkv_groups=qkv_groups, mlp_groups=mlp_groups, expert_groups=expert_groups)
 
 
 def load_sharded(directory: pathlib.Path, plan: Plan, dtype: jnp.dtype = jnp.float32,
@@ -230,7 +270,7 @@ def load_sharded(directory: pathlib.Path, plan: Plan, dtype: jnp.dtype = jnp.flo
         stored = ckpt.restore(path, target)
     check_weights(cfg, stored)
     build = functools.partial(to_params, cfg, dtype=dtype, quantize=quantize, qkv_groups=plan.qkv_groups,
-                              mlp_groups=plan.mlp_groups)
+                              mlp_groups=plan.mlp_groups, expert_groups=plan.expert_groups)
     shardings = params_sharding(jax.eval_shape(build, stored), plan)
     params = jax.jit(build, out_shardings=shardings)(stored)
     for x in stored.values():

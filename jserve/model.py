@@ -1,8 +1,13 @@
-"""A Llama-family decoder as pure functions over a params pytree and a KV cache.
+"""A decoder-only transformer as pure functions over a params pytree and a KV cache.
 
-RMSNorm, RoPE (with optional Llama-3 frequency scaling), grouped-query attention, SwiGLU MLP,
-tied or untied embeddings. Q/K/V and gate/up projections are fused (one matmul each), which
-is faster on every backend; the checkpoint keeps them apart (see ``checkpoint.py``).
+Llama's layer: RMSNorm, RoPE (with optional Llama-3 or linear frequency scaling), grouped-query
+attention, a gated MLP (SwiGLU), tied or untied embeddings. The other families are the same
+layer with a few differences, each switched on by a ``ModelConfig`` field and written once
+here (``_block``): Q/K/V biases, per-head q/k norms, norms on the attention and MLP outputs,
+GeGLU, scaled embeddings, a score scale and soft caps, sliding-window layers (whose attention
+reads only the cache blocks inside the window), per-layer RoPE bases, and a mixture of experts
+in place of the MLP. Q/K/V and gate/up projections are fused (one matmul each), which is
+faster on every backend; the checkpoint keeps them apart (see ``checkpoint.py``).
 
 Axis letters: B batch, T/P time, S slots, N heads, K kv heads, G = N/K, H head dim,
 D model dim, F MLP width, V vocab, L layers.
@@ -10,8 +15,10 @@ D model dim, F MLP width, V vocab, L layers.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +27,7 @@ from flax import struct
 
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache, write_chunks, write_step
-from jserve.quant import QuantArray, dense, take_rows
+from jserve.quant import QuantArray, dense, dense_experts, take_rows
 
 Weight = jax.Array | QuantArray
 
@@ -35,8 +42,17 @@ class LayerParams:
     wqkv: Weight  # [D, (N + 2K) H]
     wo: Weight  # [N H, D]
     mlp_norm: jax.Array  # [D]
-    w_gate_up: Weight  # [D, 2F]
-    w_down: Weight  # [F, D]
+    w_gate_up: Weight | None  # [D, 2F]; None in a mixture-of-experts layer
+    w_down: Weight | None  # [F, D]
+    # Only in the families that have them (see ``ModelConfig``):
+    bqkv: jax.Array | None = None  # [(N + 2K) H], laid out like wqkv's columns
+    q_norm: jax.Array | None = None  # [H]
+    k_norm: jax.Array | None = None  # [H]
+    post_attn_norm: jax.Array | None = None  # [D]
+    post_mlp_norm: jax.Array | None = None  # [D]
+    router: jax.Array | None = None  # [D, E]
+    experts_gate_up: Weight | None = None  # [E, D, 2F]
+    experts_down: Weight | None = None  # [E, F, D]
 
 
 @struct.dataclass
@@ -49,15 +65,18 @@ class Params:
     # wqkv holds [q, k, v] of each group in turn, w_gate_up [gate, up] of each group.
     qkv_groups: int = struct.field(pytree_node=False, default=1)
     mlp_groups: int = struct.field(pytree_node=False, default=1)
+    expert_groups: int = struct.field(pytree_node=False, default=1)  # of experts_gate_up's columns
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies ``[H/2]`` (float32), with Llama-3 scaling when the config asks."""
+def rope_inv_freq(cfg: ModelConfig, layer: int = 0) -> np.ndarray:
+    """Inverse frequencies ``[H/2]`` (float32) of ``layer``, scaled when the config asks."""
     h = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float32) / h))
-    sc = cfg.rope_scaling
+    theta, sc = cfg.rope(layer)
+    inv = 1.0 / (theta ** (np.arange(0, h, 2, dtype=np.float32) / h))
     if sc is None:
         return inv.astype(np.float32)
+    if sc.kind == "linear":
+        return (inv / sc.factor).astype(np.float32)
     low_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
     high_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
     wavelen = 2 * math.pi / inv
@@ -98,31 +117,89 @@ def _split_qkv(cfg: ModelConfig, qkv: jax.Array, groups: int) -> tuple[jax.Array
     return q, kk, v
 
 
-def _mlp(layer: LayerParams, x: jax.Array, groups: int) -> jax.Array:
-    gu = dense(x, layer.w_gate_up)
+def _activation(cfg: ModelConfig) -> Callable[[jax.Array], jax.Array]:
+    return jax.nn.silu if cfg.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+
+
+def _gated(cfg: ModelConfig, gu: jax.Array, groups: int) -> jax.Array:
+    """``[..., 2F]`` in ``groups`` blocks of ``[gate, up]`` → ``act(gate) * up`` ``[..., F]``."""
     lead, f = gu.shape[:-1], gu.shape[-1] // 2
     gu = gu.reshape(*lead, groups, 2, f // groups)
     gate, up = gu[..., 0, :].reshape(*lead, f), gu[..., 1, :].reshape(*lead, f)
-    return dense(jax.nn.silu(gate) * up, layer.w_down)
+    return _activation(cfg)(gate) * up
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def _mlp(cfg: ModelConfig, layer: LayerParams, x: jax.Array, groups: int) -> jax.Array:
+    return dense(_gated(cfg, dense(x, layer.w_gate_up), groups), layer.w_down)
+
+
+def _moe(cfg: ModelConfig, layer: LayerParams, x: jax.Array, groups: int) -> jax.Array:
+    """A mixture of experts in place of the MLP: each token's output is the sum of its top
+    ``experts_per_token`` experts' MLPs, weighted by the router's softmax probabilities (rescaled
+    to sum to 1 with ``moe_renormalize``). Every expert runs on every token as one batched
+    matmul and the weights of the experts not chosen are exact zeros: a fixed shape whatever
+    the routing, and with the experts sharded over the mesh each device runs its own."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    xs = x.reshape(-1, d)  # [M, D]
+    probs = jax.nn.softmax(dense(xs, layer.router).astype(jnp.float32), axis=-1)  # [M, E]
+    top, chosen = jax.lax.top_k(probs, cfg.experts_per_token)
+    if cfg.moe_renormalize:
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+    weights = jnp.sum(jax.nn.one_hot(chosen, cfg.n_experts, dtype=jnp.float32) * top[..., None], axis=1)
+    e = cfg.n_experts
+    h = _gated(cfg, dense_experts(jnp.broadcast_to(xs, (e, *xs.shape)), layer.experts_gate_up), groups)
+    out = dense_experts(h, layer.experts_down)  # [E, M, D]
+    y = jnp.einsum("emd,me->md", out.astype(jnp.float32), weights)
+    return y.astype(x.dtype).reshape(*lead, d)
+
+
+class AttnSpec(NamedTuple):
+    """What differs between layers' attention: the score scale, soft cap and sliding window."""
+
+    scale: float
+    softcap: float | None
+    window: int | None
+
+
+def attn_spec(cfg: ModelConfig, layer: int) -> AttnSpec:
+    scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
+    return AttnSpec(scale, cfg.attn_softcap, cfg.window(layer))
+
+
+def _cap(s: jax.Array, cap: float | None) -> jax.Array:
+    return s if cap is None else cap * jnp.tanh(s / cap)
+
+
+def _in_window(kpos: jax.Array, qpos: jax.Array, window: int | None) -> jax.Array:
+    """Key position ``kpos`` is visible from query position ``qpos``: at or before it, and inside
+    the window (the query and the ``window - 1`` positions before it)."""
+    ok = kpos <= qpos
+    return ok if window is None else ok & (kpos > qpos - window)
+
+
+def _first_block(first_pos: jax.Array, window: int | None, block: int) -> jax.Array:
+    """The first cache block any query from ``first_pos`` on can see: 0, or with a sliding window
+    the block holding ``first_pos - window + 1`` (earlier blocks are wholly outside every window)."""
+    if window is None:
+        return jnp.zeros((), jnp.int32)
+    return (jnp.maximum(first_pos - window + 1, 0) // block).astype(jnp.int32)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, spec: AttnSpec) -> jax.Array:
     """``q [B, T, K, G, H]``, ``k/v [B, S, K, H]``, ``mask [B, T, S]`` → ``[B, T, K, G, H]``."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * spec.scale
+    s = jnp.where(mask[:, None, None], _cap(s, spec.softcap), -jnp.inf)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskh->btkgh", p, v)
 
 
-def _attend_step(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def _attend_step(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, spec: AttnSpec) -> jax.Array:
     """One query per slot against the whole cache, masked: ``q [S, K, G, H]``, ``k/v [S, K, T, H]``,
     ``mask [S, T]`` → ``[S, K, G, H]``. Its cost follows ``T``; serving uses ``_attend_blocks``,
     and this dense form stays as the reference the tests hold the blocked one to."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
     qf = q.astype(jnp.float32)[:, :, :, None, :]  # [S, K, G, 1, H]
-    s = jnp.sum(qf * k[:, :, None].astype(jnp.float32), axis=-1) * scale  # [S, K, G, T]
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    s = jnp.sum(qf * k[:, :, None].astype(jnp.float32), axis=-1) * spec.scale  # [S, K, G, T]
+    s = jnp.where(mask[:, None, None], _cap(s, spec.softcap), -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
     out = jnp.sum(p[..., None] * v[:, :, None].astype(jnp.float32), axis=3)  # [S, K, G, H]
     return out.astype(v.dtype)
@@ -140,18 +217,20 @@ def padded_cache_len(max_len: int) -> int:
 
 
 def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                   n_blocks: jax.Array) -> jax.Array:
+                   n_blocks: jax.Array, spec: AttnSpec) -> jax.Array:
     """One query per slot against the first ``n_blocks`` blocks of the cache, with an online softmax.
 
-    ``q [S, K, G, H]``, ``k/v [S, K, T, H]``, ``positions [S]`` (slot s attends to ``0..positions[s]``),
-    ``n_blocks`` a traced scalar → ``[S, K, G, H]``. The work follows the longest live sequence, not
-    ``T``. Blocks have a fixed size and are folded in one after another, and a block wholly past a
-    slot's position adds exact zeros (its scores are -inf, the running max and sum are multiplied by
-    exactly 1): a slot's result is bitwise the same however many blocks its neighbours need.
+    ``q [S, K, G, H]``, ``k/v [S, K, T, H]``, ``positions [S]`` (slot s attends to ``0..positions[s]``,
+    or to its window; inactive slots have position ``T``), ``n_blocks`` a traced scalar →
+    ``[S, K, G, H]``. The work follows the longest live sequence, not ``T``; with a sliding window
+    it starts at the first block inside the earliest live slot's window. Blocks have a fixed size
+    and are folded in one after another, and a block wholly outside a slot's view adds exact zeros
+    (its scores are -inf, the running max and sum are multiplied by exactly 1): a slot's result is
+    bitwise the same however many blocks its neighbours need.
     """
     s_, kh, g, h = q.shape
     b = attention_block(k.shape[2])
-    qf = q.astype(jnp.float32) * (1.0 / math.sqrt(h))
+    qf = q.astype(jnp.float32) * spec.scale
     offsets = jnp.arange(b)
 
     def fold(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]):
@@ -159,8 +238,8 @@ def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arra
         start = i * b
         kb = jax.lax.dynamic_slice_in_dim(k, start, b, axis=2).astype(jnp.float32)  # [S, K, B, H]
         vb = jax.lax.dynamic_slice_in_dim(v, start, b, axis=2).astype(jnp.float32)
-        s = jnp.sum(qf[:, :, :, None, :] * kb[:, :, None], axis=-1)  # [S, K, G, B]
-        valid = (start + offsets)[None, :] <= positions[:, None]  # [S, B]
+        s = _cap(jnp.sum(qf[:, :, :, None, :] * kb[:, :, None], axis=-1), spec.softcap)  # [S, K, G, B]
+        valid = _in_window((start + offsets)[None, :], positions[:, None], spec.window)  # [S, B]
         s = jnp.where(valid[:, None, None], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a slot with nothing valid yet
@@ -172,7 +251,8 @@ def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arra
 
     init = (jnp.full((s_, kh, g), -jnp.inf, jnp.float32), jnp.zeros((s_, kh, g), jnp.float32),
             jnp.zeros((s_, kh, g, h), jnp.float32))
-    _, denom, acc = jax.lax.fori_loop(0, n_blocks, fold, init)
+    first = _first_block(jnp.min(positions), spec.window, b)
+    _, denom, acc = jax.lax.fori_loop(first, n_blocks, fold, init)
     return (acc / jnp.where(denom > 0, denom, 1.0)[..., None]).astype(v.dtype)
 
 
@@ -190,17 +270,19 @@ def _pairwise_sum(x: jax.Array) -> jax.Array:
 
 
 def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, positions: jax.Array,
-                   n_blocks: jax.Array) -> jax.Array:
+                   n_blocks: jax.Array, first_pos: jax.Array, spec: AttnSpec) -> jax.Array:
     """Rows of queries against their slots' caches, block by block with an online softmax.
 
     ``q [R, C, K, G, H]`` (row r: ``C`` consecutive positions of slot ``slots[r]``), ``k/v [S, K, T, H]``,
-    ``positions [R, C]`` (a query attends to its slot's positions ``0..position``), ``n_blocks`` a traced
-    scalar covering every row → ``[R, C, K, G, H]``. As in ``_attend_blocks``, a block past a query's
-    position adds exact zeros, so a query's result does not depend on how many blocks the call reads.
+    ``positions [R, C]`` (a query attends to its slot's positions ``0..position``, or to its window),
+    ``n_blocks`` a traced scalar covering every row, ``first_pos`` the least position of a real
+    query (with a window, blocks wholly before its window are not read) → ``[R, C, K, G, H]``. As in
+    ``_attend_blocks``, a block outside a query's view adds exact zeros, so a query's result does not
+    depend on which blocks the call reads.
     """
     r, c, kh, g, h = q.shape
     b = attention_block(k.shape[2])
-    qf = (q.astype(jnp.float32) * (1.0 / math.sqrt(h))).transpose(0, 2, 3, 1, 4).reshape(r, kh, g * c, h)
+    qf = (q.astype(jnp.float32) * spec.scale).transpose(0, 2, 3, 1, 4).reshape(r, kh, g * c, h)
     qpos = jnp.broadcast_to(positions[:, None, :], (r, g, c)).reshape(r, g * c)  # [R, GC]
     offsets = jnp.arange(b)
 
@@ -209,8 +291,8 @@ def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, p
         start = i * b
         kb = jnp.take(jax.lax.dynamic_slice_in_dim(k, start, b, axis=2), slots, axis=0).astype(jnp.float32)
         vb = jnp.take(jax.lax.dynamic_slice_in_dim(v, start, b, axis=2), slots, axis=0).astype(jnp.float32)
-        s = jnp.einsum("rkqh,rkbh->rkqb", qf, kb)  # [R, K, GC, B]
-        valid = (start + offsets)[None, None, :] <= qpos[:, :, None]  # [R, GC, B]
+        s = _cap(jnp.einsum("rkqh,rkbh->rkqb", qf, kb), spec.softcap)  # [R, K, GC, B]
+        valid = _in_window((start + offsets)[None, None, :], qpos[:, :, None], spec.window)  # [R, GC, B]
         s = jnp.where(valid[:, None], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -222,40 +304,57 @@ def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, p
 
     init = (jnp.full((r, kh, g * c), -jnp.inf, jnp.float32), jnp.zeros((r, kh, g * c), jnp.float32),
             jnp.zeros((r, kh, g * c, h), jnp.float32))
-    _, denom, acc = jax.lax.fori_loop(0, n_blocks, fold, init)
+    _, denom, acc = jax.lax.fori_loop(_first_block(first_pos, spec.window, b), n_blocks, fold, init)
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [R, K, GC, H]
     return out.reshape(r, kh, g, c, h).transpose(0, 3, 1, 2, 4).astype(v.dtype)
 
 
-def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
-    return take_rows(params.embed, tokens, params.final_norm.dtype)
+def embed_tokens(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    x = take_rows(params.embed, tokens, params.final_norm.dtype)
+    return x if cfg.embed_scale is None else x * jnp.asarray(cfg.embed_scale, x.dtype)
 
 
 def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Final norm and output projection: ``[..., D]`` → float32 logits ``[..., V]``."""
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
     if params.lm_head is None:
-        return dense(x, params.embed, transpose=True).astype(jnp.float32)
-    return dense(x, params.lm_head).astype(jnp.float32)
+        logits = dense(x, params.embed, transpose=True).astype(jnp.float32)
+    else:
+        logits = dense(x, params.lm_head).astype(jnp.float32)
+    return _cap(logits, cfg.final_softcap)
 
 
-Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, tuple[jax.Array, jax.Array]]]
+Attend = Callable[[jax.Array, jax.Array, jax.Array, AttnSpec], tuple[jax.Array, tuple[jax.Array, jax.Array]]]
 
 
-def _block(params: Params, cfg: ModelConfig, layer: LayerParams, x: jax.Array, positions: jax.Array,
-           inv_freq: np.ndarray, attend: Attend) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One decoder layer, shared by every entry point: ``x [..., D]`` at ``positions [...]``.
+def _block(params: Params, cfg: ModelConfig, i: int, x: jax.Array, positions: jax.Array,
+           attend: Attend) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Decoder layer ``i``, shared by every entry point: ``x [..., D]`` at ``positions [...]``.
 
-    ``attend(q, k, v)`` gets the rotated queries ``[..., N, H]`` and keys/values ``[..., K, H]``,
-    does what the entry point needs (write the cache, attend to it) and returns the attention
-    output ``[..., N·H]`` and the layer's keys/values as that entry point keeps them."""
+    ``attend(q, k, v, spec)`` gets the rotated queries ``[..., N, H]``, keys/values ``[..., K, H]``
+    and the layer's ``AttnSpec``, does what the entry point needs (write the cache, attend to it)
+    and returns the attention output ``[..., N·H]`` and the layer's keys/values as that entry
+    point keeps them."""
+    layer = params.layers[i]
+    inv_freq = rope_inv_freq(cfg, i)
     h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
-    q, k, v = _split_qkv(cfg, dense(h, layer.wqkv), params.qkv_groups)
+    qkv = dense(h, layer.wqkv)
+    if layer.bqkv is not None:
+        qkv = qkv + layer.bqkv.astype(qkv.dtype)
+    q, k, v = _split_qkv(cfg, qkv, params.qkv_groups)
+    if layer.q_norm is not None:
+        q, k = rms_norm(q, layer.q_norm, cfg.norm_eps), rms_norm(k, layer.k_norm, cfg.norm_eps)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    o, kv = attend(q, k, v)
-    x = x + dense(o, layer.wo)
-    x = x + _mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), params.mlp_groups)
-    return x, kv
+    o, kv = attend(q, k, v, attn_spec(cfg, i))
+    o = dense(o, layer.wo)
+    if layer.post_attn_norm is not None:
+        o = rms_norm(o, layer.post_attn_norm, cfg.norm_eps)
+    x = x + o
+    h = rms_norm(x, layer.mlp_norm, cfg.norm_eps)
+    m = _mlp(cfg, layer, h, params.mlp_groups) if layer.router is None else _moe(cfg, layer, h, params.expert_groups)
+    if layer.post_mlp_norm is not None:
+        m = rms_norm(m, layer.post_mlp_norm, cfg.norm_eps)
+    return x + m, kv
 
 
 def forward(
@@ -269,17 +368,16 @@ def forward(
     """
     b, t = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    inv_freq = rope_inv_freq(cfg)
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-    x = embed_tokens(params, tokens)
+    x = embed_tokens(params, cfg, tokens)
 
-    def attend(q: jax.Array, k: jax.Array, v: jax.Array):
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec):
         q = q.reshape(b, t, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-        return _attend(q, k, v, mask).reshape(b, t, cfg.n_heads * cfg.head_dim), (k, v)
+        mask = jnp.broadcast_to(_in_window(jnp.arange(t)[None, :], jnp.arange(t)[:, None], spec.window), (b, t, t))
+        return _attend(q, k, v, mask, spec).reshape(b, t, cfg.n_heads * cfg.head_dim), (k, v)
 
     ks, vs = [], []
-    for layer in params.layers:
-        x, (k, v) = _block(params, cfg, layer, x, pos, inv_freq, attend)
+    for i in range(len(params.layers)):
+        x, (k, v) = _block(params, cfg, i, x, pos, attend)
         ks.append(k)
         vs.append(v)
     return x, tuple(ks), tuple(vs)
@@ -318,24 +416,24 @@ def decode_step(
     """
     s_ = tokens.shape[0]
     t = cache.max_len
-    inv_freq = rope_inv_freq(cfg)
-    mask = jnp.arange(t)[None, :] <= positions[:, None]  # [S, T]
-    x = embed_tokens(params, tokens[:, None])  # [S, 1, D]
+    x = embed_tokens(params, cfg, tokens[:, None])  # [S, 1, D]
     new_k, new_v = [], []
-    for i, layer in enumerate(params.layers):
+    for i in range(len(params.layers)):
 
-        def attend(q: jax.Array, k: jax.Array, v: jax.Array, i: int = i):  # q [S, 1, N, H], k/v [S, 1, K, H]
-            # Written before attending: reading the donated cache first would make XLA copy it.
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, i: int = i):
+            # q [S, 1, N, H], k/v [S, 1, K, H]. Written before attending: reading the donated
+            # cache first would make XLA copy it.
             ck = write_step(cache.k[i], k[:, 0], positions)
             cv = write_step(cache.v[i], v[:, 0], positions)
             q = q.reshape(s_, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
             if n_blocks is None:
-                o = _attend_step(q, ck, cv, mask)
+                mask = _in_window(jnp.arange(t)[None, :], positions[:, None], spec.window)  # [S, T]
+                o = _attend_step(q, ck, cv, mask, spec)
             else:
-                o = _attend_blocks(q, ck, cv, positions, n_blocks)
+                o = _attend_blocks(q, ck, cv, positions, n_blocks, spec)
             return o.reshape(s_, 1, cfg.n_heads * cfg.head_dim), (ck, cv)
 
-        x, (ck, cv) = _block(params, cfg, layer, x, positions[:, None], inv_freq, attend)
+        x, (ck, cv) = _block(params, cfg, i, x, positions[:, None], attend)
         new_k.append(ck)
         new_v.append(cv)
     return unembed(params, cfg, x[:, 0]), KVCache(k=tuple(new_k), v=tuple(new_v))
@@ -360,21 +458,22 @@ def extend(
     r, c = tokens.shape
     m = r * c
     t = cache.max_len
-    inv_freq = rope_inv_freq(cfg)
     pos = starts[:, None] + jnp.arange(c)[None, :]  # [R, C]
     write_pos = jnp.where(jnp.arange(c)[None, :] < counts[:, None], pos, t)  # padding writes nothing
+    first_pos = jnp.min(jnp.where(counts > 0, starts, t))
     flat_pos = pos.reshape(m)
-    x = embed_tokens(params, tokens.reshape(m))  # [M, D]
+    x = embed_tokens(params, cfg, tokens.reshape(m))  # [M, D]
     new_k, new_v = [], []
-    for i, layer in enumerate(params.layers):
+    for i in range(len(params.layers)):
 
-        def attend(q: jax.Array, k: jax.Array, v: jax.Array, i: int = i):  # q [M, N, H], k/v [M, K, H]
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, i: int = i):  # q [M, N, H]
             ck = write_chunks(cache.k[i], k.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
             cv = write_chunks(cache.v[i], v.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
             q = q.reshape(r, c, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-            return _attend_chunks(q, ck, cv, slots, pos, n_blocks).reshape(m, cfg.n_heads * cfg.head_dim), (ck, cv)
+            o = _attend_chunks(q, ck, cv, slots, pos, n_blocks, first_pos, spec)
+            return o.reshape(m, cfg.n_heads * cfg.head_dim), (ck, cv)
 
-        x, (ck, cv) = _block(params, cfg, layer, x, flat_pos, inv_freq, attend)
+        x, (ck, cv) = _block(params, cfg, i, x, flat_pos, attend)
         new_k.append(ck)
         new_v.append(cv)
     return x.reshape(r, c, -1), KVCache(k=tuple(new_k), v=tuple(new_v))

@@ -97,6 +97,23 @@ def dense(x: jax.Array, w: jax.Array | QuantArray, transpose: bool = False) -> j
     return (_dot(x, w.q.astype(x.dtype), contract) * w.scale.astype(x.dtype)).astype(x.dtype)
 
 
+def dense_experts(x: jax.Array, w: jax.Array | QuantArray) -> jax.Array:
+    """Every expert's product at once: ``x [E, M, I] @ w [E, I, O]`` → ``[E, M, O]`` in ``x``'s
+    dtype (a quantized ``w`` has one scale per expert and output channel, ``[E, O]``)."""
+    dims = (((2,), (1,)), ((0,), (0,)))
+    if not isinstance(w, QuantArray):
+        return jax.lax.dot_general(x.astype(w.dtype), w, dims)
+    scale = w.scale[:, None, :]
+    if w.mode == "int8-dynamic":
+        xf = x.astype(jnp.float32)
+        xs = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
+        xs = jnp.where(xs > 0, xs, 1.0)
+        xq = jnp.clip(jnp.round(xf / xs), -127, 127).astype(jnp.int8)
+        acc = jax.lax.dot_general(xq, w.q, dims, preferred_element_type=jnp.int32)
+        return (acc.astype(jnp.float32) * xs * scale).astype(x.dtype)
+    return (jax.lax.dot_general(x, w.q.astype(x.dtype), dims) * scale.astype(x.dtype)).astype(x.dtype)
+
+
 def take_rows(w: jax.Array | QuantArray, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Embedding lookup ``w [V, D]`` at ``ids`` → ``[..., D]`` (out-of-range ids clipped)."""
     if not isinstance(w, QuantArray):

@@ -10,6 +10,10 @@ decode state, and a mesh axis (or ``None``: replicated) per logical axis.
   KV-head axis, so each device attends over its own heads only;
 - the MLP is sharded over its width: gate/up column-parallel, down row-parallel;
 - the vocabulary (embedding table, output projection) over ``tp`` too;
+- a mixture of experts over its experts (expert parallel): each ``tp`` device holds whole
+  experts and runs them on every token; the weighted sum over experts is the one reduction.
+  (Within one array a mesh axis shards only its first logical axis, so an expert's own MLP
+  width stays whole; if the experts do not divide, their width is sharded instead.)
 - the decode state (cache, per-slot arrays) over slots along ``dp``; prompts are prefilled
   on every ``dp`` group alike and written into the slot's own shard.
 
@@ -46,6 +50,7 @@ MESH_AXES = ("dp", "tp")
 # Logical axes → mesh axis (None = replicated on every device).
 RULES: dict[str, str | None] = {
     "vocab": "tp",
+    "experts": "tp",
     "kv_heads": "tp",
     "heads": "tp",  # query heads; always sharded together with "kv_heads"
     "mlp": "tp",
@@ -67,6 +72,14 @@ WEIGHT_AXES: dict[str, tuple[str, ...]] = {
     "wo": ("heads", "embed"),
     "w_gate_up": ("embed", "mlp"),
     "w_down": ("mlp", "embed"),
+    "bqkv": ("heads",),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
+    "post_attn_norm": ("embed",),
+    "post_mlp_norm": ("embed",),
+    "router": ("embed", "router_out"),
+    "experts_gate_up": ("experts", "embed", "mlp"),
+    "experts_down": ("experts", "mlp", "embed"),
 }
 
 # The same for the stacked, unfused arrays of a checkpoint (see ``checkpoint.py``).
@@ -83,6 +96,17 @@ STORED_AXES: dict[str, tuple[str, ...]] = {
     "w_gate": ("layers", "embed", "mlp"),
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
+    "bq": ("layers", "heads"),
+    "bk": ("layers", "kv_heads"),
+    "bv": ("layers", "kv_heads"),
+    "q_norm": ("layers", "head_dim"),
+    "k_norm": ("layers", "head_dim"),
+    "post_attn_norm": ("layers", "embed"),
+    "post_mlp_norm": ("layers", "embed"),
+    "router": ("layers", "embed", "router_out"),
+    "e_gate": ("layers", "experts", "embed", "mlp"),
+    "e_up": ("layers", "experts", "embed", "mlp"),
+    "e_down": ("layers", "experts", "mlp", "embed"),
 }
 
 CACHE_AXES = ("slots", "kv_heads", "time", "head_dim")
@@ -147,11 +171,27 @@ class Plan:
     def mlp_groups(self) -> int:
         return self._size(self.axes["mlp"])
 
+    @property
+    def expert_groups(self) -> int:
+        """Shards of an expert's own MLP width: none when the experts themselves are sharded
+        over the same mesh axis (``spec`` uses a mesh axis once per array)."""
+        experts = self.axes.get("experts")
+        return 1 if experts is not None and experts == self.axes["mlp"] else self.mlp_groups
+
     def _size(self, axis: str | None) -> int:
         return 1 if axis is None else self.mesh.shape[axis]
 
     def spec(self, logical: Sequence[str]) -> PartitionSpec:
-        return PartitionSpec(*(self.axes.get(name) for name in logical))
+        """Mesh axes of an array's logical axes; a mesh axis shards only the first of them that
+        maps to it (the experts, before their own MLP width)."""
+        used: set[str] = set()
+        out = []
+        for name in logical:
+            axis = self.axes.get(name)
+            out.append(None if axis in used else axis)
+            if axis is not None:
+                used.add(axis)
+        return PartitionSpec(*out)
 
     def sharding(self, logical: Sequence[str]) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(logical))
@@ -172,7 +212,8 @@ def plan(mesh: Mesh, cfg: ModelConfig, slots: int, rules: Mapping[str, str | Non
     if indivisible not in ("replicate", "error"):
         raise ValueError(f"indivisible must be 'replicate' or 'error', got {indivisible!r}")
     sizes = {"vocab": cfg.vocab_size, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "mlp": cfg.ffn_dim,
-             "slots": slots, "embed": cfg.dim, "layers": cfg.n_layers, "head_dim": cfg.head_dim}
+             "slots": slots, "embed": cfg.dim, "layers": cfg.n_layers, "head_dim": cfg.head_dim,
+             "experts": cfg.n_experts or None}
     axes: dict[str, str | None] = {}
     for logical, mesh_axis in rules.items():
         if mesh_axis is not None and mesh_axis not in mesh.shape:
@@ -205,9 +246,11 @@ def fuse(xp, parts: Sequence, groups: int):
 def params_sharding(params, p: Plan):
     """A pytree of ``NamedSharding`` matching ``params`` (a ``model.Params``, abstract or not)."""
     def leaf(name: str, x):
+        if x is None:
+            return None
         logical = WEIGHT_AXES[name]
         if isinstance(x, QuantArray):
-            return x.replace(q=p.sharding(logical), scale=p.sharding((logical[x.out_axis],)))
+            return x.replace(q=p.sharding(logical), scale=_scale_sharding(p, logical, x.out_axis))
         return p.sharding(logical)
 
     layers = tuple(
@@ -222,6 +265,14 @@ def params_sharding(params, p: Plan):
     )
 
 
+def _scale_sharding(p: Plan, logical: tuple[str, ...], out_axis: int) -> NamedSharding:
+    """Sharding of an int8 matrix's scales: its own sharding without the contracted axis (one of
+    the last two; the other is the output channel that the scales follow)."""
+    q = p.spec(logical)
+    contract = len(logical) - 2 + (1 - out_axis)
+    return NamedSharding(p.mesh, PartitionSpec(*(q[i] for i in range(len(logical)) if i != contract)))
+
+
 def stored_sharding(name: str, ndim: int, p: Plan) -> NamedSharding:
     """Sharding of a stored checkpoint array (``wq``, ``wq_scale``, ...)."""
     from jserve.checkpoint import QUANTIZED_KEYS, SCALE
@@ -229,8 +280,7 @@ def stored_sharding(name: str, ndim: int, p: Plan) -> NamedSharding:
     if name.endswith(SCALE):
         base = name[: -len(SCALE)]
         logical = STORED_AXES[base]
-        out = logical[-2 + QUANTIZED_KEYS[base]]
-        return p.sharding(logical[:-2] + (out,))
+        return _scale_sharding(p, logical, QUANTIZED_KEYS[base])
     logical = STORED_AXES[name]
     assert len(logical) == ndim, (name, ndim)
     return p.sharding(logical)

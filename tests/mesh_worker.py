@@ -2,8 +2,10 @@
 
 ``python -m tests.mesh_worker CHECKPOINT --meshes none tp=2 ... [--quantize int8] --prompts JSON``
 prints one JSON object: per mesh, the token ids, and what each device holds of the weights and
-the decode state. Run by ``tests/test_sharding.py`` in a subprocess, because the device count
-is fixed when JAX starts.
+the decode state. With ``--forward``, per checkpoint (several may be given) and mesh: the
+logits of a forward pass over the prompts (all of one length) with the weights loaded sharded,
+and the fraction of the first layer's weights each device holds. Run by ``tests/test_sharding.py``
+and ``tests/test_families.py`` in a subprocess, because the device count is fixed when JAX starts.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("checkpoint")
+    ap.add_argument("checkpoint", nargs="+")
+    ap.add_argument("--forward", action="store_true", help="logits of one forward pass per checkpoint and mesh")
     ap.add_argument("--meshes", nargs="+", required=True)
     ap.add_argument("--quantize", default=None)
     ap.add_argument("--prompts", required=True, help="JSON list of token-id lists")
@@ -35,9 +38,13 @@ def main() -> int:
     from jserve.sharding import device_bytes
 
     prompts = json.loads(args.prompts)
+    if args.forward:
+        json.dump(forward_runs(args.checkpoint, args.meshes, prompts, args.quantize), sys.stdout)
+        return 0
+    [ckpt] = args.checkpoint
     out = {"devices": jax.device_count(), "runs": {}}
     for mesh in args.meshes:
-        llm = LLM(args.checkpoint, slots=args.slots, max_len=args.max_len,
+        llm = LLM(ckpt, slots=args.slots, max_len=args.max_len,
                   max_prompt_len=args.max_prompt_len, quantize=args.quantize,
                   mesh=None if mesh == "none" else mesh, compile_cache=None)
         try:
@@ -68,6 +75,35 @@ def main() -> int:
             llm.close(drain=False)
     json.dump(out, sys.stdout)
     return 0
+
+
+def forward_runs(checkpoints: list[str], meshes: list[str], prompts: list[list[int]], quantize: str | None) -> dict:
+    import dataclasses
+    import pathlib
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jserve import checkpoint, model, sharding
+
+    out = {}
+    for path in checkpoints:
+        cfg = checkpoint.load_config(pathlib.Path(path))
+        runs = out[path] = {}
+        for mesh in meshes:
+            plan = None if mesh == "none" else sharding.plan(sharding.make_mesh(mesh), cfg, 4)
+            cfg, params, _ = checkpoint.load(pathlib.Path(path), quantize=quantize, plan=plan)
+            logits = jax.jit(model.logits_all, static_argnums=1)(params, cfg, jnp.array(prompts, jnp.int32))
+            layer = params.layers[0]
+            fractions = {}
+            for f in dataclasses.fields(layer):
+                x = getattr(layer, f.name)
+                if x is not None:
+                    arr = getattr(x, "q", x)
+                    fractions[f.name] = arr.addressable_shards[0].data.size / arr.size
+            runs[mesh] = {"logits": np.asarray(logits).tolist(), "fractions": fractions}
+    return out
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def test_llama3_rope_scaling_changes_only_low_frequencies():
     np.testing.assert_allclose(b[wavelen > 64], a[wavelen > 64] / 8)  # low frequencies divided by factor
 
 
+SPEC = model.AttnSpec(0.25, None, None)  # head_dim 16, no cap, no window
+
+
 def _random_cache(rng, slots: int, kv: int, t: int, h: int) -> tuple[jax.Array, jax.Array]:
     return (jnp.array(rng.normal(size=(slots, kv, t, h)), jnp.float32),
             jnp.array(rng.normal(size=(slots, kv, t, h)), jnp.float32))
@@ -102,9 +105,31 @@ def test_blocked_attention_matches_the_dense_reference():
     q = jnp.array(rng.normal(size=(5, 2, 3, 16)), jnp.float32)
     positions = jnp.array([0, 5, model.ATTN_BLOCK - 1, model.ATTN_BLOCK, t - 1])
     mask = jnp.arange(t)[None, :] <= positions[:, None]
-    dense = np.asarray(model._attend_step(q, k, v, mask))
-    blocked = np.asarray(jax.jit(model._attend_blocks)(q, k, v, positions, jnp.int32(4)))
+    dense = np.asarray(model._attend_step(q, k, v, mask, SPEC))
+    blocked = np.asarray(jax.jit(model._attend_blocks, static_argnums=5)(q, k, v, positions, jnp.int32(4), SPEC))
     np.testing.assert_allclose(blocked, dense, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 5, model.ATTN_BLOCK, model.ATTN_BLOCK + 9])
+def test_blocked_attention_with_a_window_matches_the_masked_dense_reference(window):
+    """A sliding window with soft-capped scores: the blocked form skips the blocks wholly before
+    the earliest slot's window and still equals the dense form masked to each window."""
+    rng = np.random.default_rng(3)
+    t = 4 * model.ATTN_BLOCK
+    k, v = _random_cache(rng, 5, 2, t, 16)
+    q = jnp.array(rng.normal(size=(5, 2, 3, 16)), jnp.float32) * 3
+    positions = jnp.array([3 * model.ATTN_BLOCK + 1, 2 * model.ATTN_BLOCK + 7, model.ATTN_BLOCK + 2, t - 1, t])
+    spec = model.AttnSpec(0.2, 2.0, window)
+    kpos = jnp.arange(t)[None, :]
+    mask = (kpos <= positions[:, None]) & (kpos > positions[:, None] - window)
+    dense = np.asarray(model._attend_step(q, k, v, mask, spec))
+    blocked = np.asarray(jax.jit(model._attend_blocks, static_argnums=5)(q, k, v, positions, jnp.int32(4), spec))
+    np.testing.assert_allclose(blocked[:4], dense[:4], atol=2e-6, rtol=1e-5)
+    # The same slots one at a time (the first block read differs) give the same bits.
+    for s in range(4):
+        alone = jnp.where(jnp.arange(5) == s, positions, t)
+        one = np.asarray(jax.jit(model._attend_blocks, static_argnums=5)(q, k, v, alone, jnp.int32(4), spec))
+        np.testing.assert_array_equal(one[s], blocked[s])
 
 
 def test_blocked_attention_of_a_slot_is_bitwise_the_same_however_many_blocks_are_read():
@@ -115,13 +140,13 @@ def test_blocked_attention_of_a_slot_is_bitwise_the_same_however_many_blocks_are
     k, v = _random_cache(rng, 3, 2, t, 16)
     q = jnp.array(rng.normal(size=(3, 2, 2, 16)), jnp.float32)
     positions = jnp.array([7, model.ATTN_BLOCK + 3, 2 * model.ATTN_BLOCK])
-    attend = jax.jit(model._attend_blocks)
+    attend = jax.jit(model._attend_blocks, static_argnums=5)
     own = [1, 2, 3]  # blocks each slot needs
     for n in range(1, 5):
-        out = np.asarray(attend(q, k, v, positions, jnp.int32(n)))
+        out = np.asarray(attend(q, k, v, positions, jnp.int32(n), SPEC))
         for s, need in enumerate(own):
             if n >= need:
-                np.testing.assert_array_equal(out[s], np.asarray(attend(q, k, v, positions, jnp.int32(need)))[s])
+                np.testing.assert_array_equal(out[s], np.asarray(attend(q, k, v, positions, jnp.int32(need), SPEC))[s])
 
 
 def test_decode_with_blocked_attention_follows_the_dense_step():
