@@ -34,7 +34,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder. Frozen and hashable: a static jit argument."""
+    """Architecture of a decoder (Llama and the families above). Frozen and hashable: a static jit argument."""
 
     vocab_size: int
     dim: int  # D

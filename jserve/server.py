@@ -190,7 +190,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             quantization=llm.quantize or "none",
             has_chat_template=bool(llm.tokenizer and llm.tokenizer.has_chat_template),
             prefix_cache=llm.orchestrator.prefix_cache, speculate=orch.spec_tokens,
-            speculate_default=orch.speculate,
+            speculate_default=orch.speculate, architecture=llm.config.arch,
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:

@@ -117,6 +117,25 @@ def test_greedy_through_the_continuous_batching_engine_equals_transformers(conve
     assert traces == []
 
 
+def test_a_converted_family_is_served_over_grpc(converted):
+    """``python -m jserve.server --checkpoint`` on a converted Gemma 3 checkpoint: ModelInfo names
+    the family, and a token-id prompt gets transformers' greedy tokens."""
+    from jserve.client import Client
+
+    from .servers import ServerProcess
+
+    ref = _reference("gemma3")
+    s = ServerProcess(converted["gemma3"], "--slots", "2", "--max-len", "96", "--max-prompt-len", "48",
+                      "--speculate", "0")
+    try:
+        with Client(s.address) as c:
+            assert c.model_info().architecture == "gemma3_text"
+            done = c.complete(ref["prompt"].tolist(), max_tokens=32, temperature=0.0, ignore_eos=True, timeout=120)
+        assert done.token_ids == ref["greedy"].tolist()
+    finally:
+        assert s.stop() == 0
+
+
 def _forward_worker(paths, meshes, prompts, quantize=None) -> dict:
     cmd = [sys.executable, "-m", "tests.mesh_worker", *map(str, paths), "--forward", "--meshes", *meshes,
            "--prompts", json.dumps(prompts)]

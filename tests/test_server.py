@@ -58,7 +58,7 @@ def _metrics(server) -> str:
 
 def test_model_info_and_tokenize(server, client):
     info = client.model_info()
-    assert info.quantization == (server.quantize or "none")
+    assert info.quantization == (server.quantize or "none") and info.architecture == "llama"
     limits = (info.slots, info.max_len, info.max_prompt_len, info.max_waiting)
     assert limits == (SLOTS, MAX_LEN, MAX_PROMPT, MAX_WAITING)
     assert info.vocab_size == 49152 and list(info.eos_token_ids) == [2] and info.has_chat_template
