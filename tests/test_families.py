@@ -136,6 +136,36 @@ def test_a_converted_family_is_served_over_grpc(converted):
         assert s.stop() == 0
 
 
+GGUF_FAMILIES = ["qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("name", GGUF_FAMILIES)
+def test_a_gguf_written_by_llama_cpp_converts_to_the_same_model(converted, name, tmp_path):
+    """``model.gguf`` was written from the same tiny checkpoint by llama.cpp's own converter
+    (``scripts/make_family_ggufs.py``: its layouts, renames, Gemma's 1 + w norms, Mixtral's
+    interleaved Q/K rows, stacked experts, fused Phi-3 tensors, float32). Converted by jserve it
+    gives the same weights, bit for bit, and the same config as the HF conversion, except Gemma's
+    query scale, which GGUF does not record: llama.cpp's rule (1/sqrt(head_dim) below 27B) is
+    used, while these fixtures say 1/sqrt(24)."""
+    import dataclasses
+
+    convert.convert_gguf(DATA / name / "model.gguf", tmp_path / "gguf")
+    hf_cfg, hf_w = checkpoint.load_weights(converted[name])
+    cfg, w = checkpoint.load_weights(tmp_path / "gguf")
+    assert sorted(w) == sorted(hf_w)
+    for key in w:
+        np.testing.assert_array_equal(w[key], hf_w[key], err_msg=key)
+    if name.startswith("gemma"):
+        assert cfg.attn_scale == pytest.approx(cfg.head_dim ** -0.5) != hf_cfg.attn_scale
+        cfg = dataclasses.replace(cfg, attn_scale=hf_cfg.attn_scale)
+    assert cfg == hf_cfg
+    if not name.startswith("gemma"):
+        cfg, params, _ = checkpoint.load(tmp_path / "gguf")
+        ref = _reference(name)
+        ours = np.asarray(jax.jit(model.logits_all, static_argnums=1)(params, cfg, jnp.array(ref["ids"])))
+        np.testing.assert_allclose(ours, ref["logits"], atol=1e-4, rtol=0)
+
+
 def _forward_worker(paths, meshes, prompts, quantize=None) -> dict:
     cmd = [sys.executable, "-m", "tests.mesh_worker", *map(str, paths), "--forward", "--meshes", *meshes,
            "--prompts", json.dumps(prompts)]
