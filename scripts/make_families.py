@@ -24,8 +24,9 @@ Families: qwen2 (Q/K/V biases), qwen3 (per-head q/k RMSNorm, tied embeddings), m
 (sliding window), gemma2 (alternating sliding/global layers, logit softcaps, head_dim !=
 hidden/heads, query_pre_attn_scalar != head_dim, sandwich norms, 1+w norms), gemma3
 (5 sliding : 1 global layers, per-layer-type RoPE base, linear RoPE scaling on global
-layers, q/k norms), phi3 (fused qkv_proj and gate_up_proj), mixtral and qwen3_moe
-(top-2 of 4 experts).
+layers, q/k norms), phi3 (fused qkv_proj and gate_up_proj), phi3_longrope (LongRoPE short
+and long factors, pretrained length 16, so the sequences here use the long ones), mixtral and
+qwen3_moe (top-2 of 4 experts).
 
 The script also checks that the features the fixtures are meant to exercise change the
 outputs: it recomputes the logits at the last position with the sliding window disabled
@@ -99,6 +100,14 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
         tie_word_embeddings=False, rope_scaling=None, original_max_position_embeddings=512,
     ), 1),
+    # Phi-3 with LongRoPE (Phi-3-*-128k, Phi-3.5): pretrained on 16 positions, extended to 512,
+    # so both the 40-token sequences and generation run past 16 and use the long factors.
+    "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
+        tie_word_embeddings=False, original_max_position_embeddings=16,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0],
+                         "long_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0]},
+    ), 15),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         head_dim=16, tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2,
         sliding_window=None,
@@ -134,6 +143,7 @@ ABLATIONS = {
         })),
     ],
     "qwen3_moe": [("norm_topk_prob off", dict(norm_topk_prob=False))],
+    "phi3_longrope": [("longrope off", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))],
 }
 
 
