@@ -18,18 +18,31 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling: ``kind`` ``llama3`` (Llama 3.1's smooth per-frequency scaling, which
-    uses every field) or ``linear`` (every frequency divided by ``factor``: Gemma 3's global layers)."""
+    """RoPE frequency scaling. ``kind``:
+
+    - ``llama3``: Llama 3.1's smooth per-frequency scaling (``factor``, the two frequency
+      factors, ``original_max_position_embeddings``);
+    - ``linear``: every frequency divided by ``factor`` (Gemma 3's global layers);
+    - ``longrope``: Phi-3's LongRoPE: frequency ``i`` divided by ``short_factor[i]``, or by
+      ``long_factor[i]`` when ``use_long``, and cos/sin multiplied by ``attention_factor``.
+      ``use_long`` is chosen for the context served (``ModelConfig.for_context``): the long
+      factors when it exceeds ``original_max_position_embeddings``, as llama.cpp does (transformers
+      switches per forward call, on the call's length).
+    """
 
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     kind: str = "llama3"
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+    use_long: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in ("llama3", "linear"):
-            raise ValueError(f"unknown RoPE scaling kind {self.kind!r} (known: llama3, linear)")
+        if self.kind not in ("llama3", "linear", "longrope"):
+            raise ValueError(f"unknown RoPE scaling kind {self.kind!r} (known: llama3, linear, longrope)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +104,14 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def for_context(self, max_len: int) -> ModelConfig:
+        """This config as served with ``max_len`` positions per sequence (LongRoPE picks its factors)."""
+        sc = self.rope_scaling
+        if sc is None or sc.kind != "longrope":
+            return self
+        use_long = max_len > sc.original_max_position_embeddings
+        return dataclasses.replace(self, rope_scaling=dataclasses.replace(sc, use_long=use_long))
+
     def rope(self, layer: int) -> tuple[float, RopeScaling | None]:
         """RoPE base and scaling of ``layer``."""
         if self.rope_local_theta is not None and self.window(layer) is not None:
@@ -104,7 +125,10 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+            sc = dict(d["rope_scaling"])
+            for key in ("short_factor", "long_factor"):
+                sc[key] = tuple(sc.get(key, ()))
+            d["rope_scaling"] = RopeScaling(**sc)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
         return cls(**d)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import pathlib
 import subprocess
 import sys
@@ -64,8 +65,8 @@ def config_from_gguf(fields: dict[str, Any], tensor_names: set[str]) -> ModelCon
     arch = fields.get("general.architecture")
     if arch not in GGUF_ARCHS:
         raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(GGUF_ARCHS)})")
-    if "rope_freqs.weight" in tensor_names:
-        raise ValueError("this GGUF carries precomputed RoPE frequency factors (rope_freqs.weight); "
+    if tensor_names & {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}:
+        raise ValueError("this GGUF carries precomputed RoPE frequency factors (Llama 3.1 or LongRoPE); "
                          "convert the model from its Hugging Face checkpoint instead (jserve.convert hf)")
 
     def get(key: str, default: Any = None) -> Any:
@@ -222,10 +223,19 @@ GEMMA = ("gemma2", "gemma3_text")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
-def _rope_scaling(rope: dict[str, Any]) -> RopeScaling | None:
+def _rope_scaling(rope: dict[str, Any], hf: dict[str, Any]) -> RopeScaling | None:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind in ("default", None):
         return None
+    if kind in ("longrope", "su"):  # Phi-3's LongRoPE ("su" in older configs)
+        original = int(rope.get("original_max_position_embeddings") or hf["original_max_position_embeddings"])
+        factor = rope.get("factor") or int(hf["max_position_embeddings"]) / original
+        attention = rope.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return RopeScaling(factor=float(factor), original_max_position_embeddings=original, kind="longrope",
+                           short_factor=tuple(map(float, rope["short_factor"])),
+                           long_factor=tuple(map(float, rope["long_factor"])), attention_factor=float(attention))
     if kind == "linear":
         return RopeScaling(factor=float(rope["factor"]), kind="linear")
     if kind == "llama3":
@@ -234,7 +244,7 @@ def _rope_scaling(rope: dict[str, Any]) -> RopeScaling | None:
             high_freq_factor=float(rope["high_freq_factor"]),
             original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
         )
-    raise ValueError(f"unsupported RoPE scaling type {kind!r} (supported: default, linear, llama3)")
+    raise ValueError(f"unsupported RoPE scaling type {kind!r} (supported: default, linear, llama3, longrope)")
 
 
 def _sliding(hf: dict[str, Any], mt: str, n_layers: int) -> tuple[int | None, tuple[bool, ...]]:
@@ -291,7 +301,7 @@ def config_from_hf(hf: dict[str, Any], generation: dict[str, Any], has_lm_head: 
             rope = rope["full_attention"]
         else:
             local_theta = float(hf.get("rope_local_base_freq", 10000.0))
-    scaling = _rope_scaling(rope)
+    scaling = _rope_scaling(rope, hf)
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     n_heads, n_layers, dim = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"]), int(hf["hidden_size"])
     head_dim = int(hf.get("head_dim") or dim // n_heads)

@@ -122,6 +122,7 @@ def load_engine(checkpoint: str | os.PathLike | None = None, *, slots: int = 8, 
         log.info("sharding: %s", plan.describe())
     t0 = time.perf_counter()
     config, params, tokenizer = ckpt.load(path, getattr(jnp, dtype), quantize, plan=plan)
+    config = config.for_context(max_len)
     quant = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantArray))
     mode = next((x.mode for x in quant if isinstance(x, QuantArray)), None)
     nbytes = weight_bytes(params)

@@ -77,6 +77,11 @@ def rope_inv_freq(cfg: ModelConfig, layer: int = 0) -> np.ndarray:
         return inv.astype(np.float32)
     if sc.kind == "linear":
         return (inv / sc.factor).astype(np.float32)
+    if sc.kind == "longrope":
+        factors = np.asarray(sc.long_factor if sc.use_long else sc.short_factor, np.float32)
+        if factors.shape != inv.shape:
+            raise ValueError(f"LongRoPE needs {inv.shape[0]} factors (head_dim / 2), got {factors.shape[0]}")
+        return (1.0 / (factors * theta ** (np.arange(0, h, 2, dtype=np.float32) / h))).astype(np.float32)
     low_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
     high_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
     wavelen = 2 * math.pi / inv
@@ -89,11 +94,19 @@ def rope_inv_freq(cfg: ModelConfig, layer: int = 0) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+def rope_scale(cfg: ModelConfig, layer: int = 0) -> float:
+    """What ``layer``'s cos and sin are multiplied by (LongRoPE's attention factor; else 1)."""
+    _, sc = cfg.rope(layer)
+    return sc.attention_factor if sc is not None and sc.kind == "longrope" else 1.0
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> jax.Array:
     """Rotate ``x [..., T, heads, H]`` by ``positions [..., T]`` (HF's rotate-half convention)."""
     ang = positions[..., None].astype(jnp.float32) * inv_freq  # [..., T, H/2]
     cos = jnp.cos(ang)[..., None, :]
     sin = jnp.sin(ang)[..., None, :]
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -344,7 +357,8 @@ def _block(params: Params, cfg: ModelConfig, i: int, x: jax.Array, positions: ja
     q, k, v = _split_qkv(cfg, qkv, params.qkv_groups)
     if layer.q_norm is not None:
         q, k = rms_norm(q, layer.q_norm, cfg.norm_eps), rms_norm(k, layer.k_norm, cfg.norm_eps)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    scale = rope_scale(cfg, i)
+    q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
     o, kv = attend(q, k, v, attn_spec(cfg, i))
     o = dense(o, layer.wo)
     if layer.post_attn_norm is not None:

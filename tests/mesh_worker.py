@@ -94,6 +94,7 @@ def forward_runs(checkpoints: list[str], meshes: list[str], prompts: list[list[i
         for mesh in meshes:
             plan = None if mesh == "none" else sharding.plan(sharding.make_mesh(mesh), cfg, 4)
             cfg, params, _ = checkpoint.load(pathlib.Path(path), quantize=quantize, plan=plan)
+            cfg = cfg.for_context(len(prompts[0]))
             logits = jax.jit(model.logits_all, static_argnums=1)(params, cfg, jnp.array(prompts, jnp.int32))
             layer = params.layers[0]
             fractions = {}

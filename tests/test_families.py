@@ -26,7 +26,7 @@ from jserve.sampling import SamplingParams
 from .test_engine import TRACE_EVENT
 
 DATA = pathlib.Path(__file__).parent / "data" / "tiny_hf"
-FAMILIES = ["qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe"]
+FAMILIES = ["qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "phi3_longrope", "mixtral", "qwen3_moe"]
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -56,7 +56,12 @@ def test_each_family_is_read_from_the_checkpoints_own_config(converted):
     assert g3.rope(0) == (10000.0, None)
     theta, scaling = g3.rope(5)
     assert theta == 1e6 and (scaling.kind, scaling.factor) == ("linear", 2.0)
-    assert cfg["phi3"].arch == "phi3" and cfg["phi3"].ffn_dim == 48
+    assert cfg["phi3"].arch == "phi3" and cfg["phi3"].ffn_dim == 48 and cfg["phi3"].rope_scaling is None
+    long = cfg["phi3_longrope"].rope_scaling
+    assert (long.kind, long.original_max_position_embeddings, long.factor) == ("longrope", 16, 32.0)
+    assert long.attention_factor == pytest.approx((1 + np.log(32) / np.log(16)) ** 0.5)
+    assert not long.use_long and cfg["phi3_longrope"].for_context(17).rope_scaling.use_long
+    assert cfg["phi3_longrope"].for_context(16) == cfg["phi3_longrope"]
     assert (cfg["mixtral"].n_experts, cfg["mixtral"].experts_per_token, cfg["mixtral"].moe_renormalize) == (4, 2, True)
     assert (cfg["qwen3_moe"].n_experts, cfg["qwen3_moe"].qk_norm, cfg["qwen3_moe"].ffn_dim) == (4, True, 48)
 
@@ -66,6 +71,7 @@ def test_logits_match_transformers(converted, name):
     cfg, params, tok = checkpoint.load(converted[name])
     assert tok is None  # the fixtures have no tokenizer: token ids only
     ref = _reference(name)
+    cfg = cfg.for_context(ref["ids"].shape[1])  # LongRoPE: past 16 positions, the long factors
     ours = np.asarray(jax.jit(model.logits_all, static_argnums=1)(params, cfg, jnp.array(ref["ids"])))
     # float32 on both sides: observed differences are 2-6e-6.
     np.testing.assert_allclose(ours, ref["logits"], atol=1e-4, rtol=0)
@@ -83,6 +89,7 @@ def test_int8_greedy_choices_match_transformers_except_near_ties(converted, name
     ref = _reference(name)
     seq = np.concatenate([ref["prompt"], ref["greedy"]])[None]
     n = len(ref["prompt"])
+    cfg = cfg.for_context(seq.shape[1])
     logits = np.asarray(jax.jit(model.logits_all, static_argnums=1)(params, cfg, jnp.array(seq)))[0]
     picked = logits[n - 1:n - 1 + len(ref["greedy"])].argmax(-1)
     clear = ref["margins"] > 0.2
