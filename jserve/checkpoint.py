@@ -251,6 +251,14 @@ def to_params(cfg: ModelConfig, weights: Weights, dtype: jnp.dtype = jnp.float32
                   lm_head=lm_head, qkv_groups=qkv_groups, mlp_groups=mlp_groups, expert_groups=expert_groups)
 
 
+def _scale_of(name: str) -> tuple[str, int] | None:
+    """For ``<matrix>_scale``: the matrix and its output-channel axis; else None."""
+    if not name.endswith(SCALE):
+        return None
+    base = name[: -len(SCALE)]
+    return base, QUANTIZED_KEYS[base]
+
+
 def load_sharded(directory: pathlib.Path, plan: Plan, dtype: jnp.dtype = jnp.float32,
                  quantize: str | None = None) -> tuple[ModelConfig, Params]:
     """Config and params sharded over ``plan``'s mesh, restored straight from orbax.
@@ -265,7 +273,7 @@ def load_sharded(directory: pathlib.Path, plan: Plan, dtype: jnp.dtype = jnp.flo
         meta = ckpt.metadata(path)
         meta = getattr(meta, "item_metadata", meta)
         target = {name: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
-                                             sharding=stored_sharding(name, len(m.shape), plan))
+                                             sharding=stored_sharding(name, len(m.shape), plan, _scale_of(name)))
                   for name, m in meta.items()}
         stored = ckpt.restore(path, target)
     check_weights(cfg, stored)

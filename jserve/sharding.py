@@ -273,14 +273,12 @@ def _scale_sharding(p: Plan, logical: tuple[str, ...], out_axis: int) -> NamedSh
     return NamedSharding(p.mesh, PartitionSpec(*(q[i] for i in range(len(logical)) if i != contract)))
 
 
-def stored_sharding(name: str, ndim: int, p: Plan) -> NamedSharding:
-    """Sharding of a stored checkpoint array (``wq``, ``wq_scale``, ...)."""
-    from jserve.checkpoint import QUANTIZED_KEYS, SCALE
-
-    if name.endswith(SCALE):
-        base = name[: -len(SCALE)]
-        logical = STORED_AXES[base]
-        return _scale_sharding(p, logical, QUANTIZED_KEYS[base])
+def stored_sharding(name: str, ndim: int, p: Plan, scale_of: tuple[str, int] | None = None) -> NamedSharding:
+    """Sharding of a stored checkpoint array (``wq``, ...). For an int8 matrix's scales,
+    ``scale_of`` names the matrix and its output-channel axis (``("wq", 1)``)."""
+    if scale_of is not None:
+        base, out_axis = scale_of
+        return _scale_sharding(p, STORED_AXES[base], out_axis)
     logical = STORED_AXES[name]
     assert len(logical) == ndim, (name, ndim)
     return p.sharding(logical)
