@@ -78,6 +78,14 @@ def _dot(x: jax.Array, w: jax.Array, contract: int, out_type=None) -> jax.Array:
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (contract,)), ((), ())), preferred_element_type=out_type)
 
 
+def _quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Activations as int8 with one symmetric (absmax) scale per row: ``(q, scale [..., 1])``."""
+    xf = x.astype(jnp.float32)
+    xs = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
+    xs = jnp.where(xs > 0, xs, 1.0)
+    return jnp.clip(jnp.round(xf / xs), -127, 127).astype(jnp.int8), xs
+
+
 def dense(x: jax.Array, w: jax.Array | QuantArray, transpose: bool = False) -> jax.Array:
     """``x [..., I] @ w [I, O]`` (or ``w [O, I]`` with ``transpose``) → ``[..., O]`` in ``x``'s dtype."""
     contract = 1 if transpose else 0
@@ -88,10 +96,7 @@ def dense(x: jax.Array, w: jax.Array | QuantArray, transpose: bool = False) -> j
         x2 = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])
         return dense(x2, w, transpose)[:1].reshape(*x.shape[:-1], -1)
     if w.mode == "int8-dynamic":
-        xf = x.astype(jnp.float32)
-        xs = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
-        xs = jnp.where(xs > 0, xs, 1.0)
-        xq = jnp.clip(jnp.round(xf / xs), -127, 127).astype(jnp.int8)
+        xq, xs = _quantize_rows(x)
         acc = _dot(xq, w.q, contract, jnp.int32)
         return (acc.astype(jnp.float32) * xs * w.scale).astype(x.dtype)
     return (_dot(x, w.q.astype(x.dtype), contract) * w.scale.astype(x.dtype)).astype(x.dtype)
@@ -105,10 +110,7 @@ def dense_experts(x: jax.Array, w: jax.Array | QuantArray) -> jax.Array:
         return jax.lax.dot_general(x.astype(w.dtype), w, dims)
     scale = w.scale[:, None, :]
     if w.mode == "int8-dynamic":
-        xf = x.astype(jnp.float32)
-        xs = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
-        xs = jnp.where(xs > 0, xs, 1.0)
-        xq = jnp.clip(jnp.round(xf / xs), -127, 127).astype(jnp.int8)
+        xq, xs = _quantize_rows(x)
         acc = jax.lax.dot_general(xq, w.q, dims, preferred_element_type=jnp.int32)
         return (acc.astype(jnp.float32) * xs * scale).astype(x.dtype)
     return (jax.lax.dot_general(x, w.q.astype(x.dtype), dims) * scale.astype(x.dtype)).astype(x.dtype)
