@@ -277,6 +277,16 @@ def _verify(params: Params, state: DecodeState, slots: jax.Array, drafts: jax.Ar
     return new_state, packed.reshape(r, c, -1)
 
 
+def verify_widths(speculate: int) -> tuple[int, ...]:
+    """Positions per row ``verify`` is compiled for with up to ``speculate`` drafted tokens: 1 (no
+    draft: a decode step over the live slots only), 5, 9, 17, ... below ``speculate + 1``, and
+    ``speculate + 1``. A step takes the narrowest that holds its longest draft, or a narrower one
+    with the drafts cut when that is expected to pay (``SpecPolicy``)."""
+    if speculate <= 0:
+        return ()
+    return tuple(sorted({1, speculate + 1} | {1 + (1 << i) for i in range(2, speculate.bit_length()) if 1 << i < speculate}))
+
+
 def _release(state: DecodeState, slot: jax.Array) -> DecodeState:
     return state.replace(
         active=state.active.at[slot].set(False),
@@ -325,9 +335,12 @@ class JaxEngine:
         verify = functools.partial(_verify, cfg=self.cfg, top_n=top_n)
         if self.speculate < 0:
             raise ValueError(f"speculate={self.speculate} must be >= 0")
-        # ``verify`` is compiled for these row counts (live slots, rounded up): one stream checks its
-        # drafts in a call of k + 1 positions, not slots x (k + 1).
+        # ``verify`` is compiled for these row counts (live slots, rounded up) and positions per row
+        # (last token + drafts): one stream checks its drafts in a call of k + 1 positions, not
+        # slots x (k + 1), and a step with short or no drafts takes a narrower call (one position
+        # per row: a decode step over the live slots only).
         self.verify_rows = tuple(sorted({min(1 << i, self.slots) for i in range(self.slots.bit_length() + 1)}))
+        self.verify_widths = verify_widths(self.speculate)
         self._state_shape = jax.eval_shape(self._zeros)
         if self.plan is None:
             state_sh = result_sh = None
@@ -343,7 +356,7 @@ class JaxEngine:
         self._generate = jax.jit(generate, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
         self._release = jax.jit(_release, donate_argnames=("state",), out_shardings=state_sh)
         self._verify = jax.jit(verify, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
-        self._compiled: dict[tuple[str, int], jax.stages.Compiled] = {}  # filled by warmup
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}  # filled by warmup
         # All tokens allowed: what steps without a constrained request are given (kept on the device).
         self.mask_words = mask_words(self.vocab_size)
         self._no_mask_slots = jnp.full((self.slots, self.mask_words), -1, jnp.int32)
@@ -441,24 +454,36 @@ class JaxEngine:
             raise ValueError(f"verify takes 1..{self.slots} rows, got {n}")
         return r
 
-    def verify(self, state: DecodeState, rows: list[tuple[int, list[int]]]) -> tuple[DecodeState, jax.Array]:
+    def verify_width(self, n_draft: int) -> int:
+        """The positions per row of a ``verify`` call whose longest draft has ``n_draft`` tokens."""
+        w = next((w for w in self.verify_widths if w > n_draft), None)
+        if w is None or n_draft < 0:
+            raise ValueError(f"{n_draft} drafted tokens exceed speculate={self.speculate}")
+        return w
+
+    def verify(self, state: DecodeState, rows: list[tuple[int, list[int]]],
+               width: int | None = None) -> tuple[DecodeState, jax.Array]:
         """A decode step with drafts (``_verify``): ``rows`` lists every live slot with its drafted
-        tokens (at most ``speculate``, maybe none), and the packed result's row i (``[k + 1, cols]``,
-        ``ACTIVE`` on the tokens kept) is ``rows[i]``'s. A slot must have room for its drafts:
-        ``length + len(draft) < max_len``."""
+        tokens (at most ``speculate``, maybe none), and the packed result's row i (``[width, cols]``,
+        ``ACTIVE`` on the tokens kept) is ``rows[i]``'s. ``width``: positions per row, one of
+        ``verify_widths`` (default: the narrowest that holds the longest draft). A slot must have
+        room for its drafts: ``length + len(draft) < max_len``."""
         if not self.speculate:
             raise ValueError("this engine was built without speculative decoding (speculate=0)")
         r = self.verify_bucket(len(rows))
-        k = self.speculate
+        need = self.verify_width(max(len(d) for _, d in rows))
+        if width is None:
+            width = need
+        elif width not in self.verify_widths or width < need:
+            raise ValueError(f"verify width {width} must be one of {self.verify_widths} and hold {need - 1} drafts")
+        k = width - 1
         slots, n_draft = np.zeros((r,), np.int32), np.zeros((r,), np.int32)
         drafts = np.zeros((r, k), np.int32)
         live = np.zeros((r,), bool)
         for i, (slot, draft) in enumerate(rows):
-            if len(draft) > k:
-                raise ValueError(f"{len(draft)} drafted tokens exceed speculate={k}")
             slots[i], n_draft[i], live[i] = slot, len(draft), True
             drafts[i, :len(draft)] = draft
-        fn = self._compiled.get(("verify", r), self._verify)
+        fn = self._compiled.get(("verify", r, width), self._verify)
         return fn(self.params, state=state, slots=slots, drafts=drafts, n_draft=n_draft, live=live)
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
@@ -495,10 +520,11 @@ class JaxEngine:
         if self.speculate:
             tb = time.perf_counter()
             for r in self.verify_rows:
-                z = np.zeros((r,), np.int32)
-                self._compiled[("verify", r)] = self._verify.lower(
-                    self.params, state=state, slots=z, drafts=np.zeros((r, self.speculate), np.int32), n_draft=z,
-                    live=np.zeros((r,), bool)).compile()
-            log.info("compiled verify (%d drafts) for %s rows in %.1fs", self.speculate, self.verify_rows,
-                     time.perf_counter() - tb)
+                for w in self.verify_widths:
+                    z = np.zeros((r,), np.int32)
+                    self._compiled[("verify", r, w)] = self._verify.lower(
+                        self.params, state=state, slots=z, drafts=np.zeros((r, w - 1), np.int32), n_draft=z,
+                        live=np.zeros((r,), bool)).compile()
+            log.info("compiled verify (%d drafts) for %s rows x %s positions in %.1fs", self.speculate,
+                     self.verify_rows, self.verify_widths, time.perf_counter() - tb)
         return time.perf_counter() - t0

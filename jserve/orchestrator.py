@@ -369,12 +369,13 @@ class Orchestrator:
         """Dispatch the next decode step: ``verify`` with the live runs' drafts when ``spec`` and
         the policy expects more tokens per second from it, else ``generate``. In a ``spec`` turn
         (synchronous anyway) the call is waited for and timed, for the policy."""
-        rows = self._spec_rows() if spec else None
+        chosen = self._spec_rows() if spec else None
         t0 = time.perf_counter()
-        if rows is not None:
-            state, packed = self.engine.verify(state, rows)
+        if chosen is not None:
+            rows, width = chosen
+            state, packed = self.engine.verify(state, rows, width)
             owners = {i: self._running[slot] for i, (slot, _) in enumerate(rows)}
-            kind = f"verify:{self.engine.verify_bucket(len(rows))}"
+            kind = self.policy.kind(self.engine.verify_bucket(len(rows)), width)
         else:
             state, packed = self.engine.generate(state, self._masks())
             owners, kind = dict(self._running), "generate"
@@ -386,6 +387,11 @@ class Orchestrator:
             self.policy.observe(kind, time.perf_counter() - t0)
         return state, (packed, owners, None, {})
 
+    @staticmethod
+    def _may_draft(run: _Running) -> bool:
+        acc = run.acceptance
+        return run.drafter is not None and (acc.rate >= MIN_RATE or acc.idle >= RETRY_STEPS)
+
     def _drafting(self) -> bool:
         """Whether a verify step could pay this turn: every live run speculates, and the policy
         says so if each run that had a draft after its last handled token finds a full one. Only
@@ -395,28 +401,36 @@ class Orchestrator:
         runs = self._running.values()
         if not runs or any(run.drafter is None for run in runs):
             return False
-        extra = sum(run.acceptance.expected(self.spec_tokens) for run in runs if run.draft_hint
-                    and (run.acceptance.rate >= MIN_RATE or run.acceptance.idle >= RETRY_STEPS))
-        return self.policy.could_pay(len(self._running), self.engine.verify_bucket(len(self._running)), extra)
+        hints = [run.acceptance for run in runs if run.draft_hint and self._may_draft(run)]
+        options = {w: sum(acc.expected(min(self.spec_tokens, w - 1)) for acc in hints)
+                   for w in self.engine.verify_widths}
+        return self.policy.could_pay(len(self._running), self.engine.verify_bucket(len(self._running)), options)
 
-    def _spec_rows(self) -> list[tuple[int, list[int]]] | None:
-        """Every live slot with its draft, if verifying them is expected to pay; else None."""
+    def _spec_rows(self) -> tuple[list[tuple[int, list[int]]], int] | None:
+        """Every live slot with its draft and the verify call's width, if verifying them is
+        expected to pay; else None."""
         e = self.engine
-        rows, extra = [], 0.0
+        rows, accs = [], []
         for slot, run in self._running.items():
             draft: list[int] = []
-            acc = run.acceptance
-            if run.drafter is not None and (acc.rate >= MIN_RATE or acc.idle >= RETRY_STEPS):
+            if self._may_draft(run):
                 length = len(run.req.prompt_ids) + run.generated - 1  # the position of the last token
                 room = min(self.spec_tokens, run.req.params.max_tokens - run.generated - 1, e.max_len - 1 - length)
                 draft = run.drafter.propose(room) if room > 0 else []
-                extra += acc.expected(len(draft))
             rows.append((slot, draft))
-        if not self.policy.choose(len(rows), e.verify_bucket(len(rows)), extra):
+            accs.append(run.acceptance)
+        need = e.verify_width(max(len(d) for _, d in rows))
+        widths = [w for w in e.verify_widths if w <= need]
+        if any(d and acc.idle >= RETRY_STEPS for acc, (_, d) in zip(accs, rows)):
+            widths = [need]  # a draft unchecked for long is checked whole: its acceptance is re-measured
+        options = {w: sum(acc.expected(min(len(d), w - 1)) for acc, (_, d) in zip(accs, rows)) for w in widths}
+        width = self.policy.choose(len(rows), e.verify_bucket(len(rows)), options)
+        if width is None:
             return None
+        rows = [(slot, draft[:width - 1]) for slot, draft in rows]
         for slot, draft in rows:
             self._running[slot].drafted = len(draft)
-        return rows
+        return rows, width
 
     def _constrained(self) -> bool:
         return any(run.req.matcher is not None for run in self._running.values())

@@ -80,14 +80,20 @@ RETRY_STEPS = 16
 
 
 class SpecPolicy:
-    """Chooses generate or verify for a step from measured step times (an exponential average per
-    call kind: ``generate``, and ``verify:<rows>`` per row bucket) and the drafts' expected yield.
+    """Chooses, for a step, a plain ``generate`` or a ``verify`` call of some width (positions
+    per row: the last token and up to ``width - 1`` drafted tokens), from measured step times (an
+    exponential average per call kind: ``generate``, and ``verify:<rows>x<width>``) and the drafts'
+    expected yield at each width.
 
-    A kind is tried until it has been timed twice (its first call may carry one-off costs,
-    so the second replaces it); after that, the one not chosen is timed again once its last
-    time is ``refresh_s`` seconds old (times change with context length and load, and a
-    measurement taken under a passing load must not decide for ever), verify only when there is
-    something to verify. ``clock``: seconds, monotonic (tests pass their own)."""
+    A kind is tried until it has been timed twice (its first call may carry one-off costs, so
+    the second replaces it); after that, a kind not chosen is timed again once its last time is
+    ``refresh_s`` seconds old (times change with context length and load, and a measurement
+    taken under a passing load must not decide for ever). ``clock``: seconds, monotonic (tests
+    pass their own).
+
+    ``options`` maps each width a step could take to the tokens its drafts are expected to add
+    (cut to ``width - 1``); width 1, no drafts at all, is a decode step over the live slots only,
+    which for a few live slots is cheaper than the plain step over all of them."""
 
     def __init__(self, refresh_s: float = 15.0, clock=time.monotonic):
         self.refresh_s = refresh_s
@@ -96,36 +102,53 @@ class SpecPolicy:
         self._measured: dict[str, float] = {}
         self._count: dict[str, int] = {}
 
+    @staticmethod
+    def kind(rows_bucket: int, width: int | None) -> str:
+        return "generate" if width is None else f"verify:{rows_bucket}x{width}"
+
     def observe(self, kind: str, seconds: float) -> None:
         n = self._count.get(kind, 0)
         self._count[kind] = n + 1
         self.times[kind] = seconds if n < 2 else 0.8 * self.times[kind] + 0.2 * seconds
         self._measured[kind] = self.clock()
 
+    def _timed(self, kind: str) -> bool:
+        return self._count.get(kind, 0) >= 2
+
     def _stale(self, kind: str) -> bool:
         return self.clock() - self._measured[kind] > self.refresh_s
 
-    def could_pay(self, live: int, rows_bucket: int, extra: float) -> bool:
-        """Whether a step with drafts expected to yield ``extra`` tokens (an upper estimate: every
-        drafting request finds a full draft) could be chosen, or a kind is due to be timed. When
-        not, the caller need not wait for the last step's tokens to draft."""
-        gen_kind, ver_kind = "generate", f"verify:{rows_bucket}"
-        if self._count.get(gen_kind, 0) < 2 or self._count.get(ver_kind, 0) < 2:
-            return True
-        if extra > 0 and self._stale(ver_kind):
-            return True
-        return (live + extra) / self.times[ver_kind] > live / self.times[gen_kind]
+    def _rates(self, live: int, rows_bucket: int, options: dict[int, float]) -> dict[int | None, float]:
+        rates: dict[int | None, float] = {None: live / self.times["generate"]}
+        for w, extra in options.items():
+            rates[w] = (live + extra) / self.times[self.kind(rows_bucket, w)]
+        return rates
 
-    def choose(self, live: int, rows_bucket: int, extra: float) -> bool:
-        """True to verify: ``live`` slots, the verify call's row bucket, ``extra`` expected drafted
-        tokens accepted over all of them. Compares tokens per second of both kinds."""
-        gen_kind, ver_kind = "generate", f"verify:{rows_bucket}"
-        if self._count.get(gen_kind, 0) < 2:
-            return False
-        if self._count.get(ver_kind, 0) < 2:
+    def could_pay(self, live: int, rows_bucket: int, options: dict[int, float]) -> bool:
+        """Whether some verify could be chosen with ``options`` (an upper estimate: every drafting
+        request finds a full draft), or is due to be timed. When not, the caller need not wait for
+        the last step's tokens to draft."""
+        if not self._timed("generate"):
             return True
-        gen, ver = self.times[gen_kind], self.times[ver_kind]
-        verify = (live + extra) / ver > live / gen
-        if self._stale(gen_kind if verify else ver_kind) and (verify or extra > 0):
-            return not verify
-        return verify
+        for w in options:
+            kind = self.kind(rows_bucket, w)
+            if not self._timed(kind) or self._stale(kind):
+                return True
+        rates = self._rates(live, rows_bucket, options)
+        return max(rates, key=lambda o: (rates[o], o is None)) is not None
+
+    def choose(self, live: int, rows_bucket: int, options: dict[int, float]) -> int | None:
+        """The width to verify at, or None for a plain step: ``live`` slots, the verify call's row
+        bucket, ``options`` (width -> expected drafted tokens accepted over all live requests).
+        Compares tokens per second of every kind."""
+        if not self._timed("generate"):
+            return None
+        untimed = [w for w in sorted(options) if not self._timed(self.kind(rows_bucket, w))]
+        if untimed:
+            return untimed[0]
+        rates = self._rates(live, rows_bucket, options)
+        best = max(rates, key=lambda o: (rates[o], o is None))
+        stale = [o for o in rates if o != best and self._stale(self.kind(rows_bucket, o))]
+        if stale:  # timed once more, the oldest first
+            return min(stale, key=lambda o: self._measured[self.kind(rows_bucket, o)])
+        return best

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jserve import SamplingParams, checkpoint, model
-from jserve.engine import ACTIVE, LOGPROB, TOKEN, JaxEngine
+from jserve.engine import ACTIVE, LOGPROB, TOKEN, JaxEngine, verify_widths
 from jserve.speculative import MIN_RATE, Acceptance, PromptLookup, SpecPolicy
 
 # ---- the drafter and the policy, on the host ---------------------------------------------------
@@ -51,38 +51,56 @@ def test_acceptance_rate_and_expected_yield():
     assert half.expected(2) == pytest.approx(0.5 + 0.25)
 
 
-def test_policy_compares_tokens_per_second_and_measures_both_kinds():
+def test_policy_compares_tokens_per_second_of_every_kind_and_measures_each():
     now = [0.0]
     p = SpecPolicy(refresh_s=10.0, clock=lambda: now[0])
-    assert p.choose(4, 4, 3.0) is False  # generate not timed yet
+    full = {1: 0.0, 5: 3.0}  # width -> expected drafted tokens kept
+    assert p.choose(4, 4, full) is None  # generate not timed yet
     p.observe("generate", 0.5)  # a first call's one-off cost: replaced by the second
     p.observe("generate", 0.1)
-    assert p.choose(4, 4, 0.0) is True  # verify:4 not timed yet (tried even with nothing drafted)
-    p.observe("verify:4", 0.2)
-    p.observe("verify:4", 0.2)
-    assert p.times == {"generate": 0.1, "verify:4": 0.2}
-    # 4 slots: 40 tokens/s plain; verify needs 4 + extra > 8 tokens per 0.2 s.
-    assert p.choose(4, 4, 3.9) is False
-    assert p.choose(4, 4, 4.5) is True
-    # One stream where the checking call is cheaper than the full-batch step: verify even with nothing drafted.
-    p.observe("verify:1", 0.08)
-    p.observe("verify:1", 0.08)
-    assert p.choose(1, 1, 0.0) is True
+    assert p.choose(4, 4, full) == 1  # the untimed widths in turn, the narrowest first
+    p.observe("verify:4x1", 0.12)
+    p.observe("verify:4x1", 0.12)
+    assert p.choose(4, 4, full) == 5
+    p.observe("verify:4x5", 0.2)
+    p.observe("verify:4x5", 0.2)
+    assert p.times == {"generate": 0.1, "verify:4x1": 0.12, "verify:4x5": 0.2}
+    # 4 slots: 40 tokens/s plain, 33 at width 1; width 5 needs 4 + extra > 8 tokens per 0.2 s.
+    assert p.choose(4, 4, {1: 0.0, 5: 3.9}) is None
+    assert p.choose(4, 4, {1: 0.0, 5: 4.5}) == 5
+    assert p.choose(4, 4, {1: 0.0}) is None  # nothing drafted: only the narrow call was offered
+    # One stream, where the narrow call is cheaper than the full-batch step: verify with nothing drafted.
+    for w in (1, 5):
+        p.observe(f"verify:1x{w}", 0.03 if w == 1 else 0.05)
+        p.observe(f"verify:1x{w}", 0.03 if w == 1 else 0.05)
+    assert p.choose(1, 1, {1: 0.0}) == 1
+    assert p.choose(1, 1, {1: 0.0, 5: 0.5}) == 1  # 1.5 tokens per 0.05 s is less than 1 per 0.03 s
+    assert p.choose(1, 1, {1: 0.0, 5: 1.0}) == 5
     # Whether a synchronous (drafting) turn is worth it at all: not when even full drafts can't pay.
-    assert p.could_pay(4, 4, 3.9) is False and p.could_pay(4, 4, 4.5) is True
-    assert p.could_pay(8, 8, 0.0) is True  # verify:8 never timed
-    # A time older than ``refresh_s`` is measured again: verify only if something is drafted.
+    assert p.could_pay(4, 4, {1: 0.0, 5: 3.9}) is False and p.could_pay(4, 4, {1: 0.0, 5: 4.5}) is True
+    assert p.could_pay(8, 8, {1: 0.0}) is True  # verify:8x1 never timed
+    # A time older than ``refresh_s`` is measured again, the oldest first.
     now[0] = 11.0
-    assert p.choose(4, 4, 0.0) is False and p.could_pay(4, 4, 0.0) is False
-    assert p.could_pay(4, 4, 0.5) is True and p.choose(4, 4, 0.5) is True
-    p.observe("verify:4", 0.2)
-    assert p.could_pay(4, 4, 0.5) is False and p.choose(4, 4, 0.5) is False
-    # ... and generate, while verify keeps being chosen.
-    p.observe("verify:1", 0.08)
+    assert p.could_pay(4, 4, {1: 0.0, 5: 0.0}) is True
+    assert p.choose(4, 4, {1: 0.0, 5: 0.0}) == 1  # generate is the best; verify:4x1 is the oldest of the rest
+    p.observe("verify:4x1", 0.12)
+    assert p.choose(4, 4, {1: 0.0, 5: 0.0}) == 5
+    p.observe("verify:4x5", 0.2)
+    assert p.choose(4, 4, {1: 0.0, 5: 0.0}) is None and p.could_pay(4, 4, {1: 0.0, 5: 0.0}) is False
     now[0] = 22.0
-    assert p.choose(1, 1, 0.0) is False  # generate's time is 22 s old: timed once more
+    p.observe("verify:1x1", 0.03)
+    assert p.choose(1, 1, {1: 0.0}) is None  # generate's time is 22 s old: timed once more
     p.observe("generate", 0.1)
-    assert p.choose(1, 1, 0.0) is True
+    assert p.choose(1, 1, {1: 0.0}) == 1
+
+
+def test_verify_widths():
+    assert verify_widths(0) == ()
+    assert verify_widths(1) == (1, 2)
+    assert verify_widths(4) == (1, 5)
+    assert verify_widths(8) == (1, 5, 9)
+    assert verify_widths(12) == (1, 5, 9, 13)
+    assert verify_widths(16) == (1, 5, 9, 17)
 
 
 # ---- the engine's verify step against plain decode steps ---------------------------------------
@@ -227,6 +245,35 @@ def test_verify_rejects_more_drafts_than_configured(engine):
         engine.verify(state, [(0, [1] * (engine.speculate + 1))])
     with pytest.raises(ValueError, match="rows"):
         engine.verify(state, [])
+    with pytest.raises(ValueError, match="width"):
+        engine.verify(state, [(0, [1, 2])], width=1)  # too narrow for its draft
+    with pytest.raises(ValueError, match="width"):
+        engine.verify(state, [(0, [])], width=3)  # not a compiled width
+
+
+def test_verify_at_any_width_that_holds_the_drafts_gives_the_same_tokens(engine):
+    """A row's result does not depend on the call's width: the same draft checked in a width-5 call
+    as in the narrowest one (and no draft: a one-position call, i.e. a decode step of the live slots)."""
+    assert engine.verify_widths == (1, 5)
+    params = SamplingParams(temperature=0.0, logprobs=0)
+    out = {}
+    for width in (None, 5):
+        state = engine.init_state()
+        state, first = engine.prefill(state, 1, PROMPT, params, 0)
+        toks = [int(first[TOKEN])]
+        lps = []
+        for draft in ([], [450, 1134], [], [7]):
+            state, packed = engine.verify(state, [(1, draft)], width)
+            rows = np.asarray(packed)[0]
+            assert rows.shape[0] == (width or engine.verify_width(len(draft)))
+            k = int((rows[:, ACTIVE] > 0.5).sum())
+            toks += [int(t) for t in rows[:k, TOKEN]]
+            lps += [float(x) for x in rows[:k, LOGPROB]]
+        out[width] = toks, lps
+    assert out[None][0] == out[5][0]
+    np.testing.assert_allclose(out[None][1], out[5][1], atol=1e-5)
+    plain, plain_lps = _plain(engine, params, len(out[5][0]), slot=1)
+    assert plain[:len(out[5][0])] == out[5][0]
 
 
 def test_engine_without_speculation_has_no_verify(tiny_ckpt):
@@ -242,11 +289,11 @@ def test_engine_without_speculation_has_no_verify(tiny_ckpt):
 class AlwaysVerify(SpecPolicy):
     """Every step checks drafts (the real policy picks by measured speed, which a test can't fix)."""
 
-    def could_pay(self, live: int, rows_bucket: int, extra: float) -> bool:
+    def could_pay(self, live: int, rows_bucket: int, options: dict[int, float]) -> bool:
         return True
 
-    def choose(self, live: int, rows_bucket: int, extra: float) -> bool:
-        return True
+    def choose(self, live: int, rows_bucket: int, options: dict[int, float]) -> int:
+        return max(options)
 
 
 TRACE_EVENT = "/jax/core/compile/tracing_duration"
