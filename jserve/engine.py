@@ -454,9 +454,15 @@ class JaxEngine:
             raise ValueError(f"verify takes 1..{self.slots} rows, got {n}")
         return r
 
-    def verify_width(self, n_draft: int) -> int:
-        """The positions per row of a ``verify`` call whose longest draft has ``n_draft`` tokens."""
-        w = next((w for w in self.verify_widths if w > n_draft), None)
+    def widths_for(self, rows_bucket: int) -> tuple[int, ...]:
+        """The widths ``verify`` is compiled for at ``rows_bucket`` rows: ``verify_widths``, except
+        width 1 at every slot's row (that call would be the plain step over all slots, ``generate``)."""
+        return tuple(w for w in self.verify_widths if w > 1 or rows_bucket < self.slots)
+
+    def verify_width(self, n_draft: int, rows_bucket: int = 1) -> int:
+        """The narrowest width of a ``verify`` call of ``rows_bucket`` rows whose longest draft has
+        ``n_draft`` tokens."""
+        w = next((w for w in self.widths_for(rows_bucket) if w > n_draft), None)
         if w is None or n_draft < 0:
             raise ValueError(f"{n_draft} drafted tokens exceed speculate={self.speculate}")
         return w
@@ -466,16 +472,17 @@ class JaxEngine:
         """A decode step with drafts (``_verify``): ``rows`` lists every live slot with its drafted
         tokens (at most ``speculate``, maybe none), and the packed result's row i (``[width, cols]``,
         ``ACTIVE`` on the tokens kept) is ``rows[i]``'s. ``width``: positions per row, one of
-        ``verify_widths`` (default: the narrowest that holds the longest draft). A slot must have
+        ``widths_for(rows bucket)`` (default: the narrowest that holds the longest draft). A slot must have
         room for its drafts: ``length + len(draft) < max_len``."""
         if not self.speculate:
             raise ValueError("this engine was built without speculative decoding (speculate=0)")
         r = self.verify_bucket(len(rows))
-        need = self.verify_width(max(len(d) for _, d in rows))
+        need = self.verify_width(max(len(d) for _, d in rows), r)
         if width is None:
             width = need
-        elif width not in self.verify_widths or width < need:
-            raise ValueError(f"verify width {width} must be one of {self.verify_widths} and hold {need - 1} drafts")
+        elif width not in self.widths_for(r) or width < need:
+            raise ValueError(f"verify width {width} must be one of {self.widths_for(r)} at {r} rows and hold "
+                             f"the longest draft ({max(len(d) for _, d in rows)} tokens)")
         k = width - 1
         slots, n_draft = np.zeros((r,), np.int32), np.zeros((r,), np.int32)
         drafts = np.zeros((r, k), np.int32)
@@ -520,7 +527,7 @@ class JaxEngine:
         if self.speculate:
             tb = time.perf_counter()
             for r in self.verify_rows:
-                for w in self.verify_widths:
+                for w in self.widths_for(r):
                     z = np.zeros((r,), np.int32)
                     self._compiled[("verify", r, w)] = self._verify.lower(
                         self.params, state=state, slots=z, drafts=np.zeros((r, w - 1), np.int32), n_draft=z,

@@ -402,9 +402,10 @@ class Orchestrator:
         if not runs or any(run.drafter is None for run in runs):
             return False
         hints = [run.acceptance for run in runs if run.draft_hint and self._may_draft(run)]
+        bucket = self.engine.verify_bucket(len(self._running))
         options = {w: sum(acc.expected(min(self.spec_tokens, w - 1)) for acc in hints)
-                   for w in self.engine.verify_widths}
-        return self.policy.could_pay(len(self._running), self.engine.verify_bucket(len(self._running)), options)
+                   for w in self.engine.widths_for(bucket)}
+        return self.policy.could_pay(len(self._running), bucket, options)
 
     def _spec_rows(self) -> tuple[list[tuple[int, list[int]]], int] | None:
         """Every live slot with its draft and the verify call's width, if verifying them is
@@ -419,12 +420,13 @@ class Orchestrator:
                 draft = run.drafter.propose(room) if room > 0 else []
             rows.append((slot, draft))
             accs.append(run.acceptance)
-        need = e.verify_width(max(len(d) for _, d in rows))
-        widths = [w for w in e.verify_widths if w <= need]
+        bucket = e.verify_bucket(len(rows))
+        need = e.verify_width(max(len(d) for _, d in rows), bucket)
+        widths = [w for w in e.widths_for(bucket) if w <= need]
         if any(d and acc.idle >= RETRY_STEPS for acc, (_, d) in zip(accs, rows)):
             widths = [need]  # a draft unchecked for long is checked whole: its acceptance is re-measured
         options = {w: sum(acc.expected(min(len(d), w - 1)) for acc, (_, d) in zip(accs, rows)) for w in widths}
-        width = self.policy.choose(len(rows), e.verify_bucket(len(rows)), options)
+        width = self.policy.choose(len(rows), bucket, options)
         if width is None:
             return None
         rows = [(slot, draft[:width - 1]) for slot, draft in rows]

@@ -255,6 +255,8 @@ def test_verify_at_any_width_that_holds_the_drafts_gives_the_same_tokens(engine)
     """A row's result does not depend on the call's width: the same draft checked in a width-5 call
     as in the narrowest one (and no draft: a one-position call, i.e. a decode step of the live slots)."""
     assert engine.verify_widths == (1, 5)
+    assert engine.widths_for(2) == (1, 5) and engine.widths_for(4) == (5,)  # 4 rows: every slot
+    assert engine.verify_width(0, 4) == 5
     params = SamplingParams(temperature=0.0, logprobs=0)
     out = {}
     for width in (None, 5):
