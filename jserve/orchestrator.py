@@ -34,16 +34,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from jserve.engine import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, ChunkRow, Engine
+from jserve.engine import ACTIVE, ChunkRow, Engine
+from jserve.output import CANCELLED, DEADLINE, ERROR, LENGTH, STOP, Output, StreamOutput
 from jserve.sampling import SamplingParams
 from jserve.speculative import MIN_RATE, RETRY_STEPS, Acceptance, PromptLookup, SpecPolicy
-from jserve.stops import StopMatcher
-from jserve.structured import advance, fill_mask
-from jserve.tokenizer import IncrementalDetokenizer, TextTokenizer
+from jserve.structured import fill_mask
+from jserve.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-STOP, LENGTH, CANCELLED, DEADLINE, ERROR = "stop", "length", "cancelled", "deadline", "error"
+__all__ = ["CANCELLED", "DEADLINE", "ERROR", "LENGTH", "STOP", "Orchestrator", "Request", "Stream",
+           "StreamOutput"]
 SHUTDOWN = "shutdown"  # cut by a shutdown (no drain, or the drain ran out of time): worth retrying elsewhere
 SLOW_READER = "slow_reader"  # ended because its consumer left too much output undelivered
 
@@ -74,24 +75,6 @@ class EngineDeadError(ShuttingDownError):
 
 
 @dataclasses.dataclass
-class StreamOutput:
-    """One piece of a request's stream: the text and tokens new since the previous piece.
-
-    ``finish_reason`` is set on the last piece only (stop, length, cancelled, deadline, error).
-    """
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: list[list[tuple[int, float]]]
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str | None = None
-    error: str | None = None
-    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
-
-
-@dataclasses.dataclass
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
@@ -109,20 +92,18 @@ class Request:
 class _Running:
     req: Request
     slot: int
-    detok: IncrementalDetokenizer | None
-    stop_ids: frozenset[int]
-    stops: StopMatcher
-    text: str = ""
-    emitted: int = 0
-    generated: int = 0
+    output: Output  # its text, stops and logprobs as tokens come (``jserve.output``)
     prompt_done: int = 0  # prompt tokens whose keys/values are in the slot (reused or dispatched)
     cached: int = 0  # of which reused from the prefix cache
     live_since: float = float("inf")  # when its first token was handled (it streams from then on)
-    out_ids: list[int] = dataclasses.field(default_factory=list)
     drafter: PromptLookup | None = None  # speculative decoding: this run drafts (``jserve.speculative``)
     acceptance: Acceptance = dataclasses.field(default_factory=Acceptance)
     drafted: int = 0  # tokens drafted for the verify step in flight
     draft_hint: bool = False  # whether its latest handled token left a draft to propose
+
+    @property
+    def generated(self) -> int:
+        return self.output.generated
 
     def cache_tokens(self) -> np.ndarray:
         """Token ids whose keys/values this run has put in its slot (the last output token has
@@ -130,7 +111,7 @@ class _Running:
         prompt = self.req.prompt_ids
         if self.prompt_done < len(prompt):
             return np.asarray(prompt[:self.prompt_done], np.int64)
-        return np.asarray(prompt + self.out_ids[:-1], np.int64)
+        return np.asarray(prompt + self.output.token_ids[:-1], np.int64)
 
 
 class Stream:
@@ -511,14 +492,10 @@ class Orchestrator:
             slot, src, reuse = self._place(req.prompt_ids)
             self._free.remove(slot)
             seed = req.params.seed if req.params.seed is not None else int(self._seeds.integers(2**63))
-            run = _Running(
-                req=req, slot=slot,
-                detok=self.tokenizer.detokenizer() if self.tokenizer is not None else None,
-                stop_ids=frozenset(req.params.stop_token_ids)
-                | (frozenset() if req.params.ignore_eos else self.eos_token_ids),
-                stops=StopMatcher(req.params.stop),
-                prompt_done=reuse, cached=reuse,
-            )
+            detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
+            output = Output(req.params, len(req.prompt_ids), detok, self.eos_token_ids, self.engine.top_logprobs,
+                            req.matcher, cached_tokens=reuse)
+            run = _Running(req=req, slot=slot, output=output, prompt_done=reuse, cached=reuse)
             wants = req.params.speculate if req.params.speculate is not None else self.speculate
             if self.spec_tokens and wants and req.matcher is None:
                 run.drafter = PromptLookup(req.prompt_ids)
@@ -676,51 +653,10 @@ class Orchestrator:
 
     def _advance(self, run: _Running, row: np.ndarray) -> tuple[str | None, StreamOutput]:
         """Take one new token for ``run``; returns its finish reason (or None) and the output piece."""
-        p = run.req.params
-        token = int(row[TOKEN])
-        run.generated += 1
-        run.out_ids.append(token)
+        reason, out = run.output.add(row)
         if run.drafter is not None:
-            run.drafter.append(token)
+            run.drafter.append(out.token_ids[0])
             run.draft_hint = bool(run.drafter.propose(1))
-        tops = []
-        n = self.engine.top_logprobs
-        if p.logprobs and n:
-            ids = row[RESULT_COLS:RESULT_COLS + n].astype(np.int64)
-            vals = row[RESULT_COLS + n:RESULT_COLS + 2 * n]
-            tops = [[(int(i), float(v)) for i, v in zip(ids[:p.logprobs], vals[:p.logprobs])]]
-        reason = None
-        start = len(run.text)
-        if token in run.stop_ids:
-            reason = STOP
-        else:
-            if run.detok is not None:
-                run.text += run.detok.add(token)
-            if run.req.matcher is not None:
-                verdict = advance(run.req.matcher, token)
-                if verdict is not None and verdict.startswith("error"):
-                    raise RuntimeError(f"structured output: {verdict}")
-                if verdict == "stop":  # the grammar is complete: nothing else may follow
-                    reason = STOP
-        if reason is None and run.generated >= p.max_tokens:
-            reason = LENGTH
-        if reason is not None and run.detok is not None:
-            run.text += run.detok.flush()
-        end = len(run.text)
-        if p.stop and run.detok is not None:
-            hit = run.stops.feed(run.text[start:])
-            if hit is not None:
-                end = hit
-                run.text = run.text[:end]
-                reason = STOP
-            elif reason is None:
-                end = len(run.text) - run.stops.held_back
-        piece = run.text[run.emitted:end]
-        run.emitted = end
-        lps = [float(row[LOGPROB])] if p.logprobs is not None else []
-        out = StreamOutput(text=piece, token_ids=[token], logprobs=lps, top_logprobs=tops,
-                           prompt_tokens=len(run.req.prompt_ids), completion_tokens=run.generated,
-                           finish_reason=reason, cached_tokens=run.cached)
         return reason, out
 
     def _release(self, state, run: _Running):
@@ -736,10 +672,6 @@ class Orchestrator:
         return state
 
     def _finish(self, run: _Running, reason: str, error: str | None = None) -> None:
-        tail = ""
-        if reason != ERROR and run.detok is not None:  # text held back for a stop string that never came
-            tail = run.text[run.emitted:] + run.detok.flush()
         self._on_event("finished:" + reason, run.req, time.monotonic() - run.req.arrival)
-        run.req.sink(StreamOutput(tail, [], [], [], len(run.req.prompt_ids), run.generated,
-                                  finish_reason=reason, error=error, cached_tokens=run.cached))
+        run.req.sink(run.output.finish(reason, error))
 
