@@ -134,7 +134,8 @@ def load_engine(checkpoint: str | os.PathLike | None = None, *, slots: int = 8, 
     seconds = engine.warmup() if warmup else 0.0
     if warmup:
         log.info("warm-up compiled %d prompt-chunk calls, the decode step%s in %.1fs", len(engine.chunk_rows),
-                 f" and {len(engine.verify_rows)} verify calls" if engine.speculate else "", seconds)
+                 f" and {sum(len(engine.widths_for(r)) for r in engine.verify_rows)} verify calls"
+                 if engine.speculate else "", seconds)
     return LoadedModel(path, config, tokenizer, engine, mode, nbytes, seconds)
 
 
