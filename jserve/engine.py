@@ -508,51 +508,42 @@ class JaxEngine:
         Returns seconds taken.
         """
         t0 = time.perf_counter()
-        state = self._state_shape
         i32 = np.int32(0)
-        row = SlotSampling.from_params(SamplingParams(), 0)
-        self._compiled[("begin", 0)] = self._begin.lower(
-            state=state, slot=i32, prompt=np.zeros((self.cache_len,), np.int32), n=i32, sampling=row).compile()
-        self._compiled[("copy", 0)] = self._copy.lower(state=state, src=i32, dst=i32, n=i32).compile()
-        self._compiled[("init", 0)] = self._init.lower().compile()  # the orchestrator's first state, and recovery's
+        # Each call's arguments besides the state (as serving passes them), in the order run below.
+        calls: dict[tuple, tuple[tuple, dict]] = {
+            ("begin", 0): ((), dict(slot=i32, prompt=np.zeros((self.cache_len,), np.int32), n=np.int32(1),
+                                    sampling=SlotSampling.from_params(SamplingParams(), 0))),
+            ("copy", 0): ((), dict(src=i32, dst=i32, n=i32)),
+        }
         for r in self.chunk_rows:
-            tb = time.perf_counter()
             z = np.zeros((r,), np.int32)
-            self._compiled[("extend", r)] = self._extend.lower(
-                self.params, state=state, tokens=np.zeros((r, self.chunk), np.int32), slots=z, starts=z, counts=z,
-                finals=np.zeros((r,), bool), masks=self._no_mask_rows).compile()
-            log.info("compiled extend of %d rows x %d in %.1fs", r, self.chunk, time.perf_counter() - tb)
+            calls[("extend", r)] = ((self.params,), dict(tokens=np.zeros((r, self.chunk), np.int32), slots=z, starts=z,
+                                                         counts=z, finals=np.zeros((r,), bool),
+                                                         masks=self._no_mask_rows))
+        calls[("generate", 0)] = ((self.params,), dict(mask=self._no_mask_slots))
+        for r in self.verify_rows if self.speculate else ():
+            for w in self.widths_for(r):
+                z = np.zeros((r,), np.int32)
+                calls[("verify", r, w)] = ((self.params,), dict(drafts=np.zeros((r, w - 1), np.int32), slots=z,
+                                                                n_draft=z, live=np.zeros((r,), bool)))
+        calls[("release", 0)] = ((), dict(slot=i32))
+        jitted = {"begin": self._begin, "copy": self._copy, "extend": self._extend, "generate": self._generate,
+                  "verify": self._verify, "release": self._release}
+        self._compiled[("init", 0)] = self._init.lower().compile()  # the orchestrator's first state, and recovery's
         tb = time.perf_counter()
-        self._compiled[("generate", 0)] = self._generate.lower(self.params, state=state,
-                                                               mask=self._no_mask_slots).compile()
-        self._compiled[("release", 0)] = self._release.lower(state=state, slot=i32).compile()
-        log.info("compiled generate in %.1fs", time.perf_counter() - tb)
-        if self.speculate:
-            tb = time.perf_counter()
-            for r in self.verify_rows:
-                for w in self.widths_for(r):
-                    z = np.zeros((r,), np.int32)
-                    self._compiled[("verify", r, w)] = self._verify.lower(
-                        self.params, state=state, slots=z, drafts=np.zeros((r, w - 1), np.int32), n_draft=z,
-                        live=np.zeros((r,), bool)).compile()
-            log.info("compiled verify (%d drafts) for %s rows x %s positions in %.1fs", self.speculate,
-                     self.verify_rows, self.verify_widths, time.perf_counter() - tb)
+        for key, (args, kwargs) in calls.items():
+            self._compiled[key] = jitted[key[0]].lower(*args, state=self._state_shape, **kwargs).compile()
+        log.info("compiled %d calls (prompt chunks of %s rows, generate%s) in %.1fs", len(calls) + 1, self.chunk_rows,
+                 f", verify for {self.verify_rows} rows x {self.verify_widths} positions" if self.speculate else "",
+                 time.perf_counter() - tb)
+        # Each executable once, on a state that is then dropped. Not through the public methods:
+        # warm-up is not serving. With several processes every process runs these calls in this
+        # order, so their engines must be built alike (``LLM`` turns speculation off there).
         tb = time.perf_counter()
-        self._first_runs()
+        state = self._compiled[("init", 0)]()
+        for key, (args, kwargs) in calls.items():
+            out = self._compiled[key](*args, state=state, **kwargs)
+            state = out[0] if isinstance(out, tuple) else out
+        jax.block_until_ready(state)
         log.info("ran every call once in %.1fs", time.perf_counter() - tb)
         return time.perf_counter() - t0
-
-    def _first_runs(self) -> None:
-        """Each compiled call once, on a state that is then dropped (see ``warmup``). Every process
-        of a multi-process engine runs the same calls in the same order."""
-        state = self.init_state()
-        state = self.begin(state, 0, [0], SamplingParams(), 0)
-        state = self.copy(state, 0, 0, 0)
-        for r in self.chunk_rows:
-            state, out = self.extend(state, [ChunkRow(0, 0, [0], True)] * r)
-        state, out = self.generate(state)
-        for r in self.verify_rows:
-            for w in self.widths_for(r):
-                state, out = self.verify(state, [(0, [0] * (w - 1))] + [(0, [])] * (r - 1), w)
-        state = self.release(state, 0)
-        jax.block_until_ready((state, out))
