@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import logging
 import os
@@ -17,6 +18,7 @@ import pathlib
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -44,6 +46,20 @@ class Result:
     completion_tokens: int
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+
+
+# LLMs not closed yet: closed (without draining) when the interpreter exits, so that the decode
+# loop's thread is stopped before the runtime under it is torn down.
+_OPEN: weakref.WeakSet[LLM] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open() -> None:
+    for llm in list(_OPEN):
+        try:
+            llm.close(drain=False, timeout=5.0)
+        except Exception:  # exiting anyway: one failing close must not skip the others
+            log.exception("could not close an LLM at exit")
 
 
 def collect(pieces: Sequence[StreamOutput]) -> Result:
@@ -175,6 +191,11 @@ class LLM:
         if jax.process_index() != 0:
             raise RuntimeError("with several processes the LLM runs on process 0; the others run "
                                "jserve.multihost.follow(load_engine(...).engine)")
+        if jax.process_count() > 1 and speculate:
+            # The leader's engine mirrors no verify to the other processes, whose engines (built by
+            # ``load_engine`` with the shared settings) must match this one call for call at warm-up.
+            log.info("speculative decoding is off with several processes")
+            speculate = 0
         m = load_engine(checkpoint, slots=slots, max_len=max_len, max_prompt_len=max_prompt_len, quantize=quantize,
                         dtype=dtype, top_logprobs=top_logprobs, mesh=mesh, indivisible=indivisible,
                         compile_cache=compile_cache, warmup=warmup, speculate=speculate)
@@ -192,6 +213,7 @@ class LLM:
                                          max_waiting=max_waiting, prefill_budget=prefill_budget, on_event=on_event,
                                          pipeline=pipeline, on_fatal=on_fatal, max_undelivered=max_undelivered,
                                          prefix_cache=prefix_cache, speculate=speculate_default)
+        _OPEN.add(self)
 
     # ---- validation at the edge ----------------------------------------------------------
     def prepare(self, prompt: PromptInput, params: SamplingParams) -> list[int]:
@@ -345,6 +367,7 @@ class LLM:
             s.cancel()  # a no-op once finished; frees the slot if the consumer went away
 
     def close(self, drain: bool = True, timeout: float | None = 30.0) -> bool:
+        _OPEN.discard(self)
         drained = self.orchestrator.shutdown(drain=drain, timeout=timeout)
         close = getattr(self.engine, "close", None)
         if close is not None:  # multi-host: tell the other processes to stop
