@@ -94,7 +94,6 @@ class _Running:
     slot: int
     output: Output  # its text, stops and logprobs as tokens come (``jserve.output``)
     prompt_done: int = 0  # prompt tokens whose keys/values are in the slot (reused or dispatched)
-    cached: int = 0  # of which reused from the prefix cache
     live_since: float = float("inf")  # when its first token was handled (it streams from then on)
     drafter: PromptLookup | None = None  # speculative decoding: this run drafts (``jserve.speculative``)
     acceptance: Acceptance = dataclasses.field(default_factory=Acceptance)
@@ -495,7 +494,7 @@ class Orchestrator:
             detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
             output = Output(req.params, len(req.prompt_ids), detok, self.eos_token_ids, self.engine.top_logprobs,
                             req.matcher, cached_tokens=reuse)
-            run = _Running(req=req, slot=slot, output=output, prompt_done=reuse, cached=reuse)
+            run = _Running(req=req, slot=slot, output=output, prompt_done=reuse)
             wants = req.params.speculate if req.params.speculate is not None else self.speculate
             if self.spec_tokens and wants and req.matcher is None:
                 run.drafter = PromptLookup(req.prompt_ids)
