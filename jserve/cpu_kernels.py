@@ -1,0 +1,278 @@
+"""Row-invariant matmul kernels for CPU, called through XLA's FFI.
+
+`matmul(x, fmt, qs, d, m)` computes y[..., N] = x[..., K] @ W^T for W [N, K] given as float32 or in
+a GGUF block format, multiplied in place (never dequantized to a float32 copy):
+
+- ``f32``:  qs float32 [N, K] (any K);
+- ``q8_0``: qs int8 [N, K/32, 32], d float16 [N, K/32]; w = q * d;
+- ``q4_0``: qs uint8 [N, K/32, 16], d float16 [N, K/32]; byte j holds element j (low nibble) and
+  element j + 16 (high nibble); w = (nibble - 8) * d;
+- ``q4_1``: as q4_0 plus m float16 [N, K/32]; w = nibble * d + m.
+
+Each output row is computed by one fixed instruction sequence whatever the number of rows M and
+whatever the other rows hold (threads split output columns, never the reduction over K), so a row's
+bits do not depend on its batch. The C++ sources live in ``jserve/csrc``; the shared library is built
+by ``python -m jserve.cpu_kernels build`` (set-up) or, when missing or older than its sources, on
+first use. Paths: ``avx2`` (AVX2 + FMA + F16C, chosen at run time) and ``generic`` (portable C++,
+used only when asked for: ``JSERVE_CPU_KERNEL_ISA=generic``). Where neither can run, `available()` is
+False, `describe()` says why and callers keep the XLA path. Importing this module does no work.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import jax
+
+FORMATS = ("f32", "q8_0", "q4_0", "q4_1")
+ISAS = ("auto", "generic", "avx2")
+
+_log = logging.getLogger(__name__)
+_PKG = Path(__file__).resolve().parent
+_SRC = _PKG / "csrc"
+_OUT = _PKG / "_kernels"
+_SOURCES = ("kernels.h", "kernels_generic.cc", "kernels_avx2.cc", "ffi.cc")
+_TARGETS = {
+    "f32": "JserveMatmulF32",
+    "q8_0": "JserveMatmulQ8_0",
+    "q4_0": "JserveMatmulQ4_0",
+    "q4_1": "JserveMatmulQ4_1",
+}
+_ISA_CODE = {"auto": 0, "generic": 1, "avx2": 2}
+_CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-Wno-attributes",
+             "-Wno-return-type")
+
+
+def _is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def library_path() -> Path:
+    """Where the shared library for this jaxlib and machine type lives (git-ignored)."""
+    try:
+        jaxlib_version = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        jaxlib_version = "none"
+    return _OUT / f"libjserve_cpu_kernels-jaxlib{jaxlib_version}-{platform.machine().lower()}.so"
+
+
+def _stale(lib: Path) -> bool:
+    if not lib.exists():
+        return True
+    built = lib.stat().st_mtime
+    return any((_SRC / s).stat().st_mtime > built for s in _SOURCES)
+
+
+def build(force: bool = False) -> Path:
+    """Compiles the kernels into `library_path()` unless it is newer than every source.
+
+    Raises RuntimeError (with the reason) when there is no compiler or no jaxlib FFI headers.
+    """
+    lib = library_path()
+    if not force and not _stale(lib):
+        return lib
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (g++, c++ or $CXX)")
+    try:
+        from jax import ffi as jax_ffi
+
+        include = Path(jax_ffi.include_dir())
+    except ImportError as e:
+        raise RuntimeError(f"jax.ffi unavailable: {e}") from e
+    if not (include / "xla" / "ffi" / "api" / "ffi.h").exists():
+        raise RuntimeError(f"jaxlib ships no FFI headers under {include}")
+    units = [("kernels_generic.cc", ())]
+    defines: tuple[str, ...] = ()
+    if _is_x86_64():
+        units.append(("kernels_avx2.cc", ("-mavx2", "-mfma", "-mf16c")))
+        defines = ("-DJSERVE_HAVE_AVX2",)
+    units.append(("ffi.cc", defines))
+    _OUT.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=_OUT) as tmp:
+        procs, objs = [], []
+        for src, flags in units:
+            obj = Path(tmp) / (Path(src).stem + ".o")
+            cmd = [cxx, *_CXXFLAGS, *flags, f"-I{include}", "-c", str(_SRC / src), "-o", str(obj)]
+            procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+            objs.append(str(obj))
+        for cmd, proc in procs:
+            out = proc.communicate()[0].decode(errors="replace")
+            if proc.returncode:
+                raise RuntimeError(f"compiling failed: {' '.join(cmd)}\n{out[-4000:]}")
+        tmp_lib = Path(tmp) / lib.name
+        link = [cxx, "-shared", "-o", str(tmp_lib), *objs, "-lpthread"]
+        done = subprocess.run(link, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"linking failed: {' '.join(link)}\n{done.stderr[-4000:]}")
+        os.replace(tmp_lib, lib)  # atomic: a concurrent build or load sees the old or the new file
+    _log.info("built %s in %.1f s", lib.name, time.perf_counter() - start)
+    return lib
+
+
+@dataclass(frozen=True)
+class _State:
+    ok: bool  # the kernels will run by default
+    reason: str  # what runs, or why nothing does
+    loaded: bool = False  # the library is loaded and registered (the generic path can run)
+    has_avx2: bool = False
+
+
+def _threads() -> int:
+    env = os.environ.get("JSERVE_CPU_KERNEL_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _env_isa() -> str:
+    isa = os.environ.get("JSERVE_CPU_KERNEL_ISA", "auto").strip().lower() or "auto"
+    if isa not in ISAS:
+        raise ValueError(f"JSERVE_CPU_KERNEL_ISA={isa!r}: expected one of {ISAS}")
+    return isa
+
+
+@functools.cache
+def _state() -> _State:
+    """Builds if needed, loads and registers the FFI targets once per process."""
+    if sys.platform != "linux":
+        return _State(False, f"unsupported platform {sys.platform} (Linux only)")
+    try:
+        isa = _env_isa()
+        lib_path = library_path()
+        if _stale(lib_path):
+            _log.warning("building the CPU kernels (%s missing or older than its sources); "
+                         "`python -m jserve.cpu_kernels build` does it at set-up", lib_path.name)
+            build()
+        import ctypes
+
+        import jax
+
+        lib = ctypes.CDLL(str(lib_path))
+        for name in _TARGETS.values():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        has_avx2 = bool(lib.jserve_cpu_has_avx2())
+    except (RuntimeError, OSError, AttributeError, ImportError, ValueError) as e:
+        return _State(False, f"kernels unavailable: {str(e).splitlines()[0]}")
+    if isa == "generic":
+        return _State(True, f"generic (JSERVE_CPU_KERNEL_ISA=generic), {_threads()} threads", True, has_avx2)
+    if not has_avx2:
+        return _State(False, "this CPU lacks AVX2+FMA+F16C (JSERVE_CPU_KERNEL_ISA=generic forces the slow "
+                      "portable path)", True, has_avx2)
+    return _State(True, f"avx2+fma+f16c, {_threads()} threads", True, has_avx2)
+
+
+@functools.cache
+def _report() -> _State:
+    state = _state()
+    if not state.ok:
+        _log.warning("row-invariant CPU kernels off (%s): the XLA path stays", state.reason)
+    return state
+
+
+def available() -> bool:
+    """True when the kernels are built, loaded and registered and this CPU can run them."""
+    return _report().ok
+
+
+def describe() -> str:
+    """What runs ("avx2+fma+f16c, 2 threads") or why nothing does (logged once)."""
+    return _report().reason
+
+
+def matmul(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None,
+           m: jax.Array | None = None) -> jax.Array:
+    """y [..., N] = x [..., K] @ W^T, W [N, K] in `fmt` (see the module docstring); float32.
+
+    Works eagerly and under `jax.jit` (CPU only). The path follows `JSERVE_CPU_KERNEL_ISA`
+    (auto | generic | avx2), read when the call is traced.
+    """
+    return matmul_isa(x, fmt, qs, d, m, isa=_env_isa())
+
+
+def matmul_isa(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None,
+               m: jax.Array | None = None, *, isa: str = "auto") -> jax.Array:
+    """`matmul` on an explicit path: isa is "auto", "generic" or "avx2" (an error where absent)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    state = _report()
+    if not state.loaded:
+        raise RuntimeError(f"jserve CPU kernels: {state.reason}")
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt {fmt!r}: expected one of {FORMATS}")
+    if isa not in ISAS:
+        raise ValueError(f"isa {isa!r}: expected one of {ISAS}")
+    if isa == "avx2" and not state.has_avx2:
+        raise RuntimeError("isa='avx2' asked for on a CPU without AVX2+FMA+F16C")
+    if isa == "auto" and not state.has_avx2:
+        isa = "generic"
+    x = jnp.asarray(x)
+    if x.dtype != jnp.float32:
+        x = x.astype(jnp.float32)
+    *lead, K = x.shape
+    N = qs.shape[0]
+    _check(fmt, K, qs, d, m)
+    rows = math.prod(lead)
+    if rows == 0 or N == 0:
+        return jnp.zeros((*lead, N), jnp.float32)
+    args = [x.reshape(rows, K), qs] + ([] if fmt == "f32" else [d]) + ([m] if fmt == "q4_1" else [])
+    call = jax.ffi.ffi_call(_TARGETS[fmt], jax.ShapeDtypeStruct((rows, N), jnp.float32))
+    return call(*args, isa=np.int32(_ISA_CODE[isa])).reshape(*lead, N)
+
+
+def _check(fmt: str, K: int, qs: jax.Array, d: jax.Array | None, m: jax.Array | None) -> None:
+    """Shapes and dtypes, refused here with a precise message rather than inside XLA."""
+    import numpy as np
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"matmul({fmt}): {what}")
+
+    if fmt == "f32":
+        need(qs.dtype == np.float32 and qs.ndim == 2 and qs.shape[1] == K, f"qs must be float32 [N, {K}]")
+        return
+    nb, width, qdtype = K // 32, 32 if fmt == "q8_0" else 16, np.int8 if fmt == "q8_0" else np.uint8
+    need(K % 32 == 0, f"K = {K} is not a multiple of 32")
+    need(qs.dtype == qdtype and qs.shape[1:] == (nb, width),
+         f"qs must be {np.dtype(qdtype).name} [N, {nb}, {width}], got {qs.dtype} {qs.shape}")
+    need(d is not None and d.dtype == np.float16 and d.shape == qs.shape[:2],
+         f"d must be float16 {qs.shape[:2]}")
+    if fmt == "q4_1":
+        need(m is not None and m.dtype == np.float16 and m.shape == qs.shape[:2],
+             f"m must be float16 {qs.shape[:2]}")
+
+
+def main(argv: list[str]) -> int:
+    """`python -m jserve.cpu_kernels build [--force]`: compile now; prints what runs."""
+    if not argv or argv[0] != "build":
+        print("usage: python -m jserve.cpu_kernels build [--force]", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    try:
+        lib = build(force="--force" in argv[1:])
+    except RuntimeError as e:
+        print(f"[cpu_kernels] not built ({str(e).splitlines()[0]}): the XLA path stays", file=sys.stderr)
+        return 0
+    print(f"[cpu_kernels] {lib.relative_to(_PKG.parent)}: {describe()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

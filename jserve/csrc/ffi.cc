@@ -1,0 +1,201 @@
+// XLA FFI handlers for the row-invariant matmul kernels (CPU). One target per weight format; the
+// attribute `isa` picks the path (0 auto, 1 generic, 2 avx2). Threads from XLA's own intra-op pool
+// split output columns into chunks claimed from an atomic counter: the caller works too and waits
+// only for chunks a helper has claimed, so a busy or absent pool can never deadlock it, and which
+// thread computes a column never changes its bits.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jserve {
+namespace {
+
+enum Isa : int32_t { kAuto = 0, kGeneric = 1, kAvx2 = 2 };
+
+bool cpu_has_avx2() {
+#if defined(JSERVE_HAVE_AVX2)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+int64_t env_threads() {
+  static const int64_t n = [] {
+    const char* s = std::getenv("JSERVE_CPU_KERNEL_THREADS");
+    return s ? std::max<int64_t>(0, std::atoll(s)) : 0;
+  }();
+  return n;
+}
+
+struct Job {
+  Problem p;
+  bool avx2 = false;
+  int64_t chunk = 0, nchunks = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void work() {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= nchunks) return;
+      const int64_t n0 = c * chunk, n1 = std::min(p.N, n0 + chunk);
+#if defined(JSERVE_HAVE_AVX2)
+      if (avx2) {
+        columns_avx2(p, n0, n1);
+      } else {
+        columns_generic(p, n0, n1);
+      }
+#else
+      columns_generic(p, n0, n1);
+#endif
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error run(ffi::ThreadPool& pool, Problem p, int32_t isa) {
+  bool avx2 = false;
+  if (isa == kAvx2 && !cpu_has_avx2()) return ffi::Error::InvalidArgument("isa=avx2 requested but unavailable");
+  if (isa == kAvx2 || (isa == kAuto && cpu_has_avx2())) avx2 = true;
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  std::vector<float> sx;
+  if (has_offset(p.fmt)) {
+    sx.resize(p.M * (p.K / 32) + 1);
+#if defined(JSERVE_HAVE_AVX2)
+    if (avx2) {
+      block_sums_avx2(p, sx.data());
+    } else {
+      block_sums_generic(p, sx.data());
+    }
+#else
+    block_sums_generic(p, sx.data());
+#endif
+    p.sx = sx.data();
+  }
+  int64_t threads = env_threads();
+  if (threads == 0) threads = std::max<int64_t>(1, pool.num_threads());
+  // ~2^19 multiply-adds per chunk at least (about 20 us): smaller calls stay on one thread.
+  const int64_t macs = p.M * p.N * std::max<int64_t>(p.K, 1);
+  int64_t nchunks = std::min<int64_t>({4 * threads, std::max<int64_t>(1, macs >> 19), (p.N + 5) / 6});
+  nchunks = std::max<int64_t>(1, threads == 1 ? 1 : nchunks);
+  auto job = std::make_shared<Job>();
+  job->p = p;
+  job->avx2 = avx2;
+  job->chunk = ((p.N + nchunks - 1) / nchunks + 5) / 6 * 6;
+  job->nchunks = (p.N + job->chunk - 1) / job->chunk;
+  const int64_t helpers = std::min<int64_t>(threads - 1, job->nchunks - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->work(); });
+  job->work();
+  while (job->done.load(std::memory_order_acquire) < job->nchunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+template <typename B>
+int64_t dim(const B& b, int i) { return b.dimensions()[i]; }
+
+ffi::Error check_blocks(int64_t M, int64_t K, int64_t N, int64_t nb, int64_t rank_ok, int64_t y_m, int64_t y_n) {
+  if (!rank_ok) return ffi::Error::InvalidArgument("jserve matmul: bad operand ranks");
+  if (K != nb * 32) return ffi::Error::InvalidArgument("jserve matmul: K must equal 32 * blocks");
+  if (y_m != M || y_n != N) return ffi::Error::InvalidArgument("jserve matmul: bad output shape");
+  return ffi::Error::Success();
+}
+
+ffi::Error mm_f32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  if (x.dimensions().size() != 2 || w.dimensions().size() != 2 || y->dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("jserve matmul: bad operand ranks");
+  const int64_t M = dim(x, 0), K = dim(x, 1), N = dim(w, 0);
+  if (dim(w, 1) != K || dim(*y, 0) != M || dim(*y, 1) != N)
+    return ffi::Error::InvalidArgument("jserve matmul: shapes do not agree");
+  return run(pool, Problem{kF32, M, N, K, x.typed_data(), w.typed_data(), nullptr, nullptr, nullptr, y->typed_data()},
+             isa);
+}
+
+template <int FMT, ffi::DataType QT>
+ffi::Error mm_blocks(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<QT> qs, ffi::Buffer<ffi::F16> d,
+                     const uint16_t* m, ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  const bool ranks = x.dimensions().size() == 2 && qs.dimensions().size() == 3 && d.dimensions().size() == 2 &&
+                     y->dimensions().size() == 2;
+  if (!ranks) return ffi::Error::InvalidArgument("jserve matmul: bad operand ranks");
+  const int64_t M = dim(x, 0), K = dim(x, 1), N = dim(qs, 0), nb = dim(qs, 1);
+  const int64_t per_block = FMT == kQ8_0 ? 32 : 16;
+  if (dim(qs, 2) != per_block || dim(d, 0) != N || dim(d, 1) != nb)
+    return ffi::Error::InvalidArgument("jserve matmul: block operand shapes do not agree");
+  ffi::Error e = check_blocks(M, K, N, nb, 1, dim(*y, 0), dim(*y, 1));
+  if (e.failure()) return e;
+  const auto* dp = reinterpret_cast<const uint16_t*>(d.untyped_data());
+  return run(pool, Problem{FMT, M, N, K, x.typed_data(), qs.untyped_data(), dp, m, nullptr, y->typed_data()}, isa);
+}
+
+ffi::Error mm_q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> qs, ffi::Buffer<ffi::F16> d,
+                   ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  return mm_blocks<kQ8_0, ffi::S8>(pool, x, qs, d, nullptr, y, isa);
+}
+
+ffi::Error mm_q4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> qs, ffi::Buffer<ffi::F16> d,
+                   ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  return mm_blocks<kQ4_0, ffi::U8>(pool, x, qs, d, nullptr, y, isa);
+}
+
+ffi::Error mm_q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> qs, ffi::Buffer<ffi::F16> d,
+                   ffi::Buffer<ffi::F16> m, ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  if (m.dimensions().size() != 2 || dim(m, 0) != dim(d, 0) || dim(m, 1) != dim(d, 1))
+    return ffi::Error::InvalidArgument("jserve matmul: m must have d's shape");
+  const auto* mp = reinterpret_cast<const uint16_t*>(m.untyped_data());
+  return mm_blocks<kQ4_1, ffi::U8>(pool, x, qs, d, mp, y, isa);
+}
+
+}  // namespace
+}  // namespace jserve
+
+extern "C" int jserve_cpu_has_avx2() { return jserve::cpu_has_avx2() ? 1 : 0; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulF32, jserve::mm_f32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulQ8_0, jserve::mm_q8_0,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulQ4_0, jserve::mm_q4_0,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulQ4_1, jserve::mm_q4_1,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa"));

@@ -1,0 +1,63 @@
+// Row-invariant matmul kernels: y[M, N] = x[M, K] @ W^T, W [N, K] in f32 or a GGUF block format.
+//
+// Every output y[r, n] is computed by one fixed arithmetic recipe, whatever M is and whatever the
+// other rows hold: an 8-lane accumulator (lane l sums k = 8t + l in increasing t, FMA on AVX2,
+// mul then add on the generic path) over the exactly dequantized weights q * d (exact in float32:
+// <= 8 integer bits times an 11-bit half mantissa), reduced by one fixed tree, plus (Q4_0/Q4_1) the
+// offset term sum_b m_b * sum(x in block b), m_b = m or -8 d. Threads split output columns only.
+#pragma once
+#include <cstdint>
+
+namespace jserve {
+
+enum Format : int { kF32 = 0, kQ8_0 = 1, kQ4_0 = 2, kQ4_1 = 3 };
+
+struct Problem {
+  int fmt;
+  int64_t M, N, K;         // rows, output columns, reduction length
+  const float* x;          // [M, K]
+  const void* qs;          // f32 [N, K] | int8 [N, K/32, 32] | uint8 [N, K/32, 16]
+  const uint16_t* d;       // f16 [N, K/32] (block formats)
+  const uint16_t* m;       // f16 [N, K/32] (Q4_1 only)
+  const float* sx;         // [M, K/32] sums of x per block (Q4_0/Q4_1), filled by block_sums
+  float* y;                // [M, N]
+};
+
+inline bool has_offset(int fmt) { return fmt == kQ4_0 || fmt == kQ4_1; }
+
+// Generic C++ (any CPU).
+void block_sums_generic(const Problem& p, float* sx);
+void columns_generic(const Problem& p, int64_t n0, int64_t n1);
+
+// AVX2 + FMA + F16C (x86-64 only; compiled with -mavx2 -mfma -mf16c).
+void block_sums_avx2(const Problem& p, float* sx);
+void columns_avx2(const Problem& p, int64_t n0, int64_t n1);
+
+// IEEE half -> float, exact (subnormals, inf, nan).
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do {
+        man <<= 1;
+        ++e;
+      } while ((man & 0x400u) == 0);
+      bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+}  // namespace jserve

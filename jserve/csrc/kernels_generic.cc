@@ -1,0 +1,74 @@
+// Portable scalar path: the same recipe as the AVX2 path (8 lanes, fixed reduction tree), with a
+// separate multiply and add (no FMA), so it is row-invariant on any CPU. Built with -ffp-contract=off.
+#include <vector>
+
+#include "kernels.h"
+
+namespace jserve {
+namespace {
+
+inline float tree8(const float* a) {
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+// Dequantizes column n exactly: w[k] = q * d (f32 copies), mv[b] = m_b (offset formats).
+void dequant_column(const Problem& p, int64_t n, float* w, float* mv) {
+  const int64_t K = p.K, nb = K / 32;
+  if (p.fmt == kF32) {
+    const float* src = static_cast<const float*>(p.qs) + n * K;
+    for (int64_t k = 0; k < K; ++k) w[k] = src[k];
+    return;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const float d = half_to_float(p.d[n * nb + b]);
+    float* wb = w + b * 32;
+    if (p.fmt == kQ8_0) {
+      const int8_t* q = static_cast<const int8_t*>(p.qs) + (n * nb + b) * 32;
+      for (int j = 0; j < 32; ++j) wb[j] = (float)q[j] * d;
+    } else {
+      const uint8_t* q = static_cast<const uint8_t*>(p.qs) + (n * nb + b) * 16;
+      for (int j = 0; j < 16; ++j) {
+        wb[j] = (float)(q[j] & 0xf) * d;
+        wb[j + 16] = (float)(q[j] >> 4) * d;
+      }
+      mv[b] = p.fmt == kQ4_1 ? half_to_float(p.m[n * nb + b]) : -8.0f * d;
+    }
+  }
+}
+
+}  // namespace
+
+void block_sums_generic(const Problem& p, float* sx) {
+  const int64_t nb = p.K / 32;
+  for (int64_t r = 0; r < p.M; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = p.x + r * p.K + b * 32;
+      float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int j = 0; j < 32; ++j) lanes[j & 7] = lanes[j & 7] + xb[j];
+      sx[r * nb + b] = tree8(lanes);
+    }
+  }
+}
+
+void columns_generic(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t K = p.K, nb = K / 32, N = p.N;
+  std::vector<float> w(K), mv(nb > 0 ? nb : 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    dequant_column(p, n, w.data(), mv.data());
+    for (int64_t r = 0; r < p.M; ++r) {
+      const float* xr = p.x + r * K;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t k = 0; k < K; ++k) acc[k & 7] = acc[k & 7] + xr[k] * w[k];
+      float y = tree8(acc);
+      if (has_offset(p.fmt)) {
+        const float* s = p.sx + r * nb;
+        float off = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) off = off + mv[b] * s[b];
+        y = y + off;
+      }
+      p.y[r * N + n] = y;
+    }
+  }
+}
+
+}  // namespace jserve
