@@ -20,14 +20,15 @@ import numpy as np
 
 from jserve.sampling import InvalidRequestError
 
-KINDS = ("json_schema", "json_object", "regex", "choice")
+KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
 MAX_CONSTRAINT_CHARS = 64 * 1024
 MAX_CHOICES = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class Constraint:
-    """``kind``: one of ``KINDS``; ``value``: the schema (JSON text), the regex, or the choices."""
+    """``kind``: one of ``KINDS``; ``value``: the schema (JSON text), the regex, the choices, or a
+    llguidance Lark grammar (built by jserve, e.g. ``jserve.tools.grammar``; not a request field)."""
 
     kind: str
     value: str | tuple[str, ...] = ""
@@ -53,6 +54,8 @@ class Constraint:
             if not isinstance(schema, dict):
                 raise InvalidRequestError("the JSON schema must be a JSON object")
             return LLMatcher.grammar_from_json_schema(schema, overrides=compact)
+        if self.kind == "lark":
+            return LLMatcher.grammar_from_lark(self.value)
         if self.kind == "regex":
             if not self.value:
                 raise InvalidRequestError("the regex is empty")
