@@ -5,6 +5,7 @@ Layout of a checkpoint directory::
     config.json             ModelConfig
     params/                 orbax (StandardCheckpointer) tree of stacked, unfused weights
     quantization.json       only in int8 checkpoints: {"quantization": "int8"}
+    weights.json            {"format_version": 2, "formats": {matrix: block format}}
     tokenizer.json          tokenizers' format (optional: without it only token ids are accepted)
     tokenizer_config.json   chat template and special token ids
 
@@ -27,6 +28,13 @@ Norm weights are stored as the model multiplies them (Gemma's ``1 + w`` is added
 so a sharded load can read just a slice of each; fusing (Q/K/V, gate/up) happens at load.
 An int8 checkpoint stores each matrix above as int8 plus ``<name>_scale`` (float32, one per
 output channel: ``[L, O]``, ``[V]`` for ``embed``).
+
+A matrix in a GGUF block format (``jserve/blocks.py``: q8_0, q4_0, q4_1) is stored as its blocks,
+rows = output channels (``[..., O, I]``, i.e. transposed against the float layout above):
+``<name>`` the quantized values ``[..., O, I/32, B]`` (int8 for q8_0, uint8 for the 4-bit
+formats), ``<name>_d`` the float16 scales ``[..., O, I/32]`` and, for q4_1, ``<name>_m`` the
+float16 offsets. The arrays say the format (see ``block_format``); ``weights.json`` records it
+per matrix, with the checkpoint format's version (1 before block formats existed).
 """
 
 from __future__ import annotations
@@ -43,9 +51,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jserve import blocks
+from jserve.blocks import BlockArray, concat_rows, dequantize_blocks, quantize_blocks
 from jserve.config import ModelConfig
 from jserve.model import LayerParams, Params
-from jserve.quant import QuantArray, check_mode, quantize_np
+from jserve.quant import BLOCK_FORMATS, INT8_MODES, QuantArray, check_mode, quantize_np
 from jserve.quant import quantize as quantize_matrix
 from jserve.sharding import Plan, fuse, params_sharding, stored_sharding
 from jserve.tokenizer import TextTokenizer
@@ -59,7 +69,10 @@ LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up",
 QUANTIZED_KEYS = {"wq": 1, "wk": 1, "wv": 1, "wo": 1, "w_gate": 1, "w_up": 1, "w_down": 1, "embed": 0, "lm_head": 1,
                   "e_gate": 1, "e_up": 1, "e_down": 1}
 SCALE = "_scale"
+BLOCK_D, BLOCK_M = "_d", "_m"  # a block matrix's float16 scales and (q4_1) offsets
 CHUNK_BYTES = 4 << 20
+# 2: GGUF block formats are kept as blocks (1: every GGUF tensor was dequantized to float32).
+FORMAT_VERSION = 2
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -111,17 +124,78 @@ def is_quantized(weights: Weights) -> bool:
     return "wq" + SCALE in weights
 
 
+def block_format(weights: Weights, key: str) -> str | None:
+    """The block format of stored matrix ``key`` (None for a float or int8 matrix)."""
+    if key + BLOCK_D not in weights:
+        return None
+    if weights[key].dtype == np.int8:
+        return "q8_0"
+    return "q4_1" if key + BLOCK_M in weights else "q4_0"
+
+
+def stored_blocks(weights: Weights, key: str, index: int | None = None) -> BlockArray:
+    """Stored block matrix ``key`` (layer ``index`` of it) as a ``BlockArray`` ``[..., O, I]``."""
+    def get(name: str):
+        return weights[name] if index is None else weights[name][index]
+
+    m = get(key + BLOCK_M) if key + BLOCK_M in weights else None
+    return BlockArray(qs=get(key), d=get(key + BLOCK_D), m=m, fmt=block_format(weights, key))
+
+
+def put_blocks(weights: Weights, key: str, b: BlockArray) -> None:
+    """Store ``b`` (``[..., O, I]``) as matrix ``key``'s blocks."""
+    weights[key], weights[key + BLOCK_D] = b.qs, b.d
+    if b.m is not None:
+        weights[key + BLOCK_M] = b.m
+
+
+def block_keys(weights: Weights) -> dict[str, str]:
+    """Every stored block matrix and its format."""
+    return {k: f for k in QUANTIZED_KEYS if k in weights and (f := block_format(weights, k)) is not None}
+
+
+def float_matrix(weights: Weights, key: str, index: int | None = None):
+    """Stored matrix ``key`` (layer ``index`` of it) as float in the stored float layout, whatever
+    its stored format (blocks and int8 are dequantized; numpy stays numpy, jax stays jax)."""
+    w = weights[key] if index is None else weights[key][index]
+    axis = QUANTIZED_KEYS[key]
+    if block_format(weights, key) is not None:
+        x = dequantize_blocks(stored_blocks(weights, key, index), np.float32)
+        return x.swapaxes(-1, -2) if axis == 1 else x
+    if key + SCALE in weights:
+        s = weights[key + SCALE] if index is None else weights[key + SCALE][index]
+        s = s[..., None, :] if axis == 1 else s[..., :, None]
+        return w.astype(np.float32) * s
+    return w
+
+
+def float_weights(weights: Weights) -> Weights:
+    """Every block matrix dequantized to float32 in the stored float layout (host, numpy)."""
+    out = dict(weights)
+    for key in block_keys(weights):
+        out[key] = float_matrix(weights, key)
+        out.pop(key + BLOCK_D), out.pop(key + BLOCK_M, None)
+    return out
+
+
 def quantize_weights(cfg: ModelConfig, weights: Weights) -> Weights:
     """int8 + per-output-channel scales for every matrix (host side, numpy)."""
-    out = dict(weights)
+    out = float_weights(weights)
     for key, axis in QUANTIZED_KEYS.items():
-        if key in weights:
-            out[key], out[key + SCALE] = quantize_np(weights[key], axis)
+        if key in out:
+            out[key], out[key + SCALE] = quantize_np(out[key], axis)
     return out
 
 
 def check_weights(cfg: ModelConfig, weights: Weights) -> None:
     want = expected_shapes(cfg)
+    for key, fmt in block_keys(weights).items():
+        shape, axis = want[key], QUANTIZED_KEYS[key]
+        o, i = shape[-2 + axis], shape[-1 - axis]
+        want[key], want[key + BLOCK_D] = (*shape[:-2], o, i // blocks.BLOCK, blocks.QS_WIDTH[fmt]), \
+            (*shape[:-2], o, i // blocks.BLOCK)
+        if fmt == "q4_1":
+            want[key + BLOCK_M] = want[key + BLOCK_D]
     if is_quantized(weights):
         for key, axis in QUANTIZED_KEYS.items():
             if key in want:
@@ -140,6 +214,12 @@ def is_complete(directory: pathlib.Path) -> bool:
     return (directory / "config.json").is_file() and (directory / "params" / "_CHECKPOINT_METADATA").is_file()
 
 
+def format_version(directory: pathlib.Path) -> int:
+    """The checkpoint format's version (``FORMAT_VERSION`` for checkpoints written today)."""
+    path = directory / "weights.json"
+    return int(json.loads(path.read_text())["format_version"]) if path.is_file() else 1
+
+
 def save(directory: pathlib.Path, cfg: ModelConfig, weights: Weights, tokenizer: TextTokenizer | None) -> None:
     """Write a checkpoint atomically: into a temporary sibling, then renamed into place."""
     check_weights(cfg, weights)
@@ -147,7 +227,8 @@ def save(directory: pathlib.Path, cfg: ModelConfig, weights: Weights, tokenizer:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        arrays = {k: v if v.dtype == np.int8 else np.asarray(v, np.float32) for k, v in weights.items()}
+        kept = (np.int8, np.uint8, np.float16)  # int8 / block values and block scales stay as they are
+        arrays = {k: v if v.dtype in kept else np.asarray(v, np.float32) for k, v in weights.items()}
         # Stored in chunks of at most CHUNK_BYTES, so a sharded load reads about its own shard,
         # not every array whole.
         chunked = {k: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES) for k in arrays}
@@ -156,6 +237,8 @@ def save(directory: pathlib.Path, cfg: ModelConfig, weights: Weights, tokenizer:
         cfg.save(tmp / "config.json")
         if is_quantized(weights):
             (tmp / "quantization.json").write_text(json.dumps({"quantization": "int8"}))
+        (tmp / "weights.json").write_text(json.dumps({"format_version": FORMAT_VERSION,
+                                                      "formats": block_keys(weights)}))
         if tokenizer is not None:
             tokenizer.save(tmp)
         if directory.exists():
@@ -188,14 +271,18 @@ def load_tokenizer(directory: pathlib.Path) -> TextTokenizer | None:
 
 def to_params(cfg: ModelConfig, weights: Weights, dtype: jnp.dtype = jnp.float32,
               quantize: str | None = None, qkv_groups: int = 1, mlp_groups: int = 1,
-              expert_groups: int | None = None) -> Params:
-    """Fuse, cast (and with ``quantize``, int8-quantize) stacked weights into ``Params``.
+              expert_groups: int | None = None, keep_blocks: bool = True) -> Params:
+    """Fuse, cast (and with ``quantize``, quantize) stacked weights into ``Params``.
 
     From numpy weights this runs on the host, matrix by matrix, so the device never holds the
-    float originals; ``load_sharded`` runs it under ``jit`` on arrays already sharded. An int8
-    checkpoint loads as int8 (``quantize`` then only picks the mode). ``qkv_groups`` and
-    ``mlp_groups`` (``expert_groups`` for the experts' gate/up; default ``mlp_groups``) lay the
-    fused matrices out in per-shard blocks (``sharding.fuse``).
+    float originals; ``load_sharded`` runs it under ``jit`` on arrays already sharded. Without
+    ``quantize`` a checkpoint loads as stored: int8 as int8, block matrices as ``BlockArray``
+    (fused ones too, when their parts share a format; else dequantized). ``quantize``: an int8
+    mode (for an int8 checkpoint it only picks the mode), a block format (matrices stored in it
+    are kept, the others quantized into it; experts stay float), or ``"float"`` (everything
+    dequantized). ``keep_blocks=False`` dequantizes block matrices (the sharded load).
+    ``qkv_groups`` and ``mlp_groups`` (``expert_groups`` for the experts' gate/up; default
+    ``mlp_groups``) lay the fused matrices out in per-shard blocks (``sharding.fuse``).
     """
     expert_groups = mlp_groups if expert_groups is None else expert_groups
     check_weights(cfg, weights)
@@ -207,18 +294,33 @@ def to_params(cfg: ModelConfig, weights: Weights, dtype: jnp.dtype = jnp.float32
     def put(x: np.ndarray | jax.Array) -> jax.Array:
         return jnp.asarray(x.astype(np.float32).astype(dtype))
 
-    def matrix(key: str, index: int | None, parts: tuple[str, ...] = (), groups: int = 1) -> jax.Array | QuantArray:
+    def matrix(key: str, index: int | None, parts: tuple[str, ...] = (),
+               groups: int = 1) -> jax.Array | QuantArray | BlockArray:
         names = parts or (key,)
         axis = QUANTIZED_KEYS[names[0]]
         xp = np if isinstance(weights[names[0]], np.ndarray) else jnp
+        formats = {block_format(weights, n) for n in names}
+        stored = formats.pop() if len(formats) == 1 else None
+        if keep_blocks and stored is not None and mode in (None, stored):
+            return blocks.to_device(concat_rows([stored_blocks(weights, n, index) for n in names], groups))
 
         def part(suffix: str = ""):
             arrays = [weights[n + suffix] if index is None else weights[n + suffix][index] for n in names]
             return fuse(xp, arrays, groups) if parts else arrays[0]
 
-        if stored_int8:
+        if stored_int8 and mode in INT8_MODES:
             return QuantArray(q=jnp.asarray(part()), scale=jnp.asarray(part(SCALE)), mode=mode, out_axis=axis)
-        return quantize_matrix(part(), out_axis=axis, mode=mode) if mode else put(part())
+        floats = [float_matrix(weights, n, index) for n in names]
+        w = fuse(xp, floats, groups) if parts else floats[0]
+        if mode in INT8_MODES:
+            return quantize_matrix(w, out_axis=axis, mode=mode)
+        if mode in BLOCK_FORMATS and not names[0].startswith("e_"):
+            rows = w.swapaxes(-1, -2) if axis == 1 else w  # [..., O, I]
+            if rows.shape[-1] % blocks.BLOCK == 0:
+                return blocks.to_device(quantize_blocks(np.asarray(rows), mode))
+            log.warning("%s: inner dimension %d is not a multiple of %d; kept as float", key, rows.shape[-1],
+                        blocks.BLOCK)
+        return put(w)
 
     def vector(key: str, i: int, parts: tuple[str, ...] = (), groups: int = 1) -> jax.Array | None:
         names = parts or (key,)
@@ -268,17 +370,30 @@ def load_sharded(directory: pathlib.Path, plan: Plan, dtype: jnp.dtype = jnp.flo
     shard into the layout ``plan`` asks for.
     """
     cfg = load_config(directory)
+    if quantize in BLOCK_FORMATS:
+        raise ValueError(f"--quantize {quantize}: block formats are served on one device only; a sharded "
+                         "model takes --quantize int8, int8-dynamic or float")
     path = directory.resolve() / "params"
     with ocp.StandardCheckpointer() as ckpt:
         meta = ckpt.metadata(path)
         meta = getattr(meta, "item_metadata", meta)
-        target = {name: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
-                                             sharding=stored_sharding(name, len(m.shape), plan, _scale_of(name)))
+        kept = block_keys(meta)
+        if kept:
+            # Blocks are not sharded (yet): restored whole on every device (they are small) and
+            # dequantized into the float layout, which is sharded as usual.
+            log.info("sharded load: block matrices (%s) are dequantized to %s", ", ".join(sorted(set(kept.values()))),
+                     jnp.dtype(dtype).name)
+        parts = {k + suffix for k in kept for suffix in ("", BLOCK_D, BLOCK_M)}
+
+        def sharding_of(name: str, m) -> jax.sharding.Sharding:
+            return plan.replicated() if name in parts else stored_sharding(name, len(m.shape), plan, _scale_of(name))
+
+        target = {name: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding_of(name, m))
                   for name, m in meta.items()}
         stored = ckpt.restore(path, target)
     check_weights(cfg, stored)
     build = functools.partial(to_params, cfg, dtype=dtype, quantize=quantize, qkv_groups=plan.qkv_groups,
-                              mlp_groups=plan.mlp_groups, expert_groups=plan.expert_groups)
+                              mlp_groups=plan.mlp_groups, expert_groups=plan.expert_groups, keep_blocks=False)
     shardings = params_sharding(jax.eval_shape(build, stored), plan)
     params = jax.jit(build, out_shardings=shardings)(stored)
     for x in stored.values():

@@ -1,8 +1,11 @@
 """GGUF files into jserve checkpoints: llama.cpp's layouts undone, its metadata read as a ``ModelConfig``.
 
 Architectures: ``llama`` (Llama, Mistral, and Mixtral with experts), ``qwen2``, ``qwen3``,
-``qwen3moe``, ``gemma2``, ``gemma3``, ``phi3``. Quantized tensors are dequantized to float32.
-Used through ``python -m jserve.convert gguf`` (``jserve/convert.py``).
+``qwen3moe``, ``gemma2``, ``gemma3``, ``phi3``. Matrices in Q8_0, Q4_0 or Q4_1 are kept as their
+blocks (``jserve/blocks.py``), byte for byte, llama.cpp's row layouts undone on whole block rows;
+other quantized types (the K-quants, ...) are dequantized to float32, as are experts' matrices and
+a matrix whose layers (or fused parts) do not share one block format. Used through
+``python -m jserve.convert gguf`` (``jserve/convert.py``).
 """
 
 from __future__ import annotations
@@ -15,18 +18,22 @@ import numpy as np
 from tqdm import tqdm
 
 from jserve import checkpoint
+from jserve.blocks import GGUF_TYPES, BlockArray, dequantize_blocks, from_gguf_bytes
 from jserve.config import ModelConfig, RopeScaling
 from jserve.tokenizer import TextTokenizer, tokenizer_from_gguf
 
 log = logging.getLogger("jserve.convert")
 
 
-def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row order (interleaved RoPE pairs) for ``w [out, in]``.
+def unpermute_rope_rows(w: np.ndarray | BlockArray, n_heads: int) -> np.ndarray | BlockArray:
+    """Undo llama.cpp's Q/K row order (interleaved RoPE pairs) for ``w [out, in]`` (or its blocks:
+    the permutation moves whole rows, so it moves block rows alike).
 
     llama.cpp stores each head's rows as pairs (x0, x_{H/2}), (x1, x_{H/2+1}), ...; HF Llama
     and jserve rotate the two halves of a head, so the rows go back to half-split order.
     """
+    if isinstance(w, BlockArray):
+        return w.map_rows(lambda a: unpermute_rope_rows(a, n_heads))
     out = w.shape[0]
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -105,54 +112,92 @@ def config_from_gguf(fields: dict[str, Any], tensor_names: set[str]) -> ModelCon
     )
 
 
+def _float(w: np.ndarray | BlockArray) -> np.ndarray:
+    return dequantize_blocks(w, np.float32) if isinstance(w, BlockArray) else w
+
+
+def _rows(w: np.ndarray | BlockArray, start: int, stop: int | None = None) -> np.ndarray | BlockArray:
+    if isinstance(w, BlockArray):
+        return w.map_rows(lambda a: a[start:stop])
+    return w[start:stop]
+
+
+def _store(key: str, ws: list[np.ndarray | BlockArray], out: dict[str, np.ndarray], layers: bool = True) -> None:
+    """Store a matrix (GGUF order, ``[..., out, in]``; one per layer with ``layers``) as blocks
+    when its parts share one block format, else as float in the stored layout (``[..., in, out]``,
+    ``embed`` ``[V, D]``)."""
+    def stack(arrays: list[np.ndarray]) -> np.ndarray:
+        return np.stack(arrays) if layers else arrays[0]
+
+    formats = {w.fmt if isinstance(w, BlockArray) else None for w in ws}
+    if len(formats) == 1 and None not in formats and not key.startswith("e_"):
+        m = None if ws[0].m is None else stack([w.m for w in ws])
+        b = BlockArray(qs=stack([w.qs for w in ws]), d=stack([w.d for w in ws]), m=m, fmt=ws[0].fmt)
+        checkpoint.put_blocks(out, key, b)
+        return
+    if len(formats) > 1:
+        log.info("%s: layers in formats %s are dequantized to float32", key, sorted(map(str, formats)))
+    x = stack([_float(w) for w in ws])
+    out[key] = x.swapaxes(-1, -2) if checkpoint.QUANTIZED_KEYS[key] == 1 else x
+
+
 def gguf_weights(cfg: ModelConfig, arch: str, get: Any) -> dict[str, np.ndarray]:
     """jserve's stored weights from a GGUF's tensors (``get(name)`` → float32 in numpy order,
-    ``[out, in]`` for matrices, ``[experts, out, in]`` for stacked experts). Undoes llama.cpp's
-    layout: Q/K rows interleaved for RoPE ("llama" only), Phi-3's fused Q/K/V and gate/up;
-    Gemma's norms are already stored as 1 + w."""
+    ``[out, in]`` for matrices, ``[experts, out, in]`` for stacked experts, or a matrix's blocks
+    as a ``BlockArray`` ``[out, in]``). Undoes llama.cpp's layout: Q/K rows interleaved for RoPE
+    ("llama" only), Phi-3's fused Q/K/V and gate/up (on rows, so blocks split alike); Gemma's
+    norms are already stored as 1 + w."""
     per_layer: dict[str, list[np.ndarray]] = {}
 
-    def add(key: str, w: np.ndarray) -> None:
+    def add(key: str, w: np.ndarray | BlockArray) -> None:
         per_layer.setdefault(key, []).append(w)
 
     nq, nk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    for i in tqdm(range(cfg.n_layers), desc="dequantizing GGUF layers", unit="layer"):
-        def t(name: str, i: int = i) -> np.ndarray:
+    for i in tqdm(range(cfg.n_layers), desc="reading GGUF layers", unit="layer"):
+        def t(name: str, i: int = i) -> np.ndarray | BlockArray:
             return get(f"blk.{i}.{name}")
 
-        add("attn_norm", t("attn_norm.weight"))
+        def v(name: str, i: int = i) -> np.ndarray:
+            return _float(get(f"blk.{i}.{name}"))
+
+        add("attn_norm", v("attn_norm.weight"))
         if cfg.arch == "phi3":
             qkv = t("attn_qkv.weight")
-            add("wq", qkv[:nq].T), add("wk", qkv[nq:nq + nk].T), add("wv", qkv[nq + nk:].T)
+            add("wq", _rows(qkv, 0, nq)), add("wk", _rows(qkv, nq, nq + nk)), add("wv", _rows(qkv, nq + nk))
         else:
             wq, wk = t("attn_q.weight"), t("attn_k.weight")
             if arch == "llama":
                 wq, wk = unpermute_rope_rows(wq, cfg.n_heads), unpermute_rope_rows(wk, cfg.n_kv_heads)
-            add("wq", wq.T), add("wk", wk.T), add("wv", t("attn_v.weight").T)
-        add("wo", t("attn_output.weight").T)
+            add("wq", wq), add("wk", wk), add("wv", t("attn_v.weight"))
+        add("wo", t("attn_output.weight"))
         if cfg.qkv_bias:
-            add("bq", t("attn_q.bias")), add("bk", t("attn_k.bias")), add("bv", t("attn_v.bias"))
+            add("bq", v("attn_q.bias")), add("bk", v("attn_k.bias")), add("bv", v("attn_v.bias"))
         if cfg.qk_norm:
-            add("q_norm", t("attn_q_norm.weight")), add("k_norm", t("attn_k_norm.weight"))
-        add("mlp_norm", t("ffn_norm.weight"))
+            add("q_norm", v("attn_q_norm.weight")), add("k_norm", v("attn_k_norm.weight"))
+        add("mlp_norm", v("ffn_norm.weight"))
         if cfg.post_norms:
-            add("post_attn_norm", t("post_attention_norm.weight")), add("post_mlp_norm", t("post_ffw_norm.weight"))
+            add("post_attn_norm", v("post_attention_norm.weight")), add("post_mlp_norm", v("post_ffw_norm.weight"))
         if cfg.n_experts:
-            add("router", t("ffn_gate_inp.weight").T)
+            add("router", v("ffn_gate_inp.weight").T)
             for key, name in (("e_gate", "ffn_gate_exps"), ("e_up", "ffn_up_exps"), ("e_down", "ffn_down_exps")):
-                add(key, t(f"{name}.weight").transpose(0, 2, 1))
+                add(key, v(f"{name}.weight"))
         elif cfg.arch == "phi3":
             gate_up = t("ffn_up.weight")
-            add("w_gate", gate_up[:cfg.ffn_dim].T), add("w_up", gate_up[cfg.ffn_dim:].T)
-            add("w_down", t("ffn_down.weight").T)
+            add("w_gate", _rows(gate_up, 0, cfg.ffn_dim)), add("w_up", _rows(gate_up, cfg.ffn_dim))
+            add("w_down", t("ffn_down.weight"))
         else:
-            add("w_gate", t("ffn_gate.weight").T), add("w_up", t("ffn_up.weight").T)
-            add("w_down", t("ffn_down.weight").T)
-    weights = {k: np.stack(v) for k, v in per_layer.items()}
-    weights["embed"] = get("token_embd.weight")
-    weights["final_norm"] = get("output_norm.weight")
+            add("w_gate", t("ffn_gate.weight")), add("w_up", t("ffn_up.weight"))
+            add("w_down", t("ffn_down.weight"))
+    weights: dict[str, np.ndarray] = {}
+    for key, ws in per_layer.items():
+        if key in checkpoint.QUANTIZED_KEYS:
+            _store(key, ws, weights)
+        else:
+            weights[key] = np.stack(ws)
+    _store("embed", [get("token_embd.weight")], weights, layers=False)
+    weights["final_norm"] = _float(get("output_norm.weight"))
     if not cfg.tie_embeddings:
-        weights["lm_head"] = get("output.weight").T
+        _store("lm_head", [get("output.weight")], weights, layers=False)
     return weights
 
 
@@ -169,8 +214,11 @@ def convert_gguf(path: pathlib.Path, out: pathlib.Path) -> None:
                     "llama.cpp does; if the model's config.json says otherwise, convert from its Hugging Face "
                     "checkpoint (jserve.convert hf)", cfg.attn_scale)
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str) -> np.ndarray | BlockArray:
         t = tensors[name]
+        fmt = GGUF_TYPES.get(t.tensor_type.name)
+        if fmt is not None and len(t.shape) == 2:
+            return from_gguf_bytes(np.asarray(t.data), fmt)  # [out, in / 32, B]: rows as the file has them
         x = gguf.quants.dequantize(t.data, t.tensor_type)
         return np.asarray(x, np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
 

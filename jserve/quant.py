@@ -12,6 +12,13 @@ Modes (``QuantArray.mode``):
   product is an int8 x int8 -> int32 matmul rescaled by both scales. On XLA:CPU this keeps the
   fast matmul path that a convert inside the step loses (see ../shared/DESIGN.md); it costs
   some accuracy, which ``scripts/eval_quality.py`` reports.
+- ``q8_0``, ``q4_0``, ``q4_1``: GGUF's block formats (``jserve/blocks.py``), group-wise int8 and
+  int4 with a float16 scale (and offset) per 32 values. A GGUF checkpoint keeps its own blocks;
+  these modes quantize float weights into them at load.
+- ``float``: every weight as a float array (a block or int8 checkpoint dequantized at load), to
+  compare quality against the stored format.
+
+Without a mode a checkpoint is served as stored.
 """
 
 from __future__ import annotations
@@ -23,7 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-MODES = ("int8", "int8-dynamic")
+from jserve.blocks import FORMATS as BLOCK_FORMATS
+from jserve.blocks import BlockArray
+from jserve.blocks import matmul as block_matmul
+from jserve.blocks import take_rows as block_take_rows
+
+INT8_MODES = ("int8", "int8-dynamic")
+MODES = (*INT8_MODES, *BLOCK_FORMATS, "float")
 
 
 @struct.dataclass
@@ -86,8 +99,11 @@ def _quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(jnp.round(xf / xs), -127, 127).astype(jnp.int8), xs
 
 
-def dense(x: jax.Array, w: jax.Array | QuantArray, transpose: bool = False) -> jax.Array:
-    """``x [..., I] @ w [I, O]`` (or ``w [O, I]`` with ``transpose``) → ``[..., O]`` in ``x``'s dtype."""
+def dense(x: jax.Array, w: jax.Array | QuantArray | BlockArray, transpose: bool = False) -> jax.Array:
+    """``x [..., I] @ w [I, O]`` (or ``w [O, I]`` with ``transpose``) → ``[..., O]`` in ``x``'s dtype.
+    A ``BlockArray`` is always ``[O, I]`` (rows are outputs), whatever ``transpose`` says."""
+    if isinstance(w, BlockArray):
+        return block_matmul(x, w)
     contract = 1 if transpose else 0
     if not isinstance(w, QuantArray):
         return _dot(x.astype(w.dtype), w, contract)
@@ -116,8 +132,10 @@ def dense_experts(x: jax.Array, w: jax.Array | QuantArray) -> jax.Array:
     return (jax.lax.dot_general(x, w.q.astype(x.dtype), dims) * scale.astype(x.dtype)).astype(x.dtype)
 
 
-def take_rows(w: jax.Array | QuantArray, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def take_rows(w: jax.Array | QuantArray | BlockArray, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Embedding lookup ``w [V, D]`` at ``ids`` → ``[..., D]`` (out-of-range ids clipped)."""
+    if isinstance(w, BlockArray):
+        return block_take_rows(w, ids, dtype)
     if not isinstance(w, QuantArray):
         return jnp.take(w, ids, axis=0, mode="clip")
     rows = jnp.take(w.q, ids, axis=0, mode="clip").astype(jnp.float32)
@@ -125,5 +143,12 @@ def take_rows(w: jax.Array | QuantArray, ids: jax.Array, dtype: jnp.dtype) -> ja
 
 
 def weight_bytes(tree: object) -> int:
-    """Bytes of all arrays in a pytree (int8 weights, their scales and the float rest)."""
+    """Bytes of all arrays in a pytree (int8 weights and their scales, blocks, the float rest)."""
     return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+
+
+def weight_format(tree: object) -> str | None:
+    """The quantized formats among a pytree's weights (``"int8"``, ``"q4_1+q8_0"``), None if all float."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, (QuantArray, BlockArray)))
+    found = {x.mode if isinstance(x, QuantArray) else x.fmt for x in leaves if isinstance(x, (QuantArray, BlockArray))}
+    return "+".join(sorted(found)) or None

@@ -1,0 +1,199 @@
+"""GGUF block formats as a weight leaf type: Q8_0, Q4_0 and Q4_1 kept as they come, multiplied in place.
+
+A ``BlockArray`` is a matrix ``W [N, K]`` (rows are output channels) cut along ``K`` into blocks of
+32 values, each block stored with its own float16 scale ``d`` (and, for Q4_1, offset ``m``)::
+
+    q8_0  qs int8  [N, K/32, 32]   value = q * d
+    q4_0  qs uint8 [N, K/32, 16]   byte j holds element j (low nibble) and j + 16 (high);
+                                   value = (nibble - 8) * d
+    q4_1  qs uint8 [N, K/32, 16]   the same nibbles; value = nibble * d + m
+
+which is llama.cpp's layout with the scales pulled out of the byte stream (so a GGUF tensor's
+blocks are kept byte for byte). Stacked weights carry leading axes (``[L, N, K/32, B]``).
+
+``matmul`` multiplies by such a matrix: on CPU through ``jserve.cpu_kernels`` (row-invariant
+kernels reading the blocks) when they are built, otherwise through XLA, dequantizing inside the
+jitted step so XLA fuses it into the dot (the GPU/TPU path). ``take_rows`` looks up embedding
+rows, dequantizing only the rows gathered. ``quantize_blocks`` turns float weights into blocks
+with llama.cpp's reference rounding (checked against the ``gguf`` package in tests/test_blocks.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+FORMATS = ("q8_0", "q4_0", "q4_1")
+BLOCK = 32  # values per block
+QS_WIDTH = {"q8_0": 32, "q4_0": 16, "q4_1": 16}  # bytes of quantized values per block
+QS_DTYPE = {"q8_0": np.int8, "q4_0": np.uint8, "q4_1": np.uint8}
+# GGUF tensor type names of the formats kept as blocks.
+GGUF_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+
+
+@struct.dataclass
+class BlockArray:
+    """A block-quantized matrix ``[..., N, K]``: ``qs [..., N, K/32, B]``, ``d`` (and ``m`` for
+    q4_1) float16 ``[..., N, K/32]``. Holds numpy arrays on the host or jax arrays on device.
+
+    ``kernel``: whether ``matmul`` may use the CPU kernels (False forces the XLA path, which
+    the tests compare against)."""
+
+    qs: jax.Array
+    d: jax.Array
+    m: jax.Array | None = None
+    fmt: str = struct.field(pytree_node=False, default="q8_0")
+    kernel: bool = struct.field(pytree_node=False, default=True)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape ``[..., N, K]``."""
+        return (*self.qs.shape[:-2], self.qs.shape[-2] * BLOCK)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(x.nbytes) for x in (self.qs, self.d, self.m) if x is not None)
+
+    def map_rows(self, fn) -> BlockArray:
+        """``fn`` applied to every part (each has the rows, and any leading axes, first)."""
+        return self.replace(qs=fn(self.qs), d=fn(self.d), m=None if self.m is None else fn(self.m))
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown block format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def from_gguf_bytes(raw: np.ndarray, fmt: str) -> BlockArray:
+    """A GGUF tensor's data ``uint8 [..., N, bytes per row]`` as blocks (no copy of the values'
+    meaning: the bytes are only regrouped)."""
+    check_format(fmt)
+    head = 4 if fmt == "q4_1" else 2
+    raw = np.ascontiguousarray(raw).view(np.uint8)
+    blocks = raw.reshape(*raw.shape[:-1], -1, head + QS_WIDTH[fmt])
+    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
+    m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0] if fmt == "q4_1" else None
+    qs = np.ascontiguousarray(blocks[..., head:]).view(QS_DTYPE[fmt])
+    return BlockArray(qs=qs, d=d, m=m, fmt=fmt)
+
+
+def to_gguf_bytes(b: BlockArray) -> np.ndarray:
+    """The inverse of ``from_gguf_bytes``: ``uint8 [..., N, bytes per row]`` as GGUF stores it."""
+    parts = [np.asarray(b.d, np.float16)[..., None].view(np.uint8)]
+    if b.m is not None:
+        parts.append(np.asarray(b.m, np.float16)[..., None].view(np.uint8))
+    parts.append(np.asarray(b.qs).view(np.uint8))
+    blocks = np.concatenate(parts, axis=-1)
+    return blocks.reshape(*blocks.shape[:-2], -1)
+
+
+def quantize_blocks(w: np.ndarray, fmt: str) -> BlockArray:
+    """Float ``w [..., N, K]`` (``K`` a multiple of 32) → blocks, on the host, rounding as
+    llama.cpp's reference quantizers do (scales computed in float32, stored as float16):
+
+    - q8_0: ``d = max|x| / 127``, ``q = round(x / d)`` (halves away from zero);
+    - q4_0: ``d = -x* / 8`` where ``x*`` is the value of largest magnitude (sign kept),
+      ``q = min(15, trunc(x / d + 8.5))``;
+    - q4_1: ``d = (max - min) / 15``, ``m = min``, ``q = min(15, trunc((x - min) / d + 0.5))``.
+    """
+    check_format(fmt)
+    w = np.asarray(w, np.float32)
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"block formats need the inner dimension to be a multiple of {BLOCK}, got {w.shape[-1]}")
+    x = w.reshape(*w.shape[:-1], -1, BLOCK)
+    m = None
+    with np.errstate(divide="ignore"):
+        if fmt == "q8_0":
+            d = np.max(np.abs(x), axis=-1, keepdims=True) / np.float32(127)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+            y = x * inv
+            qs = (np.sign(y) * np.floor(np.abs(y) + np.float32(0.5))).astype(np.int8)
+        elif fmt == "q4_0":
+            peak = np.take_along_axis(x, np.argmax(np.abs(x), axis=-1)[..., None], axis=-1)
+            d = peak / np.float32(-8)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+            nib = np.minimum(np.trunc(x * inv + np.float32(8.5)), 15).astype(np.uint8)
+            qs = _pack_nibbles(nib)
+        else:
+            lo, hi = np.min(x, axis=-1, keepdims=True), np.max(x, axis=-1, keepdims=True)
+            d = (hi - lo) / np.float32(15)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+            nib = np.clip(np.trunc((x - lo) * inv + np.float32(0.5)), 0, 15).astype(np.uint8)
+            qs, m = _pack_nibbles(nib), lo[..., 0].astype(np.float16)
+    return BlockArray(qs=qs, d=d[..., 0].astype(np.float16), m=m, fmt=fmt)
+
+
+def _pack_nibbles(nib: np.ndarray) -> np.ndarray:
+    """``[..., 32]`` values 0..15 → ``[..., 16]`` bytes: element j low, element j + 16 high."""
+    return (nib[..., :16] | (nib[..., 16:] << 4)).astype(np.uint8)
+
+
+def dequantize_blocks(b: BlockArray, dtype=jnp.float32) -> jax.Array | np.ndarray:
+    """Blocks → float ``[..., N, K]``. With numpy parts it runs in numpy (a load on the host);
+    with jax arrays it is plain jnp ops, which XLA fuses into whatever consumes them."""
+    xp = np if isinstance(b.qs, np.ndarray) else jnp
+    d = b.d.astype(xp.float32)[..., None]
+    if b.fmt == "q8_0":
+        x = b.qs.astype(xp.float32) * d
+    else:
+        nib = xp.concatenate([b.qs & 15, b.qs >> 4], axis=-1).astype(xp.float32)
+        x = (nib - 8) * d if b.fmt == "q4_0" else nib * d + b.m.astype(xp.float32)[..., None]
+    return x.reshape(*x.shape[:-2], -1).astype(dtype)
+
+
+def concat_rows(parts: list[BlockArray], groups: int = 1) -> BlockArray:
+    """Blocks of matrices ``[N_i, K]`` (one format) stacked along their rows, in ``groups``
+    interleaved blocks as ``sharding.fuse`` lays out columns of float matrices ``[K, N]``."""
+    fmt = parts[0].fmt
+    if any(p.fmt != fmt for p in parts):
+        raise ValueError(f"cannot concatenate blocks of formats {[p.fmt for p in parts]}")
+    xp = np if isinstance(parts[0].qs, np.ndarray) else jnp
+
+    def cat(arrays):
+        split = [a.reshape(groups, a.shape[0] // groups, *a.shape[1:]) for a in arrays]
+        out = xp.concatenate(split, axis=1)
+        return out.reshape(-1, *out.shape[2:])
+
+    m = None if parts[0].m is None else cat([p.m for p in parts])
+    return BlockArray(qs=cat([p.qs for p in parts]), d=cat([p.d for p in parts]), m=m, fmt=fmt, kernel=parts[0].kernel)
+
+
+def to_device(b: BlockArray) -> BlockArray:
+    return b.map_rows(jnp.asarray)
+
+
+def _kernels():
+    """``jserve.cpu_kernels`` when it is there and built for this CPU, else None."""
+    if jax.default_backend() != "cpu":
+        return None
+    try:
+        from jserve import cpu_kernels
+    except ImportError:
+        return None
+    return cpu_kernels if cpu_kernels.available() else None
+
+
+def matmul(x: jax.Array, w: BlockArray) -> jax.Array:
+    """``x [..., K] @ w.T`` → ``[..., N]`` in ``x``'s dtype, ``w`` a ``[N, K]`` ``BlockArray``."""
+    kernels = _kernels() if w.kernel else None
+    if kernels is not None:
+        out = kernels.matmul(x.astype(jnp.float32), w.fmt, w.qs, w.d, w.m)
+        return out.astype(x.dtype)
+    wf = dequantize_blocks(w, x.dtype)
+    return jax.lax.dot_general(x, wf, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def take_rows(w: BlockArray, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Rows ``ids [...]`` of ``w [V, D]`` → ``[..., D]``: only the gathered rows are dequantized."""
+    rows = w.map_rows(lambda a: jnp.take(a, ids, axis=0, mode="clip"))
+    return dequantize_blocks(rows, dtype)
+
+
+def describe() -> str:
+    """Which path ``matmul`` takes here, for the log."""
+    kernels = _kernels()
+    if kernels is not None:
+        return f"CPU kernels ({kernels.describe()})"
+    return "XLA (dequantized inside the step, fused into the dot)"
