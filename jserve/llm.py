@@ -120,7 +120,7 @@ def load_engine(checkpoint: str | os.PathLike | None = None, *, slots: int = 8, 
     from jserve import sharding
     from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
     from jserve.engine import JaxEngine
-    from jserve.quant import QuantArray, check_mode, weight_bytes
+    from jserve.quant import check_mode, weight_bytes, weight_format
 
     if quantize is not None:
         check_mode(quantize)
@@ -139,8 +139,7 @@ def load_engine(checkpoint: str | os.PathLike | None = None, *, slots: int = 8, 
     t0 = time.perf_counter()
     config, params, tokenizer = ckpt.load(path, getattr(jnp, dtype), quantize, plan=plan)
     config = config.for_context(max_len)
-    quant = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantArray))
-    mode = next((x.mode for x in quant if isinstance(x, QuantArray)), None)
+    mode = weight_format(params)  # "int8", "q4_1+q8_0", ...; None: all float
     nbytes = weight_bytes(params)
     log.info("loaded %s (%d layers, dim %d, vocab %d; %s weights, %.1f MiB in all) in %.1fs", path,
              config.n_layers, config.dim, config.vocab_size, mode or dtype, nbytes / 2**20, time.perf_counter() - t0)
@@ -159,8 +158,10 @@ class LLM:
     """A model loaded into a ``JaxEngine`` with an ``Orchestrator`` running continuous batching.
 
     ``slots``: requests decoded together. ``max_len``: positions per slot (prompt + output).
-    ``max_prompt_len``: longest prompt accepted (default ``max_len - 1``). ``quantize``: None,
-    ``"int8"`` (weight-only) or ``"int8-dynamic"`` (weights and activations), applied at load.
+    ``max_prompt_len``: longest prompt accepted (default ``max_len - 1``). ``quantize``: None
+    (as stored: a GGUF's blocks stay blocks), ``"int8"`` (weight-only), ``"int8-dynamic"`` (weights
+    and activations), ``"q8_0"``/``"q4_0"``/``"q4_1"`` (block formats) or ``"float"`` (everything
+    dequantized to ``dtype``), applied at load.
     ``top_logprobs``: most alternatives a request may ask for (0 disables them, saving a top-k
     per step). ``max_waiting``: bound of the waiting queue. ``mesh``: shard over several
     devices (``"tp=2"``, ``"dp=2,tp=2"``; see ``jserve.sharding``). With several processes

@@ -255,9 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "also saves compiling the checking step)")
     ap.add_argument("--speculate-default", choices=["on", "off"], default="on",
                     help="whether requests that do not set 'speculate' use speculative decoding (default on)")
-    ap.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
-                    help="int8 weights applied at load: int8 = weight-only (GPU/TPU fast path), "
-                         "int8-dynamic = int8 weights and per-row int8 activations (fastest on CPU)")
+    ap.add_argument("--quantize", choices=["int8", "int8-dynamic", "q8_0", "q4_0", "q4_1", "float"], default=None,
+                    help="weights' format, applied at load (default: as the checkpoint stores them; a GGUF's "
+                         "Q8_0/Q4_0/Q4_1 blocks stay blocks): int8 = per-channel weight-only (GPU/TPU fast "
+                         "path), int8-dynamic = int8 weights and per-row int8 activations, q8_0/q4_0/q4_1 = "
+                         "GGUF block formats, float = every weight dequantized to --dtype (to compare quality)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="weights and KV cache (float32 default, fastest on CPU; bfloat16 for GPU/TPU)")
     ap.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")

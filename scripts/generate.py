@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-len", type=int, default=1024, help="positions per slot: prompt + output (default 1024)")
     ap.add_argument("--max-prompt-len", type=int, default=None, help="longest prompt (default max-len - 1)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"],
-                    help="int8 weights at load time (int8-dynamic also quantizes activations per row)")
+    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "q8_0", "q4_0", "q4_1", "float"],
+                    help="weights' format at load (default: as stored): int8, int8-dynamic (activations too), "
+                         "q8_0/q4_0/q4_1 block formats, or float (a block checkpoint dequantized)")
     ap.add_argument("--speculate", type=int, default=0, metavar="K",
                     help="speculative decoding with prompt-lookup drafts of up to K tokens (default 0 = off: a "
                          "batch keeps every slot busy, where it seldom pays); a line's 'speculate' key opts out")
