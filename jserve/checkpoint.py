@@ -241,9 +241,14 @@ def save(directory: pathlib.Path, cfg: ModelConfig, weights: Weights, tokenizer:
                                                       "formats": block_keys(weights)}))
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
+        # The old checkpoint moves aside and the new one in: two renames, so a reader finds one
+        # or the other whole (never a half-deleted one).
+        old = directory.with_name(f".{directory.name}.old-{tmp.name}") if directory.exists() else None
+        if old is not None:
+            directory.rename(old)
         tmp.rename(directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

