@@ -87,10 +87,9 @@ def tool_grammar(tools: tuple[Tool, ...], choice: ToolChoice, fmt: Format, paral
         head = [f"start: {calls}"]
     elif fmt.anywhere:
         marker = fmt.markers[0]
-        if marker in special:  # free text cannot contain a special token: no laziness needed
-            head = [f"start: TEXT | TEXT <[{special[marker]}]> {rest}"]
-        else:
-            head = [f"start: TEXT | before_call {rest}", f"before_call[lazy]: TEXT {json.dumps(marker)}"]
+        head = [f"start: TEXT | before_call {rest}", f"before_call[lazy]: TEXT {json.dumps(marker)}"]
+        if marker in special:  # the special token, or the marker spelled in plain text, starts a call
+            head[0] += f" | TEXT <[{special[marker]}]> {rest}"
         head.append(r"TEXT: /(.|\n)*/")
     else:
         head = [f"start: TEXT | {calls}", r"TEXT: /([ \t\r\n]*[^{ \t\r\n](.|\n)*)?/"]

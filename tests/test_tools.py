@@ -1,0 +1,419 @@
+"""Tool calling's transport-free core: validation, the families' formats parsed whole and streamed
+(any chunking gives the same calls and content, markup never leaks), grammars checked token by
+token with llguidance over the real SmolLM2 tokenizer, random walks through the grammars' masks
+whose every finished output parses into calls that ``jsonschema`` validates, and the generic
+fallback's messages."""
+
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import jsonschema
+import numpy as np
+import pytest
+
+from jserve import InvalidRequestError
+from jserve.checkpoint import load_tokenizer
+from jserve.structured import Grammars, advance, fill_mask
+from jserve.tools import (
+    FORMATS,
+    ToolCallDelta,
+    ToolChoice,
+    ToolStreamParser,
+    collect,
+    detect_format,
+    get_format,
+    messages_for_template,
+    parse_reply,
+    parse_tool_choice,
+    parse_tools,
+    rewrite_messages,
+    special_markers,
+    tool_constraint,
+)
+
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"type": "string", "maxLength": 12},
+                          "unit": {"enum": ["celsius", "fahrenheit"]}}}
+ORDER = {"type": "object", "additionalProperties": False, "required": ["items", "express"],
+         "properties": {"items": {"type": "array", "maxItems": 3,
+                                  "items": {"type": "object", "additionalProperties": False, "required": ["sku", "qty"],
+                                            "properties": {"sku": {"type": "string", "maxLength": 6},
+                                                           "qty": {"type": "integer", "minimum": 1, "maximum": 99}}}},
+                        "express": {"type": "boolean"}}}
+NOARGS = {"type": "object", "properties": {}, "additionalProperties": False}
+SCHEMAS = {"get_weather": WEATHER, "place_order": ORDER, "ping": NOARGS}
+TOOLS_JSON = [{"type": "function", "function": {"name": n, "description": f"{n} tool", "parameters": s}}
+              for n, s in SCHEMAS.items()]
+
+
+@pytest.fixture(scope="module")
+def tools():
+    return parse_tools(TOOLS_JSON)
+
+
+# Validation ---------------------------------------------------------------------------------------------
+
+def test_tools_parse_into_typed_tools_that_give_back_the_openai_json(tools):
+    assert [t.name for t in tools] == ["get_weather", "place_order", "ping"]
+    assert [t.openai() for t in tools] == TOOLS_JSON
+    bare = parse_tools([{"type": "function", "function": {"name": "now"}}])[0]
+    assert bare.schema == {"type": "object", "properties": {}} and bare.description == ""
+    assert parse_tools(None) == ()
+
+
+def _fn(name="f", **extra):
+    return {"type": "function", "function": {"name": name, **extra}}
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"type": "function"}, "tools must be a list"),
+    ([{"type": "retrieval"}], "tools[0] must be an object with \"type\": \"function\""),
+    ([{"type": "function", "function": "f"}], "tools[0].function must be an object"),
+    ([_fn("has space")], "tools[0].function.name must be 1-64 letters"),
+    ([_fn("x" * 65)], "tools[0].function.name must be 1-64 letters"),
+    ([_fn("a"), _fn("b"), _fn("a")], "tools: the name 'a' is given twice"),
+    ([_fn(parameters=[1])], "tools: the parameters of 'f' must be a JSON schema object, not list"),
+    ([_fn(parameters={"type": "array"})], "tools: the parameters of 'f' must be an object schema"),
+    ([_fn(parameters={"type": "object", "properties": {"a": {"type": "banana"}}})],
+     "tools: the parameters of 'f' is not a usable JSON schema"),
+    ([_fn(description=3)], "tools[0].function.description must be a string"),
+    ([_fn(returns={})], "tools[0].function has unknown fields: returns"),
+])
+def test_bad_tools_are_refused_with_a_message_naming_the_field(value, message):
+    with pytest.raises(InvalidRequestError) as e:
+        parse_tools(value)
+    assert message in str(e.value)
+
+
+def test_tool_choice_defaults_and_named_functions_are_checked_against_the_tools(tools):
+    assert parse_tool_choice(None, tools) == ToolChoice("auto")
+    assert parse_tool_choice(None, ()) == ToolChoice("none")
+    assert parse_tool_choice("required", tools).forced
+    named = parse_tool_choice({"type": "function", "function": {"name": "ping"}}, tools)
+    assert named == ToolChoice("function", "ping") and named.forced
+    for value, message in [
+        ("sometimes", "tool_choice must be \"none\", \"auto\", \"required\" or a named function"),
+        ({"type": "function", "function": {"name": "fly"}},
+         "tool_choice names the function 'fly', which is not in tools (tools: get_weather, place_order, ping)"),
+        ({"type": "function"}, "tool_choice must be a string or"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_tool_choice(value, tools)
+    with pytest.raises(InvalidRequestError, match="needs at least one tool"):
+        parse_tool_choice("required", ())
+
+
+def test_formats_are_detected_from_the_template_then_the_vocabulary():
+    qwen = "{% if tools %}...<tool_call>\\n{{ tool_call | tojson }}\\n</tool_call>{% endif %}"
+    assert detect_format(qwen).name == "hermes"
+    assert detect_format("{{ '[TOOL_CALLS]' + tool_calls|tojson }}").name == "mistral"
+    assert detect_format("{% if tools %}<|start_header_id|>ipython<|end_header_id|>{% endif %}<|eot_id|>").name \
+        == "llama3"
+    assert detect_format("{% for t in tools %}{{ t }}{% endfor %}", vocab={"<tool_call>": 5}).name == "hermes"
+    smol = load_tokenizer_cached()
+    assert detect_format(smol.cfg.chat_template, smol.tok.get_vocab()).name == "generic"
+    with pytest.raises(InvalidRequestError, match="unknown tool-call format 'xml'"):
+        get_format("xml")
+
+
+# Parsing ------------------------------------------------------------------------------------------------
+
+W_ARGS, O_ARGS = '{"city": "Paris", "unit": "celsius"}', '{"items": [{"sku": "a}\\"[", "qty": 2}], "express": true}'
+
+# (format, reply, expected content, expected [(name, arguments dict)]) written out by hand.
+CASES = [
+    ("hermes", f'<tool_call>\n{{"name": "get_weather", "arguments": {W_ARGS}}}\n</tool_call>', None,
+     [("get_weather", json.loads(W_ARGS))]),
+    ("hermes", f'Let me check.\n\n<tool_call>\n{{"name": "get_weather", "arguments": {W_ARGS}}}\n</tool_call>\n'
+               f'<tool_call>\n{{"name": "place_order", "arguments": {O_ARGS}}}\n</tool_call>\nDone.',
+     "Let me check.Done.", [("get_weather", json.loads(W_ARGS)), ("place_order", json.loads(O_ARGS))]),
+    ("hermes", '<tool_call>{"arguments": {"x": 1}, "name": "ping"}</tool_call>', None, [("ping", {"x": 1})]),
+    ("hermes", '<tool_call>\n{"name": "ping", "arguments": "{\\"x\\": 1}"}\n</tool_call>', None, [("ping", {"x": 1})]),
+    ("hermes", 'a < b and <tool_call>\n{"name": get_weather}\n</tool_call> c <tool_',
+     'a < b and <tool_call>\n{"name": get_weather}\n</tool_call> c <tool_', []),
+    ("hermes", 'x <tool_call>{"name": "f", "arguments": {"a": [1}}</tool_call>', None, None),  # bad JSON: see below
+    ("llama3", f'{{"name": "get_weather", "parameters": {W_ARGS}}}', None, [("get_weather", json.loads(W_ARGS))]),
+    ("llama3", f'<|python_tag|>{{"name": "get_weather", "parameters": {W_ARGS}}}; '
+               f'{{"name": "place_order", "parameters": {O_ARGS}}}', None,
+     [("get_weather", json.loads(W_ARGS)), ("place_order", json.loads(O_ARGS))]),
+    ("llama3", 'The answer is {"name": "x"}.', 'The answer is {"name": "x"}.', []),
+    ("llama3", '{"answer": 42}', '{"answer": 42}', []),
+    ("mistral", f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {W_ARGS}}}, '
+                f'{{"name": "ping", "arguments": {{}}}}]', None, [("get_weather", json.loads(W_ARGS)), ("ping", {})]),
+    ("mistral", 'Sure: [TOOL_CALLS][{"name": "ping", "arguments": {}}]', "Sure:", [("ping", {})]),
+    ("mistral", '[TOOL_CALLS] not a list', '[TOOL_CALLS] not a list', []),
+    ("generic", f'  {{"tool_calls": [{{"name": "place_order", "arguments": {O_ARGS}}}]}}', None,
+     [("place_order", json.loads(O_ARGS))]),
+    ("generic", '{"answer": "tool_calls"}', '{"answer": "tool_calls"}', []),
+    ("generic", 'Plain words { and braces }\n', 'Plain words { and braces }\n', []),
+]
+
+
+@pytest.mark.parametrize("fmt, reply, content, calls", [c for c in CASES if c[3] is not None])
+def test_replies_parse_into_content_and_calls_for_each_format(fmt, reply, content, calls):
+    got = parse_reply(reply, get_format(fmt), random.Random(0))
+    assert got.content == content
+    assert [(c.name, json.loads(c.arguments)) for c in got.tool_calls] == calls
+    assert all(c.id.startswith("call_") and len(c.id) == 29 for c in got.tool_calls)
+    assert len({c.id for c in got.tool_calls}) == len(calls)
+
+
+def test_a_call_with_broken_arguments_keeps_what_was_generated_like_a_truncated_one():
+    got = parse_reply('<tool_call>\n{"name": "f", "arguments": {"a": "tru', get_format("hermes"))
+    assert got.content is None and [(c.name, c.arguments) for c in got.tool_calls] == [("f", '{"a": "tru')]
+
+
+def test_call_ids_are_drawn_from_the_given_rng():
+    reply = FORMATS["hermes"].render([("ping", "{}"), ("ping", "{}")])
+    ids = [c.id for c in parse_reply(reply, FORMATS["hermes"], random.Random(7)).tool_calls]
+    assert ids == [c.id for c in parse_reply(reply, FORMATS["hermes"], random.Random(7)).tool_calls]
+    assert ids != [c.id for c in parse_reply(reply, FORMATS["hermes"], random.Random(8)).tool_calls]
+
+
+def _stream(fmt, reply, cuts, seed=0):
+    parser = ToolStreamParser(get_format(fmt), random.Random(seed))
+    deltas, last = [], 0
+    for cut in [*cuts, len(reply)]:
+        deltas += parser.feed(reply[last:cut])
+        last = cut
+    return deltas + parser.finish()
+
+
+MARKUP = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", '"tool_calls"')
+
+
+@pytest.mark.parametrize("fmt, reply", [(c[0], c[1]) for c in CASES])
+def test_streaming_in_any_chunking_gives_the_whole_parse_and_never_leaks_markup(fmt, reply):
+    whole = parse_reply(reply, get_format(fmt), random.Random(0))
+    rng = random.Random(reply)
+    chunkings = [list(range(1, len(reply)))] + [
+        sorted(rng.sample(range(1, len(reply)), rng.randint(1, len(reply) // 3))) for _ in range(20)]
+    for cuts in chunkings:
+        deltas = _stream(fmt, reply, cuts)
+        assert collect(deltas) == whole
+        seen: set[int] = set()
+        for d in deltas:
+            if isinstance(d, ToolCallDelta):  # id, type and name first, then argument fragments only
+                assert (d.index not in seen) == (d.id is not None) == (d.name is not None)
+                assert d.index == len(seen) - (d.index in seen)
+                seen.add(d.index)
+        if whole.tool_calls:
+            content = "".join(d for d in deltas if isinstance(d, str))
+            assert not any(m in content for m in MARKUP), content
+    first = next(d for d in _stream(fmt, reply, []) if isinstance(d, ToolCallDelta)) if whole.tool_calls else None
+    if first is not None:
+        assert first.openai() == {"index": 0, "id": whole.tool_calls[0].id, "type": "function",
+                                  "function": {"name": whole.tool_calls[0].name, "arguments": first.arguments}}
+
+
+def test_text_that_may_start_a_marker_is_held_back_until_known():
+    parser = ToolStreamParser(get_format("hermes"), random.Random(0))
+    assert parser.feed("Hi <tool") == ["Hi"]
+    assert parser.feed("box> ok") == [" <toolbox> ok"]
+    assert parser.feed(" <tool_call>\n{\"name\": \"ping\", ") == []
+    out = parser.feed('"arguments": {"a"')
+    assert [(d.name, d.arguments) for d in out] == [("ping", ""), (None, '{"a"')]
+    assert [d.arguments for d in parser.feed(": 1}}\n</tool_call>")] == [": 1}"]
+    assert parser.finish() == []
+
+
+# Grammars -----------------------------------------------------------------------------------------------
+
+_TOKENIZER = []
+
+
+def load_tokenizer_cached():
+    if not _TOKENIZER:
+        from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+
+        _TOKENIZER.append(load_tokenizer(ensure_default_checkpoint(DEFAULT_CHECKPOINT)))
+    return _TOKENIZER[0]
+
+
+@pytest.fixture(scope="module")
+def grammars():
+    tok = load_tokenizer_cached()
+    return tok, Grammars(tok, tok.vocab_size, tok.eos_token_ids)
+
+
+def _accepts(grammars, constraint, text):
+    tok, g = grammars
+    m = g.matcher(constraint)
+    for t in tok.encode(text):
+        if advance(m, t) is not None and m.is_error():
+            return False
+    return m.is_accepting()
+
+
+CHOICES = {"required": ToolChoice("required"), "named": ToolChoice("function", "get_weather")}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_grammars_accept_valid_calls_and_reject_wrong_names_and_arguments(grammars, tools, fmt):
+    f = FORMATS[fmt]
+    required = tool_constraint(tools, CHOICES["required"], f)
+    single = tool_constraint(tools, CHOICES["required"], f, parallel=False)
+    named = tool_constraint(tools, CHOICES["named"], f)
+    auto = tool_constraint(tools, ToolChoice("auto"), f)
+    assert tool_constraint(tools, ToolChoice("none"), f) is None
+    weather, order = ("get_weather", W_ARGS), ("place_order", O_ARGS)
+    assert _accepts(grammars, required, f.render([weather]))
+    assert _accepts(grammars, required, f.render([order, weather]))
+    assert _accepts(grammars, single, f.render([order])) and not _accepts(grammars, single, f.render([order, weather]))
+    assert _accepts(grammars, named, f.render([weather]))
+    assert not _accepts(grammars, named, f.render([order]))
+    for bad in [("get_wether", W_ARGS), ("get_weather", '{"city": "Paris"}'),
+                ("get_weather", '{"city": "Paris", "unit": "kelvin"}'),
+                ("place_order", '{"items": [{"sku": "a", "qty": 0}], "express": true}'),
+                ("get_weather", '{"city": "Paris", "unit": "celsius", "extra": 1}')]:
+        assert not _accepts(grammars, required, f.render([bad])), bad
+        assert not _accepts(grammars, auto, f.render([bad])), bad
+    assert not _accepts(grammars, required, "I will not call anything.")
+    assert _accepts(grammars, auto, "I will not call anything.")
+    assert _accepts(grammars, auto, f.render([weather, order]))
+    if f.anywhere:
+        assert _accepts(grammars, auto, "Checking. " + f.render([weather]))
+        assert not _accepts(grammars, auto, "Checking. " + f.render([("get_weather", '{"town": "Paris"}')]))
+
+
+def _allowed(m, words):
+    mask = np.zeros(words, np.int32)
+    fill_mask(m, mask)
+    return np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little"))
+
+
+def _walk(grammars, constraint, rng, prefix="", max_tokens=400):
+    """Sample uniformly among the allowed tokens until the grammar ends; the text, or None."""
+    tok, g = grammars
+    m = g.matcher(constraint)
+    out = tok.encode(prefix)
+    for t in out:
+        assert advance(m, t) is None
+    eos = set(tok.eos_token_ids)
+    for _ in range(max_tokens):
+        allowed = _allowed(m, g.words)
+        t = int(allowed[rng.randrange(len(allowed))])
+        if t in eos:
+            return tok.decode(out)
+        out.append(t)
+        state = advance(m, t)
+        assert state is None or state == "stop", state
+        if state == "stop":
+            return tok.decode(out)
+    return None
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("mode", ["required", "named", "single"])
+def test_every_output_of_a_forced_grammar_parses_into_calls_that_validate(grammars, tools, fmt, mode):
+    f = FORMATS[fmt]
+    choice = CHOICES.get(mode, CHOICES["required"])
+    constraint = tool_constraint(tools, choice, f, parallel=mode != "single")
+    rng = random.Random(f"{fmt}-{mode}")
+    finished = 0
+    for _ in range(8):
+        text = _walk(grammars, constraint, rng)
+        if text is None:
+            continue
+        finished += 1
+        got = parse_reply(text, f)
+        assert got.content is None and got.tool_calls, text
+        if mode != "required":
+            assert len(got.tool_calls) == 1
+        for call in got.tool_calls:
+            assert mode != "named" or call.name == "get_weather"
+            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+    assert finished >= 6
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_auto_is_free_text_until_a_call_starts_then_the_call_is_held_valid(grammars, tools, fmt):
+    f = FORMATS[fmt]
+    constraint = tool_constraint(tools, ToolChoice("auto"), f)
+    tok, g = grammars
+    assert len(_allowed(g.matcher(constraint), g.words)) > tok.vocab_size // 2  # the first token is free
+    prefix = ("Let me look that up. " if f.anywhere else "") + (f.spelling[0] or "{")
+    rng = random.Random(fmt)
+    finished = 0
+    for _ in range(6):
+        text = _walk(grammars, constraint, rng, prefix=prefix)
+        if text is None:
+            continue
+        finished += 1
+        got = parse_reply(text, f)
+        assert got.tool_calls and (got.content or "") == ("Let me look that up." if f.anywhere else ""), text
+        for call in got.tool_calls:
+            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+    assert finished >= 4
+
+
+# The generic fallback's messages --------------------------------------------------------------------------
+
+HISTORY = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": W_ARGS}},
+        {"id": "call_2", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Rome", "unit": "celsius"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "25 C"},
+]
+
+
+def test_generic_fallback_puts_tools_in_the_system_turn_and_history_calls_in_plain_turns(tools):
+    f = FORMATS["generic"]
+    out = rewrite_messages(HISTORY, tools, f, ToolChoice("auto"))
+    assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
+    assert all(set(m) == {"role", "content"} and isinstance(m["content"], str) for m in out)
+    system = out[0]["content"]
+    assert system.startswith("Be brief.\n\n")
+    schemas = [json.loads(line) for line in system.splitlines() if line.startswith('{"name": ')]
+    assert schemas == [{"name": t.name, "description": t.description, "parameters": t.schema} for t in tools]
+    assert '{"tool_calls": [{"name": "tool_name", "arguments": {"argument": "value"}}]}' in system
+    assert "plain text" in system
+    replayed = parse_reply(out[2]["content"], f)
+    assert [(c.name, json.loads(c.arguments)) for c in replayed.tool_calls] == [
+        ("get_weather", json.loads(W_ARGS)), ("get_weather", {"city": "Rome", "unit": "celsius"})]
+    assert out[3]["content"] == ("Result of get_weather (call call_1):\n21 C\n\n"
+                                 "Result of get_weather (call call_2):\n25 C")
+    named = rewrite_messages(HISTORY[1:2], tools, f, ToolChoice("function", "ping"), parallel=False)
+    assert named[0]["role"] == "system" and "You must call the tool ping now." in named[0]["content"]
+    assert "Call one tool at a time." in named[0]["content"]
+    assert rewrite_messages(HISTORY[:2], (), f, ToolChoice("none")) == HISTORY[:2]
+    rendered = load_tokenizer_cached().render_chat(out)  # the real SmolLM2 template renders it
+    assert "Result of get_weather (call call_2):\n25 C" in rendered and '"tool_calls"' in rendered
+
+
+def test_templates_with_tools_get_the_arguments_as_objects():
+    out = messages_for_template(HISTORY)
+    assert out[2]["tool_calls"][0]["function"]["arguments"] == json.loads(W_ARGS)
+    assert HISTORY[2]["tool_calls"][0]["function"]["arguments"] == W_ARGS  # the input is left alone
+    assert out[3:] == HISTORY[3:] and out[:2] == HISTORY[:2]
+
+
+def test_a_marker_that_is_a_special_token_is_named_by_id_in_the_grammar(tools):
+    from tokenizers import AddedToken, Tokenizer
+
+    smol = load_tokenizer_cached()
+    tok = Tokenizer.from_str(smol.tok.to_str())
+    tok.add_special_tokens([AddedToken("[TOOL_CALLS]", special=True, normalized=False)])
+    marker = tok.token_to_id("[TOOL_CALLS]")
+    f = FORMATS["mistral"]
+    special = special_markers(f, tok.get_vocab(), {marker})
+    assert special == {"[TOOL_CALLS]": marker}
+    g = Grammars(SimpleNamespace(tok=tok), tok.get_vocab_size(with_added_tokens=True), smol.eos_token_ids)
+    body = f.render([("get_weather", W_ARGS)])[len("[TOOL_CALLS]"):]
+    for choice in (ToolChoice("required"), ToolChoice("auto")):
+        constraint = tool_constraint(tools, choice, f, special=special)
+        for ids, ok in [([marker, *smol.encode(body)], True),
+                        (smol.encode("[TOOL_CALLS]" + body), choice.mode == "auto"),
+                        ([marker, *smol.encode(body.replace("celsius", "kelvin"))], False),
+                        (smol.encode("[TOOL_CALLS]" + body.replace("celsius", "kelvin")), False)]:
+            m = g.matcher(constraint)
+            assert (m.validate_tokens(ids) == len(ids)) == ok, (choice, ids)
+    text = "[TOOL_CALLS]" + body  # what a detokenizer keeping special tokens writes
+    assert [c.name for c in parse_reply(text, f).tool_calls] == ["get_weather"]
