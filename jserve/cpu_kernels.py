@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import jax
+    import numpy as np
 
 FORMATS = ("f32", "q8_0", "q4_0", "q4_1")
 ISAS = ("auto", "generic", "avx2")
@@ -257,6 +258,25 @@ def _check(fmt: str, K: int, qs: jax.Array, d: jax.Array | None, m: jax.Array | 
     if fmt == "q4_1":
         need(m is not None and m.dtype == np.float16 and m.shape == qs.shape[:2],
              f"m must be float16 {qs.shape[:2]}")
+
+
+def split_gguf_blocks(raw: np.ndarray, fmt: str) -> tuple[np.ndarray, ...]:
+    """A GGUF tensor's raw bytes uint8 [N, K/32 * block bytes] -> `matmul`'s (qs, d) or (qs, d, m).
+
+    Block layouts (ggml): q8_0 = d f16, 32 int8; q4_0 = d f16, 16 bytes; q4_1 = d f16, m f16, 16 bytes.
+    """
+    import numpy as np
+
+    size = {"q8_0": 34, "q4_0": 18, "q4_1": 20}[fmt]
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, -1, size)
+    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
+    if fmt == "q8_0":
+        return np.ascontiguousarray(blocks[..., 2:]).view(np.int8), d
+    if fmt == "q4_0":
+        return np.ascontiguousarray(blocks[..., 2:]), d
+    m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
+    return np.ascontiguousarray(blocks[..., 4:]), d, m
 
 
 def main(argv: list[str]) -> int:

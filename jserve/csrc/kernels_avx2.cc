@@ -14,7 +14,6 @@
 namespace jserve {
 namespace {
 
-constexpr int kFusedRows = 4;    // rows sharing one unpacked block in the fused driver
 constexpr int64_t kFusedMaxM = 4;  // up to this many rows: fused driver; above: panel driver
 constexpr int kR = 4, kC = 3;    // panel driver's register tile (12 accumulators)
 
@@ -39,29 +38,45 @@ inline float offset_term(const float* mv, const float* s, int64_t nb) {
   return o;
 }
 
-// Block b of column n as 4 vectors of exact q * d (elements 0-7, 8-15, 16-23, 24-31); mv[b] = offset.
+// Scales of columns n .. n+C-1 as floats: ds [C, nb] = d, mv [C, nb] = m (Q4_1) or -8 d (Q4_0), exact.
 template <int FMT>
-inline void unpack_block(const Problem& p, int64_t n, int64_t b, int64_t nb, __m256 w[4], float* mv) {
-  const int64_t i = n * nb + b;
-  const float d = _cvtsh_ss(p.d[i]);
-  const __m256 dv = _mm256_set1_ps(d);
-  if constexpr (FMT == kQ8_0) {
-    const int8_t* q = static_cast<const int8_t*>(p.qs) + i * 32;
-    for (int j = 0; j < 4; ++j) {
-      __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * j)));
-      w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(v), dv);
+void scales(const Problem& p, int64_t n, int C, float* ds, float* mv) {
+  const int64_t nb = p.K / 32;
+  for (int c = 0; c < C; ++c) {
+    const uint16_t* d = p.d + (n + c) * nb;
+    const uint16_t* m = FMT == kQ4_1 ? p.m + (n + c) * nb : nullptr;
+    float* dc = ds + c * nb;
+    float* mc = mv + c * nb;
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + b)));
+      _mm256_storeu_ps(dc + b, dv);
+      if constexpr (FMT == kQ4_1) {
+        _mm256_storeu_ps(mc + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + b))));
+      } else if constexpr (FMT == kQ4_0) {
+        _mm256_storeu_ps(mc + b, _mm256_mul_ps(_mm256_set1_ps(-8.0f), dv));
+      }
     }
-  } else {
-    const uint8_t* q = static_cast<const uint8_t*>(p.qs) + i * 16;
-    const __m256i lo4 = _mm256_set1_epi32(0xf);
-    __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-    __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
-    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a, lo4)), dv);
-    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, lo4)), dv);
-    w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), dv);
-    w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4)), dv);
-    mv[b] = FMT == kQ4_1 ? _cvtsh_ss(p.m[i]) : -8.0f * d;
+    for (; b < nb; ++b) {
+      dc[b] = _cvtsh_ss(d[b]);
+      if constexpr (FMT == kQ4_1) mc[b] = _cvtsh_ss(m[b]);
+      if constexpr (FMT == kQ4_0) mc[b] = -8.0f * dc[b];
+    }
   }
+}
+
+// Elements 8j .. 8j+7 of a block (quants at q) as exact floats q * d.
+template <int FMT>
+inline __m256 unpack8(const void* q, int j, __m256 d) {
+  __m256i v;
+  if constexpr (FMT == kQ8_0) {
+    v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(q) + 8 * j)));
+  } else {
+    const uint8_t* b = static_cast<const uint8_t*>(q) + 8 * (j & 1);
+    v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
+    v = j < 2 ? _mm256_and_si256(v, _mm256_set1_epi32(0xf)) : _mm256_srli_epi32(v, 4);
+  }
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(v), d);
 }
 
 inline void store_outputs(const Problem& p, int64_t r, int64_t n, __m256 acc, const float* mv) {
@@ -73,59 +88,71 @@ inline void store_outputs(const Problem& p, int64_t r, int64_t n, __m256 acc, co
   p.y[r * p.N + n] = y;
 }
 
-// Fused driver: rows r0 .. r0+R-1, one column n.
-template <int R, int FMT>
-void fused(const Problem& p, int64_t r0, int64_t n, float* mv) {
+// Fused driver: rows r0 .. r0+R-1 x columns n0 .. n0+C-1, weights unpacked in registers. Several
+// columns at once keep R*C independent FMA chains in flight (one chain would wait on FMA latency).
+template <int R, int C, int FMT>
+void fused(const Problem& p, int64_t r0, int64_t n0, float* ds, float* mv) {
   const int64_t K = p.K;
   const float* xr[R];
-  __m256 acc[R];
+  __m256 acc[R][C];
   for (int r = 0; r < R; ++r) {
     xr[r] = p.x + (r0 + r) * K;
-    acc[r] = _mm256_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   }
   if constexpr (FMT == kF32) {
-    const float* wn = static_cast<const float*>(p.qs) + n * K;
+    const float* wn = static_cast<const float*>(p.qs) + n0 * K;
     const int64_t K8 = K & ~int64_t{7};
     for (int64_t k = 0; k < K8; k += 8) {
-      const __m256 w = _mm256_loadu_ps(wn + k);
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr[r] + k), w, acc[r]);
+      __m256 w[C];
+      for (int c = 0; c < C; ++c) w[c] = _mm256_loadu_ps(wn + c * K + k);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_loadu_ps(xr[r] + k);
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, w[c], acc[r][c]);
+      }
     }
     if (K8 < K) {
       const __m256i mask = tail_mask(K - K8);
-      const __m256 w = _mm256_maskload_ps(wn + K8, mask);
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(xr[r] + K8, mask), w, acc[r]);
+      __m256 w[C];
+      for (int c = 0; c < C; ++c) w[c] = _mm256_maskload_ps(wn + c * K + K8, mask);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_maskload_ps(xr[r] + K8, mask);
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, w[c], acc[r][c]);
+      }
     }
   } else {
-    const int64_t nb = K / 32;
-    __m256 w[4];
+    const int64_t nb = K / 32, bytes = FMT == kQ8_0 ? 32 : 16;
+    scales<FMT>(p, n0, C, ds, mv);
+    const uint8_t* q0 = static_cast<const uint8_t*>(p.qs) + n0 * nb * bytes;
     for (int64_t b = 0; b < nb; ++b) {
-      unpack_block<FMT>(p, n, b, nb, w, mv);
-      for (int j = 0; j < 4; ++j)
-        for (int r = 0; r < R; ++r)
-          acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr[r] + b * 32 + 8 * j), w[j], acc[r]);
+      __m256 d[C];
+      for (int c = 0; c < C; ++c) d[c] = _mm256_broadcast_ss(ds + c * nb + b);
+      for (int j = 0; j < 4; ++j) {
+        __m256 w[C];
+        for (int c = 0; c < C; ++c) w[c] = unpack8<FMT>(q0 + (c * nb + b) * bytes, j, d[c]);
+        for (int r = 0; r < R; ++r) {
+          const __m256 xv = _mm256_loadu_ps(xr[r] + b * 32 + 8 * j);
+          for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, w[c], acc[r][c]);
+        }
+      }
     }
   }
-  for (int r = 0; r < R; ++r) store_outputs(p, r0 + r, n, acc[r], mv);
+  const int64_t nb = K / 32;
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) store_outputs(p, r0 + r, n0 + c, acc[r][c], mv + c * nb);
 }
 
-template <int FMT>
-void fused_columns(const Problem& p, int64_t n0, int64_t n1, float* mv) {
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t r = 0;
-    for (; r + kFusedRows <= p.M; r += kFusedRows) fused<kFusedRows, FMT>(p, r, n, mv);
-    switch (p.M - r) {
-      case 1: fused<1, FMT>(p, r, n, mv); break;
-      case 2: fused<2, FMT>(p, r, n, mv); break;
-      case 3: fused<3, FMT>(p, r, n, mv); break;
-      default: break;
-    }
-  }
+template <int R, int C, int FMT>
+void fused_columns(const Problem& p, int64_t n0, int64_t n1, float* ds, float* mv) {
+  int64_t n = n0;
+  for (; n + C <= n1; n += C) fused<R, C, FMT>(p, 0, n, ds, mv);
+  for (; n < n1; ++n) fused<R, 1, FMT>(p, 0, n, ds, mv);
 }
 
-// Unpacks columns n .. n+C-1 into w [C, Kp] (zero padded) and mv [C, nb].
+// Unpacks columns n .. n+C-1 into w [C, Kp] (zero padded) and their offsets into mv [C, nb].
 template <int FMT>
-void unpack_panel(const Problem& p, int64_t n, int C, int64_t Kp, float* w, float* mv) {
-  const int64_t K = p.K, nb = K / 32;
+void unpack_panel(const Problem& p, int64_t n, int C, int64_t Kp, float* w, float* ds, float* mv) {
+  const int64_t K = p.K, nb = K / 32, bytes = FMT == kQ8_0 ? 32 : 16;
+  if constexpr (FMT != kF32) scales<FMT>(p, n, C, ds, mv);
   for (int c = 0; c < C; ++c) {
     float* wc = w + c * Kp;
     if constexpr (FMT == kF32) {
@@ -133,10 +160,10 @@ void unpack_panel(const Problem& p, int64_t n, int C, int64_t Kp, float* w, floa
       std::copy(src, src + K, wc);
       std::fill(wc + K, wc + Kp, 0.0f);
     } else {
-      __m256 v[4];
+      const uint8_t* q = static_cast<const uint8_t*>(p.qs) + (n + c) * nb * bytes;
       for (int64_t b = 0; b < nb; ++b) {
-        unpack_block<FMT>(p, n + c, b, nb, v, mv + c * nb);
-        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(wc + b * 32 + 8 * j, v[j]);
+        const __m256 d = _mm256_broadcast_ss(ds + c * nb + b);
+        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(wc + b * 32 + 8 * j, unpack8<FMT>(q + b * bytes, j, d));
       }
     }
   }
@@ -183,15 +210,15 @@ void tile_rows(const Problem& p, int64_t r0, int64_t r1, int64_t n, const float*
 
 template <int FMT>
 void panel_columns(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t K = p.K, Kp = (K + 7) & ~int64_t{7}, nb = K / 32;
+  const int64_t K = p.K, Kp = (K + 7) & ~int64_t{7}, nb = std::max<int64_t>(K / 32, 1);
   // Row blocks of ~128 KiB of x stay in L2 while every panel of the column range passes over them.
   const int64_t rows_per_block = std::max<int64_t>(kR, (32768 / std::max<int64_t>(K, 1)) / kR * kR);
-  std::vector<float> w(kC * Kp), mv(kC * std::max<int64_t>(nb, 1));
+  std::vector<float> w(kC * Kp), ds(kC * nb), mv(kC * nb);
   for (int64_t rb = 0; rb < p.M; rb += rows_per_block) {
     const int64_t re = std::min(p.M, rb + rows_per_block);
     for (int64_t n = n0; n < n1; n += kC) {
       const int C = static_cast<int>(std::min<int64_t>(kC, n1 - n));
-      unpack_panel<FMT>(p, n, C, Kp, w.data(), mv.data());
+      unpack_panel<FMT>(p, n, C, Kp, w.data(), ds.data(), mv.data());
       switch (C) {
         case 3: tile_rows<3>(p, rb, re, n, w.data(), Kp, mv.data()); break;
         case 2: tile_rows<2>(p, rb, re, n, w.data(), Kp, mv.data()); break;
@@ -203,11 +230,14 @@ void panel_columns(const Problem& p, int64_t n0, int64_t n1) {
 
 template <int FMT>
 void columns(const Problem& p, int64_t n0, int64_t n1) {
-  if (p.M <= kFusedMaxM) {
-    std::vector<float> mv(std::max<int64_t>(p.K / 32, 1));
-    fused_columns<FMT>(p, n0, n1, mv.data());
-  } else {
-    panel_columns<FMT>(p, n0, n1);
+  if (p.M > kFusedMaxM) return panel_columns<FMT>(p, n0, n1);
+  const int64_t nb = std::max<int64_t>(p.K / 32, 1);
+  std::vector<float> ds(4 * nb), mv(4 * nb);
+  switch (p.M) {  // R x C tiles that keep 4-8 FMA chains in about 13 registers
+    case 1: fused_columns<1, 4, FMT>(p, n0, n1, ds.data(), mv.data()); break;
+    case 2: fused_columns<2, 3, FMT>(p, n0, n1, ds.data(), mv.data()); break;
+    case 3: fused_columns<3, 2, FMT>(p, n0, n1, ds.data(), mv.data()); break;
+    default: fused_columns<4, 2, FMT>(p, n0, n1, ds.data(), mv.data()); break;
   }
 }
 
