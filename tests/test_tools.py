@@ -29,6 +29,7 @@ from jserve.tools import (
     parse_reply,
     parse_tool_choice,
     parse_tools,
+    plan_tools,
     rewrite_messages,
     special_markers,
     tool_constraint,
@@ -417,3 +418,46 @@ def test_a_marker_that_is_a_special_token_is_named_by_id_in_the_grammar(tools):
             assert (m.validate_tokens(ids) == len(ids)) == ok, (choice, ids)
     text = "[TOOL_CALLS]" + body  # what a detokenizer keeping special tokens writes
     assert [c.name for c in parse_reply(text, f).tool_calls] == ["get_weather"]
+
+
+# The plan a request layer follows ---------------------------------------------------------------------------
+
+QWEN_STYLE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools>\n"
+    "Reply with <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+    "{% for tc in m.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ tc.function.name }}\", \"arguments\": "
+    "{{ tc.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+
+
+def test_the_plan_renders_tools_natively_or_through_the_generic_fallback(tools):
+    import jinja2.sandbox
+
+    smol = load_tokenizer_cached()
+    vocab, special = smol.tok.get_vocab(), smol.cfg.special_ids
+    generic = plan_tools(HISTORY, TOOLS_JSON, "required", chat_template=smol.cfg.chat_template, vocab=vocab,
+                         special_ids=special)
+    assert generic.format.name == "generic" and generic.template_tools is None
+    assert generic.messages == rewrite_messages(HISTORY, tools, FORMATS["generic"], ToolChoice("required"))
+    assert generic.constraint.kind == "lark" and not generic.keep_special_tokens
+    assert isinstance(generic.parser(), ToolStreamParser)
+
+    native = plan_tools(HISTORY, TOOLS_JSON, {"type": "function", "function": {"name": "ping"}}, False,
+                        chat_template=QWEN_STYLE, vocab=vocab, special_ids=special)
+    assert native.format.name == "hermes" and native.template_tools == TOOLS_JSON and not native.parallel
+    assert native.constraint == tool_constraint(tools, ToolChoice("function", "ping"), FORMATS["hermes"], False)
+    text = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(QWEN_STYLE).render(
+        messages=native.messages, tools=native.template_tools)
+    assert json.dumps(TOOLS_JSON[1], sort_keys=True) in text  # the template saw the tools and the calls' arguments as objects
+    assert f'{{"name": "get_weather", "arguments": {W_ARGS}}}' in text
+
+    none = plan_tools(HISTORY, TOOLS_JSON, "none", chat_template=QWEN_STYLE, vocab=vocab, special_ids=special)
+    assert none.constraint is None and none.template_tools is None and none.parser() is None
+    forced = plan_tools(HISTORY, TOOLS_JSON, "auto", chat_template=QWEN_STYLE, vocab=vocab, special_ids=special,
+                        format_name="generic")
+    assert forced.format.name == "generic" and forced.template_tools is None
+    with pytest.raises(InvalidRequestError, match="parallel_tool_calls must be true or false"):
+        plan_tools(HISTORY, TOOLS_JSON, "auto", "yes", chat_template=None, vocab=vocab, special_ids=special)
+    with pytest.raises(InvalidRequestError, match="at most 65536 are accepted"):
+        huge = [_fn(f"f{i}", parameters={"type": "object", "description": "x" * 8000}) for i in range(9)]
+        plan_tools(HISTORY, huge, "required", chat_template=None, vocab=vocab, special_ids=special)

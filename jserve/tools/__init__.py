@@ -7,11 +7,12 @@ from jserve.tools.formats import FORMATS, Format, detect_format, get_format, tem
 from jserve.tools.generic import messages_for_template, rewrite_messages, tools_instructions
 from jserve.tools.grammar import special_markers, tool_constraint, tool_grammar
 from jserve.tools.parser import Delta, ParsedReply, ToolCallDelta, ToolStreamParser, collect, parse_reply
+from jserve.tools.plan import ToolPlan, plan_tools
 from jserve.tools.types import Tool, ToolCall, ToolChoice, new_call_id, parse_tool_choice, parse_tools
 
 __all__ = [
     "FORMATS", "Delta", "Format", "ParsedReply", "Tool", "ToolCall", "ToolCallDelta", "ToolChoice",
-    "ToolStreamParser", "collect", "detect_format", "get_format", "messages_for_template", "new_call_id",
-    "parse_reply", "parse_tool_choice", "parse_tools", "rewrite_messages", "special_markers",
+    "ToolPlan", "ToolStreamParser", "collect", "detect_format", "get_format", "messages_for_template", "new_call_id",
+    "parse_reply", "parse_tool_choice", "parse_tools", "plan_tools", "rewrite_messages", "special_markers",
     "template_renders_tools", "tool_constraint", "tool_grammar", "tools_instructions",
 ]

@@ -23,7 +23,7 @@ import json
 from collections.abc import Mapping
 
 from jserve.sampling import InvalidRequestError
-from jserve.structured import Constraint
+from jserve.structured import MAX_CONSTRAINT_CHARS, Constraint
 from jserve.tools.formats import Format
 from jserve.tools.types import Tool, ToolChoice
 
@@ -100,6 +100,9 @@ def tool_constraint(tools: tuple[Tool, ...], choice: ToolChoice, fmt: Format, pa
                     special: Mapping[str, int] | None = None) -> Constraint | None:
     """The structured-output constraint for a request with tools (None: unconstrained)."""
     grammar = tool_grammar(tools, choice, fmt, parallel, special)
+    if grammar is not None and len(grammar) > MAX_CONSTRAINT_CHARS:
+        raise InvalidRequestError(f"the tools come to a grammar of {len(grammar)} characters; at most "
+                                  f"{MAX_CONSTRAINT_CHARS} are accepted (send fewer or smaller tool schemas)")
     return None if grammar is None else Constraint("lark", grammar)
 
 
