@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         n, k = w32.shape
         for m in args.rows:
             x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
-            t_k = _time(lambda x_: kernel(x_, fmt, *blocks), x)
+            t_k = _time(lambda x_, fmt=fmt, blocks=blocks: kernel(x_, fmt, *blocks), x)
             t_x = _time(xla, x, w32)
             results.append({"matrix": name, "n": n, "k": k, "fmt": fmt, "m": m, "kernel_s": t_k, "xla_s": t_x})
             print(f"| {name} | {n}x{k} | {fmt} | {m} | {t_k * 1e3:.3f} | {t_x * 1e3:.3f} | {t_x / t_k:.2f} |")
