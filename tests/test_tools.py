@@ -146,6 +146,15 @@ CASES = [
                 f'{{"name": "ping", "arguments": {{}}}}]', None, [("get_weather", json.loads(W_ARGS)), ("ping", {})]),
     ("mistral", 'Sure: [TOOL_CALLS][{"name": "ping", "arguments": {}}]', "Sure:", [("ping", {})]),
     ("mistral", '[TOOL_CALLS] not a list', '[TOOL_CALLS] not a list', []),
+    # Cut short by max_tokens after a call: the partial markup is dropped; a malformed block is content.
+    ("hermes", '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_', None, [("ping", {})]),
+    ("hermes", '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>\n<tool_ca', None, [("ping", {})]),
+    ("hermes", '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>\n<tool_call>\n{"na', None,
+     [("ping", {})]),
+    ("hermes", '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": x}',
+     '<tool_call>\n{"name": x}', [("ping", {})]),
+    ("mistral", '[TOOL_CALLS][{"name": "ping", "arguments": {}}, {"na', None, [("ping", {})]),
+    ("llama3", '{"name": "ping", "parameters": {}}; {"name": "get_weather", "param', None, [("ping", {})]),
     ("generic", f'  {{"tool_calls": [{{"name": "place_order", "arguments": {O_ARGS}}}]}}', None,
      [("place_order", json.loads(O_ARGS))]),
     ("generic", '{"answer": "tool_calls"}', '{"answer": "tool_calls"}', []),
@@ -186,8 +195,8 @@ def _stream(fmt, reply, cuts, seed=0):
 MARKUP = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", '"tool_calls"')
 
 
-@pytest.mark.parametrize("fmt, reply", [(c[0], c[1]) for c in CASES])
-def test_streaming_in_any_chunking_gives_the_whole_parse_and_never_leaks_markup(fmt, reply):
+@pytest.mark.parametrize("fmt, reply, content", [c[:3] for c in CASES])
+def test_streaming_in_any_chunking_gives_the_whole_parse_and_never_leaks_markup(fmt, reply, content):
     whole = parse_reply(reply, get_format(fmt), random.Random(0))
     rng = random.Random(reply)
     chunkings = [list(range(1, len(reply)))] + [
@@ -201,9 +210,10 @@ def test_streaming_in_any_chunking_gives_the_whole_parse_and_never_leaks_markup(
                 assert (d.index not in seen) == (d.id is not None) == (d.name is not None)
                 assert d.index == len(seen) - (d.index in seen)
                 seen.add(d.index)
-        if whole.tool_calls:
-            content = "".join(d for d in deltas if isinstance(d, str))
-            assert not any(m in content for m in MARKUP), content
+        pieces = [d for d in deltas if isinstance(d, str)]
+        assert all(pieces)
+        if whole.tool_calls and not any(m in (content or "") for m in MARKUP):  # not a malformed block
+            assert not any(m in p for p in pieces for m in MARKUP), pieces
     first = next(d for d in _stream(fmt, reply, []) if isinstance(d, ToolCallDelta)) if whole.tool_calls else None
     if first is not None:
         assert first.openai() == {"index": 0, "id": whole.tool_calls[0].id, "type": "function",
@@ -448,7 +458,7 @@ def test_the_plan_renders_tools_natively_or_through_the_generic_fallback(tools):
     assert native.constraint == tool_constraint(tools, ToolChoice("function", "ping"), FORMATS["hermes"], False)
     text = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(QWEN_STYLE).render(
         messages=native.messages, tools=native.template_tools)
-    assert json.dumps(TOOLS_JSON[1], sort_keys=True) in text  # the template saw the tools and the calls' arguments as objects
+    assert json.dumps(TOOLS_JSON[1], sort_keys=True) in text  # the tools, and the calls' arguments as objects:
     assert f'{{"name": "get_weather", "arguments": {W_ARGS}}}' in text
 
     none = plan_tools(HISTORY, TOOLS_JSON, "none", chat_template=QWEN_STYLE, vocab=vocab, special_ids=special)

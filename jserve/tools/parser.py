@@ -13,7 +13,9 @@ The rules (the same for every format, see ``jserve.tools.formats``):
   as OpenAI does with finish reason "length".
 - A call object whose keys come in another order (``"arguments"`` first) or whose arguments are a
   JSON string is taken whole once complete (name and arguments in one delta).
-- A marker followed by anything else (malformed JSON, no name) is content, marker included.
+- A marker followed by anything else (malformed JSON, no name) is content, marker included. But a
+  reply that has calls and ends (max_tokens) inside the next call's opening, or inside a closing
+  marker, or in a marker's first characters, drops that cut-short markup.
 - Whitespace right before or after a call block is dropped; text after a block is content (for the
   start-only formats no further block is looked for).
 """
@@ -111,6 +113,25 @@ def _string_end(buf: str, i: int, eof: bool) -> int:
     return _FAIL if eof else _NEED
 
 
+def _scan_header(buf: str, i: int, keys: tuple[str, ...], eof: bool) -> tuple[int, int, int]:
+    """``{"name": "<string>", "<key>": {`` from ``i``: (the position after it, or _NEED / _FAIL;
+    where the name's JSON string starts; where it ends)."""
+    name_at = name_end = 0
+    r = _literals(buf, i, ("{", '"name"', ":"), eof)
+    if r >= 0:
+        name_at = _skip_ws(buf, r)
+        if name_at == len(buf):
+            r = _FAIL if eof else _NEED
+        else:
+            r = name_end = _string_end(buf, name_at, eof) if buf[name_at] == '"' else _FAIL
+    if r >= 0:
+        r = _literals(buf, r, (",",), eof)
+    if r >= 0:
+        ends = [_literals(buf, r, (json.dumps(k), ":", "{"), eof) for k in keys]
+        r = max(ends) if max(ends) >= 0 else (_NEED if _NEED in ends else _FAIL)
+    return r, name_at, name_end
+
+
 class _Scanner:
     """Tracks nesting through JSON text, one character at a time (strings and escapes aware)."""
 
@@ -157,6 +178,7 @@ class ToolStreamParser:
         self._in_block = 0  # calls committed in the current block
         self._calls = 0
         self._scan = _Scanner()
+        self._whole_at: tuple[int, int, _Scanner] = (-1, -1, self._scan)  # object start, scanned to
         self._out: list[Delta] = []
         self._eof = False
 
@@ -178,6 +200,8 @@ class ToolStreamParser:
         keep = min(self._pos, self._block_start) if self._state != "text" else self._pos
         self._buf, self._pos, self._search = self._buf[keep:], self._pos - keep, max(self._search - keep, 0)
         self._block_start = max(self._block_start - keep, 0)
+        at, reached, scanner = self._whole_at
+        self._whole_at = (at - keep, reached - keep, scanner) if at >= keep else (-1, -1, scanner)
         out, self._out = self._out, []
         return out
 
@@ -214,14 +238,15 @@ class ToolStreamParser:
             self._text_out(buf[pos:m])
             return self._open_block(m)
         hold = len(buf)
-        if not self._eof:
-            longest = max(map(len, self.fmt.markers))
-            for m in range(max(start, len(buf) - longest + 1), len(buf)):
-                if any(k.startswith(buf[m:]) for k in self.fmt.markers):
-                    hold = m
-                    break
+        longest = max(map(len, self.fmt.markers))
+        for m in range(max(start, len(buf) - longest + 1), len(buf)):
+            if any(k.startswith(buf[m:]) for k in self.fmt.markers):
+                hold = m
+                break
+        if self._eof and not (self._calls and hold < len(buf)):
+            hold = len(buf)  # the reply's end: a marker's beginning is text, unless it follows calls
         self._text_out(buf[pos:hold])
-        self._pos = hold
+        self._pos = len(buf) if self._eof else hold
         return False
 
     def _open_block(self, at: int) -> bool:
@@ -250,6 +275,8 @@ class ToolStreamParser:
                 self._pos = r
                 self._state = "header"
                 return True
+        if self._drop_truncated(self._block_start, opening=True):
+            return True
         return self._fail(self._block_start)
 
     def _start_call(self, name: str, arguments: str = "") -> None:
@@ -261,20 +288,8 @@ class ToolStreamParser:
         self._at_start = False
 
     def _header(self) -> bool:
-        buf, eof = self._buf, self._eof
-        name_at = name_end = 0
-        r = _literals(buf, self._pos, ("{", '"name"', ":"), eof)
-        if r >= 0:
-            name_at = _skip_ws(buf, r)
-            if name_at == len(buf):
-                r = _FAIL if eof else _NEED
-            else:
-                r = name_end = _string_end(buf, name_at, eof) if buf[name_at] == '"' else _FAIL
-        if r >= 0:
-            r = _literals(buf, r, (",",), eof)
-        if r >= 0:
-            ends = [_literals(buf, r, (json.dumps(k), ":", "{"), eof) for k in self.fmt.keys]
-            r = max(ends) if max(ends) >= 0 else (_NEED if _NEED in ends else _FAIL)
+        buf = self._buf
+        r, name_at, name_end = _scan_header(buf, self._pos, self.fmt.keys, self._eof)
         if r == _NEED:
             return False
         if r < 0:
@@ -297,7 +312,11 @@ class ToolStreamParser:
         if start == len(buf) and not self._eof:
             return False
         if start < len(buf) and buf[start] == "{":
-            end, closed = _Scanner().run(buf, start)
+            if self._whole_at[0] != start:
+                self._whole_at = (start, start, _Scanner())
+            _, reached, scanner = self._whole_at
+            end, closed = scanner.run(buf, reached)
+            self._whole_at = (start, end, scanner)
             if not closed:
                 return False if not self._eof else self._fail_call()
             try:
@@ -319,9 +338,36 @@ class ToolStreamParser:
                 return True
         return self._fail_call()
 
+    def _truncated(self, at: int, opening: bool) -> bool:
+        """Whether the reply ended (at eof) inside a call's opening from ``at``: a block marker,
+        its header or its object, cut short rather than malformed."""
+        buf = self._buf
+        starts = [_literals(buf, at, pieces, False) for pieces in self.fmt.opens] if opening else [at]
+        for r in starts:
+            if r == _NEED:
+                return True
+            if r >= 0:
+                if _scan_header(buf, r, self.fmt.keys, False)[0] == _NEED:
+                    return True
+                j = _skip_ws(buf, r)
+                if j == len(buf) or (buf[j] == "{" and not _Scanner().run(buf, j)[1]):
+                    return True
+        return False
+
+    def _drop_truncated(self, at: int, opening: bool) -> bool:
+        """A reply with calls that ends inside the next one's opening: that markup is dropped."""
+        if self._eof and self._calls and self._truncated(at, opening):
+            self._pos, self._state = len(self._buf), "text"
+            return True
+        return False
+
     def _fail_call(self) -> bool:
         if self._in_block == 0:
+            if self._drop_truncated(self._block_start, opening=True):
+                return True
             return self._fail(self._block_start)
+        if self._drop_truncated(self._pos, opening=False):
+            return True
         self._after_call = True
         return self._fail(self._pos)
 
@@ -356,6 +402,8 @@ class ToolStreamParser:
         r = _literals(buf, self._pos, self.fmt.close, eof)
         if r == _NEED:
             return False
+        if r == _FAIL and eof and _literals(buf, self._pos, self.fmt.close, False) == _NEED:
+            r = len(buf)  # the reply ended inside the closing marker
         self._after_call = True
         self._state = "text"
         if r >= 0:
