@@ -324,7 +324,7 @@ def test_every_output_of_a_forced_grammar_parses_into_calls_that_validate(gramma
     choice = CHOICES.get(mode, CHOICES["required"])
     constraint = tool_constraint(tools, choice, f, parallel=mode != "single")
     rng = random.Random(f"{fmt}-{mode}")
-    finished = 0
+    finished, names = 0, set()
     for _ in range(8):
         text = _walk(grammars, constraint, rng)
         if text is None:
@@ -337,7 +337,8 @@ def test_every_output_of_a_forced_grammar_parses_into_calls_that_validate(gramma
         for call in got.tool_calls:
             assert mode != "named" or call.name == "get_weather"
             jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
-    assert finished >= 6
+            names.add(call.name)
+    assert finished >= 6 and len(names) >= (1 if mode == "named" else 2)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
