@@ -280,7 +280,7 @@ class ToolStreamParser:
         return self._fail(self._block_start)
 
     def _start_call(self, name: str, arguments: str = "") -> None:
-        if self._calls == 0 or self._in_block == 0:
+        if self._in_block == 0:  # the block is a call: the whitespace before it goes
             self._pending_ws = ""
         self._out.append(ToolCallDelta(self._calls, arguments, new_call_id(self._rng), name))
         self._calls += 1
