@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import warnings
 
-import jax
-import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,24 +12,8 @@ from jserve import checkpoint
 from jserve.engine import ACTIVE, TOKEN, ChunkRow, JaxEngine
 from jserve.sampling import SamplingParams
 
+from .compile_watch import CompileWatch
 from .conftest import QUANT_MODES
-
-TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
-
-
-class CompileCounter:
-    def __init__(self):
-        self.count = 0
-        self.on = False
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, name, _secs, **_kw):
-        if self.on and name == TRACE_EVENT:
-            self.count += 1
-
-
-_counter = CompileCounter()
-
 
 ENGINE_MODES = [(jnp.float32, q) for q in QUANT_MODES] + [(jnp.float32, "int8-dynamic"), (jnp.bfloat16, None)]
 
@@ -41,15 +23,14 @@ def engine(tiny_ckpt, request):
     dtype, quant = request.param
     cfg, params, _ = checkpoint.load(tiny_ckpt, dtype, quantize=quant)
     eng = JaxEngine(cfg, params, slots=3, max_len=96, max_prompt_len=40, top_logprobs=2, cache_dtype=dtype)
-    _counter.count, _counter.on = 0, True
-    eng.warmup()
-    _counter.on = False
-    eng.warmup_traces = _counter.count
+    with CompileWatch() as watch:
+        eng.warmup()
+    eng.warmup_traces = watch.count
     return eng
 
 
-def test_warmup_compiles_every_bucket_and_the_counter_sees_it(engine):
-    # At least extend per row bucket and generate are traced: the counter is not blind.
+def test_warmup_compiles_every_bucket_and_the_watch_sees_it(engine):
+    # At least extend per row bucket and generate are traced: the watch is not blind.
     # (begin, copy and release may be shared with an earlier engine in this process: same shapes.)
     assert engine.warmup_traces >= len(engine.chunk_rows) + 1
 
@@ -57,26 +38,22 @@ def test_warmup_compiles_every_bucket_and_the_counter_sees_it(engine):
 def test_serving_after_warmup_compiles_nothing_and_donation_is_clean(engine):
     rng = np.random.default_rng(0)
     state = engine.init_state()
-    _counter.count, _counter.on = 0, True
-    with warnings.catch_warnings():
+    with CompileWatch() as watch, warnings.catch_warnings():
         warnings.simplefilter("error")  # "Some donated buffers were not usable" would raise here
-        try:
-            for i, n in enumerate([1, 5, 16, 17, 33, 40, 2, 30]):
-                p = SamplingParams(temperature=[0.0, 0.7][i % 2], top_k=i, top_p=0.9, repetition_penalty=1.1)
-                state, _ = engine.prefill(state, i % engine.slots, rng.integers(0, engine.vocab_size, n).tolist(), p,
-                                          seed=i)
-                if i and n < 40:  # a prefix copied from another slot, then a chunk run after it
-                    state = engine.copy(state, (i - 1) % engine.slots, (i + 1) % engine.slots, n)
-                    state = engine.begin(state, (i + 1) % engine.slots, [3] * (n + 1), p, seed=i)
-                    state, _ = engine.extend(state, [ChunkRow((i + 1) % engine.slots, n, [3], True)])
-                    state = engine.release(state, (i + 1) % engine.slots)
-                for _ in range(3):
-                    state, out = engine.generate(state)
-                    np.asarray(out)
-                state = engine.release(state, i % engine.slots)
-        finally:
-            _counter.on = False
-    assert _counter.count == 0
+        for i, n in enumerate([1, 5, 16, 17, 33, 40, 2, 30]):
+            p = SamplingParams(temperature=[0.0, 0.7][i % 2], top_k=i, top_p=0.9, repetition_penalty=1.1)
+            state, _ = engine.prefill(state, i % engine.slots, rng.integers(0, engine.vocab_size, n).tolist(), p,
+                                      seed=i)
+            if i and n < 40:  # a prefix copied from another slot, then a chunk run after it
+                state = engine.copy(state, (i - 1) % engine.slots, (i + 1) % engine.slots, n)
+                state = engine.begin(state, (i + 1) % engine.slots, [3] * (n + 1), p, seed=i)
+                state, _ = engine.extend(state, [ChunkRow((i + 1) % engine.slots, n, [3], True)])
+                state = engine.release(state, (i + 1) % engine.slots)
+            for _ in range(3):
+                state, out = engine.generate(state)
+                np.asarray(out)
+            state = engine.release(state, i % engine.slots)
+    watch.assert_nothing_traced()
 
 
 def test_step_result_packs_tokens_logprobs_flags_and_top_alternatives(engine):

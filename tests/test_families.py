@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import jax
-import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ import pytest
 from jserve import LLM, checkpoint, convert, model
 from jserve.sampling import SamplingParams
 
-from .test_engine import TRACE_EVENT
+from .compile_watch import CompileWatch
 
 DATA = pathlib.Path(__file__).parent / "data" / "tiny_hf"
 FAMILIES = ["qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "phi3_longrope", "mixtral", "qwen3_moe"]
@@ -106,14 +105,13 @@ def test_greedy_through_the_continuous_batching_engine_equals_transformers(conve
     log-probability. Nothing compiles while serving."""
     ref = _reference(name)
     llm = LLM(converted[name], slots=2, max_len=96, max_prompt_len=48, top_logprobs=1, compile_cache=None)
-    traces, serving = [], [True]
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, _s, **_k: traces.append(event) if event == TRACE_EVENT and serving[0] else None)
+    llm.engine.wait_ready()  # the larger prompt-chunk calls are compiled in the background
     try:
         prompts = [ref["prompt"].tolist()] + [row.tolist() for row in ref["ids"]]
-        results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=1))
+        with CompileWatch() as watch:
+            results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
+                                                           logprobs=1))
     finally:
-        serving[0] = False
         llm.close(drain=False)
     assert results[0].token_ids == ref["greedy"].tolist()
     for row, res in zip(ref["logits"], results[1:]):
@@ -121,7 +119,7 @@ def test_greedy_through_the_continuous_batching_engine_equals_transformers(conve
         logp = last - last.max() - np.log(np.exp(last - last.max()).sum())
         assert res.token_ids[0] == int(last.argmax())
         assert res.logprobs[0] == pytest.approx(logp[res.token_ids[0]], abs=1e-4)
-    assert traces == []
+    watch.assert_nothing_traced()
 
 
 def test_a_converted_family_is_served_over_grpc(converted):

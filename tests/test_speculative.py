@@ -13,6 +13,8 @@ from jserve import SamplingParams, checkpoint, model
 from jserve.engine import ACTIVE, LOGPROB, TOKEN, JaxEngine, verify_widths
 from jserve.speculative import MIN_RATE, Acceptance, PromptLookup, SpecPolicy
 
+from .compile_watch import CompileWatch
+
 # ---- the drafter and the policy, on the host ---------------------------------------------------
 
 
@@ -298,9 +300,6 @@ class AlwaysVerify(SpecPolicy):
         return max(options)
 
 
-TRACE_EVENT = "/jax/core/compile/tracing_duration"
-
-
 @pytest.fixture(scope="module")
 def spec_llm(tiny_ckpt):
     from jserve import LLM
@@ -314,10 +313,6 @@ def spec_llm(tiny_ckpt):
     llm = LLM(tiny_ckpt, slots=4, max_len=128, max_prompt_len=64, top_logprobs=2, speculate=4, on_event=on_event)
     llm.orchestrator.policy = AlwaysVerify()
     llm.events = events
-    traces = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda name, _s, **_k: traces.append(name) if name == TRACE_EVENT else None)
-    llm.traces = traces
     yield llm
     llm.close(drain=False)
 
@@ -347,18 +342,18 @@ def _compare(llm, params_list):
 
 def test_speculating_batch_equals_plain_decoding(spec_llm):
     before = dict(spec_llm.events)
-    spec_llm.traces.clear()
-    results = _compare(spec_llm, [
-        SamplingParams(temperature=0.0, max_tokens=40, logprobs=2),
-        SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_tokens=40, logprobs=0),
-        SamplingParams(temperature=0.0, max_tokens=40, repetition_penalty=1.2, presence_penalty=0.3),
-        SamplingParams(temperature=1.0, top_k=8, seed=5, max_tokens=33, frequency_penalty=0.5),
-    ])
+    with CompileWatch() as watch:
+        results = _compare(spec_llm, [
+            SamplingParams(temperature=0.0, max_tokens=40, logprobs=2),
+            SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_tokens=40, logprobs=0),
+            SamplingParams(temperature=0.0, max_tokens=40, repetition_penalty=1.2, presence_penalty=0.3),
+            SamplingParams(temperature=1.0, top_k=8, seed=5, max_tokens=33, frequency_penalty=0.5),
+        ])
     assert all(r.completion_tokens >= 1 for r in results)
     drafted = spec_llm.events["spec_drafted"] - before.get("spec_drafted", 0)
     accepted = spec_llm.events["spec_accepted"] - before.get("spec_accepted", 0)
     assert drafted > 0 and 0 < accepted <= drafted  # drafts were checked and some kept
-    assert spec_llm.traces == []  # nothing compiled while serving: verify was compiled at warm-up
+    watch.assert_nothing_traced()  # nothing compiled while serving: verify was compiled at warm-up
 
 
 def test_a_request_that_opts_out_keeps_every_step_plain_and_its_bits(spec_llm):
