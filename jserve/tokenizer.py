@@ -1,26 +1,29 @@
-"""Tokenizer: byte-level BPE (``tokenizers``), the model's own chat template (jinja2), and
-incremental detokenization for streaming.
+"""Tokenizer: the model's ``tokenizers`` tokenizer, its chat template (``chat_template.py``) and
+incremental detokenization for streaming (``detokenize.py``).
 
 Saved beside a checkpoint as ``tokenizer.json`` (the ``tokenizers`` format) and
-``tokenizer_config.json`` (chat template, special token ids).
+``tokenizer_config.json`` (chat template(s), special token ids and names); a ``chat_template.jinja``
+beside them takes the place of the config's template, as in transformers.
 """
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import functools
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jinja2
-import jinja2.sandbox
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from jserve.chat_template import ChatTemplate, ChatTemplateError, Templates, load_templates, normalize_templates
+from jserve.detokenize import IncrementalDetokenizer, byte_fallback_ids, max_input_bytes_per_token, token_table
+
+__all__ = ["ChatTemplateError", "IncrementalDetokenizer", "TextTokenizer", "TokenizerConfig", "tokenizer_from_gguf"]
 
 # GGUF ``tokenizer.ggml.token_type`` values (llama.cpp's llama_token_type).
-_CONTROL, _USER_DEFINED = 3, 4
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 # Pre-tokenizer regexes by GGUF ``tokenizer.ggml.pre``.
 _LLAMA3_SPLIT = (
@@ -45,25 +48,78 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
+    """``chat_template``: one template, or templates by name (``default``, ``tool_use``);
+    ``special_tokens``: the named special tokens templates see (``{"bos_token": "<s>", ...}``;
+    None: ``bos_token`` / ``eos_token`` from the ids)."""
+
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    chat_template: str | None
+    chat_template: Templates | None
     add_bos_token: bool = False
     special_ids: tuple[int, ...] = ()
+    special_tokens: dict[str, str] | None = None
 
 
-def tokenizer_from_gguf(fields: dict[str, Any]) -> tuple[Tokenizer, TokenizerConfig]:
-    """Build the tokenizer from GGUF metadata (``tokenizer.ggml.*``, already decoded)."""
-    if fields.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"only byte-level BPE ('gpt2') GGUF tokenizers are supported, "
-                         f"got {fields.get('tokenizer.ggml.model')!r}")
-    tokens: list[str] = fields["tokenizer.ggml.tokens"]
-    types: list[int] = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
+def _byte_level_from_gguf(fields: dict[str, Any], tokens: list[str]) -> Tokenizer:
     merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = _pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"))
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece_from_gguf(fields: dict[str, Any], tokens: list[str], types: list[int]) -> Tokenizer:
+    """llama.cpp's SentencePiece vocabulary (``"llama"``: Llama 2, Mistral v0.x, Gemma, Phi-3) as a BPE
+    with byte fallback, Metaspace normalization and decoding. SentencePiece's BPE merges the pair
+    whose merged piece scores highest, so the merges are every split of a normal piece into two
+    pieces of the vocabulary, ranked by the merged piece's score."""
+    scores: list[float] = list(fields.get("tokenizer.ggml.scores", [0.0] * len(tokens)))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, piece in enumerate(tokens):
+        if types[i] != _NORMAL:
+            continue
+        for k in range(1, len(piece)):
+            a, b = vocab.get(piece[:k]), vocab.get(piece[k:])
+            if a is not None and b is not None and types[a] in (_NORMAL, _UNKNOWN) and types[b] in (_NORMAL, _UNKNOWN):
+                ranked.append((-scores[i], i, a, b))
+    ranked.sort()
+    merges = [(tokens[a], tokens[b]) for _, _, a, b in ranked]
+    unk = fields.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk] if unk is not None else None,
+                               fuse_unk=True, byte_fallback=True))
+    prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
+    replace = normalizers.Replace(" ", "▁")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if prefix else replace
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix else steps)
+    return tok
+
+
+def _gguf_templates(fields: dict[str, Any]) -> Templates | None:
+    """``tokenizer.chat_template`` plus any ``tokenizer.chat_template.<name>`` (named templates)."""
+    named = {k.removeprefix("tokenizer.chat_template."): v for k, v in fields.items()
+             if k.startswith("tokenizer.chat_template.") and isinstance(v, str)}
+    main = fields.get("tokenizer.chat_template")
+    if not named:
+        return main
+    return normalize_templates({**({"default": main} if main else {}), **named})
+
+
+def tokenizer_from_gguf(fields: dict[str, Any]) -> tuple[Tokenizer, TokenizerConfig]:
+    """Build the tokenizer from GGUF metadata (``tokenizer.ggml.*``, already decoded): byte-level
+    BPE (``"gpt2"``) or SentencePiece (``"llama"``)."""
+    model = fields.get("tokenizer.ggml.model")
+    tokens: list[str] = fields["tokenizer.ggml.tokens"]
+    types: list[int] = list(fields.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
+    if model == "gpt2":
+        tok = _byte_level_from_gguf(fields, tokens)
+    elif model == "llama":
+        tok = _sentencepiece_from_gguf(fields, tokens, types)
+    else:
+        raise ValueError(f"only byte-level BPE ('gpt2') and SentencePiece ('llama') GGUF tokenizers are "
+                         f"supported, got {model!r}")
     special = [i for i, ty in enumerate(types) if ty in (_CONTROL, _USER_DEFINED)]
     tok.add_special_tokens([AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False)
                             for i in special])
@@ -73,19 +129,11 @@ def tokenizer_from_gguf(fields: dict[str, Any]) -> tuple[Tokenizer, TokenizerCon
     cfg = TokenizerConfig(
         bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=eos_ids,
-        chat_template=fields.get("tokenizer.chat_template"),
-        add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=_gguf_templates(fields),
+        add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", model == "llama")),
         special_ids=tuple(i for i in special if types[i] == _CONTROL),
     )
     return tok, cfg
-
-
-def _raise(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-class ChatTemplateError(ValueError):
-    """The messages cannot be rendered by the model's chat template."""
 
 
 class TextTokenizer:
@@ -95,39 +143,25 @@ class TextTokenizer:
         self.tok = tok
         self.cfg = cfg
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self._special = frozenset(cfg.special_ids)
-        self._token_bytes = self._byte_table()
-        self._template = None
-        if cfg.chat_template:
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise
-            self._template = env.from_string(cfg.chat_template)
+        # What ``Tokenizer.decode(skip_special_tokens=True)`` leaves out.
+        self.special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        self._byte_ids = byte_fallback_ids(tok)
+        self._chat = ChatTemplate(cfg.chat_template, self._special_tokens()) if cfg.chat_template else None
 
-    def _byte_table(self) -> list[bytes]:
-        """The exact bytes each token id stands for (special tokens: their text)."""
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-        cs, n = list(bs), 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        byte_of = {chr(c): b for b, c in zip(bs, cs)}
-        table = []
-        for i in range(self.vocab_size):
-            piece = self.tok.id_to_token(i)
-            if piece is None:
-                table.append(b"")
-            elif i in self._special or any(ch not in byte_of for ch in piece):
-                table.append(piece.encode("utf-8"))
-            else:
-                table.append(bytes(byte_of[ch] for ch in piece))
-        return table
+    def _special_tokens(self) -> dict[str, str]:
+        named = {"bos_token": self._piece(self.cfg.bos_token_id),
+                 "eos_token": self._piece(next(iter(self.cfg.eos_token_ids), None))}
+        return {**{k: v for k, v in named.items() if v}, **(self.cfg.special_tokens or {})}
+
+    @functools.cached_property
+    def _token_bytes(self) -> list[bytes]:
+        return token_table(self.tok)
 
     @functools.cached_property
     def max_token_bytes(self) -> int:
-        """The most bytes of text one token stands for: a text of ``b`` bytes has >= b / this tokens."""
-        return max(map(len, self._token_bytes), default=1) or 1
+        """The most bytes of input text one token can cover: a text of ``b`` bytes has >= b / this
+        tokens (``detokenize.UNBOUNDED`` for tokenizers where nothing bounds it)."""
+        return max_input_bytes_per_token(self.tok, self._token_bytes)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -135,7 +169,11 @@ class TextTokenizer:
 
     @property
     def has_chat_template(self) -> bool:
-        return self._template is not None
+        return self._chat is not None
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        return self._chat
 
     def encode(self, text: str) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -143,18 +181,20 @@ class TextTokenizer:
             ids = [self.cfg.bos_token_id, *ids]
         return ids
 
-    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        if self._template is None:
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None, **template_kwargs: Any) -> str:
+        """The chat as the model's template renders it in transformers' ``apply_chat_template``.
+        ``messages`` may carry any fields (``tool_calls``, ``tool_call_id``, content None or parts);
+        ``tools``: OpenAI-style tool dicts; ``template_kwargs``: more variables (``documents``,
+        ``enable_thinking``, ``template_name`` to pick a named template)."""
+        if self._chat is None:
             raise ChatTemplateError("this model has no chat template; send text or token ids")
-        try:
-            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         bos_token=self._piece(self.cfg.bos_token_id),
-                                         eos_token=self._piece(next(iter(self.cfg.eos_token_ids), None)))
-        except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"chat template refused the messages: {e}") from e
+        return self._chat.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                 **template_kwargs)
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        return self.encode_rendered(self.render_chat(messages))
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+                    **template_kwargs: Any) -> list[int]:
+        return self.encode_rendered(self.render_chat(messages, tools=tools, **template_kwargs))
 
     def encode_rendered(self, text: str) -> list[int]:
         """Token ids of a rendered chat, which already holds its special tokens as text."""
@@ -164,19 +204,24 @@ class TextTokenizer:
         return "" if i is None else (self.tok.id_to_token(i) or "")
 
     def token_bytes(self, i: int, skip_special: bool = True) -> bytes:
-        if skip_special and i in self._special:
+        """The bytes token ``i`` stands for in the middle of a text (possibly part of a character;
+        ``b""`` for a skipped special token or an id outside the vocabulary)."""
+        if skip_special and i in self.special_ids:
             return b""
         return self._token_bytes[i] if 0 <= i < self.vocab_size else b""
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
-        return b"".join(self.token_bytes(i, skip_special) for i in ids).decode("utf-8", errors="replace")
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def detokenizer(self, skip_special: bool = True) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self, skip_special)
+        return IncrementalDetokenizer(self.tok, skip_special, self._byte_ids, self.special_ids)
 
     def save(self, directory: pathlib.Path) -> None:
         self.tok.save(str(directory / "tokenizer.json"))
-        (directory / "tokenizer_config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        d = dataclasses.asdict(self.cfg)
+        if d["special_tokens"] is None:  # the names come from the ids
+            del d["special_tokens"]
+        (directory / "tokenizer_config.json").write_text(json.dumps(d, indent=2))
 
     @classmethod
     def load(cls, directory: pathlib.Path) -> TextTokenizer:
@@ -184,24 +229,5 @@ class TextTokenizer:
         d = json.loads((directory / "tokenizer_config.json").read_text())
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
         d["special_ids"] = tuple(d.get("special_ids", ()))
+        d["chat_template"] = load_templates(directory)
         return cls(tok, TokenizerConfig(**d))
-
-
-class IncrementalDetokenizer:
-    """Turns a stream of token ids into text pieces, never splitting a UTF-8 character.
-
-    Bytes of a character cut across tokens are held until the character completes; bytes that
-    can never form valid UTF-8 become U+FFFD exactly as a whole decode would. ``flush`` at the
-    end emits whatever is still held, so the concatenated pieces equal ``decode(all ids)``.
-    """
-
-    def __init__(self, tokenizer: TextTokenizer, skip_special: bool = True):
-        self._tokenizer = tokenizer
-        self._skip_special = skip_special
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def add(self, token_id: int) -> str:
-        return self._decoder.decode(self._tokenizer.token_bytes(token_id, self._skip_special))
-
-    def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)
