@@ -62,6 +62,25 @@ def _close_open() -> None:
             log.exception("could not close an LLM at exit")
 
 
+class _Collector(Stream):
+    """An offline request's stream: each piece is kept as the orchestrator hands it over, so
+    nothing is ever left undelivered (no slow-reader bound applies); ``done`` is set with the
+    final piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.pieces: list[StreamOutput] = []
+        self.done = threading.Event()
+
+    def put(self, out: StreamOutput) -> None:
+        self.pieces.append(out)
+        if out.finish_reason is not None:
+            self.done.set()
+
+    def backlog(self) -> int:
+        return 0
+
+
 def collect(pieces: Sequence[StreamOutput]) -> Result:
     last = pieces[-1]
     return Result(
@@ -170,7 +189,8 @@ class LLM:
     False alternates host and device, for comparison). ``on_fatal(message)`` is called (on the
     orchestrator's thread) if the engine fails and cannot be rebuilt: every request has then
     ended with an error and new ones are refused. ``max_undelivered``: output pieces a consumer
-    may leave unread; past that its request ends (finish reason ``slow_reader``), freeing its slot.
+    may leave unread; past that its request ends (finish reason ``slow_reader``), freeing its slot
+    (not ``generate``'s requests: it keeps every piece as it comes).
     ``prefill_budget``: prompt tokens run per decode step while streams are live (rounded down to
     whole chunks of ``engine.chunk``, at least one). ``prefix_cache``: reuse the keys/values of
     prompt prefixes already in some slot (on by default). ``speculate``: speculative decoding
@@ -299,10 +319,14 @@ class LLM:
         if request_id is not None and len(request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequestError(f"request_id may have at most {MAX_REQUEST_ID_CHARS} characters, "
                                       f"got {len(request_id)}")
+        return self._submit(prompt, params, Stream(loop), request_id=request_id, timeout=timeout, block=block)
+
+    def _submit(self, prompt: PromptInput, params: SamplingParams, stream: Stream, *, request_id: str | None = None,
+                timeout: float | None = None, block: bool = False) -> Stream:
         ids = self.prepare(prompt, params)
         matcher = self._matcher(params)
         deadline = time.monotonic() + timeout if timeout is not None else None
-        return self.orchestrator.submit(ids, params, Stream(loop), request_id=request_id, deadline=deadline,
+        return self.orchestrator.submit(ids, params, stream, request_id=request_id, deadline=deadline,
                                         block=block, matcher=matcher)
 
     def _matcher(self, params: SamplingParams):
@@ -331,14 +355,15 @@ class LLM:
         plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        # Submit from a helper thread (it blocks while the waiting queue is full) and collect here
-        # in input order, so results are handed out while later prompts still run.
-        submitted: queue.Queue[Stream | Exception] = queue.Queue()
+        # Submit from a helper thread (it blocks while the waiting queue is full) and hand results
+        # out here in input order, while later prompts still run. Every piece is kept as it comes
+        # (``_Collector``): an output waiting for the ones before it is never cut as a slow reader.
+        submitted: queue.Queue[_Collector | Exception] = queue.Queue()
 
         def submit_all() -> None:
             for prompt, p in zip(prompts, plist):
                 try:
-                    submitted.put(self.submit(prompt, p, block=True))
+                    submitted.put(self._submit(prompt, p or SamplingParams(), _Collector(), block=True))
                 except Exception as e:  # handed to the caller in this prompt's place
                     submitted.put(e)
 
@@ -351,7 +376,8 @@ class LLM:
             elif isinstance(s, Exception):
                 raise s
             else:
-                r = collect(list(s))
+                s.done.wait()
+                r = collect(s.pieces)
             results.append(r)
             if on_finish is not None:
                 on_finish(i, r)

@@ -125,11 +125,11 @@ class Stream:
         self._q: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
         self._orch: Orchestrator | None = None
         self._put = self._taken = 0  # each written by one thread only: the producer, the consumer
+        self.request: Request | None = None
 
     def backlog(self) -> int:
         """Pieces put and not yet taken by the consumer."""
         return self._put - self._taken
-        self.request: Request | None = None
 
     def put(self, out: StreamOutput) -> None:
         self._put += 1
