@@ -34,6 +34,9 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 Templates = str | dict[str, str]
+# What a template raises on messages it cannot handle: its own refusal (``raise_exception``), or an
+# operation on a field of the wrong type (content parts added to a string, a missing key, ...).
+_RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError)
 
 
 class ChatTemplateError(ValueError):
@@ -202,5 +205,5 @@ class ChatTemplate:
                                    tools=None if tools is None else list(tools),
                                    documents=None if documents is None else list(documents),
                                    add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.TemplateError as e:
+        except _RENDER_ERRORS as e:
             raise ChatTemplateError(f"chat template refused the messages: {e}") from e

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jserve import checkpoint
+from jserve import chat_template, checkpoint
 from jserve.config import ModelConfig, RopeScaling
 from jserve.tokenizer import TextTokenizer, TokenizerConfig
 
@@ -178,8 +178,8 @@ def _hf_tokenizer(directory: pathlib.Path, cfg: ModelConfig) -> TextTokenizer | 
     special = tuple(sorted(int(i) for i, t in tc.get("added_tokens_decoder", {}).items() if t.get("special")))
     return TextTokenizer(tok, TokenizerConfig(
         bos_token_id=cfg.bos_token_id, eos_token_ids=cfg.eos_token_ids,
-        chat_template=tc.get("chat_template"), add_bos_token=bool(tc.get("add_bos_token", False)),
-        special_ids=special,
+        chat_template=chat_template.load_templates(directory), add_bos_token=bool(tc.get("add_bos_token", False)),
+        special_ids=special, special_tokens=chat_template.special_tokens(tc) or None,
     ))
 
 
