@@ -383,9 +383,9 @@ class Orchestrator:
             return False
         hints = [run.acceptance for run in runs if run.draft_hint and self._may_draft(run)]
         bucket = self.engine.verify_bucket(len(self._running))
-        options = {w: sum(acc.expected(min(self.spec_tokens, w - 1)) for acc in hints)
-                   for w in self.engine.widths_for(bucket)}
-        return self.policy.could_pay(len(self._running), bucket, options)
+        widths = self.engine.ready_widths(bucket)  # shapes still compiling in the background are not offered
+        options = {w: sum(acc.expected(min(self.spec_tokens, w - 1)) for acc in hints) for w in widths}
+        return bool(widths) and self.policy.could_pay(len(self._running), bucket, options)
 
     def _spec_rows(self) -> tuple[list[tuple[int, list[int]]], int] | None:
         """Every live slot with its draft and the verify call's width, if verifying them is
@@ -402,9 +402,11 @@ class Orchestrator:
             accs.append(run.acceptance)
         bucket = e.verify_bucket(len(rows))
         need = e.verify_width(max(len(d) for _, d in rows), bucket)
-        widths = [w for w in e.widths_for(bucket) if w <= need]
+        widths = [w for w in e.ready_widths(bucket) if w <= need]
+        if not widths:
+            return None
         if any(d and acc.idle >= RETRY_STEPS for acc, (_, d) in zip(accs, rows)):
-            widths = [need]  # a draft unchecked for long is checked whole: its acceptance is re-measured
+            widths = [widths[-1]]  # a draft unchecked for long is checked whole: its acceptance is re-measured
         options = {w: sum(acc.expected(min(len(d), w - 1)) for acc, (_, d) in zip(accs, rows)) for w in widths}
         width = self.policy.choose(len(rows), bucket, options)
         if width is None:
@@ -558,7 +560,7 @@ class Orchestrator:
         """Dispatch the next prompt chunks, oldest request first. Returns the state, the packed
         result and ``{row: run}`` for rows that end a prompt (those runs are live from here on)."""
         e = self.engine
-        rows_max = e.max_rows
+        rows_max = e.ready_rows()  # larger calls may still be compiling in the background
         head = next(iter(self._prefilling.values()))
         if any(run.live_since < head.req.arrival for run in self._running.values()):
             # Streams that were live (had their first token) before the oldest prompt arrived keep

@@ -63,5 +63,6 @@ def real_llm(real_ckpt):
     llm = LLM(real_ckpt, slots=4, max_len=128, max_prompt_len=64, speculate=4,
               on_event=lambda kind, req, value: events.update({kind: value}))
     llm.events = events
+    llm.engine.wait_ready()  # verify's shapes are compiled in the background
     yield llm
     llm.close(drain=False)

@@ -24,7 +24,7 @@ def engine(tiny_ckpt, request):
     cfg, params, _ = checkpoint.load(tiny_ckpt, dtype, quantize=quant)
     eng = JaxEngine(cfg, params, slots=3, max_len=96, max_prompt_len=40, top_logprobs=2, cache_dtype=dtype)
     with CompileWatch() as watch:
-        eng.warmup()
+        eng.warmup(background=False)  # every bucket now, inside the watch
     eng.warmup_traces = watch.count
     return eng
 

@@ -311,6 +311,7 @@ def spec_llm(tiny_ckpt):
             events[kind] += value
 
     llm = LLM(tiny_ckpt, slots=4, max_len=128, max_prompt_len=64, top_logprobs=2, speculate=4, on_event=on_event)
+    llm.engine.wait_ready()  # verify's shapes are compiled in the background
     llm.orchestrator.policy = AlwaysVerify()
     llm.events = events
     yield llm

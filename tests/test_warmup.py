@@ -1,0 +1,231 @@
+"""Warm-up in two phases: serving starts once the calls every request needs are compiled; the
+larger ``extend`` buckets and ``verify``'s shapes follow in the background, each used only once
+it is ready, and nothing is ever compiled on a request's path.
+
+The background phase is held at each call it would compile (``Hold``), so what is ready while
+requests are served is decided by the test, not by timing."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from jserve import LLM, SamplingParams
+from jserve.engine import JaxEngine
+from jserve.speculative import SpecPolicy
+
+from .compile_watch import CompileWatch
+
+WARMUP_THREAD = "jserve-warmup"
+
+
+class Hold:
+    """Holds the background phase before each call it compiles until ``allow``-ed to go on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self._cv = threading.Condition()
+        self.allowed = 0  # background compilations that may start
+        self.started = 0
+        self.free = False
+        real = JaxEngine._compile
+
+        def held(engine, key, args, kwargs):
+            if threading.current_thread().name == WARMUP_THREAD:
+                with self._cv:
+                    self.started += 1
+                    self._cv.notify_all()
+                    self._cv.wait_for(lambda: self.free or self.started <= self.allowed)
+            return real(engine, key, args, kwargs)
+
+        monkeypatch.setattr(JaxEngine, "_compile", held)
+
+    def allow(self, n: int) -> None:
+        with self._cv:
+            self.allowed += n
+            self._cv.notify_all()
+
+    def release(self) -> None:
+        with self._cv:
+            self.free = True
+            self._cv.notify_all()
+
+    def wait_started(self, n: int, timeout: float = 300.0) -> None:
+        with self._cv:
+            assert self._cv.wait_for(lambda: self.started >= n, timeout)
+
+
+@pytest.fixture
+def hold(monkeypatch):
+    h = Hold(monkeypatch)
+    yield h
+    h.release()  # never leave a thread waiting (it would hold up the interpreter's exit)
+
+
+class AlwaysVerify(SpecPolicy):
+    """Verifies at every chance, at the widest width offered: a verify shape not offered is never used."""
+
+    def could_pay(self, live: int, rows_bucket: int, options: dict[int, float]) -> bool:
+        return True
+
+    def choose(self, live: int, rows_bucket: int, options: dict[int, float]) -> int:
+        return max(options)
+
+
+class Calls:
+    """Rows of every ``extend`` call and shape of every ``verify`` call the engine makes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.extend: list[int] = []
+        self.verify: list[tuple[int, int]] = []
+        extend, verify = JaxEngine.extend, JaxEngine.verify
+
+        def ext(engine, state, rows, masks=None):
+            self.extend.append(len(rows))
+            return extend(engine, state, rows, masks)
+
+        def ver(engine, state, rows, width=None):
+            self.verify.append((engine.verify_bucket(len(rows)), width))
+            return verify(engine, state, rows, width)
+
+        monkeypatch.setattr(JaxEngine, "extend", ext)
+        monkeypatch.setattr(JaxEngine, "verify", ver)
+
+    def clear(self) -> None:
+        self.extend.clear()
+        self.verify.clear()
+
+
+LONG = [1] + [(37 * i) % 900 + 20 for i in range(149)]  # 150 tokens: 10 rows of 16
+REPETITIVE = [[1, 450, 1134, 288, 34, 450, 1134, 288, 34, 450, 1134, 288], [1, 5, 6, 5, 6, 5, 6, 5]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, speculate=True)
+
+
+def _wait_until(cond, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "the background phase did not get there"
+        time.sleep(0.02)
+
+
+def _serve(llm: LLM, prompts: list[list[int]]) -> tuple[list[list[int]], CompileWatch]:
+    """Each prompt alone (a long prompt has the engine to itself), under a compile watch."""
+    with CompileWatch() as watch:
+        out = [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+    return out, watch
+
+
+def test_requests_are_served_before_the_background_phase_with_ready_calls_only(tiny_ckpt, hold, monkeypatch):
+    events = collections.Counter()
+    llm = LLM(tiny_ckpt, slots=4, max_len=256, max_prompt_len=200, speculate=4, prefix_cache=False,
+              compile_cache=None, on_event=lambda kind, req, value: events.update({kind: value}))
+    try:
+        e = llm.engine
+        llm.orchestrator.policy = AlwaysVerify()
+        calls = Calls(monkeypatch)
+        assert e.chunk_rows == (4, 8, 16, 32) and e.verify_rows == (1, 2, 4)
+        assert e.ready_rows() == 4 and all(e.ready_widths(r) == () for r in e.verify_rows)
+        prompts = [LONG] + REPETITIVE
+
+        # Nothing but the SERVING-ready calls: a long prompt in calls of the smallest bucket, no verify.
+        first, watch = _serve(llm, prompts)
+        watch.assert_nothing_traced()
+        assert calls.extend[0] == 4 and sum(calls.extend[:3]) == 10 and max(calls.extend) == 4
+        assert calls.verify == [] and events["spec_drafted"] == 0
+        assert all(len(t) == GREEDY.max_tokens for t in first)
+
+        # The larger extend buckets ready, verify not yet: a long prompt takes one call, still no verify.
+        hold.allow(3)
+        _wait_until(lambda: e.is_ready(("extend", 32)))
+        hold.wait_started(4)  # the background is held at the first verify shape: it traces nothing now
+        assert e.ready_rows() == 32 and all(e.ready_widths(r) == () for r in e.verify_rows)
+        calls.clear()
+        second, watch = _serve(llm, prompts)
+        watch.assert_nothing_traced()
+        assert calls.extend[0] == 10 and calls.verify == [] and events["spec_drafted"] == 0
+        assert second == first
+
+        # Everything ready: speculation verifies, at the shapes warm-up ran, and still nothing compiles.
+        hold.release()
+        assert e.wait_ready(timeout=600)
+        assert e.ready_widths(1) == (1, 5) and e.ready_widths(4) == (5,)
+        calls.clear()
+        third, watch = _serve(llm, prompts)
+        watch.assert_nothing_traced()
+        assert calls.verify and all(e.is_ready(("verify", r, w)) for r, w in calls.verify)
+        assert events["spec_drafted"] > 0
+        assert third == first  # verify keeps exactly the tokens plain decoding draws
+    finally:
+        llm.close(drain=False)
+
+
+def test_engine_readiness_before_warmup_and_with_background_off(tiny_ckpt):
+    from jserve import checkpoint
+
+    cfg, params, _ = checkpoint.load(tiny_ckpt)
+    eng = JaxEngine(cfg, params, slots=2, max_len=64, speculate=4)
+    # Not warmed up: every call compiles on first use, as a plain jit does, so all count as usable.
+    assert eng.ready_rows() == eng.max_rows and eng.ready_widths(1) == (1, 5)
+    with CompileWatch() as watch:
+        eng.warmup(background=False)
+    assert all(t.name != WARMUP_THREAD for t in threading.enumerate())  # no background phase
+    assert eng.ready_rows() == eng.max_rows and eng.ready_widths(2) == (5,) and eng.wait_ready(0)
+    # Every extend bucket and verify shape was traced inside warm-up (not left to serving).
+    assert watch.traced.count("_extend") >= len(eng.chunk_rows)
+    assert watch.traced.count("_verify") >= sum(len(eng.widths_for(r)) for r in eng.verify_rows)
+
+
+def test_closing_the_llm_while_the_background_phase_compiles_stops_it(tiny_ckpt, hold):
+    llm = LLM(tiny_ckpt, slots=2, max_len=64, speculate=4, compile_cache=None)
+    e = llm.engine
+    thread = e._background
+    pending = [k for k in e._warmup_calls() if not e.is_ready(k)]
+    assert thread is not None and thread.is_alive() and len(pending) > 2
+    hold.allow(1)
+    hold.wait_started(2)  # the first background call is done (or past its stop check); held at the second
+    closer = threading.Thread(target=llm.close, kwargs=dict(drain=False))
+    closer.start()
+    _wait_until(e._stop.is_set, 60)
+    hold.release()  # the held call compiles, then the thread sees the stop and ends
+    closer.join(300)
+    assert not closer.is_alive() and not thread.is_alive()
+    assert [k for k in pending if e.is_ready(k)] == pending[:1]  # stopped: the held call was never published
+
+
+EXIT_SCRIPT = """
+import atexit, logging, pathlib, sys, threading
+from jserve import LLM, checkpoint
+from jserve.engine import JaxEngine
+
+logging.basicConfig(level=logging.INFO, force=True)
+gate = threading.Event()
+real = JaxEngine._compile
+def held(engine, key, args, kwargs):
+    if threading.current_thread().name == "jserve-warmup":
+        gate.wait()
+    return real(engine, key, args, kwargs)
+JaxEngine._compile = held
+
+ckpt = pathlib.Path(sys.argv[1])
+llm = LLM(ckpt, slots=2, max_len=64, speculate=4, compile_cache=None)  # never closed
+cfg, params, _ = checkpoint.load(ckpt)
+eng = JaxEngine(cfg, params, slots=2, max_len=64, speculate=4)
+eng.warmup()
+assert llm.engine._background.is_alive() and eng._background.is_alive()
+atexit.register(gate.set)  # runs first at exit: both threads go on into XLA while the interpreter exits
+print("EXITING", flush=True)
+"""
+
+
+def test_interpreter_exit_during_the_background_phase_is_clean(tiny_ckpt):
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(EXIT_SCRIPT), str(tiny_ckpt)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "EXITING" in proc.stdout
+    assert proc.stderr.count("background compilation stopped") == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Fatal" not in proc.stderr
