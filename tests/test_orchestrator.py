@@ -12,6 +12,8 @@ from jserve import SamplingParams
 from jserve.llm import collect
 from jserve.orchestrator import Orchestrator, QueueFullError, Stream
 
+from .waits import wait_steps, wait_until
+
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
@@ -20,13 +22,37 @@ def _alone(llm, prompt, params):
     return r
 
 
-def _staggered(llm, prompts, params, gap=0.004):
-    """Submit each prompt after a short pause (so they join mid-flight), collect all results."""
+def _staggered(llm, prompts, params, gap_steps=1):
+    """Submit each prompt ``gap_steps`` decode steps after the one before (so they join mid-flight,
+    on any device), collect all results."""
     streams = []
     for p, sp in zip(prompts, params):
         streams.append(llm.submit(p, sp, block=True))
-        time.sleep(gap)
+        wait_steps(llm.orchestrator, gap_steps)
     return [collect(list(s)) for s in streams]
+
+
+class _CountingEngine:
+    """An engine that counts decode steps (``generate`` calls), runs ``before[n]()`` on the loop's
+    thread just before step n (so a cancel or a passing deadline lands at a known step), and logs
+    each ``release`` as (slot, steps so far)."""
+
+    def __init__(self, engine, before: dict | None = None):
+        self._engine, self.before, self.steps, self.released = engine, dict(before or {}), 0, []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, *args, **kwargs):
+        self.steps += 1
+        action = self.before.pop(self.steps, None)
+        if action is not None:
+            action()
+        return self._engine.generate(*args, **kwargs)
+
+    def release(self, state, slot, *args, **kwargs):
+        self.released.append((slot, self.steps))
+        return self._engine.release(state, slot, *args, **kwargs)
 
 
 def test_batch_invariance_24_staggered_requests_in_4_slots(tiny_llm):
@@ -45,7 +71,7 @@ def test_batch_invariance_real_model(real_llm, reference):
     cases = reference["cases"][:6]
     params = [SamplingParams(max_tokens=m, **GREEDY) for m in (12, 20, 8, 16, 10, 14)]
     alone = [_alone(real_llm, c["prompt_ids"], sp).token_ids for c, sp in zip(cases, params)]
-    together = _staggered(real_llm, [c["prompt_ids"] for c in cases], params, gap=0.05)
+    together = _staggered(real_llm, [c["prompt_ids"] for c in cases], params, gap_steps=2)
     assert [t.token_ids for t in together] == alone
 
 
@@ -62,25 +88,45 @@ def test_same_seed_sampling_is_identical_alone_or_among_others(tiny_llm):
     assert different_seed != alone
 
 
-def test_cancel_frees_slot_within_one_step_and_leaves_others_untouched(tiny_llm):
+def test_cancel_mid_stream_from_another_thread_ends_it_and_leaves_others_untouched(tiny_llm):
     orch = tiny_llm.orchestrator
     other_sp = SamplingParams(max_tokens=60, **GREEDY)
     expected_other = _alone(tiny_llm, [42, 43, 44], other_sp).token_ids
     victim = tiny_llm.submit([1, 2, 3], SamplingParams(max_tokens=120, **GREEDY))
     other = tiny_llm.submit([42, 43, 44], other_sp)
     it = iter(victim)
-    for _ in range(3):
-        assert next(it).finish_reason is None
-    step_at_cancel = orch.steps
+    got = [next(it) for _ in range(3)]
+    assert all(p.finish_reason is None for p in got)
     victim.cancel()
     rest = list(it)
-    assert rest[-1].finish_reason == "cancelled"
-    # At most the step already on the device when the cancel landed holds the slot; the loop may
-    # dispatch one more (without it) before this thread reads the counter.
-    assert orch.steps - step_at_cancel <= 2
-    assert rest[-1].completion_tokens < 120
+    assert rest[-1].finish_reason == "cancelled" and sum(p.finish_reason is not None for p in rest) == 1
+    assert 3 <= rest[-1].completion_tokens < 120
     assert collect(list(other)).token_ids == expected_other
-    assert orch.slots_in_use == 0
+    wait_until(lambda: orch.slots_in_use == 0, "the slots are free")
+
+
+@pytest.mark.parametrize("step", [1, 5])
+def test_cancel_frees_the_slot_before_the_next_step_and_leaves_others_untouched(tiny_llm, step):
+    """The cancel lands just before decode step ``step`` (on the loop's thread, so exactly there):
+    the request has the prefill's token and those of steps 1 .. step - 1; step ``step``'s token is
+    dropped and its slot is released before step ``step + 1``. Counted in steps, not seconds."""
+    other_sp = SamplingParams(max_tokens=12, **GREEDY)
+    expected_other = _alone(tiny_llm, [42, 43, 44], other_sp).token_ids
+    streams = []
+    engine = _CountingEngine(tiny_llm.engine, before={step: lambda: streams[0].cancel()})
+    orch = Orchestrator(engine, tiny_llm.tokenizer, speculate=False)
+    try:
+        streams.append(orch.submit([1, 2, 3], SamplingParams(max_tokens=120, **GREEDY), Stream()))
+        wait_until(lambda: orch.slots_in_use == 1 and not orch.num_waiting, "the victim holds a slot")
+        streams.append(orch.submit([42, 43, 44], other_sp, Stream()))
+        victim = collect(list(streams[0]))
+        assert victim.finish_reason == "cancelled" and victim.completion_tokens == step
+        assert collect(list(streams[1])).token_ids == expected_other
+        # The victim's slot is released first, before step + 1; the other's after its 12 tokens.
+        assert [s for _, s in engine.released][0] == step and len(engine.released) == 2
+        assert engine.released[1][1] > step and orch.slots_in_use == 0
+    finally:
+        orch.shutdown(drain=False, timeout=10)
 
 
 def test_full_queue_is_refused_with_a_clear_error(tiny_llm):
@@ -97,13 +143,40 @@ def test_full_queue_is_refused_with_a_clear_error(tiny_llm):
         orch.shutdown(drain=False, timeout=10)
 
 
-def test_deadline_ends_request_with_reason_deadline(tiny_llm):
-    r = collect(list(tiny_llm.submit([1, 2, 3], SamplingParams(max_tokens=120, **GREEDY), timeout=0.05)))
-    assert r.finish_reason == "deadline"
-    assert r.completion_tokens < 120
+def test_a_deadline_already_passed_ends_the_request_before_its_first_token(tiny_llm):
     expired = collect(list(tiny_llm.submit([1, 2], SamplingParams(max_tokens=5), timeout=0.0)))
     assert expired.finish_reason == "deadline" and expired.completion_tokens == 0
-    assert tiny_llm.orchestrator.slots_in_use == 0
+    # A timeout is a deadline that far from submission; one not reached leaves the request alone.
+    before = time.monotonic()
+    stream = tiny_llm.submit([1, 2, 3], SamplingParams(max_tokens=7, **GREEDY), timeout=3600.0)
+    after = time.monotonic()
+    assert before + 3600.0 <= stream.request.deadline <= after + 3600.0
+    r = collect(list(stream))
+    assert r.finish_reason == "length" and r.completion_tokens == 7
+    wait_until(lambda: tiny_llm.orchestrator.slots_in_use == 0, "the slots are free")
+
+
+@pytest.mark.parametrize("step", [1, 6])
+def test_a_deadline_passing_before_step_n_ends_the_request_with_n_tokens(tiny_llm, step):
+    """The deadline passes just before decode step ``step`` (moved to that moment on the loop's
+    thread): the request ends with reason deadline, having the prefill's token and those of steps
+    1 .. step - 1, and no step runs for it after the next. Counted in steps, not seconds."""
+    streams = []
+
+    def expire():
+        streams[0].request.deadline = time.monotonic()
+
+    engine = _CountingEngine(tiny_llm.engine, before={step: expire})
+    orch = Orchestrator(engine, tiny_llm.tokenizer, speculate=False)
+    try:
+        far = time.monotonic() + 3600.0
+        streams.append(orch.submit([1, 2, 3], SamplingParams(max_tokens=120, **GREEDY), Stream(), deadline=far))
+        r = collect(list(streams[0]))
+        assert r.finish_reason == "deadline" and r.completion_tokens == step
+        assert [s for _, s in engine.released] == [step]  # released before step + 1 was dispatched
+        assert engine.steps == step and orch.slots_in_use == 0
+    finally:
+        orch.shutdown(drain=False, timeout=10)
 
 
 def test_a_cancel_after_the_deadline_counts_as_deadline():
@@ -184,10 +257,7 @@ def test_async_stream_yields_pieces_and_cancels_when_abandoned(tiny_llm):
 
     got = asyncio.run(run())
     assert len(got) == 5
-    deadline = time.monotonic() + 5
-    while tiny_llm.orchestrator.slots_in_use and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert tiny_llm.orchestrator.slots_in_use == 0
+    wait_until(lambda: tiny_llm.orchestrator.slots_in_use == 0, "the abandoned stream's slot is free")
 
 
 def test_concurrent_submitters_all_complete(tiny_llm):
@@ -251,9 +321,7 @@ def test_cancelled_waiting_requests_leave_the_queue_at_once(tiny_llm):
     try:
         sp = SamplingParams(max_tokens=5, **GREEDY)
         first = orch.submit([1, 2, 3], sp, Stream())
-        deadline = time.monotonic() + 30
-        while orch.num_waiting and time.monotonic() < deadline:  # taken: the loop now waits in its prefill
-            time.sleep(0.01)
+        wait_until(lambda: not orch.num_waiting, "the first request taken")  # the loop now waits in its start
         waiting = [orch.submit([4, 5], sp, Stream()) for _ in range(3)]
         with pytest.raises(QueueFullError):
             orch.submit([6], sp, Stream())
@@ -363,10 +431,7 @@ def test_a_reader_that_stops_reading_has_its_request_ended_and_slot_freed(tiny_l
         unread = orch.submit([1, 2, 3], sp, Stream())
         reader = orch.submit([4, 5, 6], sp, Stream())
         pieces = list(reader)  # read as it comes (may still fall behind now and then)
-        deadline = time.monotonic() + 30
-        while orch.slots_in_use and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert orch.slots_in_use == 0
+        wait_until(lambda: orch.slots_in_use == 0, "both slots free")
         got = _final_pieces(unread)
         assert got[-1].finish_reason == "slow_reader"
         assert 9 <= len(got) - 1 < 100  # stopped soon after the backlog passed 8, long before 100 tokens
