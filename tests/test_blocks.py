@@ -196,3 +196,19 @@ def test_block_checkpoint_round_trips_through_orbax(tiny_ckpt, tmp_path):
     params = checkpoint.to_params(cfg, back)  # wq's fused parts differ in format: dequantized
     assert isinstance(params.embed, BlockArray) and isinstance(params.layers[0].w_down, BlockArray)
     assert not isinstance(params.layers[0].wqkv, BlockArray)
+
+
+def test_default_model_on_the_xla_path_matches_hf_first_step_logits(real_ckpt, reference):
+    """The blocks dequantized inside the step (the GPU/TPU path, and CPU without the kernels) give
+    transformers' logits on the dequantized weights, as tests/test_reference.py asks of the default path."""
+    cfg, params, _ = checkpoint.load(real_ckpt)
+    params = _with_kernel(params, False)
+    prefill = jax.jit(model.prefill, static_argnums=1)
+    for case in reference["cases"]:
+        ids = np.zeros(64, np.int32)
+        ids[: len(case["prompt_ids"])] = case["prompt_ids"]
+        logits, _, _ = prefill(params, cfg, ids[None], np.array([len(case["prompt_ids"])]))
+        logits = np.asarray(logits)[0].astype(np.float64)
+        top = case["first_step_top"]
+        np.testing.assert_allclose(logits[top["ids"]], top["logits"], atol=1e-3, err_msg=case["id"])
+        assert int(np.argmax(logits)) == top["ids"][0]
