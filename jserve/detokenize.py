@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from tokenizers import Tokenizer, models
@@ -174,7 +174,7 @@ def _unknowns_fuse(model: dict[str, Any]) -> bool:
     return kind == "WordPiece"  # a word longer than its limit is one [UNK]
 
 
-def max_input_bytes_per_token(tok: Tokenizer, table: Sequence[bytes]) -> int:
+def max_input_bytes_per_token(tok: Tokenizer) -> int:
     """The most bytes of input text one token can cover (``UNBOUNDED`` where nothing bounds it).
 
     A token covers a stretch of the normalized text equal to its vocabulary piece (a byte-level
@@ -187,13 +187,13 @@ def max_input_bytes_per_token(tok: Tokenizer, table: Sequence[bytes]) -> int:
     added = tok.get_added_tokens_decoder()
     if any(t.lstrip or t.rstrip for t in added.values()):
         return UNBOUNDED
-    byte_level = "ByteLevel" in _decoder_types(spec)
+    alphabet = frozenset(_gpt2_chars()) if "ByteLevel" in _decoder_types(spec) else frozenset()
     model = spec.get("model", {})
     longest = 4 if model.get("unk_token") is not None or model.get("unk_id") is not None else 1
-    for i, piece in enumerate(_pieces(tok)):
-        if piece is not None:
-            covered = len(table[i]) if byte_level and i not in added else len(piece.encode("utf-8"))
-            longest = max(longest, covered)
+    for piece, i in tok.get_vocab(with_added_tokens=True).items():
+        # A byte-level piece stands for one input byte per character.
+        byte_piece = bool(alphabet) and i not in added and alphabet.issuperset(piece)
+        longest = max(longest, len(piece) if byte_piece else len(piece.encode("utf-8")))
     factor = _normalizer_factor(spec)
     return UNBOUNDED if math.isinf(factor) else min(UNBOUNDED, math.ceil(longest * factor))
 

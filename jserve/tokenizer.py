@@ -161,7 +161,7 @@ class TextTokenizer:
     def max_token_bytes(self) -> int:
         """The most bytes of input text one token can cover: a text of ``b`` bytes has >= b / this
         tokens (``detokenize.UNBOUNDED`` for tokenizers where nothing bounds it)."""
-        return max_input_bytes_per_token(self.tok, self._token_bytes)
+        return max_input_bytes_per_token(self.tok)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
