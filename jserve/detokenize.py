@@ -8,7 +8,7 @@ it adds), per-token text from the tokenizer's ``decode`` of the token after a co
 
 - ``IncrementalDetokenizer``: one request's ids in, text pieces out; the pieces (plus ``flush``)
   join to ``Tokenizer.decode(ids)``, and a character cut across tokens is held back until complete.
-- ``token_table``: the bytes each id stands for in the middle of a text (for logprobs).
+- ``TokenBytes``: the bytes each id stands for in the middle of a text (for logprobs).
 - ``max_input_bytes_per_token``: how many bytes of input text one token can cover, read from the
   tokenizer's normalizer, pre-tokenizer, model and vocabulary (a bound for refusing prompts early).
 """
@@ -75,15 +75,6 @@ def _spec(tok: Tokenizer) -> dict[str, Any]:
     return spec
 
 
-def _pieces(tok: Tokenizer) -> list[str | None]:
-    """``[V]``: each id's vocabulary piece (None for an id with none)."""
-    pieces: list[str | None] = [None] * tok.get_vocab_size(with_added_tokens=True)
-    for piece, i in tok.get_vocab(with_added_tokens=True).items():
-        if 0 <= i < len(pieces):
-            pieces[i] = piece
-    return pieces
-
-
 def _decoder_types(spec: dict[str, Any]) -> set[str]:
     return {d.get("type") for d in _components(spec.get("decoder"), "decoders")}
 
@@ -99,37 +90,48 @@ def _context_id(tok: Tokenizer) -> int | None:
     return None
 
 
-def token_table(tok: Tokenizer) -> list[bytes]:
-    """``[V]``: the bytes each id stands for in the middle of a text, special tokens as their text.
+class TokenBytes:
+    """The bytes each id stands for in the middle of a text, special tokens as their text, worked
+    out per id on first asking (a few microseconds) and kept.
 
     Byte-level tokens give the bytes they map to and ``<0x..>`` byte-fallback tokens their byte
     (either may be part of a character); every other token gives the UTF-8 of what the tokenizer's
-    ``decode`` adds for it after a context token."""
-    decoders = _decoder_types(_spec(tok))
-    byte_of = _gpt2_chars().__getitem__ if "ByteLevel" in decoders else None
-    byte_fallback = "ByteFallback" in decoders
-    added = tok.get_added_tokens_decoder()
-    pieces = _pieces(tok)
-    ctx = _context_id(tok)
-    head = tok.decode([ctx]) if ctx is not None else ""
-    texts = tok.decode_batch([[i] if ctx is None else [ctx, i] for i in range(len(pieces))], skip_special_tokens=False)
-    table = []
-    for i, (piece, text) in enumerate(zip(pieces, texts)):
+    ``decode`` adds for it after a context token. Ids outside the vocabulary give ``b""``."""
+
+    def __init__(self, tok: Tokenizer):
+        decoders = _decoder_types(_spec(tok))
+        self._tok = tok
+        self._byte_of = _gpt2_chars().__getitem__ if "ByteLevel" in decoders else None
+        self._byte_fallback = "ByteFallback" in decoders
+        self._added = frozenset(tok.get_added_tokens_decoder())
+        self._ctx = _context_id(tok)
+        self._head = tok.decode([self._ctx]) if self._ctx is not None else ""
+        self._known: dict[int, bytes] = {}
+
+    def __call__(self, i: int) -> bytes:
+        b = self._known.get(i)
+        if b is None:
+            b = self._known[i] = self._work_out(i)
+        return b
+
+    def _work_out(self, i: int) -> bytes:
+        piece = self._tok.id_to_token(i) if i >= 0 else None
         if piece is None:
-            table.append(b"")
-            continue
-        if i not in added:
-            if byte_of is not None:
+            return b""
+        if i not in self._added:
+            if self._byte_of is not None:
                 try:
-                    table.append(bytes(map(byte_of, piece)))
-                    continue
+                    return bytes(map(self._byte_of, piece))
                 except KeyError:  # a piece outside the byte alphabet stands for its own text
                     pass
-            elif byte_fallback and (m := _BYTE_TOKEN.fullmatch(piece)):
-                table.append(bytes([int(m.group(1), 16)]))
-                continue
-        table.append((text[len(head):] if text.startswith(head) else tok.decode([i])).encode("utf-8"))
-    return table
+            elif self._byte_fallback and (m := _BYTE_TOKEN.fullmatch(piece)):
+                return bytes([int(m.group(1), 16)])
+        if self._ctx is None:
+            return self._tok.decode([i], skip_special_tokens=False).encode("utf-8")
+        text = self._tok.decode([self._ctx, i], skip_special_tokens=False)
+        if not text.startswith(self._head):
+            text = self._head + self._tok.decode([i], skip_special_tokens=False)
+        return text[len(self._head):].encode("utf-8")
 
 
 def _normalizer_factor(spec: dict[str, Any]) -> float:

@@ -18,7 +18,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from jserve.chat_template import ChatTemplate, ChatTemplateError, Templates, load_templates, normalize_templates
-from jserve.detokenize import IncrementalDetokenizer, byte_fallback_ids, max_input_bytes_per_token, token_table
+from jserve.detokenize import IncrementalDetokenizer, TokenBytes, byte_fallback_ids, max_input_bytes_per_token
 
 __all__ = ["ChatTemplateError", "IncrementalDetokenizer", "TextTokenizer", "TokenizerConfig", "tokenizer_from_gguf"]
 
@@ -154,8 +154,8 @@ class TextTokenizer:
         return {**{k: v for k, v in named.items() if v}, **(self.cfg.special_tokens or {})}
 
     @functools.cached_property
-    def _token_bytes(self) -> list[bytes]:
-        return token_table(self.tok)
+    def _token_bytes(self) -> TokenBytes:
+        return TokenBytes(self.tok)
 
     @functools.cached_property
     def max_token_bytes(self) -> int:
@@ -208,7 +208,7 @@ class TextTokenizer:
         ``b""`` for a skipped special token or an id outside the vocabulary)."""
         if skip_special and i in self.special_ids:
             return b""
-        return self._token_bytes[i] if 0 <= i < self.vocab_size else b""
+        return self._token_bytes(i) if 0 <= i < self.vocab_size else b""
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)

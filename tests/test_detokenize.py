@@ -208,6 +208,21 @@ def test_token_bytes_concatenate_to_the_decoded_text(tok, seed):
         assert head + joined == whole, ids
 
 
+def test_every_tokens_bytes_are_what_decode_gives_after_a_context_token(tok):
+    ctx = tok.tok.encode("x", add_special_tokens=False).ids[-1:]
+    head = tok.tok.decode(ctx)
+    for i in range(tok.vocab_size):
+        b = tok.token_bytes(i, skip_special=False)
+        text = tok.tok.decode(ctx + [i], skip_special_tokens=False)
+        try:
+            assert head + b.decode("utf-8") == text, i
+        except UnicodeDecodeError:  # part of a character: the decoder shows replacement characters
+            assert text.startswith(head) and "\ufffd" in text, i
+        if i in tok.special_ids:
+            assert tok.token_bytes(i) == b"" and tok.token_bytes(i, skip_special=False)
+    assert tok.token_bytes(tok.vocab_size) == tok.token_bytes(-1) == b""
+
+
 def _row(token: int) -> np.ndarray:
     row = np.zeros((RESULT_COLS,), np.float32)
     row[TOKEN] = token
