@@ -41,6 +41,8 @@ int64_t env_threads() {
   return n;
 }
 
+std::atomic<int64_t> g_helper_chunks{0};  // chunks computed by pool threads (diagnostics)
+
 struct Job {
   Problem p;
   bool avx2 = false;
@@ -48,7 +50,7 @@ struct Job {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
-  void work() {
+  void work(bool helper) {
     for (;;) {
       const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
       if (c >= nchunks) return;
@@ -62,6 +64,7 @@ struct Job {
 #else
       columns_generic(p, n0, n1);
 #endif
+      if (helper) g_helper_chunks.fetch_add(1, std::memory_order_relaxed);
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -98,8 +101,8 @@ ffi::Error run(ffi::ThreadPool& pool, Problem p, int32_t isa) {
   job->chunk = ((p.N + nchunks - 1) / nchunks + 5) / 6 * 6;
   job->nchunks = (p.N + job->chunk - 1) / job->chunk;
   const int64_t helpers = std::min<int64_t>(threads - 1, job->nchunks - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->work(); });
-  job->work();
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->work(true); });
+  job->work(false);
   while (job->done.load(std::memory_order_acquire) < job->nchunks) std::this_thread::yield();
   return ffi::Error::Success();
 }
@@ -163,6 +166,7 @@ ffi::Error mm_q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 }  // namespace jserve
 
 extern "C" int jserve_cpu_has_avx2() { return jserve::cpu_has_avx2() ? 1 : 0; }
+extern "C" int64_t jserve_cpu_helper_chunks() { return jserve::g_helper_chunks.load(); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulF32, jserve::mm_f32,
                               ffi::Ffi::Bind()

@@ -1,10 +1,12 @@
 // Row-invariant matmul kernels: y[M, N] = x[M, K] @ W^T, W [N, K] in f32 or a GGUF block format.
 //
 // Every output y[r, n] is computed by one fixed arithmetic recipe, whatever M is and whatever the
-// other rows hold: an 8-lane accumulator (lane l sums k = 8t + l in increasing t, FMA on AVX2,
-// mul then add on the generic path) over the exactly dequantized weights q * d (exact in float32:
-// <= 8 integer bits times an 11-bit half mantissa), reduced by one fixed tree, plus (Q4_0/Q4_1) the
-// offset term sum_b m_b * sum(x in block b), m_b = m or -8 d. Threads split output columns only.
+// other rows hold: 16 lanes (lane l sums x[k] w[k] over k = 16t + l in increasing t, from zero; FMA
+// on AVX2, mul then add on the generic path) over the exactly dequantized weights w = q * d (exact
+// in float32: <= 8 integer bits times an 11-bit half mantissa), reduced by one fixed tree
+// (lanes l + l+8, then pairs 4 apart, 2 apart, 1 apart), plus (Q4_0/Q4_1) the offset term
+// sum_b m_b * sum(x in block b), m_b = m or -8 d, also in a fixed order. Threads split output
+// columns only. The AVX2 and generic paths differ in rounding (FMA), not in structure.
 #pragma once
 #include <cstdint>
 

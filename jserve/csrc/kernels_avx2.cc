@@ -1,9 +1,9 @@
 // AVX2 + FMA + F16C path. Two drivers share one per-output recipe, so they give the same bits:
-//  - fused (few rows): unpack a weight block into registers, use it for up to 4 rows at once;
-//  - panel (many rows): unpack kC columns into a float scratch once per row block, then an
-//    kR x kC register tile of accumulators.
-// Either way y[r, n] = tree(acc) (+ offset term), acc = fma(x[k:k+8], w[k:k+8], acc) for k = 0, 8, ...
-// from zero, w exactly q * d. Built with -ffp-contract=off -mavx2 -mfma -mf16c.
+//  - fused (M <= 4 rows): unpack weight blocks into registers, each used for every row at once;
+//  - panel (more rows): unpack a column into a float scratch once per row block, then tiles of rows.
+// Either way y[r, n] = hsum(acc0 + acc1) (+ offset term), where acc_{t mod 2} = fma(x[8t:8t+8],
+// w[8t:8t+8], acc_{t mod 2}) for t = 0, 1, ... from zero, w exactly q * d: 16 lanes, lane k mod 16.
+// Two accumulators per output halve the FMA latency chain. Built with -ffp-contract=off -mavx2 -mfma -mf16c.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -15,13 +15,21 @@ namespace jserve {
 namespace {
 
 constexpr int64_t kFusedMaxM = 4;  // up to this many rows: fused driver; above: panel driver
-constexpr int kR = 4, kC = 3;    // panel driver's register tile (12 accumulators)
+constexpr int kR = 2, kC = 3;         // panel driver's register tile (2 R C = 12 accumulators)
+constexpr int kFusedC1 = 3;           // columns per tile of the one-row fused driver
+constexpr int64_t kXBlock = 32768;    // floats of x per row block (~128 KiB, stays in L2)
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
+
+// Keeps a loaded vector in a register: without it GCC folds the load into every FMA that uses it,
+// and a tile reloads each weight vector once per row (load-bound instead of FMA-bound).
+inline void pin(__m256& v) { asm("" : "+x"(v)); }
+
+inline float reduce(__m256 a0, __m256 a1) { return hsum(_mm256_add_ps(a0, a1)); }
 
 inline __m256i tail_mask(int64_t rem) {
   alignas(32) static const int32_t ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -79,8 +87,8 @@ inline __m256 unpack8(const void* q, int j, __m256 d) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(v), d);
 }
 
-inline void store_outputs(const Problem& p, int64_t r, int64_t n, __m256 acc, const float* mv) {
-  float y = hsum(acc);
+inline void store_outputs(const Problem& p, int64_t r, int64_t n, __m256 a0, __m256 a1, const float* mv) {
+  float y = reduce(a0, a1);
   if (has_offset(p.fmt)) {
     const int64_t nb = p.K / 32;
     y = y + offset_term(mv, p.sx + r * nb, nb);
@@ -88,57 +96,66 @@ inline void store_outputs(const Problem& p, int64_t r, int64_t n, __m256 acc, co
   p.y[r * p.N + n] = y;
 }
 
+// Elements 8J .. 8J+7 of block b for R rows x C columns (J a constant, so the accumulators stay in
+// registers: GCC keeps arrays indexed by a run-time j in memory).
+template <int R, int C, int FMT, int J>
+inline __attribute__((always_inline)) void block_step(const uint8_t* q0, int64_t b, int64_t nb, int64_t bytes,
+                                                      const float* ds, const float* const* xr, __m256 (*acc)[C][2]) {
+  __m256 w[C];
+  for (int c = 0; c < C; ++c) w[c] = unpack8<FMT>(q0 + (c * nb + b) * bytes, J, _mm256_broadcast_ss(ds + c * nb + b));
+  for (int r = 0; r < R; ++r) {
+    const __m256 xv = _mm256_loadu_ps(xr[r] + b * 32 + 8 * J);
+    for (int c = 0; c < C; ++c) acc[r][c][J & 1] = _mm256_fmadd_ps(xv, w[c], acc[r][c][J & 1]);
+  }
+}
+
 // Fused driver: rows r0 .. r0+R-1 x columns n0 .. n0+C-1, weights unpacked in registers. Several
-// columns at once keep R*C independent FMA chains in flight (one chain would wait on FMA latency).
+// columns at once keep 2 R C independent FMA chains in flight.
 template <int R, int C, int FMT>
-void fused(const Problem& p, int64_t r0, int64_t n0, float* ds, float* mv) {
-  const int64_t K = p.K;
+__attribute__((noinline)) void fused(const Problem& p, int64_t r0, int64_t n0, float* ds, float* mv) {
+  const int64_t K = p.K, nb = K / 32;
+  // Scales first: accumulators live across no call (SysV clobbers every ymm; GCC would keep them in memory).
+  if constexpr (FMT != kF32) scales<FMT>(p, n0, C, ds, mv);
   const float* xr[R];
-  __m256 acc[R][C];
+  __m256 acc[R][C][2];
   for (int r = 0; r < R; ++r) {
     xr[r] = p.x + (r0 + r) * K;
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
   }
   if constexpr (FMT == kF32) {
     const float* wn = static_cast<const float*>(p.qs) + n0 * K;
     const int64_t K8 = K & ~int64_t{7};
     for (int64_t k = 0; k < K8; k += 8) {
+      const int j = (k >> 3) & 1;
       __m256 w[C];
       for (int c = 0; c < C; ++c) w[c] = _mm256_loadu_ps(wn + c * K + k);
       for (int r = 0; r < R; ++r) {
         const __m256 xv = _mm256_loadu_ps(xr[r] + k);
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, w[c], acc[r][c]);
+        for (int c = 0; c < C; ++c) acc[r][c][j] = _mm256_fmadd_ps(xv, w[c], acc[r][c][j]);
       }
     }
     if (K8 < K) {
+      const int j = (K8 >> 3) & 1;
       const __m256i mask = tail_mask(K - K8);
       __m256 w[C];
       for (int c = 0; c < C; ++c) w[c] = _mm256_maskload_ps(wn + c * K + K8, mask);
       for (int r = 0; r < R; ++r) {
         const __m256 xv = _mm256_maskload_ps(xr[r] + K8, mask);
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, w[c], acc[r][c]);
+        for (int c = 0; c < C; ++c) acc[r][c][j] = _mm256_fmadd_ps(xv, w[c], acc[r][c][j]);
       }
     }
   } else {
-    const int64_t nb = K / 32, bytes = FMT == kQ8_0 ? 32 : 16;
-    scales<FMT>(p, n0, C, ds, mv);
+    const int64_t bytes = FMT == kQ8_0 ? 32 : 16;
     const uint8_t* q0 = static_cast<const uint8_t*>(p.qs) + n0 * nb * bytes;
     for (int64_t b = 0; b < nb; ++b) {
-      __m256 d[C];
-      for (int c = 0; c < C; ++c) d[c] = _mm256_broadcast_ss(ds + c * nb + b);
-      for (int j = 0; j < 4; ++j) {
-        __m256 w[C];
-        for (int c = 0; c < C; ++c) w[c] = unpack8<FMT>(q0 + (c * nb + b) * bytes, j, d[c]);
-        for (int r = 0; r < R; ++r) {
-          const __m256 xv = _mm256_loadu_ps(xr[r] + b * 32 + 8 * j);
-          for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, w[c], acc[r][c]);
-        }
-      }
+      block_step<R, C, FMT, 0>(q0, b, nb, bytes, ds, xr, acc);
+      block_step<R, C, FMT, 1>(q0, b, nb, bytes, ds, xr, acc);
+      block_step<R, C, FMT, 2>(q0, b, nb, bytes, ds, xr, acc);
+      block_step<R, C, FMT, 3>(q0, b, nb, bytes, ds, xr, acc);
     }
   }
-  const int64_t nb = K / 32;
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) store_outputs(p, r0 + r, n0 + c, acc[r][c], mv + c * nb);
+    for (int c = 0; c < C; ++c) store_outputs(p, r0 + r, n0 + c, acc[r][c][0], acc[r][c][1], mv + c * nb);
 }
 
 template <int R, int C, int FMT>
@@ -174,56 +191,65 @@ void tile(const Problem& p, int64_t r0, int64_t n0, const float* w, int64_t Kp, 
   const int64_t K = p.K, K8 = K & ~int64_t{7}, nb = K / 32;
   const float* xr[R];
   for (int r = 0; r < R; ++r) xr[r] = p.x + (r0 + r) * K;
-  __m256 acc[R][C];
+  __m256 acc[R][C][2];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K8; k += 8) {
-    __m256 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + c * Kp + k);
+    for (int c = 0; c < C; ++c) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K8; k += 16) {
+    for (int j = 0; j < 2; ++j) {
+      __m256 wv[C];
+      for (int c = 0; c < C; ++c) {
+        wv[c] = _mm256_loadu_ps(w + c * Kp + k + 8 * j);
+        pin(wv[c]);
+      }
+      for (int r = 0; r < R; ++r) {
+        __m256 xv = _mm256_loadu_ps(xr[r] + k + 8 * j);
+        if (C > 1) pin(xv);
+        for (int c = 0; c < C; ++c) acc[r][c][j] = _mm256_fmadd_ps(xv, wv[c], acc[r][c][j]);
+      }
+    }
+  }
+  if (k < K8) {  // f32 only: one more chunk of 8, t even
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_loadu_ps(xr[r] + k);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+      for (int c = 0; c < C; ++c) acc[r][c][0] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + c * Kp + k), acc[r][c][0]);
     }
   }
   if (K8 < K) {  // f32 only: x masked to zero past K, w zero padded
+    const int j = (K8 >> 3) & 1;
     const __m256i mask = tail_mask(K - K8);
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_maskload_ps(xr[r] + K8, mask);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + c * Kp + K8), acc[r][c]);
+      for (int c = 0; c < C; ++c) acc[r][c][j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + c * Kp + K8), acc[r][c][j]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) store_outputs(p, r0 + r, n0 + c, acc[r][c], mv + c * nb);
+    for (int c = 0; c < C; ++c) store_outputs(p, r0 + r, n0 + c, acc[r][c][0], acc[r][c][1], mv + c * nb);
 }
 
 template <int C>
 void tile_rows(const Problem& p, int64_t r0, int64_t r1, int64_t n, const float* w, int64_t Kp, const float* mv) {
   int64_t r = r0;
   for (; r + kR <= r1; r += kR) tile<kR, C>(p, r, n, w, Kp, mv);
-  switch (r1 - r) {
-    case 1: tile<1, C>(p, r, n, w, Kp, mv); break;
-    case 2: tile<2, C>(p, r, n, w, Kp, mv); break;
-    case 3: tile<3, C>(p, r, n, w, Kp, mv); break;
-    default: break;
-  }
+  for (; r < r1; ++r) tile<1, C>(p, r, n, w, Kp, mv);
 }
 
 template <int FMT>
 void panel_columns(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t K = p.K, Kp = (K + 7) & ~int64_t{7}, nb = std::max<int64_t>(K / 32, 1);
-  // Row blocks of ~128 KiB of x stay in L2 while every panel of the column range passes over them.
-  const int64_t rows_per_block = std::max<int64_t>(kR, (32768 / std::max<int64_t>(K, 1)) / kR * kR);
+  // Each row block of x stays in L2 while every panel of the column range passes over it.
+  const int64_t rows_per_block = std::max<int64_t>(kR, (kXBlock / std::max<int64_t>(K, 1)) / kR * kR);
   std::vector<float> w(kC * Kp), ds(kC * nb), mv(kC * nb);
   for (int64_t rb = 0; rb < p.M; rb += rows_per_block) {
     const int64_t re = std::min(p.M, rb + rows_per_block);
-    for (int64_t n = n0; n < n1; n += kC) {
-      const int C = static_cast<int>(std::min<int64_t>(kC, n1 - n));
-      unpack_panel<FMT>(p, n, C, Kp, w.data(), ds.data(), mv.data());
-      switch (C) {
-        case 3: tile_rows<3>(p, rb, re, n, w.data(), Kp, mv.data()); break;
-        case 2: tile_rows<2>(p, rb, re, n, w.data(), Kp, mv.data()); break;
-        default: tile_rows<1>(p, rb, re, n, w.data(), Kp, mv.data()); break;
-      }
+    int64_t n = n0;
+    for (; n + kC <= n1; n += kC) {
+      unpack_panel<FMT>(p, n, kC, Kp, w.data(), ds.data(), mv.data());
+      tile_rows<kC>(p, rb, re, n, w.data(), Kp, mv.data());
+    }
+    for (; n < n1; ++n) {
+      unpack_panel<FMT>(p, n, 1, Kp, w.data(), ds.data(), mv.data());
+      tile_rows<1>(p, rb, re, n, w.data(), Kp, mv.data());
     }
   }
 }
@@ -233,11 +259,11 @@ void columns(const Problem& p, int64_t n0, int64_t n1) {
   if (p.M > kFusedMaxM) return panel_columns<FMT>(p, n0, n1);
   const int64_t nb = std::max<int64_t>(p.K / 32, 1);
   std::vector<float> ds(4 * nb), mv(4 * nb);
-  switch (p.M) {  // R x C tiles that keep 4-8 FMA chains in about 13 registers
-    case 1: fused_columns<1, 4, FMT>(p, n0, n1, ds.data(), mv.data()); break;
-    case 2: fused_columns<2, 3, FMT>(p, n0, n1, ds.data(), mv.data()); break;
-    case 3: fused_columns<3, 2, FMT>(p, n0, n1, ds.data(), mv.data()); break;
-    default: fused_columns<4, 2, FMT>(p, n0, n1, ds.data(), mv.data()); break;
+  switch (p.M) {  // R x C tiles: 6-8 FMA chains, no spills
+    case 1: fused_columns<1, kFusedC1, FMT>(p, n0, n1, ds.data(), mv.data()); break;
+    case 2: fused_columns<2, 2, FMT>(p, n0, n1, ds.data(), mv.data()); break;
+    case 3: fused_columns<3, 1, FMT>(p, n0, n1, ds.data(), mv.data()); break;
+    default: fused_columns<4, 1, FMT>(p, n0, n1, ds.data(), mv.data()); break;
   }
 }
 

@@ -1,5 +1,6 @@
-// Portable scalar path: the same recipe as the AVX2 path (8 lanes, fixed reduction tree), with a
-// separate multiply and add (no FMA), so it is row-invariant on any CPU. Built with -ffp-contract=off.
+// Portable scalar path: the AVX2 path's recipe (16 lanes, fixed reduction tree, offset term over 8
+// lanes of blocks) with a separate multiply and add (no FMA), so it is row-invariant on any CPU.
+// Built with -ffp-contract=off.
 #include <vector>
 
 #include "kernels.h"
@@ -57,13 +58,19 @@ void columns_generic(const Problem& p, int64_t n0, int64_t n1) {
     dequant_column(p, n, w.data(), mv.data());
     for (int64_t r = 0; r < p.M; ++r) {
       const float* xr = p.x + r * K;
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int64_t k = 0; k < K; ++k) acc[k & 7] = acc[k & 7] + xr[k] * w[k];
-      float y = tree8(acc);
+      float acc[16] = {};
+      for (int64_t k = 0; k < K; ++k) acc[k & 15] = acc[k & 15] + xr[k] * w[k];
+      float lanes[8];
+      for (int l = 0; l < 8; ++l) lanes[l] = acc[l] + acc[l + 8];
+      float y = tree8(lanes);
       if (has_offset(p.fmt)) {
         const float* s = p.sx + r * nb;
-        float off = 0.0f;
-        for (int64_t b = 0; b < nb; ++b) off = off + mv[b] * s[b];
+        float ol[8] = {};
+        int64_t b = 0;
+        for (; b + 8 <= nb; b += 8)
+          for (int l = 0; l < 8; ++l) ol[l] = ol[l] + mv[b + l] * s[b + l];
+        float off = tree8(ol);
+        for (; b < nb; ++b) off = off + mv[b] * s[b];
         y = y + off;
       }
       p.y[r * N + n] = y;
