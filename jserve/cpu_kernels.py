@@ -86,9 +86,10 @@ def build(force: bool = False) -> Path:
     lib = library_path()
     if not force and not _stale(lib):
         return lib
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    wanted = os.environ.get("CXX")
+    cxx = shutil.which(wanted) if wanted else shutil.which("g++") or shutil.which("c++")
     if not cxx:
-        raise RuntimeError("no C++ compiler found (g++, c++ or $CXX)")
+        raise RuntimeError(f"no C++ compiler found ({'$CXX=' + wanted if wanted else 'g++ or c++'})")
     try:
         from jax import ffi as jax_ffi
 

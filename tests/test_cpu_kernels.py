@@ -17,7 +17,7 @@ import pytest
 
 from jserve import cpu_kernels as ck
 
-pytestmark = pytest.mark.skipif(not ck.available(), reason=f"CPU kernels unavailable: {ck.describe()}")
+needs_kernels = pytest.mark.skipif(not ck.available(), reason=f"CPU kernels unavailable: {ck.describe()}")
 
 gguf = pytest.importorskip("gguf")
 jax = pytest.importorskip("jax")
@@ -67,6 +67,7 @@ def run(x: np.ndarray, fmt: str, ops: tuple[np.ndarray, ...], isa: str = "auto")
     return np.asarray(ck.matmul_isa(jnp.asarray(x), fmt, *(jnp.asarray(a) for a in ops), isa=isa))
 
 
+@needs_kernels
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("fmt", ck.FORMATS)
 def test_matches_gguf_dequantize_and_numpy(fmt, isa):
@@ -77,6 +78,7 @@ def test_matches_gguf_dequantize_and_numpy(fmt, isa):
         assert_close(run(x[:m], fmt, ops, isa), reference(x[:m], w64))
 
 
+@needs_kernels
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 def test_random_blocks_every_value_matches_gguf(fmt, isa):
@@ -85,6 +87,7 @@ def test_random_blocks_every_value_matches_gguf(fmt, isa):
     assert_close(run(x, fmt, ops, isa), reference(x, w64))
 
 
+@needs_kernels
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("fmt", ck.FORMATS)
 def test_row_alone_equals_row_amid_any_number_of_rows_bitwise(fmt, isa):
@@ -103,6 +106,7 @@ def test_row_alone_equals_row_amid_any_number_of_rows_bitwise(fmt, isa):
         assert_close(y, reference(x, w64))
 
 
+@needs_kernels
 @pytest.mark.parametrize("fmt", ck.FORMATS)
 def test_rows_invariant_under_jit(fmt):
     k = 64
@@ -119,6 +123,7 @@ def test_rows_invariant_under_jit(fmt):
         assert np.array_equal(np.asarray(f(jnp.asarray(x), *ops_j))[m // 2], alone)
 
 
+@needs_kernels
 def test_leading_dims_and_k_32():
     ops, w64 = quantized("q4_1", 5, 32, seed=9)
     x = np.random.default_rng(10).standard_normal((2, 3, 32)).astype(np.float32)
@@ -128,6 +133,7 @@ def test_leading_dims_and_k_32():
     assert ck.matmul(jnp.zeros((0, 32)), "q4_1", *(jnp.asarray(a) for a in ops)).shape == (0, 5)
 
 
+@needs_kernels
 def test_tied_embedding_shape_49152_by_576():
     ops, w64 = random_blocks("q8_0", 49152, 576, seed=11)
     x = np.random.default_rng(12).standard_normal((16, 576)).astype(np.float32)
@@ -137,6 +143,7 @@ def test_tied_embedding_shape_49152_by_576():
         assert np.array_equal(y[m - 1], run(x[m - 1 : m], "q8_0", ops)[0])
 
 
+@needs_kernels
 def test_bad_operands_refused_with_a_message():
     ops, _ = quantized("q4_1", 4, 64)
     x = jnp.zeros((2, 64))
@@ -148,6 +155,7 @@ def test_bad_operands_refused_with_a_message():
         ck.matmul(x, "q5_k", jnp.asarray(ops[0]))
 
 
+@needs_kernels
 def test_env_var_selects_generic_path_in_a_fresh_process(tmp_path: pathlib.Path):
     ops, w64 = quantized("q4_0", 33, 96, seed=13)
     x = np.random.default_rng(14).standard_normal((5, 96)).astype(np.float32)
@@ -165,3 +173,21 @@ def test_env_var_selects_generic_path_in_a_fresh_process(tmp_path: pathlib.Path)
     y = np.load(tmp_path / "y.npy")
     assert np.array_equal(y, run(x, "q4_0", ops, isa="generic"))
     assert_close(y, reference(x, w64))
+
+
+def test_import_is_light_and_builds_nothing():
+    code = "import sys, jserve.cpu_kernels; print('jax' in sys.modules, 'numpy' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["False", "False"], done.stderr
+
+
+def test_no_compiler_means_unavailable_with_the_reason_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(ck, "library_path", lambda: tmp_path / "missing.so")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setattr(ck.shutil, "which", lambda name: None)
+    state = ck._state.__wrapped__()  # uncached: the process's real state stays as it is
+    assert not state.ok and not state.loaded
+    assert "compiler" in state.reason
+    with pytest.raises(RuntimeError, match="compiler"):
+        ck.build()
+    assert not (tmp_path / "missing.so").exists()
