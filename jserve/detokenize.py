@@ -200,6 +200,11 @@ def max_input_bytes_per_token(tok: Tokenizer) -> int:
     return UNBOUNDED if math.isinf(factor) else min(UNBOUNDED, math.ceil(longest * factor))
 
 
+def decoder_types(tok: Tokenizer) -> frozenset[str]:
+    """The kinds of the tokenizer's decoder steps (``{"Replace", "ByteFallback", "Fuse"}``)."""
+    return frozenset(_decoder_types(_spec(tok)))
+
+
 def byte_fallback_ids(tok: Tokenizer) -> frozenset[int]:
     """The ids of ``<0x..>`` byte tokens, when the decoder reads them as bytes (else empty)."""
     if "ByteFallback" not in _decoder_types(_spec(tok)):

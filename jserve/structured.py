@@ -78,14 +78,11 @@ class Grammars:
         self._lock = threading.Lock()
 
     def _tokenizer(self):
-        from llguidance import LLTokenizer
-
         with self._lock:
             if self._tok is None:
                 if self._source is None:
                     raise InvalidRequestError("structured output needs the checkpoint's tokenizer")
-                self._tok = LLTokenizer(self._source.tok.to_str(), n_vocab=self.vocab_size,
-                                        eos_token=self._eos[0] if self._eos else None)
+                self._tok = self._source.llguidance_tokenizer(self.vocab_size, self._eos)
             return self._tok
 
     def matcher(self, constraint: Constraint):

@@ -18,7 +18,13 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from jserve.chat_template import ChatTemplate, ChatTemplateError, Templates, load_templates, normalize_templates
-from jserve.detokenize import IncrementalDetokenizer, TokenBytes, byte_fallback_ids, max_input_bytes_per_token
+from jserve.detokenize import (
+    IncrementalDetokenizer,
+    TokenBytes,
+    byte_fallback_ids,
+    decoder_types,
+    max_input_bytes_per_token,
+)
 
 __all__ = ["ChatTemplateError", "IncrementalDetokenizer", "TextTokenizer", "TokenizerConfig", "tokenizer_from_gguf"]
 
@@ -210,6 +216,18 @@ class TextTokenizer:
             return b""
         return self._token_bytes(i) if 0 <= i < self.vocab_size else b""
 
+    def llguidance_tokenizer(self, n_vocab: int, eos_token_ids: Sequence[int]) -> Any:
+        """llguidance's view of this tokenizer, for structured output. llguidance reads a
+        ``tokenizer.json`` itself when its decoder is byte-level or Llama 2's (``▁`` replaced, byte
+        fallback, fuse, strip); for other kinds (a Metaspace decoder, Unigram, WordPiece) it would
+        take ``▁`` for text, so it is handed each token's bytes (``token_bytes``) and an encoder."""
+        from llguidance import LLTokenizer, TokenizerWrapper
+
+        eos = eos_token_ids[0] if eos_token_ids else None
+        if decoder_types(self.tok) <= _LLGUIDANCE_DECODERS:
+            return LLTokenizer(self.tok.to_str(), n_vocab=n_vocab, eos_token=eos)
+        return LLTokenizer(TokenizerWrapper(_LLGuidanceVocabulary(self, eos)), n_vocab=n_vocab, eos_token=eos)
+
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
@@ -231,3 +249,29 @@ class TextTokenizer:
         d["special_ids"] = tuple(d.get("special_ids", ()))
         d["chat_template"] = load_templates(directory)
         return cls(tok, TokenizerConfig(**d))
+
+
+# Decoders whose ``tokenizer.json`` llguidance reads correctly itself.
+_LLGUIDANCE_DECODERS = frozenset({"ByteLevel", "Replace", "ByteFallback", "Fuse", "Strip"})
+_MARKER = "\x02"
+
+
+class _LLGuidanceVocabulary:
+    """What ``llguidance.TokenizerWrapper`` reads: each token's bytes, the special ids, an encoder."""
+
+    def __init__(self, tokenizer: TextTokenizer, eos: int | None):
+        self._tok = tokenizer.tok
+        self.eos_token_id = eos
+        self.bos_token_id = tokenizer.cfg.bos_token_id
+        self.tokens = [tokenizer.token_bytes(i, skip_special=False) for i in range(tokenizer.vocab_size)]
+        self.special_token_ids = sorted(tokenizer.special_ids)
+
+    def __call__(self, text: str) -> list[int]:
+        """Ids of ``text`` in the middle of a text: llguidance tokenizes the bytes a grammar forces,
+        which must not gain the ``▁`` a SentencePiece-style tokenizer puts at the start. So the
+        text is encoded after a marker character no piece contains, and the marker's ids dropped."""
+        head = self._tok.encode(_MARKER, add_special_tokens=False).ids
+        ids = self._tok.encode(_MARKER + text, add_special_tokens=False).ids
+        if ids[:len(head)] == head:
+            return ids[len(head):]
+        return self._tok.encode(text, add_special_tokens=False).ids

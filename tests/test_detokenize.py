@@ -223,6 +223,27 @@ def test_every_tokens_bytes_are_what_decode_gives_after_a_context_token(tok):
     assert tok.token_bytes(tok.vocab_size) == tok.token_bytes(-1) == b""
 
 
+def test_structured_output_reads_each_kind_of_tokenizer_as_its_text(tok):
+    """llguidance (structured output) sees each token as the text it decodes to: a constraint
+    accepts exactly the tokens of a matching text, and its mask allows them and forbids others."""
+    from jserve.structured import Constraint, Grammars, fill_mask
+
+    grammars = Grammars(tok, tok.vocab_size, (2,))
+    # A SentencePiece text's first token starts with "▁": mid-text, that is a space.
+    ids = tok.tok.encode("café says hello\n", add_special_tokens=False).ids
+    m = grammars.matcher(Constraint("regex", r" ?café says [a-z]+\n"))
+    mask = np.zeros((grammars.words,), np.int32)
+    for i in ids:
+        fill_mask(m, mask)
+        assert (mask[i // 32] >> (i % 32)) & 1, tok.tok.id_to_token(i)
+        assert m.consume_token(i) and not m.is_error()
+    assert m.is_accepting()
+    m = grammars.matcher(Constraint("regex", "[0-9]+"))
+    fill_mask(m, mask)
+    letter = tok.tok.encode("x", add_special_tokens=False).ids[-1]
+    assert not (mask[letter // 32] >> (letter % 32)) & 1
+
+
 def _row(token: int) -> np.ndarray:
     row = np.zeros((RESULT_COLS,), np.float32)
     row[TOKEN] = token
