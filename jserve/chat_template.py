@@ -171,19 +171,27 @@ class ChatTemplate:
         """The templates' names (empty for a model with a single unnamed template)."""
         return () if "" in self._compiled else tuple(self._compiled)
 
-    def choose(self, tools: Sequence[Any] | None = None, name: str | None = None) -> jinja2.Template:
-        """The template transformers would use: ``name`` if given, else ``tool_use`` when tools are
-        given and the model has one, else ``default``."""
+    def _name(self, tools: Sequence[Any] | None, name: str | None) -> str:
         if "" in self._compiled:
             if name is not None:
                 raise ChatTemplateError(f"this model has a single chat template; there is none named {name!r}")
-            return self._compiled[""]
+            return ""
         if name is None:
             name = "tool_use" if tools is not None and "tool_use" in self._compiled else "default"
         if name not in self._compiled:
             raise ChatTemplateError(f"this model has no chat template named {name!r} "
                                     f"(it has {', '.join(sorted(self._compiled))})")
-        return self._compiled[name]
+        return name
+
+    def choose(self, tools: Sequence[Any] | None = None, name: str | None = None) -> jinja2.Template:
+        """The template transformers would use: ``name`` if given, else ``tool_use`` when tools are
+        given and the model has one, else ``default``."""
+        return self._compiled[self._name(tools, name)]
+
+    def text(self, tools: Sequence[Any] | None = None, name: str | None = None) -> str:
+        """The source of the template ``choose`` picks (to tell, say, whether it renders tools)."""
+        key = self._name(tools, name)
+        return self.source if isinstance(self.source, str) else self.source[key]
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                tools: Sequence[Mapping[str, Any]] | None = None, documents: Sequence[Mapping[str, Any]] | None = None,

@@ -274,3 +274,10 @@ def test_a_template_failing_on_a_field_of_the_wrong_type_is_a_chat_template_erro
     assert tok.render_chat([{"role": "user", "content": "hi"}]) == "hi!"
     with pytest.raises(ChatTemplateError, match="refused the messages"):
         tok.render_chat([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+
+
+def test_the_chosen_templates_source_is_available(real_ckpt):
+    tok = _ours(real_ckpt, NAMED)
+    assert tok.chat_template.text() == NAMED["default"]
+    assert tok.chat_template.text(tools=TOOL_DEFS) == NAMED["tool_use"]
+    assert _ours(real_ckpt, TOOLS).chat_template.text(tools=TOOL_DEFS) == TOOLS
