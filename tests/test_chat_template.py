@@ -22,6 +22,18 @@ from jserve.tokenizer import TextTokenizer, TokenizerConfig
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="transformers (the 'reference' extra) is not installed")
 
+
+
+def _transformers_has(name: str) -> bool:
+    """Whether the installed transformers has ``chat_template_utils.<name>`` (newer behaviour jserve
+    follows: null fields dropped from messages, reasoning under all its names)."""
+    if importlib.util.find_spec("transformers") is None:
+        return False
+    from transformers.utils import chat_template_utils
+
+    return hasattr(chat_template_utils, name)
+
+
 SPECIAL = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
 
 LOOPCONTROLS = (
@@ -140,8 +152,10 @@ def _both(real_ckpt, template, messages, **kwargs) -> tuple[str, str]:
 
 
 @needs_transformers
-@pytest.mark.parametrize("template", [LOOPCONTROLS, STRFTIME, TOJSON, GENERATION, REASONING],
-                         ids=["loopcontrols", "strftime_now", "tojson", "generation", "reasoning"])
+@pytest.mark.parametrize("template", [LOOPCONTROLS, STRFTIME, TOJSON, GENERATION, pytest.param(
+    REASONING, marks=pytest.mark.skipif(not _transformers_has("_alias_reasoning_fields"),
+                                        reason="this transformers passes reasoning under its own name only"))],
+    ids=["loopcontrols", "strftime_now", "tojson", "generation", "reasoning"])
 def test_template_features_render_as_transformers(real_ckpt, template):
     messages = CHAT + [{"role": "assistant", "content": "ok", "reasoning_content": "thought about it"}]
     hf, ours = _both(real_ckpt, template, messages)
@@ -160,6 +174,8 @@ def test_tools_tool_calls_and_tool_results_render_as_transformers(real_ckpt, kwa
 
 
 @needs_transformers
+@pytest.mark.skipif(not _transformers_has("_normalize_chat_messages"),
+                    reason="this transformers passes null fields to the template (newer ones drop them, as jserve)")
 def test_null_content_and_documents_render_as_transformers(real_ckpt):
     messages = [{"role": "user", "content": None}, {"role": "user", "content": "q"}]
     hf, ours = _both(real_ckpt, TOOLS, messages)
