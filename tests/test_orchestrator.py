@@ -10,7 +10,7 @@ import pytest
 
 from jserve import SamplingParams
 from jserve.llm import collect
-from jserve.orchestrator import Orchestrator, QueueFullError, Stream
+from jserve.orchestrator import Orchestrator, QueueFullError, ShuttingDownError, Stream
 
 from .waits import wait_steps, wait_until
 
@@ -296,9 +296,9 @@ def test_a_prompt_too_big_to_fit_is_refused_before_tokenizing(tiny_llm, monkeypa
     # Just under the byte bound the prompt is tokenized and refused (or not) by its token count.
     text = "x" * limit
     n = len(tok.encode(text))
-    if n > tiny_llm.engine.max_prompt_len:
-        with pytest.raises(InvalidRequestError, match=rf"the prompt has {n} tokens"):
-            tiny_llm.prepare(text, SamplingParams(max_tokens=1))
+    assert n > tiny_llm.engine.max_prompt_len  # (else the refusal below would not be tested)
+    with pytest.raises(InvalidRequestError, match=rf"the prompt has {n} tokens"):
+        tiny_llm.prepare(text, SamplingParams(max_tokens=1))
 
 
 class _GatedEngine:
@@ -351,7 +351,7 @@ def test_shutdown_without_drain_cuts_running_and_waiting_requests_once_each(tiny
         assert pieces[-1].finish_reason == "shutdown"
         assert sum(p.finish_reason is not None for p in pieces) == 1
         assert s._q.empty()
-    with pytest.raises(Exception, match="shutting down"):
+    with pytest.raises(ShuttingDownError, match="shutting down"):
         orch.submit([1], sp, Stream())
 
 

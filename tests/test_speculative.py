@@ -374,11 +374,13 @@ def test_stops_and_max_tokens_cut_inside_a_checked_block(spec_llm):
     plain = spec_llm.generate(REPETITIVE, SamplingParams(temperature=0.0, max_tokens=24, speculate=False))
     # A stop token that plain decoding meets mid-way, and a max_tokens that is not a multiple of k + 1.
     stop_id = plain[0].token_ids[9]
-    _compare(spec_llm, [SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=(stop_id,)),
-                        SamplingParams(temperature=0.0, max_tokens=7)])
+    cut = _compare(spec_llm, [SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=(stop_id,)),
+                              SamplingParams(temperature=0.0, max_tokens=7)])
+    assert cut[0].finish_reason == "stop" and len(cut[0].token_ids) <= 10  # (the stop was met, not skipped)
     text = plain[1].text
-    if len(text) > 6:
-        _compare(spec_llm, [SamplingParams(temperature=0.0, max_tokens=24, stop=(text[3:6],))])
+    assert len(text) > 6  # else the stop string below would not be tested
+    [_, stopped, _] = _compare(spec_llm, [SamplingParams(temperature=0.0, max_tokens=24, stop=(text[3:6],))])
+    assert stopped.finish_reason == "stop" and stopped.text == text[:text.index(text[3:6])]
 
 
 def test_a_constrained_request_beside_speculating_ones(spec_llm):
