@@ -5,8 +5,6 @@ taken from the prefix cache: its own earlier run's, or a live neighbour's that s
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -14,6 +12,8 @@ from jserve import SamplingParams
 from jserve.llm import collect
 from jserve.model import ATTN_BLOCK
 from jserve.orchestrator import Orchestrator, Stream
+
+from .waits import wait_steps
 
 MAX_LEN = 3 * ATTN_BLOCK
 MAX_PROMPT = MAX_LEN - 64
@@ -64,7 +64,7 @@ def test_needle_alone_equals_needle_amid_15_random_neighbours(llm16, sampled):
         streams = []
         for prompt, params in order:
             streams.append(llm16.submit(prompt, params, block=True))
-            time.sleep(float(rng.uniform(0, 0.01)))
+            wait_steps(llm16.orchestrator, int(rng.integers(0, 3)))  # arrivals 0-2 decode steps apart
         results = [collect(list(s)) for s in streams]
         assert _fingerprint(results[at]) == _fingerprint(alone), f"trial {trial}: the needle changed at {at}"
         cached.append(results[at].cached_tokens)
