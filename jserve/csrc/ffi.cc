@@ -77,7 +77,7 @@ ffi::Error run(ffi::ThreadPool& pool, Problem p, int32_t isa) {
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
   std::vector<float> sx;
   if (has_offset(p.fmt)) {
-    sx.resize(p.M * (p.K / 32) + 1);
+    sx.resize(p.M * padded_blocks(p.K) + 1);
 #if defined(JSERVE_HAVE_AVX2)
     if (avx2) {
       block_sums_avx2(p, sx.data());

@@ -3,10 +3,11 @@
 // Every output y[r, n] is computed by one fixed arithmetic recipe, whatever M is and whatever the
 // other rows hold: 16 lanes (lane l sums x[k] w[k] over k = 16t + l in increasing t, from zero; FMA
 // on AVX2, mul then add on the generic path) over the exactly dequantized weights w = q * d (exact
-// in float32: <= 8 integer bits times an 11-bit half mantissa), reduced by one fixed tree
-// (lanes l + l+8, then pairs 4 apart, 2 apart, 1 apart), plus (Q4_0/Q4_1) the offset term
-// sum_b m_b * sum(x in block b), m_b = m or -8 d, also in a fixed order. Threads split output
-// columns only. The AVX2 and generic paths differ in rounding (FMA), not in structure.
+// in float32: <= 8 integer bits times an 11-bit half mantissa); Q4_0/Q4_1 then continue the same
+// lanes over the offset terms sx_b * m_b (sx_b = sum of x over block b, m_b = m or -8 d, both
+// zero-padded to a multiple of 8 blocks); then one fixed reduction tree (lanes l + l+8, then pairs
+// 4 apart, 2 apart, 1 apart). Threads split output columns only. The AVX2 and generic paths differ
+// in rounding (FMA), not in structure.
 #pragma once
 #include <cstdint>
 
@@ -21,12 +22,16 @@ struct Problem {
   const void* qs;          // f32 [N, K] | int8 [N, K/32, 32] | uint8 [N, K/32, 16]
   const uint16_t* d;       // f16 [N, K/32] (block formats)
   const uint16_t* m;       // f16 [N, K/32] (Q4_1 only)
-  const float* sx;         // [M, K/32] sums of x per block (Q4_0/Q4_1), filled by block_sums
+  const float* sx;         // [M, padded_blocks(K)] sums of x per block, zero padded (Q4_0/Q4_1)
   float* y;                // [M, N]
 };
 
 inline bool has_offset(int fmt) { return fmt == kQ4_0 || fmt == kQ4_1; }
 
+// Blocks per row rounded up to a multiple of 8 (one vector of offsets).
+inline int64_t padded_blocks(int64_t K) { return ((K / 32) + 7) & ~int64_t{7}; }
+
+// block_sums_*: sx [M, padded_blocks(K)] (zeroed by the caller) = sums of x per block, fixed order.
 // Generic C++ (any CPU).
 void block_sums_generic(const Problem& p, float* sx);
 void columns_generic(const Problem& p, int64_t n0, int64_t n1);

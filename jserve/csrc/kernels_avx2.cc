@@ -36,25 +36,16 @@ inline __m256i tail_mask(int64_t rem) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ones + 8 - rem));
 }
 
-// sum_b mv[b] * s[b]: 8 lanes over blocks, then the remaining blocks in order.
-inline float offset_term(const float* mv, const float* s, int64_t nb) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 8 <= nb; b += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(mv + b), _mm256_loadu_ps(s + b), acc);
-  float o = hsum(acc);
-  for (; b < nb; ++b) o = o + mv[b] * s[b];
-  return o;
-}
-
-// Scales of columns n .. n+C-1 as floats: ds [C, nb] = d, mv [C, nb] = m (Q4_1) or -8 d (Q4_0), exact.
+// Scales of columns n .. n+C-1 as floats: ds [C, nbp] = d, mv [C, nbp] = m (Q4_1) or -8 d (Q4_0),
+// exact; mv zero past nb.
 template <int FMT>
 void scales(const Problem& p, int64_t n, int C, float* ds, float* mv) {
-  const int64_t nb = p.K / 32;
+  const int64_t nb = p.K / 32, nbp = padded_blocks(p.K);
   for (int c = 0; c < C; ++c) {
     const uint16_t* d = p.d + (n + c) * nb;
     const uint16_t* m = FMT == kQ4_1 ? p.m + (n + c) * nb : nullptr;
-    float* dc = ds + c * nb;
-    float* mc = mv + c * nb;
+    float* dc = ds + c * nbp;
+    float* mc = mv + c * nbp;
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
       const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + b)));
@@ -70,8 +61,26 @@ void scales(const Problem& p, int64_t n, int C, float* ds, float* mv) {
       if constexpr (FMT == kQ4_1) mc[b] = _cvtsh_ss(m[b]);
       if constexpr (FMT == kQ4_0) mc[b] = -8.0f * dc[b];
     }
+    for (; b < nbp; ++b) mc[b] = 0.0f;
   }
 }
+
+// Continues the accumulators over the offset terms sx[r, i] * mv[c, i], i < nbp, 8 at a time.
+#define JSERVE_ADD_OFFSETS(R, C, sxr, mv, nbp, acc)                                                   \
+  for (int64_t i = 0; i < (nbp); i += 16) {                                                          \
+    for (int r = 0; r < (R); ++r) {                                                                  \
+      const __m256 s0 = _mm256_loadu_ps((sxr)[r] + i);                                               \
+      for (int c = 0; c < (C); ++c)                                                                  \
+        acc[r][c][0] = _mm256_fmadd_ps(s0, _mm256_loadu_ps((mv) + c * (nbp) + i), acc[r][c][0]);     \
+    }                                                                                                \
+    if (i + 8 < (nbp)) {                                                                             \
+      for (int r = 0; r < (R); ++r) {                                                                \
+        const __m256 s1 = _mm256_loadu_ps((sxr)[r] + i + 8);                                         \
+        for (int c = 0; c < (C); ++c)                                                                \
+          acc[r][c][1] = _mm256_fmadd_ps(s1, _mm256_loadu_ps((mv) + c * (nbp) + i + 8), acc[r][c][1]); \
+      }                                                                                              \
+    }                                                                                                \
+  }
 
 // Elements 8j .. 8j+7 of a block (quants at q) as exact floats q * d.
 template <int FMT>
@@ -87,13 +96,8 @@ inline __m256 unpack8(const void* q, int j, __m256 d) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(v), d);
 }
 
-inline void store_outputs(const Problem& p, int64_t r, int64_t n, __m256 a0, __m256 a1, const float* mv) {
-  float y = reduce(a0, a1);
-  if (has_offset(p.fmt)) {
-    const int64_t nb = p.K / 32;
-    y = y + offset_term(mv, p.sx + r * nb, nb);
-  }
-  p.y[r * p.N + n] = y;
+inline void store_output(const Problem& p, int64_t r, int64_t n, __m256 a0, __m256 a1) {
+  p.y[r * p.N + n] = reduce(a0, a1);
 }
 
 // Elements 8J .. 8J+7 of block b for R rows x C columns (J a constant, so the accumulators stay in
@@ -102,7 +106,8 @@ template <int R, int C, int FMT, int J>
 inline __attribute__((always_inline)) void block_step(const uint8_t* q0, int64_t b, int64_t nb, int64_t bytes,
                                                       const float* ds, const float* const* xr, __m256 (*acc)[C][2]) {
   __m256 w[C];
-  for (int c = 0; c < C; ++c) w[c] = unpack8<FMT>(q0 + (c * nb + b) * bytes, J, _mm256_broadcast_ss(ds + c * nb + b));
+  const int64_t nbp = padded_blocks(32 * nb);
+  for (int c = 0; c < C; ++c) w[c] = unpack8<FMT>(q0 + (c * nb + b) * bytes, J, _mm256_broadcast_ss(ds + c * nbp + b));
   for (int r = 0; r < R; ++r) {
     const __m256 xv = _mm256_loadu_ps(xr[r] + b * 32 + 8 * J);
     for (int c = 0; c < C; ++c) acc[r][c][J & 1] = _mm256_fmadd_ps(xv, w[c], acc[r][c][J & 1]);
@@ -154,8 +159,14 @@ __attribute__((noinline)) void fused(const Problem& p, int64_t r0, int64_t n0, f
       block_step<R, C, FMT, 3>(q0, b, nb, bytes, ds, xr, acc);
     }
   }
+  if constexpr (FMT == kQ4_0 || FMT == kQ4_1) {
+    const int64_t nbp = padded_blocks(K);
+    const float* sxr[R];
+    for (int r = 0; r < R; ++r) sxr[r] = p.sx + (r0 + r) * nbp;
+    JSERVE_ADD_OFFSETS(R, C, sxr, mv, nbp, acc)
+  }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) store_outputs(p, r0 + r, n0 + c, acc[r][c][0], acc[r][c][1], mv + c * nb);
+    for (int c = 0; c < C; ++c) store_output(p, r0 + r, n0 + c, acc[r][c][0], acc[r][c][1]);
 }
 
 template <int R, int C, int FMT>
@@ -179,7 +190,7 @@ void unpack_panel(const Problem& p, int64_t n, int C, int64_t Kp, float* w, floa
     } else {
       const uint8_t* q = static_cast<const uint8_t*>(p.qs) + (n + c) * nb * bytes;
       for (int64_t b = 0; b < nb; ++b) {
-        const __m256 d = _mm256_broadcast_ss(ds + c * nb + b);
+        const __m256 d = _mm256_broadcast_ss(ds + c * padded_blocks(K) + b);
         for (int j = 0; j < 4; ++j) _mm256_storeu_ps(wc + b * 32 + 8 * j, unpack8<FMT>(q + b * bytes, j, d));
       }
     }
@@ -188,7 +199,7 @@ void unpack_panel(const Problem& p, int64_t n, int C, int64_t Kp, float* w, floa
 
 template <int R, int C>
 void tile(const Problem& p, int64_t r0, int64_t n0, const float* w, int64_t Kp, const float* mv) {
-  const int64_t K = p.K, K8 = K & ~int64_t{7}, nb = K / 32;
+  const int64_t K = p.K, K8 = K & ~int64_t{7};
   const float* xr[R];
   for (int r = 0; r < R; ++r) xr[r] = p.x + (r0 + r) * K;
   __m256 acc[R][C][2];
@@ -223,8 +234,14 @@ void tile(const Problem& p, int64_t r0, int64_t n0, const float* w, int64_t Kp, 
       for (int c = 0; c < C; ++c) acc[r][c][j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + c * Kp + K8), acc[r][c][j]);
     }
   }
+  if (has_offset(p.fmt)) {
+    const int64_t nbp = padded_blocks(K);
+    const float* sxr[R];
+    for (int r = 0; r < R; ++r) sxr[r] = p.sx + (r0 + r) * nbp;
+    JSERVE_ADD_OFFSETS(R, C, sxr, mv, nbp, acc)
+  }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) store_outputs(p, r0 + r, n0 + c, acc[r][c][0], acc[r][c][1], mv + c * nb);
+    for (int c = 0; c < C; ++c) store_output(p, r0 + r, n0 + c, acc[r][c][0], acc[r][c][1]);
 }
 
 template <int C>
@@ -236,10 +253,10 @@ void tile_rows(const Problem& p, int64_t r0, int64_t r1, int64_t n, const float*
 
 template <int FMT>
 void panel_columns(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t K = p.K, Kp = (K + 7) & ~int64_t{7}, nb = std::max<int64_t>(K / 32, 1);
+  const int64_t K = p.K, Kp = (K + 7) & ~int64_t{7};
   // Each row block of x stays in L2 while every panel of the column range passes over it.
   const int64_t rows_per_block = std::max<int64_t>(kR, (kXBlock / std::max<int64_t>(K, 1)) / kR * kR);
-  std::vector<float> w(kC * Kp), ds(kC * nb), mv(kC * nb);
+  std::vector<float> w(kC * Kp), ds(kC * padded_blocks(K) + 1), mv(kC * padded_blocks(K) + 1);
   for (int64_t rb = 0; rb < p.M; rb += rows_per_block) {
     const int64_t re = std::min(p.M, rb + rows_per_block);
     int64_t n = n0;
@@ -257,8 +274,7 @@ void panel_columns(const Problem& p, int64_t n0, int64_t n1) {
 template <int FMT>
 void columns(const Problem& p, int64_t n0, int64_t n1) {
   if (p.M > kFusedMaxM) return panel_columns<FMT>(p, n0, n1);
-  const int64_t nb = std::max<int64_t>(p.K / 32, 1);
-  std::vector<float> ds(4 * nb), mv(4 * nb);
+  std::vector<float> ds(4 * padded_blocks(p.K) + 1), mv(4 * padded_blocks(p.K) + 1);
   switch (p.M) {  // R x C tiles: 6-8 FMA chains, no spills
     case 1: fused_columns<1, kFusedC1, FMT>(p, n0, n1, ds.data(), mv.data()); break;
     case 2: fused_columns<2, 2, FMT>(p, n0, n1, ds.data(), mv.data()); break;
@@ -277,7 +293,7 @@ void block_sums_avx2(const Problem& p, float* sx) {
       const float* xb = xr + b * 32;
       __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
                                _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
-      sx[r * nb + b] = hsum(s);
+      sx[r * padded_blocks(p.K) + b] = hsum(s);
     }
   }
 }

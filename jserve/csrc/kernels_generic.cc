@@ -40,40 +40,34 @@ void dequant_column(const Problem& p, int64_t n, float* w, float* mv) {
 }  // namespace
 
 void block_sums_generic(const Problem& p, float* sx) {
-  const int64_t nb = p.K / 32;
+  const int64_t nb = p.K / 32, nbp = padded_blocks(p.K);
   for (int64_t r = 0; r < p.M; ++r) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = p.x + r * p.K + b * 32;
       float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (int j = 0; j < 32; ++j) lanes[j & 7] = lanes[j & 7] + xb[j];
-      sx[r * nb + b] = tree8(lanes);
+      sx[r * nbp + b] = tree8(lanes);
     }
   }
 }
 
 void columns_generic(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t K = p.K, nb = K / 32, N = p.N;
-  std::vector<float> w(K), mv(nb > 0 ? nb : 1);
+  const int64_t K = p.K, nbp = padded_blocks(K), N = p.N;
+  std::vector<float> w(K), mv(nbp + 1, 0.0f);
   for (int64_t n = n0; n < n1; ++n) {
     dequant_column(p, n, w.data(), mv.data());
     for (int64_t r = 0; r < p.M; ++r) {
       const float* xr = p.x + r * K;
       float acc[16] = {};
-      for (int64_t k = 0; k < K; ++k) acc[k & 15] = acc[k & 15] + xr[k] * w[k];
+      int64_t k = 0;
+      for (; k < K; ++k) acc[k & 15] = acc[k & 15] + xr[k] * w[k];
+      if (has_offset(p.fmt)) {  // K is a multiple of 32 here: the offsets start at lane 0
+        const float* s = p.sx + r * nbp;
+        for (int64_t e = 0; e < nbp; ++e) acc[e & 15] = acc[e & 15] + s[e] * mv[e];
+      }
       float lanes[8];
       for (int l = 0; l < 8; ++l) lanes[l] = acc[l] + acc[l + 8];
-      float y = tree8(lanes);
-      if (has_offset(p.fmt)) {
-        const float* s = p.sx + r * nb;
-        float ol[8] = {};
-        int64_t b = 0;
-        for (; b + 8 <= nb; b += 8)
-          for (int l = 0; l < 8; ++l) ol[l] = ol[l] + mv[b + l] * s[b + l];
-        float off = tree8(ol);
-        for (; b < nb; ++b) off = off + mv[b] * s[b];
-        y = y + off;
-      }
-      p.y[r * N + n] = y;
+      p.y[r * N + n] = tree8(lanes);
     }
   }
 }
