@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import socket
@@ -218,11 +217,8 @@ class HttpFrontEnd:
             constraint=body.constraint(), speculate=body.speculate)
 
     async def _submit(self, ids: list[int], params: SamplingParams, timeout: float | None) -> Stream:
-        llm = self.llm
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(None, functools.partial(llm.submit, ids, params, timeout=timeout,
-                                                                      loop=loop))
+            return await self.llm.submit_async(ids, params, timeout=timeout)
         except InvalidRequestError as e:
             raise ApiError(400, str(e)) from e
         except QueueFullError as e:
@@ -340,8 +336,7 @@ class HttpFrontEnd:
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             created = int(time.time())
             if body.stream:
-                return StreamingResponse(self._sse(rid, created, body, started, chat), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
+                return _EventStream(self._sse(rid, created, body, started, chat), [s for _, s in started])
             async def on_disconnect() -> None:
                 # The body has been read: the next ASGI message is the client going away.
                 while (await request.receive())["type"] != "http.disconnect":
@@ -475,6 +470,23 @@ class HttpFrontEnd:
                 t.cancel()
             for _, s in started:
                 s.cancel()  # a client that went away frees its slots before the next step
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events whose requests are cancelled however the response ends, also when the
+    client went away before the first event (then the event generator never starts, and its own
+    clean-up never runs)."""
+
+    def __init__(self, events: AsyncIterator[str], streams: list[Stream]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.streams = streams
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for s in self.streams:
+                s.cancel()  # no-op when finished
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -79,6 +80,12 @@ class _Collector(Stream):
 
     def backlog(self) -> int:
         return 0
+
+
+def _cancel_orphan(work: asyncio.Future) -> None:
+    """Cancel the request a submission queued after its caller went away."""
+    if not work.cancelled() and work.exception() is None:
+        work.result().cancel()
 
 
 def collect(pieces: Sequence[StreamOutput]) -> Result:
@@ -320,6 +327,22 @@ class LLM:
             raise InvalidRequestError(f"request_id may have at most {MAX_REQUEST_ID_CHARS} characters, "
                                       f"got {len(request_id)}")
         return self._submit(prompt, params, Stream(loop), request_id=request_id, timeout=timeout, block=block)
+
+    async def submit_async(self, prompt: PromptInput, params: SamplingParams | None = None, *,
+                           request_id: str | None = None, timeout: float | None = None) -> Stream:
+        """``submit`` for the event loop's front ends: validation, tokenizing and chat templates run
+        in the loop's executor (other streams keep flowing), and the stream delivers on this loop.
+
+        If the caller is cancelled (its client went away) while that runs, the request it queues
+        is cancelled as soon as it is queued: no slot is held for nobody."""
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(None, functools.partial(self.submit, prompt, params, request_id=request_id,
+                                                            timeout=timeout, loop=loop))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(_cancel_orphan)
+            raise
 
     def _submit(self, prompt: PromptInput, params: SamplingParams, stream: Stream, *, request_id: str | None = None,
                 timeout: float | None = None, block: bool = False) -> Stream:

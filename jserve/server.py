@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import pathlib
@@ -129,11 +128,9 @@ class GenerationService(pb_grpc.GenerationServicer):
             llm = self._ready()
             self._check_size(request)
             prompt, params = request_to_input(request), request_to_params(request)
-            loop = asyncio.get_running_loop()
-            # Tokenizing and chat templates run off the event loop: other streams keep flowing.
-            stream = await loop.run_in_executor(None, functools.partial(
-                llm.submit, prompt, params, request_id=request.request_id or None,
-                timeout=context.time_remaining(), loop=loop))
+            # Off the event loop; a client gone meanwhile has its request cancelled once queued.
+            stream = await llm.submit_async(prompt, params, request_id=request.request_id or None,
+                                            timeout=context.time_remaining())
         except _Abort as e:
             self.metrics.reject("unavailable")
             await context.abort(e.code, e.message)

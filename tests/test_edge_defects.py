@@ -7,14 +7,19 @@ test can hold ``LLM.submit`` and watch the server's connections without timing a
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 import threading
+import time
 
+import grpc
 import pytest
 
 from jserve.sampling import SamplingParams
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-SLOTS, MAX_LEN, MAX_UNDELIVERED, MAX_WAITING = 2, 1024, 8, 2
+SLOTS, MAX_LEN, MAX_UNDELIVERED, MAX_WAITING = 2, 1024, 64, 2
 
 
 class Events:
@@ -47,6 +52,88 @@ def events():
     return Events()
 
 
+class Servers:
+    """gRPC and HTTP front ends over ``llm`` on one event loop in a thread, on localhost ports."""
+
+    def __init__(self, llm, events: Events):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-servers", daemon=True)
+        self.thread.start()
+        self.call(self._start(llm, events))
+
+    def call(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _start(self, llm, events: Events) -> None:
+        from jserve import http_api
+        from jserve.server import GenerationService
+        from jserve.v1 import jserve_pb2_grpc as pb_grpc
+
+        handler_cancelled = self.handler_cancelled = threading.Event()
+
+        class Watched(GenerationService):  # tells the test when a client's cancel reached the handler
+            async def Generate(self, request, context):
+                try:
+                    async for resp in super().Generate(request, context):
+                        yield resp
+                except asyncio.CancelledError:
+                    handler_cancelled.set()
+                    raise
+
+        self.service = Watched(events.metrics)
+        self.service.llm = llm
+        self.grpc = grpc.aio.server()
+        pb_grpc.add_GenerationServicer_to_server(self.service, self.grpc)
+        self.grpc_address = f"127.0.0.1:{self.grpc.add_insecure_port('127.0.0.1:0')}"
+        await self.grpc.start()
+        sock = http_api.bind("127.0.0.1", 0)
+        # Accepted connections inherit a small send buffer: a client that stops reading blocks the
+        # server's writes after tens of kilobytes, not megabytes.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.http = http_api.HttpFrontEnd(events.metrics.registry)
+        self.http.llm = llm
+        self.uvicorn = http_api.make_server(self.http.app, sock)
+        self.http_task = asyncio.ensure_future(self.uvicorn.serve(sockets=[sock]))
+        self.http_port = sock.getsockname()[1]
+        while not self.uvicorn.started:
+            await asyncio.sleep(0.01)
+
+    async def _connections(self) -> int:
+        return len(self.uvicorn.server_state.connections)
+
+    def wait_no_http_connection(self, timeout: float = 30.0) -> None:
+        """Until the HTTP server has seen every connection close."""
+        deadline = time.monotonic() + timeout
+        while self.call(self._connections()):
+            assert time.monotonic() < deadline, "the server never saw the client go away"
+            time.sleep(0.01)
+
+    async def _stop(self) -> None:
+        self.uvicorn.should_exit = True
+        await asyncio.wait_for(self.http_task, 10)
+        await self.grpc.stop(0)
+
+    def close(self) -> None:
+        self.call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class Hold:
+    """``llm.submit`` blocks (in the front end's executor) until ``release`` is set."""
+
+    def __init__(self, llm, monkeypatch):
+        self.entered, self.release = threading.Event(), threading.Event()
+        submit = llm.submit
+
+        def held(*args, **kwargs):
+            self.entered.set()
+            assert self.release.wait(120)
+            return submit(*args, **kwargs)
+
+        monkeypatch.setattr(llm, "submit", held)
+
+
 @pytest.fixture(scope="module")
 def llm(tiny_ckpt, events):
     """Two slots, a small undelivered bound and waiting queue, long outputs possible."""
@@ -60,18 +147,119 @@ def llm(tiny_ckpt, events):
 
 # ---- 3: offline generation never cuts an output ---------------------------------------------------
 def test_generate_returns_every_output_whole_however_long_the_unread_backlog(llm):
-    """Six prompts on two slots, each output 40 pieces (5x the undelivered bound): results are read
+    """Six prompts on two slots, each output 200 pieces (3x the undelivered bound): results are read
     in input order while later prompts run, and none may end as a slow reader."""
     prompts = [[5 + i, 6, 7, 8] for i in range(6)]
-    sp = SamplingParams(max_tokens=40, **GREEDY)
+    n = 3 * MAX_UNDELIVERED + 8
+    sp = SamplingParams(max_tokens=n, **GREEDY)
     finished = []
     results = llm.generate(prompts, sp, on_finish=lambda i, r: finished.append(i))
     assert [r.finish_reason for r in results] == ["length"] * 6
-    assert [r.completion_tokens for r in results] == [40] * 6
-    assert [len(r.token_ids) for r in results] == [40] * 6
+    assert [r.completion_tokens for r in results] == [n] * 6
+    assert [len(r.token_ids) for r in results] == [n] * 6
     assert finished == list(range(6))
     # The same tokens as each prompt alone (nothing lost or repeated in the pieces).
     for prompt, r in zip(prompts, results):
         [alone] = llm.generate([prompt], sp)
         assert r.token_ids == alone.token_ids
+
+
+@pytest.fixture(scope="module")
+def servers(llm, events):
+    s = Servers(llm, events)
+    yield s
+    s.close()
+
+
+def _idle(llm) -> bool:
+    o = llm.orchestrator
+    return o.slots_in_use == 0 and o.num_running == 0 and o.num_waiting == 0
+
+
+# ---- 4: a client gone while its request is being submitted ------------------------------------------
+def test_a_grpc_client_gone_during_submission_has_its_request_cancelled(llm, servers, events, monkeypatch):
+    from jserve.client import build_request
+    from jserve.v1 import jserve_pb2_grpc as pb_grpc
+
+    hold = Hold(llm, monkeypatch)
+    servers.handler_cancelled.clear()
+    with grpc.insecure_channel(servers.grpc_address) as channel:
+        call = pb_grpc.GenerationStub(channel).Generate(
+            build_request([5, 6, 7], request_id="gone-grpc", max_tokens=900, **GREEDY))
+        assert hold.entered.wait(60)
+        call.cancel()
+        assert servers.handler_cancelled.wait(60)  # the handler is gone while submit is still held
+    hold.release.set()
+    assert events.wait_finished(lambda req: req.request_id == "gone-grpc") == "cancelled"
+    assert _idle(llm)
+
+
+def _http_request(port: int, path: str, body: dict, rcvbuf: int | None = None) -> socket.socket:
+    """An HTTP/1.1 POST sent on a raw socket (nothing read yet)."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["sse", "json"])
+def test_an_http_client_gone_during_submission_has_its_request_cancelled(llm, servers, events, monkeypatch, stream):
+    hold = Hold(llm, monkeypatch)
+    tokens = 901 if stream else 902  # tells this request apart
+    sock = _http_request(servers.http_port, "/v1/completions",
+                         {"model": llm.checkpoint.name, "prompt": [5, 6, 7], "max_tokens": tokens,
+                          "stream": stream, **GREEDY})
+    assert hold.entered.wait(60)
+    sock.close()
+    servers.wait_no_http_connection()  # the server saw it go while submit is still held
+    hold.release.set()
+    assert events.wait_finished(lambda req: req.params.max_tokens == tokens) == "cancelled"
+    assert _idle(llm)
+
+
+async def _post_asgi(app, path: str, body: dict) -> None:
+    """POST to the ASGI app itself, as a server that cancels a handler when its client goes does."""
+    data = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]}
+    sent = asyncio.Event()
+
+    async def receive() -> dict:
+        if not sent.is_set():
+            sent.set()
+            return {"type": "http.request", "body": data, "more_body": False}
+        await asyncio.Event().wait()  # the client never leaves on its own: it is cancelled
+
+    async def send(message: dict) -> None:
+        pass
+
+    await app(scope, receive, send)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["sse", "json"])
+def test_an_http_handler_cancelled_during_submission_cancels_its_request(llm, servers, events, monkeypatch, stream):
+    hold = Hold(llm, monkeypatch)
+    tokens = 903 if stream else 904
+
+    async def start() -> asyncio.Task:
+        return asyncio.ensure_future(_post_asgi(servers.http.app, "/v1/completions", {
+            "model": llm.checkpoint.name, "prompt": [5, 6, 7], "max_tokens": tokens, "stream": stream, **GREEDY}))
+
+    async def settled(task: asyncio.Task) -> bool:
+        await asyncio.wait([task])
+        return task.cancelled()
+
+    task = servers.call(start())
+    assert hold.entered.wait(60)
+    servers.loop.call_soon_threadsafe(task.cancel)
+    assert servers.call(settled(task))  # the handler is gone while submit is still held
+    hold.release.set()
+    assert events.wait_finished(lambda req: req.params.max_tokens == tokens) == "cancelled"
+    assert _idle(llm)
 
