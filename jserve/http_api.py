@@ -164,8 +164,9 @@ def _finish_error(piece: StreamOutput, rid: str, max_undelivered: int) -> ApiErr
         return ApiError(503, f"the server shut down before request {rid} finished; retry it", "server_error",
                         code="shutting_down")
     if r == SLOW_READER:
-        return ApiError(429, f"request {rid} ended: more than {max_undelivered} pieces were left unread",
-                        "server_error", code="slow_reader")
+        return ApiError(429, f"request {rid} ended after {piece.completion_tokens} tokens: the client left more "
+                             f"than {max_undelivered} pieces unread (--max-undelivered)", "server_error",
+                        code="slow_reader")
     if r == ERROR:
         return ApiError(500, f"request {rid} failed: {piece.error}", "server_error", code="internal_error")
     return None
@@ -417,14 +418,13 @@ class HttpFrontEnd:
         """Server-sent events: each choice's pieces as they come (choices interleaved), then the
         usage chunk when asked, then ``[DONE]``. An error ends the stream with an error event."""
         kind = "chat.completion.chunk" if chat else "text_completion"
-        queue: asyncio.Queue = asyncio.Queue()
+        # Bounded: while the client takes no events, the pumps take no pieces, which then count as
+        # undelivered on their streams, so ``--max-undelivered`` ends them as it does over gRPC.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=len(started))
 
         async def pump(index: int, stream: Stream) -> None:
-            try:
-                async for piece in stream:
-                    await queue.put((index, piece))
-            finally:
-                await queue.put((index, None))
+            async for piece in stream:
+                await queue.put((index, piece))
 
         def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
             data = {"id": rid, "object": kind, "created": created, "model": self.model_id, "choices": choices}
@@ -443,10 +443,9 @@ class HttpFrontEnd:
             max_undelivered = self.llm.orchestrator.max_undelivered
             while open_streams:
                 index, piece = await queue.get()
-                if piece is None:
-                    open_streams -= 1
-                    continue
                 results[index].append(piece)
+                if piece.finish_reason is not None:
+                    open_streams -= 1
                 err = _finish_error(piece, rid, max_undelivered)
                 if err is not None:
                     yield f"data: {json.dumps(err.body())}\n\n"

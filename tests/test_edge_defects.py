@@ -263,3 +263,37 @@ def test_an_http_handler_cancelled_during_submission_cancels_its_request(llm, se
     assert events.wait_finished(lambda req: req.params.max_tokens == tokens) == "cancelled"
     assert _idle(llm)
 
+
+# ---- 5: server-sent events under backpressure ---------------------------------------------------------
+def _sse_events(sock: socket.socket) -> list[dict]:
+    """The JSON events of one chunked SSE response read from ``sock`` (up to its last chunk)."""
+    sock.settimeout(60)
+    f = sock.makefile("rb")
+    status = f.readline()
+    assert status.startswith(b"HTTP/1.1 200"), status
+    while f.readline() not in (b"\r\n", b""):
+        pass
+    body = b""
+    while size := int(f.readline().strip(), 16):
+        body += f.read(size)
+        f.readline()
+    return [json.loads(e[len("data: "):]) for e in body.decode().split("\n\n") if e.startswith("data: {")]
+
+
+def test_an_sse_client_that_stops_reading_has_its_request_ended_as_a_slow_reader(llm, servers, events):
+    """A client reads nothing of its stream (a small receive buffer, so the server's writes block
+    after tens of kilobytes of 1000 tokens): its request ends as gRPC's slow reader does and its
+    slot is freed; reading on, it gets what was sent and then the slow-reader error event."""
+    tokens = MAX_LEN - 24
+    sock = _http_request(servers.http_port, "/v1/completions",
+                         {"model": llm.checkpoint.name, "prompt": [5, 6, 7], "max_tokens": tokens, "stream": True,
+                          "logprobs": 3, **GREEDY}, rcvbuf=4096)
+    with sock:
+        assert events.wait_finished(lambda req: req.params.max_tokens == tokens) == "slow_reader"
+        assert _idle(llm)
+        got = _sse_events(sock)
+    *pieces, last = got
+    assert last["error"]["code"] == "slow_reader" and "--max-undelivered" in last["error"]["message"]
+    assert MAX_UNDELIVERED < sum(len(p["choices"][0]["logprobs"]["tokens"]) for p in pieces) < tokens
+    assert all(p["choices"][0]["finish_reason"] is None for p in pieces)
+
