@@ -19,6 +19,8 @@ from jserve.client import AsyncClient, Client
 from jserve.v1 import jserve_pb2 as pb
 
 from .servers import ServerProcess
+from .step_hold import HoldableServer
+from .waits import wait_until
 
 SLOTS, MAX_LEN, MAX_PROMPT, MAX_WAITING = 8, 128, 64, 32
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -26,11 +28,12 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 # The server runs float32 and int8-dynamic (the fastest mode on CPU); weight-only int8 goes
 # through the engine and orchestrator tests.
+# Its decode steps can be held (``with server.hold:``, see step_hold.py): a deadline lands exactly.
 @pytest.fixture(scope="module", params=[None, "int8-dynamic"], ids=["f32", "int8-dynamic"])
-def server(tiny_ckpt, request):
+def server(tiny_ckpt, tmp_path_factory, request):
     quant = ["--quantize", request.param] if request.param else []
-    s = ServerProcess(tiny_ckpt, "--slots", str(SLOTS), "--max-len", str(MAX_LEN), "--max-prompt-len",
-                      str(MAX_PROMPT), "--max-waiting", str(MAX_WAITING), *quant)
+    s = HoldableServer(tiny_ckpt, tmp_path_factory.mktemp("hold") / "steps", "--slots", str(SLOTS), "--max-len",
+                       str(MAX_LEN), "--max-prompt-len", str(MAX_PROMPT), "--max-waiting", str(MAX_WAITING), *quant)
     s.quantize = request.param
     yield s
     assert s.stop() == 0
@@ -42,13 +45,9 @@ def client(server):
         yield c
 
 
-def _wait_slots_free(client, timeout=5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        used = client.model_info().slots_in_use
-        if used == 0 or time.monotonic() > deadline:
-            return used
-        time.sleep(0.02)
+def _wait_slots_free(client) -> int:
+    wait_until(lambda: client.model_info().slots_in_use == 0, "every slot free")
+    return client.model_info().slots_in_use
 
 
 def _metrics(server) -> str:
@@ -120,27 +119,37 @@ def test_cancel_mid_stream_frees_the_slot(server, client):
         list(call)
     assert e.value.code() == grpc.StatusCode.CANCELLED
     assert _wait_slots_free(client) == 0
-    deadline = time.monotonic() + 5
-    while 'jserve_requests_finished_total{reason="cancelled"}' not in _metrics(server) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert 'jserve_requests_finished_total{reason="cancelled"}' in _metrics(server)
+    wait_until(lambda: 'jserve_requests_finished_total{reason="cancelled"}' in _metrics(server), "a cancel counted")
+
+
+DEADLINE_S = 2.0  # the wall time a deadline test must spend; the request is held, so its length is no race
 
 
 def test_deadline_gives_deadline_exceeded_and_frees_the_slot(server, client):
+    """The request's decode steps are held, so it is running and cannot finish when its deadline
+    passes, on any device: the client gets DEADLINE_EXCEEDED, and once the steps go on the server
+    ends it as a deadline (not a cancel) and frees its slot."""
     reason = 'jserve_requests_finished_total{reason="deadline"}'
-    before = _metric(_metrics(server), reason)
-    with pytest.raises(grpc.RpcError) as e:
-        list(client.stream([1, 2, 3], max_tokens=120, timeout=0.05, **GREEDY))
-    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    before, held = _metric(_metrics(server), reason), server.said("STEP HELD")
+    with server.hold:
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            list(client.stream([1, 2, 3], max_tokens=120, timeout=DEADLINE_S, **GREEDY))
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert server.said("STEP HELD") > held  # it was running, waiting in a step, when its time ran out
+        # The server's deadline is the client's, read off the call on arrival (both clocks are
+        # CLOCK_MONOTONIC): past it for sure, the steps go on.
+        wait_until(lambda: time.monotonic() > start + DEADLINE_S + 0.5, "the server's deadline passed too")
+    wait_until(lambda: _metric(_metrics(server), reason) > before, "the deadline counted")
+    assert _metric(_metrics(server), reason) == before + 1  # counted as a deadline, not a cancel
     assert _wait_slots_free(client) == 0
-    deadline = time.monotonic() + 10
-    while _metric(_metrics(server), reason) == before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _metric(_metrics(server), reason) >= before + 1  # counted as a deadline, not a cancel
 
 
 def test_overload_gets_resource_exhausted_while_admitted_work_completes(server, client):
+    """Decode steps held, so no request can finish and make room first (on any device): every
+    request is either queued, in a slot or refused before the steps go on."""
     n = SLOTS + MAX_WAITING + 24
+    refused = []
 
     async def run():
         async with AsyncClient(server.address) as ac:
@@ -148,10 +157,20 @@ def test_overload_gets_resource_exhausted_while_admitted_work_completes(server, 
                 try:
                     return await ac.complete([7, 8, 9 + i], max_tokens=100, **GREEDY)
                 except grpc.aio.AioRpcError as e:
+                    refused.append(e)
                     return e
             return await asyncio.gather(*(one(i) for i in range(n)))
 
-    results = asyncio.run(run())
+    def placed() -> int:
+        info = client.model_info()
+        return len(refused) + info.waiting + info.slots_in_use
+
+    _wait_slots_free(client)
+    with ThreadPoolExecutor(1) as pool:
+        with server.hold:
+            running = pool.submit(asyncio.run, run())
+            wait_until(lambda: placed() == n, "every request queued, in a slot or refused")
+        results = running.result()
     rejected = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     done = [r for r in results if not isinstance(r, grpc.aio.AioRpcError)]
     assert rejected and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in rejected)
@@ -264,8 +283,15 @@ def test_client_command_line_streams_the_completion(server, client):
     assert "length" in out.stderr and "completion 6 tokens" in out.stderr
 
 
-def test_health_is_not_serving_during_warmup_and_sigterm_drains_then_exits_0(tiny_ckpt):
-    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "1024", "--max-prompt-len", "128", wait_serving=False)
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        return check(health_pb2.HealthCheckRequest(service="jserve.v1.Generation"), timeout=5).status
+
+
+def test_health_is_not_serving_during_warmup_and_sigterm_drains_then_exits_0(tiny_ckpt, tmp_path):
+    s = HoldableServer(tiny_ckpt, tmp_path / "hold", "--slots", "2", "--max-len", "1024", "--max-prompt-len", "128",
+                       wait_serving=False)
     try:
         channel = grpc.insecure_channel(s.address)
         health = health_pb2_grpc.HealthStub(channel)
@@ -281,14 +307,15 @@ def test_health_is_not_serving_during_warmup_and_sigterm_drains_then_exits_0(tin
         assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
 
         with Client(s.address) as c:
-            call = c.stream([1, 2, 3], max_tokens=1000, **GREEDY)
-            pieces = [next(call)]
-            s.proc.send_signal(signal.SIGTERM)
-            pieces += [next(call) for _ in range(5)]  # still streaming after the signal
-            with pytest.raises(grpc.RpcError) as e:  # while draining, new work is refused
-                list(c.stream("new work", max_tokens=2))
-            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-            pieces += list(call)  # in-flight work is finished, not cut
+            with s.hold:  # the request is running (held in a step) when the signal comes, on any device
+                call = c.stream([1, 2, 3], max_tokens=1000, **GREEDY)
+                wait_until(lambda: s.said("STEP HELD"), "the request reached a decode step")
+                s.proc.send_signal(signal.SIGTERM)
+                wait_until(lambda: _health(s.address) == health_pb2.HealthCheckResponse.NOT_SERVING, "draining")
+                with pytest.raises(grpc.RpcError) as e:  # while draining, new work is refused
+                    list(c.stream("new work", max_tokens=2))
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
+            pieces = list(call)  # in-flight work is finished, not cut
             assert pieces[-1].finish_reason == pb.LENGTH
             assert sum(len(p.token_ids) for p in pieces) == 1000
         assert s.proc.wait(60) == 0
@@ -296,14 +323,20 @@ def test_health_is_not_serving_during_warmup_and_sigterm_drains_then_exits_0(tin
         s.stop()
 
 
-def test_a_drain_that_runs_out_of_time_ends_streams_with_unavailable(tiny_ckpt):
-    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "1024", "--max-prompt-len", "16",
-                      "--drain-timeout", "0.1")
+def test_a_drain_that_runs_out_of_time_ends_streams_with_unavailable(tiny_ckpt, tmp_path):
+    s = HoldableServer(tiny_ckpt, tmp_path / "hold", "--slots", "2", "--max-len", "1024", "--max-prompt-len", "16",
+                       "--drain-timeout", "0.1")
     try:
         with Client(s.address) as c:
-            call = c.stream([1, 2, 3], max_tokens=1000, **GREEDY)
-            next(call)
-            s.proc.send_signal(signal.SIGTERM)
+            with s.hold:  # still running when the 0.1 s drain ends, on any device
+                call = c.stream([1, 2, 3], max_tokens=1000, **GREEDY)
+                wait_until(lambda: s.said("STEP HELD"), "the request reached a decode step")
+                signalled = time.monotonic()
+                s.proc.send_signal(signal.SIGTERM)
+                wait_until(lambda: _health(s.address) == health_pb2.HealthCheckResponse.NOT_SERVING, "draining")
+                # The drain gives up 0.1 s after it starts, then waits 5 s for the loop to cut the
+                # request: the steps go on between the two.
+                wait_until(lambda: time.monotonic() > signalled + 1.5, "the drain ran out")
             with pytest.raises(grpc.RpcError) as e:
                 list(call)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -327,17 +360,17 @@ def test_sigterm_during_warmup_exits_without_waiting_for_compilation(tiny_ckpt, 
         s.stop()
 
 
-def test_a_second_signal_while_draining_exits_at_once(tiny_ckpt):
-    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "1024", "--max-prompt-len", "16",
-                      "--drain-timeout", "600")
+def test_a_second_signal_while_draining_exits_at_once(tiny_ckpt, tmp_path):
+    s = HoldableServer(tiny_ckpt, tmp_path / "hold", "--slots", "2", "--max-len", "1024", "--max-prompt-len", "16",
+                       "--drain-timeout", "600")
     try:
-        with Client(s.address) as c:
+        with Client(s.address) as c, s.hold:  # the request cannot finish (and the drain end) on its own
             call = c.stream([1, 2, 3], max_tokens=1000, **GREEDY)
-            next(call)
+            wait_until(lambda: s.said("STEP HELD"), "the request reached a decode step")
             s.proc.send_signal(signal.SIGTERM)
-            next(call)  # draining: the stream goes on
+            wait_until(lambda: _health(s.address) == health_pb2.HealthCheckResponse.NOT_SERVING, "draining")
             s.proc.send_signal(signal.SIGINT)
-            assert s.proc.wait(30) == 1  # long before the 600 s drain would have ended
+            assert s.proc.wait(60) == 1  # not after the 600 s drain: the request was still running
             with pytest.raises(grpc.RpcError):
                 list(call)
         assert "second signal" in s.stderr_tail()
