@@ -20,8 +20,10 @@ import statistics
 import sys
 import time
 
-ALL_MODES = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("float32", "int8"),
-             "int8-dynamic": ("float32", "int8-dynamic")}
+# mode → (dtype, --quantize); "stored" serves the checkpoint as it is (the default GGUF's Q4_1/Q8_0 blocks).
+ALL_MODES = {"float32": ("float32", "float"), "bfloat16": ("bfloat16", "float"), "int8": ("float32", "int8"),
+             "int8-dynamic": ("float32", "int8-dynamic"), "stored": ("float32", None), "q8_0": ("float32", "q8_0"),
+             "q4_0": ("float32", "q4_0"), "q4_1": ("float32", "q4_1")}
 
 
 def main(argv: list[str] | None = None) -> int:
