@@ -91,9 +91,9 @@ ffi::Error run(ffi::ThreadPool& pool, Problem p, int32_t isa) {
   }
   int64_t threads = env_threads();
   if (threads == 0) threads = std::max<int64_t>(1, pool.num_threads());
-  // ~2^19 multiply-adds per chunk at least (about 20 us): smaller calls stay on one thread.
+  // ~2^17 multiply-adds per chunk at least (~10 us at one row): smaller calls stay on one thread.
   const int64_t macs = p.M * p.N * std::max<int64_t>(p.K, 1);
-  int64_t nchunks = std::min<int64_t>({4 * threads, std::max<int64_t>(1, macs >> 19), (p.N + 5) / 6});
+  int64_t nchunks = std::min<int64_t>({4 * threads, std::max<int64_t>(1, macs >> 17), (p.N + 5) / 6});
   nchunks = std::max<int64_t>(1, threads == 1 ? 1 : nchunks);
   auto job = std::make_shared<Job>();
   job->p = p;
