@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -17,14 +18,19 @@ import pytest
 from jserve.client import Client
 
 from .servers import ServerProcess
+from .step_hold import HoldableServer
+from .waits import wait_until
 
 SLOTS, MAX_LEN, MAX_PROMPT, MAX_WAITING = 4, 128, 64, 4
 
 
+# Its decode steps can be held (``with server.hold:``, see step_hold.py): a deadline, a full queue
+# or a client going away lands while requests run, on any device.
 @pytest.fixture(scope="module")
-def server(tiny_ckpt):
-    s = ServerProcess(tiny_ckpt, "--slots", str(SLOTS), "--max-len", str(MAX_LEN), "--max-prompt-len",
-                      str(MAX_PROMPT), "--max-waiting", str(MAX_WAITING), "--http-port", "0")
+def server(tiny_ckpt, tmp_path_factory):
+    s = HoldableServer(tiny_ckpt, tmp_path_factory.mktemp("hold") / "steps", "--slots", str(SLOTS), "--max-len",
+                       str(MAX_LEN), "--max-prompt-len", str(MAX_PROMPT), "--max-waiting", str(MAX_WAITING),
+                       "--http-port", "0")
     yield s
     assert s.stop() == 0
 
@@ -152,28 +158,46 @@ def test_errors_have_openai_bodies_and_statuses(server, oai, model):
     assert status == 400 and body["error"]["type"] == "invalid_request_error" and "bogus" in body["error"]["message"]
     status, body = _post(server, "/v1/chat/completions", {"model": model, "messages": []})
     assert status == 400 and body["error"]["param"] == "messages"
-    status, body = _post(server, "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 50,
-                                                      "timeout": 0.01, "ignore_eos": True})
+
+
+DEADLINE_S = 2.0  # the wall time the deadline test must spend; the request is held, so its length is no race
+
+
+def test_a_deadline_that_passes_while_the_request_runs_is_a_504(server, model):
+    """Its decode steps held, the request is running and cannot finish before its deadline on any
+    device; once they go on, the server answers 504 with what had been made: at most the prompt's
+    token, as every step came after the deadline."""
+    _wait_idle(server)
+    held, before = server.said("STEP HELD"), _finished(server, "deadline")
+    with ThreadPoolExecutor(1) as pool:
+        with server.hold:
+            answer = pool.submit(_post, server, "/v1/completions", {"model": model, "prompt": "Hi",
+                                                                     "max_tokens": 50, "timeout": DEADLINE_S,
+                                                                     "ignore_eos": True})
+            wait_until(lambda: server.said("STEP HELD") > held, "the request reached a decode step")
+            # Its deadline is DEADLINE_S after it was submitted, which was before its step was held:
+            # past this, it has passed for sure (both clocks are CLOCK_MONOTONIC).
+            seen = time.monotonic()
+            wait_until(lambda: time.monotonic() > seen + DEADLINE_S, "its deadline passed")
+            assert not answer.done()
+        status, body = answer.result()
     assert status == 504 and body["error"]["code"] == "deadline_exceeded"
+    assert re.search(r"the deadline passed after [01] tokens", body["error"]["message"]), body
+    assert _finished(server, "deadline") == before + 1
 
 
 def _wait_idle(server) -> None:
     with Client(server.address) as c:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            info = c.model_info()
-            if not info.slots_in_use and not info.waiting:
-                return
-            time.sleep(0.05)
-    raise AssertionError("the server did not become idle")
+        wait_until(lambda: not (c.model_info().slots_in_use or c.model_info().waiting), "the server idle")
 
 
 def test_a_full_queue_is_429(server, oai, model):
-    """Hold long requests open (streamed, unread) until one is refused: at most slots + queue fit
-    (fewer when the loop has not yet moved the first ones from the queue into slots)."""
+    """With decode steps held (so no request can finish first, on any device), open streams until
+    one is refused: at most slots + queue fit (fewer when the loop has not yet moved the first ones
+    from the queue into slots)."""
     held = []
     try:
-        with pytest.raises(openai.RateLimitError) as e:
+        with server.hold, pytest.raises(openai.RateLimitError) as e:
             for _ in range(SLOTS + MAX_WAITING + 1):
                 held.append(oai.completions.create(model=model, prompt="Hello", max_tokens=100, temperature=0,
                                                    stream=True, extra_body={"ignore_eos": True}))
@@ -185,15 +209,19 @@ def test_a_full_queue_is_429(server, oai, model):
 
 
 def test_a_client_that_disconnects_frees_its_slot(server, oai, model):
-    stream = oai.completions.create(model=model, prompt="Hello", max_tokens=100, temperature=0, stream=True,
-                                    extra_body={"ignore_eos": True})
-    next(iter(stream))
-    stream.close()
-    with Client(server.address) as c:
-        deadline = time.monotonic() + 10
-        while c.model_info().slots_in_use and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert c.model_info().slots_in_use == 0
+    """The stream is closed while its request runs (held in a step, so it cannot finish first on any
+    device): the server cancels it, and it ends as cancelled, not after its 100 tokens."""
+    _wait_idle(server)
+    held, cancels, before = server.said("STEP HELD"), server.said("CANCELLED"), _finished(server, "cancelled")
+    with server.hold:
+        stream = oai.completions.create(model=model, prompt="Hello", max_tokens=100, temperature=0, stream=True,
+                                        extra_body={"ignore_eos": True})
+        wait_until(lambda: server.said("STEP HELD") > held, "the request reached a decode step")
+        stream.close()
+        wait_until(lambda: server.said("CANCELLED") > cancels, "the server cancelled the request")
+    wait_until(lambda: _finished(server, "cancelled") > before, "the cancel counted")
+    assert _finished(server, "cancelled") == before + 1
+    _wait_idle(server)
 
 
 def _finished(server, reason: str) -> float:
@@ -211,16 +239,14 @@ def test_a_non_streaming_client_that_disconnects_has_its_request_cancelled(serve
     host, port = server.http_address.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     body = {"model": model, "prompt": "Hello", "max_tokens": MAX_LEN - 8, "ignore_eos": True, "temperature": 0}
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    with Client(server.address) as c:  # once it holds a slot, the client goes away without its answer
-        deadline = time.monotonic() + 10
-        while not c.model_info().slots_in_use and time.monotonic() < deadline:
-            time.sleep(0.01)
-    conn.sock.shutdown(2)
-    conn.close()
-    deadline = time.monotonic() + 10
-    while _finished(server, "cancelled") == before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    held, cancels = server.said("STEP HELD"), server.said("CANCELLED")
+    with server.hold:  # it cannot finish before the server notices, on any device
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        wait_until(lambda: server.said("STEP HELD") > held, "the request reached a decode step")
+        conn.sock.shutdown(2)  # the client goes away without its answer
+        conn.close()
+        wait_until(lambda: server.said("CANCELLED") > cancels, "the server cancelled the request")
+    wait_until(lambda: _finished(server, "cancelled") > before, "the cancel counted")
     assert _finished(server, "cancelled") == before + 1  # ended as cancelled, not after its 120 tokens
     _wait_idle(server)
 
@@ -324,9 +350,9 @@ def _health(address: str) -> int:
         return e.code
 
 
-def test_503_while_warming_up_and_draining_then_exit_0(tiny_ckpt):
-    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "1024", "--max-prompt-len", "128", "--http-port", "0",
-                      wait_serving=False)
+def test_503_while_warming_up_and_draining_then_exit_0(tiny_ckpt, tmp_path):
+    s = HoldableServer(tiny_ckpt, tmp_path / "hold", "--slots", "2", "--max-len", "1024", "--max-prompt-len", "128",
+                       "--http-port", "0", wait_serving=False)
     try:
         statuses = []
         deadline = time.monotonic() + 300
@@ -339,17 +365,16 @@ def test_503_while_warming_up_and_draining_then_exit_0(tiny_ckpt):
             time.sleep(0.05)
         assert statuses == [503, 200]
         client = openai.OpenAI(base_url=f"http://{s.http_address}/v1", api_key="unused", max_retries=0, timeout=60)
-        stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=300, temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True})
-        chunks = [next(iter(stream))]
-        s.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while _health(s.http_address) != 503 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with pytest.raises(openai.APIStatusError) as e:  # while draining, new work is refused
-            client.completions.create(model="tiny", prompt="more", max_tokens=2)
-        assert e.value.status_code == 503 and "shutting down" in e.value.message
-        chunks += list(stream)  # in-flight work is finished, not cut
+        with s.hold:  # the request is running when the signal comes, and still when new work is refused
+            stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=300, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+            wait_until(lambda: s.said("STEP HELD"), "the request reached a decode step")
+            s.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: _health(s.http_address) == 503, "draining")
+            with pytest.raises(openai.APIStatusError) as e:  # while draining, new work is refused
+                client.completions.create(model="tiny", prompt="more", max_tokens=2)
+            assert e.value.status_code == 503 and "shutting down" in e.value.message
+        chunks = list(stream)  # in-flight work is finished, not cut
         assert chunks[-1].choices[0].finish_reason == "length"
         assert s.proc.wait(60) == 0
     finally:
