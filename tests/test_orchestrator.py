@@ -130,16 +130,19 @@ def test_cancel_frees_the_slot_before_the_next_step_and_leaves_others_untouched(
 
 
 def test_full_queue_is_refused_with_a_clear_error(tiny_llm):
-    orch = Orchestrator(tiny_llm.engine, tiny_llm.tokenizer, max_waiting=2)
+    gated = _GatedEngine(tiny_llm.engine)  # no request can start, so none finishes and makes room
+    orch = Orchestrator(gated, tiny_llm.tokenizer, max_waiting=2)
     streams = []
     try:
         with pytest.raises(QueueFullError, match=r"waiting queue is full \(2 requests\)"):
             for _ in range(tiny_llm.engine.slots + 3):
                 streams.append(orch.submit([1, 2, 3], SamplingParams(max_tokens=100, **GREEDY), Stream()))
-        assert len(streams) <= tiny_llm.engine.slots + 2
+        assert 2 <= len(streams) <= tiny_llm.engine.slots + 2
+        gated.gate.set()
         done = [collect(list(s)) for s in streams]  # admitted work still completes
         assert all(r.finish_reason == "length" and r.completion_tokens == 100 for r in done)
     finally:
+        gated.gate.set()
         orch.shutdown(drain=False, timeout=10)
 
 
