@@ -1,12 +1,14 @@
 """Row-invariant CPU kernels (jserve.cpu_kernels) against XLA's jitted float32 dot, same run.
 
 SmolLM2's real matrices from the default GGUF: each layer's Q4_1 q, k, v, o, gate, up, down and the
-Q8_0 token embedding (49152 x 576, the tied output projection). For each shape and row count M the
-median time of the kernel on the file's own blocks and of ``jnp.dot(x, w.T)`` on the dequantized
-float32 weights (both jitted, measured alternately so machine noise hits both alike), and the ratio
-XLA / kernel (> 1: the kernel is faster). Then one whole set of linear layers at M = 1: layer 0's set
-× 30 (cache-warm) and the 30 real layers' 210 matrices chained in one jitted call (as in a decode
-step: every weight read from memory once).
+Q8_0 token embedding (49152 x 576, the tied output projection). For each shape and row count M: the
+median time of the kernel on the file's own blocks and of ``jnp.dot(x, wt)`` on the dequantized
+float32 weights stored transposed, wt [K, N] (in a chain of layers XLA:CPU takes a much slower path
+for ``x @ w.T``: 150 vs 30 ms CPU for the 210 matrices here), both jitted and measured alternately
+so machine noise hits both alike; the ratio XLA / kernel (> 1: the kernel is faster) in wall and in
+process CPU time. Then one whole set of linear layers at M = 1: layer 0's set x 30 (cache-warm) and
+the 30 real layers' 210 matrices chained in one jitted call (as in a decode step: every weight read
+from memory once).
 
     python scripts/bench_kernels.py [--rows 1 2 4 8 16 64 256] [--gguf PATH]
 """
@@ -75,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         t = tensors[name]
         raw = np.asarray(t.data)
         fmt = fmt_of[t.tensor_type]
-        w32 = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32)
-        return fmt, tuple(jnp.asarray(a) for a in ck.split_gguf_blocks(raw, fmt)), jnp.asarray(w32)
+        w32t = np.ascontiguousarray(gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32).T)
+        return fmt, tuple(jnp.asarray(a) for a in ck.split_gguf_blocks(raw, fmt)), jnp.asarray(w32t)
 
     kernel = jax.jit(ck.matmul, static_argnames="fmt")
-    xla = jax.jit(lambda x, w: jnp.dot(x, w.T))
+    xla = jax.jit(lambda x, wt: jnp.dot(x, wt))
     rng = np.random.default_rng(0)
     names = [f"blk.0.{n}.weight" for n in LAYER] + ["token_embd.weight"]
     results = []
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name in names:
         fmt, blocks, w32 = load(name)
-        n, k = w32.shape
+        k, n = w32.shape
         for m in args.rows:
             x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
             (t_k, c_k) = _time(lambda x_, fmt=fmt, blocks=blocks: kernel(x_, fmt, *blocks), x)
@@ -143,7 +145,7 @@ def _all_layers(tensors, load) -> tuple[tuple[float, float], tuple[float, float]
 
     def xla_pass(x, dense):
         for layer in dense:
-            x = _layer(x, lambda a, j, layer=layer: jnp.dot(a, layer[j].T))
+            x = _layer(x, lambda a, j, layer=layer: jnp.dot(a, layer[j]))
         return x
 
     x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 576)).astype(np.float32))
