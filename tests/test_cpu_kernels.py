@@ -156,9 +156,11 @@ def test_bad_operands_refused_with_a_message():
 
 
 @needs_kernels
-def test_env_var_selects_generic_path_in_a_fresh_process(tmp_path: pathlib.Path):
-    ops, w64 = quantized("q4_0", 33, 96, seed=13)
-    x = np.random.default_rng(14).standard_normal((5, 96)).astype(np.float32)
+def test_env_vars_select_generic_path_and_one_thread_same_bits(tmp_path: pathlib.Path):
+    """A fresh process on JSERVE_CPU_KERNEL_ISA=generic with one thread gives this process's bits,
+    where the same call is split across threads (64 x 300 x 256: several column chunks)."""
+    ops, w64 = quantized("q4_0", 300, 256, seed=13)
+    x = np.random.default_rng(14).standard_normal((64, 256)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x, qs=ops[0], d=ops[1])
     code = (
         "import numpy as np, jax.numpy as jnp; from jserve import cpu_kernels as ck; "
@@ -166,10 +168,10 @@ def test_env_var_selects_generic_path_in_a_fresh_process(tmp_path: pathlib.Path)
         "y = ck.matmul(jnp.asarray(a['x']), 'q4_0', jnp.asarray(a['qs']), jnp.asarray(a['d'])); "
         f"np.save({str(tmp_path / 'y.npy')!r}, np.asarray(y))"
     )
-    env = dict(os.environ, JSERVE_CPU_KERNEL_ISA="generic", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JSERVE_CPU_KERNEL_ISA="generic", JSERVE_CPU_KERNEL_THREADS="1", JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("generic")
+    assert done.stdout.startswith("generic") and "1 threads" in done.stdout
     y = np.load(tmp_path / "y.npy")
     assert np.array_equal(y, run(x, "q4_0", ops, isa="generic"))
     assert_close(y, reference(x, w64))
