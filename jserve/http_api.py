@@ -21,31 +21,25 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from jserve.orchestrator import (
-    DEADLINE,
-    ERROR,
-    LENGTH,
-    SHUTDOWN,
-    SLOW_READER,
-    STOP,
-    QueueFullError,
-    ShuttingDownError,
-    Stream,
-    StreamOutput,
-)
-from jserve.sampling import InvalidRequestError, SamplingParams
-from jserve.structured import Constraint
+# No JAX at import: what needs the engine's modules imports them once a model is loaded.
+if TYPE_CHECKING:
+    from jserve.metrics import ServingMetrics
+    from jserve.orchestrator import Stream, StreamOutput
+    from jserve.sampling import SamplingParams
+    from jserve.structured import Constraint
 
 log = logging.getLogger("jserve.http")
 
-FINISH_REASONS = {STOP: "stop", LENGTH: "length"}
+# Refusals at the edge by status, counted in ``jserve_requests_rejected`` as gRPC counts its own
+# (a full queue, 429, is counted by the orchestrator whichever front end it came through).
+REJECTED = {400: "invalid_argument", 404: "not_found", 503: "unavailable"}
 
 
 # ---- request bodies ------------------------------------------------------------------------------
@@ -83,6 +77,8 @@ class ResponseFormat(_Body):
     json_schema: JsonSchemaFormat | None = None
 
     def constraint(self) -> Constraint | None:
+        from jserve.structured import Constraint
+
         if self.type == "json_object":
             return Constraint("json_object")
         if self.type == "json_schema":
@@ -120,6 +116,8 @@ class _Sampling(_Body):
     guided_choice: list[str] | None = None  # ... or is exactly one of these strings
 
     def constraint(self) -> Constraint | None:
+        from jserve.structured import Constraint
+
         given = [c for c in (self.response_format.constraint() if self.response_format else None,
                              Constraint("regex", self.guided_regex) if self.guided_regex is not None else None,
                              Constraint("choice", tuple(self.guided_choice)) if self.guided_choice is not None
@@ -145,10 +143,14 @@ class CompletionRequest(_Sampling):
 
 
 class ApiError(Exception):
+    """An error response. ``refusal``: the request was refused before it ran (counted in the
+    rejected-requests metric by ``REJECTED``), not ended after it started."""
+
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, refusal: bool = True):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.refusal = refusal
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -156,29 +158,33 @@ class ApiError(Exception):
 
 def _finish_error(piece: StreamOutput, rid: str, max_undelivered: int) -> ApiError | None:
     """The error a request's final piece stands for, if it did not end normally."""
+    from jserve.orchestrator import DEADLINE, ERROR, SHUTDOWN, SLOW_READER
+
     r = piece.finish_reason
     if r == DEADLINE:
         return ApiError(504, f"request {rid}: the deadline passed after {piece.completion_tokens} tokens",
-                        "timeout", code="deadline_exceeded")
+                        "timeout", code="deadline_exceeded", refusal=False)
     if r == SHUTDOWN:
         return ApiError(503, f"the server shut down before request {rid} finished; retry it", "server_error",
-                        code="shutting_down")
+                        code="shutting_down", refusal=False)
     if r == SLOW_READER:
         return ApiError(429, f"request {rid} ended after {piece.completion_tokens} tokens: the client left more "
                              f"than {max_undelivered} pieces unread (--max-undelivered)", "server_error",
-                        code="slow_reader")
+                        code="slow_reader", refusal=False)
     if r == ERROR:
-        return ApiError(500, f"request {rid} failed: {piece.error}", "server_error", code="internal_error")
+        return ApiError(500, f"request {rid} failed: {piece.error}", "server_error", code="internal_error",
+                        refusal=False)
     return None
 
 
 class HttpFrontEnd:
-    """Builds the app; ``llm`` is set once the model is warm (until then: 503)."""
+    """Builds the app; ``llm`` is set once the model is warm (until then: 503). ``metrics``: the
+    serving process's (``/metrics`` serves them; refusals here are counted in them)."""
 
-    def __init__(self, metrics_registry: Any | None = None):
+    def __init__(self, metrics: ServingMetrics | None = None):
         self.llm: Any | None = None
         self.draining = False
-        self.registry = metrics_registry
+        self.metrics = metrics
         self.max_request_bytes = 4 << 20
         self.app = self._build()
 
@@ -201,6 +207,8 @@ class HttpFrontEnd:
 
     def _params(self, body: _Sampling, max_tokens: int | None, prompt_len: int, logprobs: int | None,
                 seed: int | None) -> SamplingParams:
+        from jserve.sampling import SamplingParams
+
         llm = self.llm
         if max_tokens is None:  # OpenAI's default: the rest of the context
             max_tokens = max(1, llm.engine.max_len - prompt_len)
@@ -218,6 +226,9 @@ class HttpFrontEnd:
             constraint=body.constraint(), speculate=body.speculate)
 
     async def _submit(self, ids: list[int], params: SamplingParams, timeout: float | None) -> Stream:
+        from jserve.orchestrator import QueueFullError, ShuttingDownError
+        from jserve.sampling import InvalidRequestError
+
         try:
             return await self.llm.submit_async(ids, params, timeout=timeout)
         except InvalidRequestError as e:
@@ -228,6 +239,8 @@ class HttpFrontEnd:
             raise ApiError(503, str(e), "server_error", code="shutting_down") from e
 
     async def _tokenize(self, prompt: Any) -> list[int]:
+        from jserve.sampling import InvalidRequestError
+
         try:
             return await asyncio.get_running_loop().run_in_executor(None, self.llm.tokenize_input, prompt)
         except InvalidRequestError as e:
@@ -259,6 +272,8 @@ class HttpFrontEnd:
 
         @app.exception_handler(ApiError)
         async def api_error(_request: Request, e: ApiError):
+            if e.refusal and e.status in REJECTED:
+                self._rejected(REJECTED[e.status])
             return JSONResponse(e.body(), status_code=e.status)
 
         @app.exception_handler(RequestValidationError)
@@ -268,6 +283,7 @@ class HttpFrontEnd:
             loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
             message = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body')}: {err.get('msg')}"
                                 for err in errors[:5])
+            self._rejected("invalid_argument")
             return JSONResponse(ApiError(400, message or "invalid request body", param=loc or None).body(),
                                 status_code=400)
 
@@ -275,6 +291,7 @@ class HttpFrontEnd:
         async def size_limit(request: Request, call_next):
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+                self._rejected("invalid_argument")
                 return JSONResponse(ApiError(400, f"the request has {length} bytes; this server accepts at most "
                                                   f"{self.max_request_bytes} (--max-request-bytes)").body(),
                                     status_code=400)
@@ -297,9 +314,9 @@ class HttpFrontEnd:
         async def metrics():
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-            if self.registry is None:
-                raise ApiError(404, "metrics are not enabled", code="not_found")
-            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+            if self.metrics is None:
+                raise ApiError(404, "metrics are not enabled", code="not_found", refusal=False)
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatCompletionRequest, request: Request):
@@ -364,6 +381,10 @@ class HttpFrontEnd:
         self._respond = respond
         return app
 
+    def _rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.reject(reason)
+
     async def _collect(self, stream: Stream) -> list[StreamOutput]:
         return [p async for p in stream]
 
@@ -405,7 +426,7 @@ class HttpFrontEnd:
 
     def _choice(self, index: int, pieces: list[StreamOutput], chat: bool) -> dict[str, Any]:
         text = "".join(p.text for p in pieces)
-        reason = FINISH_REASONS.get(pieces[-1].finish_reason, pieces[-1].finish_reason)
+        reason = pieces[-1].finish_reason  # jserve's "stop" and "length" are OpenAI's names too
         out: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": self._logprobs(pieces, chat)}
         if chat:
             out["message"] = {"role": "assistant", "content": text}
@@ -452,7 +473,7 @@ class HttpFrontEnd:
                     return
                 if not piece.text and not piece.token_ids and piece.finish_reason is None:
                     continue
-                reason = FINISH_REASONS.get(piece.finish_reason, piece.finish_reason)
+                reason = piece.finish_reason
                 choice: dict[str, Any] = {"index": index, "finish_reason": reason,
                                           "logprobs": self._logprobs([piece], chat, offsets[index])}
                 offsets[index] += len(piece.text)

@@ -140,6 +140,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         except QueueFullError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ShuttingDownError as e:
+            self.metrics.reject("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         rid = stream.request.request_id
         try:
@@ -326,7 +327,7 @@ async def serve(args: argparse.Namespace) -> int:
             await server.stop(0)
             print(f"jserve: could not bind HTTP {args.host}:{args.http_port}: {e}", file=sys.stderr, flush=True)
             return 1
-        http = http_api.HttpFrontEnd(metrics.registry)
+        http = http_api.HttpFrontEnd(metrics)
         http.max_request_bytes = args.max_request_bytes
         http_server = http_api.make_server(http.app, sock)
         http_task = asyncio.ensure_future(http_server.serve(sockets=[sock]))

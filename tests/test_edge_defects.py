@@ -90,7 +90,7 @@ class Servers:
         # Accepted connections inherit a small send buffer: a client that stops reading blocks the
         # server's writes after tens of kilobytes, not megabytes.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        self.http = http_api.HttpFrontEnd(events.metrics.registry)
+        self.http = http_api.HttpFrontEnd(events.metrics)
         self.http.llm = llm
         self.uvicorn = http_api.make_server(self.http.app, sock)
         self.http_task = asyncio.ensure_future(self.uvicorn.serve(sockets=[sock]))
@@ -297,3 +297,76 @@ def test_an_sse_client_that_stops_reading_has_its_request_ended_as_a_slow_reader
     assert MAX_UNDELIVERED < sum(len(p["choices"][0]["logprobs"]["tokens"]) for p in pieces) < tokens
     assert all(p["choices"][0]["finish_reason"] is None for p in pieces)
 
+
+# ---- 6: the smaller ones ------------------------------------------------------------------------------
+def _rejected(events: Events, reason: str) -> float:
+    return events.metrics.registry.get_sample_value("jserve_requests_rejected_total", {"reason": reason}) or 0.0
+
+
+def _post(servers: Servers, path: str, body: dict | bytes) -> int:
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{servers.http_port}{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_http_refusals_are_counted_in_the_metrics_as_grpc_rejections_are(llm, servers, events):
+    from jserve.client import build_request
+    from jserve.v1 import jserve_pb2_grpc as pb_grpc
+
+    reasons = ("invalid_argument", "not_found", "unavailable", "queue_full")
+    before = {r: _rejected(events, r) for r in reasons}
+    model = llm.checkpoint.name
+    ok = {"model": model, "prompt": [5, 6, 7], "max_tokens": 4}
+    assert _post(servers, "/v1/completions", {**ok, "temperature": -1.0}) == 400  # refused by validation
+    assert _post(servers, "/v1/completions", {**ok, "n": 0}) == 400  # refused by the body's schema
+    assert _post(servers, "/v1/completions", {**ok, "model": "nope"}) == 404
+    limit, servers.http.max_request_bytes = servers.http.max_request_bytes, 64
+    try:
+        assert _post(servers, "/v1/completions", b"{" + b" " * 64 + b"}") == 400  # over --max-request-bytes
+    finally:
+        servers.http.max_request_bytes = limit
+    with grpc.insecure_channel(servers.grpc_address) as channel:  # the same bad input over gRPC
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.GenerationStub(channel).Generate(build_request([5, 6, 7], max_tokens=4, temperature=-1.0)))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    servers.http.draining = True
+    try:
+        assert _post(servers, "/v1/completions", ok) == 503
+    finally:
+        servers.http.draining = False
+    from jserve.orchestrator import Stream
+
+    class Unread(Stream):  # never read, never a slow reader: holds its slot or place in the queue
+        def backlog(self) -> int:
+            return 0
+
+    sp = SamplingParams(max_tokens=1000, **GREEDY)
+    held = [llm.orchestrator.submit([5, 6, 7 + i], sp, Unread(), block=True) for i in range(SLOTS + MAX_WAITING)]
+    try:
+        assert _post(servers, "/v1/completions", ok) == 429
+    finally:
+        for s in held:
+            s.cancel()
+    after = {r: _rejected(events, r) - before[r] for r in reasons}
+    assert after == {"invalid_argument": 4, "not_found": 1, "unavailable": 1, "queue_full": 1}
+
+
+def _python(code: str) -> str:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def test_importing_the_http_api_does_not_load_jax():
+    assert _python("import sys, jserve.http_api; print('jax' in sys.modules)") == "False"
