@@ -54,7 +54,7 @@ _TARGETS = {
     "q4_1": "JserveMatmulQ4_1",
 }
 _ISA_CODE = {"auto": 0, "generic": 1, "avx2": 2}
-_CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-Wno-attributes",
+_CXXFLAGS = ("-O3", "-DNDEBUG", "-std=c++17", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-Wno-attributes",
              "-Wno-return-type")
 
 
