@@ -335,7 +335,10 @@ class Orchestrator:
             except Exception as e:  # the device state may be gone: fail what runs, start clean
                 log.exception("decode loop failed; ending %d running requests", self.num_running)
                 for run in list(self._running.values()) + list(self._prefilling.values()):
-                    self._finish(run, ERROR, error=f"internal error: {e}")
+                    try:
+                        self._finish(run, ERROR, error=f"internal error: {e}")
+                    except Exception:  # a broken consumer ends its own request only, not the engine
+                        log.exception("could not end request %s", run.req.request_id)
                 self._running.clear()
                 self._prefilling.clear()
                 self._free = collections.deque(range(self.engine.slots))

@@ -299,6 +299,54 @@ def test_an_sse_client_that_stops_reading_has_its_request_ended_as_a_slow_reader
 
 
 # ---- 6: the smaller ones ------------------------------------------------------------------------------
+class _GenerateFailsOnce:
+    """The engine, but its ``at``-th ``generate`` call raises (the loop's recovery path runs)."""
+
+    def __init__(self, engine, at: int):
+        self._engine, self.at, self.calls = engine, at, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError("injected device fault")
+        return self._engine.generate(*args, **kwargs)
+
+
+def _final(stream, timeout: float = 60.0):
+    pieces = []
+    while not pieces or pieces[-1].finish_reason is None:
+        pieces.append(stream._q.get(timeout=timeout))
+    return pieces[-1]
+
+
+def test_a_sink_that_raises_in_the_recovery_path_ends_only_its_own_request(llm):
+    from jserve.orchestrator import Orchestrator, Stream
+
+    class Broken(Stream):  # a consumer that fails on the final message
+        def put(self, out):
+            if out.finish_reason is not None:
+                raise RuntimeError("broken consumer")
+            super().put(out)
+
+    engine = _GenerateFailsOnce(llm.engine, at=3)
+    orch = Orchestrator(engine, llm.tokenizer)
+    try:
+        sp = SamplingParams(max_tokens=50, **GREEDY)
+        broken = orch.submit([5, 6, 7], sp, Broken())
+        other = orch.submit([8, 9, 10], sp, Stream())
+        end = _final(other)
+        assert end.finish_reason == "error" and "injected device fault" in end.error
+        assert engine.calls >= 3 and broken.request is not None
+        again = orch.submit([1, 2, 3], SamplingParams(max_tokens=5, **GREEDY), Stream())
+        assert _final(again).finish_reason == "length"
+        assert orch.dead is None and orch.slots_in_use == 0
+    finally:
+        orch.shutdown(drain=False, timeout=10)
+
+
 def _rejected(events: Events, reason: str) -> float:
     return events.metrics.registry.get_sample_value("jserve_requests_rejected_total", {"reason": reason}) or 0.0
 
