@@ -13,9 +13,11 @@ blocks are kept byte for byte). Stacked weights carry leading axes (``[L, N, K/3
 
 ``matmul`` multiplies by such a matrix: on CPU through ``jserve.cpu_kernels`` (row-invariant
 kernels reading the blocks) when they are built, otherwise through XLA, dequantizing inside the
-jitted step so XLA fuses it into the dot (the GPU/TPU path). ``take_rows`` looks up embedding
-rows, dequantizing only the rows gathered. ``quantize_blocks`` turns float weights into blocks
-with llama.cpp's reference rounding (checked against the ``gguf`` package in tests/test_blocks.py).
+jitted step so XLA fuses it into the dot (the GPU/TPU path; XLA:CPU does not fuse it, so a CPU
+without the kernels gets the blocks dequantized once at load, see ``multiplied_in_place``).
+``take_rows`` looks up embedding rows, dequantizing only the rows gathered. ``quantize_blocks``
+turns float weights into blocks with llama.cpp's reference rounding (checked against the ``gguf``
+package in tests/test_blocks.py).
 """
 
 from __future__ import annotations
@@ -189,6 +191,13 @@ def take_rows(w: BlockArray, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Rows ``ids [...]`` of ``w [V, D]`` → ``[..., D]``: only the gathered rows are dequantized."""
     rows = w.map_rows(lambda a: jnp.take(a, ids, axis=0, mode="clip"))
     return dequantize_blocks(rows, dtype)
+
+
+def multiplied_in_place() -> bool:
+    """Whether ``matmul`` reads blocks at full speed here: on GPU/TPU (XLA fuses the dequantize into
+    the dot), or on CPU with the kernels. XLA:CPU does not fuse it: there the XLA path measured
+    ~15x slower than float32 (SmolLM2, one row), so a load there dequantizes once instead."""
+    return jax.default_backend() != "cpu" or _kernels() is not None
 
 
 def describe() -> str:

@@ -416,4 +416,11 @@ def load(directory: pathlib.Path, dtype: jnp.dtype = jnp.float32, quantize: str 
         cfg, params = load_sharded(directory, plan, dtype, quantize)
         return cfg, params, load_tokenizer(directory)
     cfg, weights = load_weights(directory)
-    return cfg, to_params(cfg, weights, dtype, quantize), load_tokenizer(directory)
+    keep = blocks.multiplied_in_place()
+    if quantize is None and block_keys(weights):
+        if keep:
+            log.info("block weights multiplied in place: %s", blocks.describe())
+        else:
+            log.warning("block weights dequantized to %s at load: no CPU kernels here, and XLA:CPU would "
+                        "dequantize them in every step (~15x slower than float)", jnp.dtype(dtype).name)
+    return cfg, to_params(cfg, weights, dtype, quantize, keep_blocks=keep), load_tokenizer(directory)

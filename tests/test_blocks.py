@@ -201,8 +201,8 @@ def test_block_checkpoint_round_trips_through_orbax(tiny_ckpt, tmp_path):
 def test_default_model_on_the_xla_path_matches_hf_first_step_logits(real_ckpt, reference):
     """The blocks dequantized inside the step (the GPU/TPU path, and CPU without the kernels) give
     transformers' logits on the dequantized weights, as tests/test_reference.py asks of the default path."""
-    cfg, params, _ = checkpoint.load(real_ckpt)
-    params = _with_kernel(params, False)
+    cfg, w = checkpoint.load_weights(real_ckpt)
+    params = _with_kernel(checkpoint.to_params(cfg, w), False)
     prefill = jax.jit(model.prefill, static_argnums=1)
     for case in reference["cases"]:
         ids = np.zeros(64, np.int32)
@@ -212,3 +212,20 @@ def test_default_model_on_the_xla_path_matches_hf_first_step_logits(real_ckpt, r
         top = case["first_step_top"]
         np.testing.assert_allclose(logits[top["ids"]], top["logits"], atol=1e-3, err_msg=case["id"])
         assert int(np.argmax(logits)) == top["ids"][0]
+
+
+def test_a_cpu_without_kernels_loads_a_block_checkpoint_as_float(tiny_ckpt, tmp_path, monkeypatch):
+    """XLA:CPU does not fuse the dequantize into the dot, so there blocks are dequantized once, at load."""
+    cfg, w = checkpoint.load_weights(tiny_ckpt)
+    stored = {k: v for k, v in w.items() if k != "w_down"}
+    checkpoint.put_blocks(stored, "w_down", quantize_blocks(w["w_down"].swapaxes(-1, -2), "q4_1"))
+    checkpoint.save(tmp_path / "b", cfg, stored, None)
+    monkeypatch.setattr(blocks, "_kernels", lambda: None)
+    assert blocks.multiplied_in_place() == (jax.default_backend() != "cpu")
+    _, params, _ = checkpoint.load(tmp_path / "b")
+    if jax.default_backend() == "cpu":
+        assert weight_format(params) is None
+        np.testing.assert_array_equal(np.asarray(params.layers[1].w_down),
+                                      dequantize_blocks(checkpoint.stored_blocks(stored, "w_down", 1), np.float32).T)
+    _, asked, _ = checkpoint.load(tmp_path / "b", quantize="q4_1")  # asked for: blocks whatever the path
+    assert isinstance(asked.layers[1].w_down, BlockArray)
