@@ -103,7 +103,10 @@ def collect(pieces: Sequence[StreamOutput]) -> Result:
 
 
 def enable_compile_cache(directory: pathlib.Path | None) -> None:
-    """Turn on JAX's persistent compilation cache, so a restart skips compilation."""
+    """Turn on JAX's persistent compilation cache in ``directory``, so a restart skips compilation.
+
+    This sets ``jax.config`` for the whole process: for what owns the process (the server and
+    script entry points pass ``DEFAULT_COMPILE_CACHE``), never done by ``LLM`` unless asked."""
     import jax
 
     if directory is None:
@@ -130,14 +133,14 @@ class LoadedModel:
 def load_engine(checkpoint: str | os.PathLike | None = None, *, slots: int = 8, max_len: int = 1024,
                 max_prompt_len: int | None = None, quantize: str | None = None, dtype: str = "float32",
                 top_logprobs: int = 0, mesh: str | None = None, indivisible: str = "replicate",
-                compile_cache: pathlib.Path | None = DEFAULT_COMPILE_CACHE, warmup: bool = True,
+                compile_cache: pathlib.Path | None = None, warmup: bool = True,
                 speculate: int = 0) -> LoadedModel:
     """Load ``checkpoint`` (default: SmolLM2, converted on first use) into a ``JaxEngine``.
 
     ``mesh`` (``"tp=4"``, ``"dp=2,tp=4"``) shards the model and the decode state over that many
     devices (see ``jserve.sharding``); ``None`` uses one device, or with several processes
     (``jax.distributed``) ``tp`` over every device of every process. ``speculate``: drafted tokens
-    a decode step may check per slot (speculative decoding; 0 = off).
+    a decode step may check per slot (speculative decoding; 0 = off). ``compile_cache``: as ``LLM``'s.
     """
     import jax
     import jax.numpy as jnp
@@ -203,14 +206,17 @@ class LLM:
     prompt prefixes already in some slot (on by default). ``speculate``: speculative decoding
     with prompt-lookup drafts of up to this many tokens per step (0 = off, the default here; see
     ``jserve.speculative``); ``speculate_default``: whether requests that do not say
-    (``SamplingParams.speculate`` None) use it. Not with several processes.
+    (``SamplingParams.speculate`` None) use it. Not with several processes. ``compile_cache``: a
+    directory for JAX's persistent compilation cache (``enable_compile_cache``: a process-wide
+    ``jax.config`` setting, so off unless given; the server and ``scripts/generate.py`` use
+    ``DEFAULT_COMPILE_CACHE``).
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, *, slots: int = 8, max_len: int = 1024,
                  max_prompt_len: int | None = None, quantize: str | None = None, dtype: str = "float32",
                  top_logprobs: int = 0, max_waiting: int = 256, prefill_budget: int = 64,
                  mesh: str | None = None, indivisible: str = "replicate",
-                 compile_cache: pathlib.Path | None = DEFAULT_COMPILE_CACHE, warmup: bool = True,
+                 compile_cache: pathlib.Path | None = None, warmup: bool = True,
                  on_event: Callable[[str, Any, float], None] | None = None, pipeline: bool = True,
                  on_fatal: Callable[[str], None] | None = None, max_undelivered: int = 1024,
                  prefix_cache: bool = True, speculate: int = 0, speculate_default: bool = True):

@@ -33,7 +33,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jserve.llm import LLM
+from jserve.llm import DEFAULT_COMPILE_CACHE, LLM
 from jserve.metrics import ServingMetrics
 from jserve.orchestrator import (
     CANCELLED,
@@ -288,9 +288,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """What every process of a run loads identically."""
     kwargs = dict(slots=args.slots, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
                   quantize=args.quantize, dtype=args.dtype, top_logprobs=args.max_logprobs,
-                  mesh=args.mesh, indivisible=args.indivisible)
-    if args.compile_cache is not None:
-        kwargs["compile_cache"] = args.compile_cache
+                  mesh=args.mesh, indivisible=args.indivisible,
+                  # The server owns its process: JAX's persistent compilation cache (process-wide) on.
+                  compile_cache=args.compile_cache if args.compile_cache is not None else DEFAULT_COMPILE_CACHE)
     return kwargs
 
 

@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     from jserve import LLM, SamplingParams
+    from jserve.llm import DEFAULT_COMPILE_CACHE
     from jserve.sampling import MAX_REQUEST_ID_CHARS, InvalidRequestError
 
     src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         records.append(None)
 
     llm = LLM(args.checkpoint, slots=args.slots, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
-              dtype=args.dtype, quantize=args.quantize, speculate=args.speculate)
+              dtype=args.dtype, quantize=args.quantize, speculate=args.speculate,
+              compile_cache=DEFAULT_COMPILE_CACHE)  # this process is ours: JAX's persistent cache on
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     bar = tqdm(total=len(requests), unit="req", disable=args.no_progress, file=sys.stderr)
     totals = {"prompt_tokens": 0, "completion_tokens": 0}

@@ -15,6 +15,13 @@ from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
 DATA = pathlib.Path(__file__).parent / "data"
 
 
+def pytest_configure(config) -> None:
+    # The test session owns its process: JAX's persistent compilation cache on, as the CLIs have it.
+    from jserve.llm import DEFAULT_COMPILE_CACHE, enable_compile_cache
+
+    enable_compile_cache(DEFAULT_COMPILE_CACHE)
+
+
 @pytest.fixture(scope="session")
 def real_ckpt() -> pathlib.Path:
     return ensure_default_checkpoint(DEFAULT_CHECKPOINT)

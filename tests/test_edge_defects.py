@@ -418,3 +418,18 @@ def _python(code: str) -> str:
 
 def test_importing_the_http_api_does_not_load_jax():
     assert _python("import sys, jserve.http_api; print('jax' in sys.modules)") == "False"
+
+
+def test_constructing_an_llm_leaves_jax_config_as_it_was(tiny_ckpt):
+    out = _python(f"""
+import json, jax
+from jserve import LLM
+names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+         "jax_persistent_cache_min_entry_size_bytes", "jax_enable_x64", "jax_default_matmul_precision")
+before = {{n: getattr(jax.config, n) for n in names}}
+llm = LLM({str(tiny_ckpt)!r}, slots=1, max_len=64, warmup=False)
+llm.close(drain=False)
+print(json.dumps([before, {{n: getattr(jax.config, n) for n in names}}]))
+""")
+    before, after = json.loads(out.splitlines()[-1])
+    assert after == before
