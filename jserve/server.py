@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "gRPC's own limit here); a larger one gets INVALID_ARGUMENT")
     ap.add_argument("--max-undelivered", type=int, default=1024,
                     help="responses a client may leave unread before its request is ended with RESOURCE_EXHAUSTED "
-                         "and its slot freed (default 1024)")
+                         "(HTTP streams: an error event, code slow_reader) and its slot freed (default 1024)")
     ap.add_argument("--prefill-budget", type=int, default=64,
                     help="prompt tokens run between two decode steps while streams are live, in chunks of 16 "
                          "(default 64): a long prompt is run a chunk at a time, so live streams keep their pace; "
