@@ -22,8 +22,11 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MODES = [("float32", "float32", None), ("bfloat16", "bfloat16", None), ("int8", "float32", "int8"),
-         ("int8-dynamic", "float32", "int8-dynamic")]
+# (name, dtype, --quantize): float32/bfloat16 dequantize a block checkpoint; "stored" serves it as it is
+# (the default GGUF's own Q4_1/Q8_0 blocks).
+MODES = [("float32", "float32", "float"), ("bfloat16", "bfloat16", "float"), ("stored", "float32", None),
+         ("int8", "float32", "int8"), ("int8-dynamic", "float32", "int8-dynamic"), ("q8_0", "float32", "q8_0"),
+         ("q4_0", "float32", "q4_0"), ("q4_1", "float32", "q4_1")]
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:
