@@ -229,3 +229,17 @@ def test_a_cpu_without_kernels_loads_a_block_checkpoint_as_float(tiny_ckpt, tmp_
                                       dequantize_blocks(checkpoint.stored_blocks(stored, "w_down", 1), np.float32).T)
     _, asked, _ = checkpoint.load(tmp_path / "b", quantize="q4_1")  # asked for: blocks whatever the path
     assert isinstance(asked.layers[1].w_down, BlockArray)
+
+
+def test_int8_copy_of_a_block_checkpoint_quantizes_its_dequantized_weights(tiny_ckpt, tmp_path):
+    cfg, w = checkpoint.load_weights(tiny_ckpt)
+    stored = {k: v for k, v in w.items() if k != "wo"}
+    checkpoint.put_blocks(stored, "wo", quantize_blocks(w["wo"].swapaxes(-1, -2), "q4_0"))
+    checkpoint.save(tmp_path / "b", cfg, stored, None)
+    convert.main(["quantize", str(tmp_path / "b"), "--out", str(tmp_path / "int8")])
+    _, from_disk, _ = checkpoint.load(tmp_path / "int8")
+    _, at_load, _ = checkpoint.load(tmp_path / "b", quantize="int8")
+    assert weight_format(from_disk) == weight_format(at_load) == "int8"
+    for a, b in ((from_disk.layers[1].wo, at_load.layers[1].wo), (from_disk.embed, at_load.embed)):
+        np.testing.assert_array_equal(np.asarray(a.q), np.asarray(b.q))
+        np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
