@@ -243,3 +243,21 @@ def test_int8_copy_of_a_block_checkpoint_quantizes_its_dequantized_weights(tiny_
     for a, b in ((from_disk.layers[1].wo, at_load.layers[1].wo), (from_disk.embed, at_load.embed)):
         np.testing.assert_array_equal(np.asarray(a.q), np.asarray(b.q))
         np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
+
+
+def test_a_sharded_load_dequantizes_blocks_and_refuses_block_modes(tiny_ckpt, tmp_path):
+    from jserve import sharding
+
+    cfg, w = checkpoint.load_weights(tiny_ckpt)
+    stored = {k: v for k, v in w.items() if k not in ("wk", "embed")}
+    checkpoint.put_blocks(stored, "wk", quantize_blocks(w["wk"].swapaxes(-1, -2), "q8_0"))
+    checkpoint.put_blocks(stored, "embed", quantize_blocks(w["embed"], "q4_1"))
+    checkpoint.save(tmp_path / "b", cfg, stored, None)
+    plan = sharding.plan(sharding.make_mesh("tp=1", jax.devices()[:1]), cfg, slots=2)
+    _, sharded, _ = checkpoint.load(tmp_path / "b", plan=plan)
+    assert weight_format(sharded) is None
+    want = checkpoint.to_params(cfg, stored, quantize="float")
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="block formats are served on one device"):
+        checkpoint.load(tmp_path / "b", quantize="q4_1", plan=plan)
