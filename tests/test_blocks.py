@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import gguf
 import jax
@@ -261,3 +262,33 @@ def test_a_sharded_load_dequantizes_blocks_and_refuses_block_modes(tiny_ckpt, tm
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="block formats are served on one device"):
         checkpoint.load(tmp_path / "b", quantize="q4_1", plan=plan)
+
+
+@pytest.mark.parametrize("name", ["phi3", "mixtral"])
+def test_llama_cpp_layouts_are_undone_on_block_rows(name, tmp_path):
+    """Phi-3's fused Q/K/V and gate/up split, and llama's interleaved Q/K rows, act on whole rows:
+    a GGUF whose matrices are Q8_0 converts to the blocks of the HF checkpoint's own rows."""
+    from jserve.gguf_import import _gguf_fields, config_from_gguf, gguf_weights
+
+    src = pathlib.Path(__file__).parent / "data" / "tiny_hf" / name
+    reader = gguf.GGUFReader(str(src / "model.gguf"))
+    fields, tensors = _gguf_fields(reader), {t.name: t for t in reader.tensors}
+    cfg = config_from_gguf(fields, set(tensors))
+
+    def get(tensor: str):
+        t = tensors[tensor]
+        x = np.asarray(t.data, np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
+        if x.ndim == 2 and x.shape[1] % blocks.BLOCK == 0:  # as a Q8_0 file holds it
+            return from_gguf_bytes(quants.quantize(x, GGUF_TYPE["q8_0"]), "q8_0")
+        return x
+
+    w = gguf_weights(cfg, fields["general.architecture"], get)
+    convert.convert_hf(src, tmp_path / "hf")
+    _, hf = checkpoint.load_weights(tmp_path / "hf")
+    kept = checkpoint.block_keys(w)
+    assert {"wq", "wk", "wv", "wo"} <= set(kept) and ("w_gate" in kept) == (name == "phi3")
+    for key in kept:
+        rows = hf[key] if key == "embed" else hf[key].swapaxes(-1, -2)
+        want = quants.quantize(rows.reshape(-1, rows.shape[-1]), GGUF_TYPE["q8_0"])
+        np.testing.assert_array_equal(to_gguf_bytes(checkpoint.stored_blocks(w, key)),
+                                      want.reshape(*rows.shape[:-1], -1), err_msg=key)
