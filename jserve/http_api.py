@@ -15,169 +15,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response
+
+from jserve.http_output import ChoicesMixin, _EventStream
+from jserve.http_schemas import (
+    REJECTED,
+    ApiError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ResponseFormat,
+    _Sampling,
+    finish_error,
+)
 
 # No JAX at import: what needs the engine's modules imports them once a model is loaded.
 if TYPE_CHECKING:
     from jserve.metrics import ServingMetrics
-    from jserve.orchestrator import Stream, StreamOutput
+    from jserve.orchestrator import Stream
     from jserve.sampling import SamplingParams
-    from jserve.structured import Constraint
 
 log = logging.getLogger("jserve.http")
-
-# Refusals at the edge by status, counted in ``jserve_requests_rejected`` as gRPC counts its own
-# (a full queue, 429, is counted by the orchestrator whichever front end it came through).
-REJECTED = {400: "invalid_argument", 404: "not_found", 503: "unavailable"}
+__all__ = ["REJECTED", "ApiError", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "HttpFrontEnd",
+           "ResponseFormat", "bind", "make_server"]
 
 
-# ---- request bodies ------------------------------------------------------------------------------
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Body):
-    role: str
-    content: str | list[TextPart]
-    name: str | None = None  # accepted and ignored, as OpenAI's API allows it on any message
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class JsonSchemaFormat(_Body):
-    name: str = "answer"
-    description: str | None = None
-    schema_: dict[str, Any] = Field(alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    def constraint(self) -> Constraint | None:
-        from jserve.structured import Constraint
-
-        if self.type == "json_object":
-            return Constraint("json_object")
-        if self.type == "json_schema":
-            if self.json_schema is None:
-                raise ApiError(400, "response_format json_schema needs its json_schema.schema", param="response_format")
-            return Constraint("json_schema", json.dumps(self.json_schema.schema_))
-        return None
-
-
-class _Sampling(_Body):
-    """Fields both endpoints share, OpenAI's and jserve's own extras (``top_k``, ``min_p``,
-    ``repetition_penalty``, ``ignore_eos``, ``speculate``, ``timeout`` in seconds)."""
-
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    user: str | None = None  # ignored
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
-    speculate: bool | None = None  # speculative decoding for this request (None: the server's default)
-    stop_token_ids: list[int] | None = None
-    timeout: float | None = Field(None, gt=0)
-    response_format: ResponseFormat | None = None
-    guided_regex: str | None = None  # jserve/vLLM extras: the answer matches this regex ...
-    guided_choice: list[str] | None = None  # ... or is exactly one of these strings
-
-    def constraint(self) -> Constraint | None:
-        from jserve.structured import Constraint
-
-        given = [c for c in (self.response_format.constraint() if self.response_format else None,
-                             Constraint("regex", self.guided_regex) if self.guided_regex is not None else None,
-                             Constraint("choice", tuple(self.guided_choice)) if self.guided_choice is not None
-                             else None) if c is not None]
-        if len(given) > 1:
-            raise ApiError(400, "give at most one of response_format (json), guided_regex and guided_choice",
-                           param="response_format")
-        return given[0] if given else None
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
-    suffix: str | None = None
-
-
-class ApiError(Exception):
-    """An error response. ``refusal``: the request was refused before it ran (counted in the
-    rejected-requests metric by ``REJECTED``), not ended after it started."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, refusal: bool = True):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-        self.refusal = refusal
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def _finish_error(piece: StreamOutput, rid: str, max_undelivered: int) -> ApiError | None:
-    """The error a request's final piece stands for, if it did not end normally."""
-    from jserve.orchestrator import DEADLINE, ERROR, SHUTDOWN, SLOW_READER
-
-    r = piece.finish_reason
-    if r == DEADLINE:
-        return ApiError(504, f"request {rid}: the deadline passed after {piece.completion_tokens} tokens",
-                        "timeout", code="deadline_exceeded", refusal=False)
-    if r == SHUTDOWN:
-        return ApiError(503, f"the server shut down before request {rid} finished; retry it", "server_error",
-                        code="shutting_down", refusal=False)
-    if r == SLOW_READER:
-        return ApiError(429, f"request {rid} ended after {piece.completion_tokens} tokens: the client left more "
-                             f"than {max_undelivered} pieces unread (--max-undelivered)", "server_error",
-                        code="slow_reader", refusal=False)
-    if r == ERROR:
-        return ApiError(500, f"request {rid} failed: {piece.error}", "server_error", code="internal_error",
-                        refusal=False)
-    return None
-
-
-class HttpFrontEnd:
+class HttpFrontEnd(ChoicesMixin):
     """Builds the app; ``llm`` is set once the model is warm (until then: 503). ``metrics``: the
     serving process's (``/metrics`` serves them; refusals here are counted in them)."""
 
@@ -261,10 +132,6 @@ class HttpFrontEnd:
                 s.cancel()
             raise
         return started
-
-    def _token_text(self, token: int) -> str:
-        tok = self.llm.tokenizer
-        return tok.token_bytes(token).decode("utf-8", "replace") if tok is not None else str(token)
 
     # ---- the app ----------------------------------------------------------------------------------
     def _build(self) -> FastAPI:
@@ -371,7 +238,7 @@ class HttpFrontEnd:
                     s.cancel()  # no-op when finished; frees the slots if this handler is cancelled
             max_undelivered = self.llm.orchestrator.max_undelivered
             for pieces in results:
-                err = _finish_error(pieces[-1], rid, max_undelivered)
+                err = finish_error(pieces[-1], rid, max_undelivered)
                 if err is not None:
                     raise err
             choices = [self._choice(i, pieces, chat) for i, pieces in enumerate(results)]
@@ -384,129 +251,6 @@ class HttpFrontEnd:
     def _rejected(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.reject(reason)
-
-    async def _collect(self, stream: Stream) -> list[StreamOutput]:
-        return [p async for p in stream]
-
-    def _usage(self, started, results) -> dict[str, Any]:
-        seen: set[int] = set()
-        prompt = cached = 0
-        for (ids, _), pieces in zip(started, results):
-            if id(ids) not in seen:  # n choices of one prompt count its tokens once, as OpenAI does
-                seen.add(id(ids))
-                prompt += len(ids)
-                cached += max((p.cached_tokens for p in pieces), default=0)
-        completion = sum(pieces[-1].completion_tokens for pieces in results if pieces)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
-
-    def _logprobs(self, pieces: list[StreamOutput], chat: bool, offset: int = 0) -> dict[str, Any] | None:
-        tokens = [t for p in pieces for t in p.token_ids]
-        lps = [lp for p in pieces for lp in p.logprobs]
-        if not lps:
-            return None
-        tops = [t for p in pieces for t in p.top_logprobs] or [[] for _ in tokens]
-        if len(tops) < len(tokens):
-            tops += [[] for _ in range(len(tokens) - len(tops))]
-        if chat:
-            def entry(token: int, lp: float) -> dict[str, Any]:
-                text = self._token_text(token)
-                return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-
-            return {"content": [dict(entry(t, lp), top_logprobs=[entry(a, b) for a, b in top])
-                                for t, lp, top in zip(tokens, lps, tops)]}
-        texts = [self._token_text(t) for t in tokens]
-        offsets, at = [], offset
-        for text in texts:
-            offsets.append(at)
-            at += len(text)
-        return {"tokens": texts, "token_logprobs": lps,
-                "top_logprobs": [{self._token_text(a): b for a, b in top} for top in tops],
-                "text_offset": offsets}
-
-    def _choice(self, index: int, pieces: list[StreamOutput], chat: bool) -> dict[str, Any]:
-        text = "".join(p.text for p in pieces)
-        reason = pieces[-1].finish_reason  # jserve's "stop" and "length" are OpenAI's names too
-        out: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": self._logprobs(pieces, chat)}
-        if chat:
-            out["message"] = {"role": "assistant", "content": text}
-        else:
-            out["text"] = text
-        return out
-
-    async def _sse(self, rid: str, created: int, body: _Sampling, started: list[tuple[list[int], Stream]],
-                   chat: bool) -> AsyncIterator[str]:
-        """Server-sent events: each choice's pieces as they come (choices interleaved), then the
-        usage chunk when asked, then ``[DONE]``. An error ends the stream with an error event."""
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        # Bounded: while the client takes no events, the pumps take no pieces, which then count as
-        # undelivered on their streams, so ``--max-undelivered`` ends them as it does over gRPC.
-        queue: asyncio.Queue = asyncio.Queue(maxsize=len(started))
-
-        async def pump(index: int, stream: Stream) -> None:
-            async for piece in stream:
-                await queue.put((index, piece))
-
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-            data = {"id": rid, "object": kind, "created": created, "model": self.model_id, "choices": choices}
-            if usage is not None:
-                data["usage"] = usage
-            return f"data: {json.dumps(data)}\n\n"
-
-        tasks = [asyncio.ensure_future(pump(i, s)) for i, (_, s) in enumerate(started)]
-        results: list[list[StreamOutput]] = [[] for _ in started]
-        offsets = [0] * len(started)
-        try:
-            if chat:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(len(started))])
-            open_streams = len(started)
-            max_undelivered = self.llm.orchestrator.max_undelivered
-            while open_streams:
-                index, piece = await queue.get()
-                results[index].append(piece)
-                if piece.finish_reason is not None:
-                    open_streams -= 1
-                err = _finish_error(piece, rid, max_undelivered)
-                if err is not None:
-                    yield f"data: {json.dumps(err.body())}\n\n"
-                    return
-                if not piece.text and not piece.token_ids and piece.finish_reason is None:
-                    continue
-                reason = piece.finish_reason
-                choice: dict[str, Any] = {"index": index, "finish_reason": reason,
-                                          "logprobs": self._logprobs([piece], chat, offsets[index])}
-                offsets[index] += len(piece.text)
-                if chat:
-                    choice["delta"] = {"content": piece.text} if piece.text or reason is None else {}
-                else:
-                    choice["text"] = piece.text
-                yield chunk([choice])
-            if body.stream_options is not None and body.stream_options.include_usage:
-                yield chunk([], self._usage(started, results))
-            yield "data: [DONE]\n\n"
-        finally:
-            for t in tasks:
-                t.cancel()
-            for _, s in started:
-                s.cancel()  # a client that went away frees its slots before the next step
-
-
-class _EventStream(StreamingResponse):
-    """Server-sent events whose requests are cancelled however the response ends, also when the
-    client went away before the first event (then the event generator never starts, and its own
-    clean-up never runs)."""
-
-    def __init__(self, events: AsyncIterator[str], streams: list[Stream]):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.streams = streams
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            for s in self.streams:
-                s.cancel()  # no-op when finished
 
 
 def bind(host: str, port: int) -> socket.socket:
