@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import TYPE_CHECKING
 
 import jax
@@ -29,6 +30,12 @@ MAX_STOP_CHARS = 1000
 MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_CHARS = 256
 MAX_CHAT_MESSAGES = 1024
+# logit_bias: at most this many (token id, bias) pairs per request, each bias in [-100, 100]
+# (OpenAI's bounds). Every slot carries a row of this many pairs, so the shape never changes.
+MAX_LOGIT_BIAS = 300
+LOGIT_BIAS_LIMIT = 100.0
+# The token id of an unused pair: past any vocabulary, so the scatter drops it (adds nothing).
+BIAS_PAD_ID = 2**31 - 1
 
 
 if TYPE_CHECKING:
@@ -45,7 +52,10 @@ class SamplingParams:
     (0 = off) subtract from the logits of tokens already generated, once / per occurrence.
     ``stop`` strings end the text just before the stop string. ``logprobs``: None (the default)
     computes no log-probabilities at all; 0 reports the chosen token's; n > 0 also the n most
-    likely alternatives per token.
+    likely alternatives per token. ``logit_bias``: (token id, bias) pairs added to the logits
+    before sampling, after the penalties and the structured-output mask (OpenAI's semantics:
+    -100 / 100 in effect ban / force a token; a masked token stays masked whatever its bias).
+    Reported log-probabilities are the model's own, before penalties and bias, as elsewhere.
     """
 
     max_tokens: int = 128
@@ -63,6 +73,7 @@ class SamplingParams:
     logprobs: int | None = None
     constraint: Constraint | None = None  # structured output (``jserve.structured``); host side only
     speculate: bool | None = None  # speculative decoding for this request; None: the server's default
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def validate(self, vocab_size: int, max_logprobs: int) -> None:
         def bad(msg: str) -> None:
@@ -100,6 +111,43 @@ class SamplingParams:
                 bad(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
             bad(f"logprobs must be in [0, {max_logprobs}] on this server, got {self.logprobs}")
+        validate_logit_bias(self.logit_bias, vocab_size)
+
+
+def validate_logit_bias(pairs: object, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """``pairs`` (a mapping of token id → bias, ids as ints or decimal strings as JSON sends them,
+    or a sequence of (id, bias) pairs) checked and returned as ``SamplingParams.logit_bias``.
+
+    Refused with a precise ``InvalidRequestError``: more than ``MAX_LOGIT_BIAS`` entries, an id
+    that is not an integer in [0, vocab_size), the same id twice, a bias that is not a finite
+    number in [-100, 100]."""
+    def bad(msg: str) -> None:
+        raise InvalidRequestError(msg)
+
+    items = list(pairs.items()) if hasattr(pairs, "items") else list(pairs)  # type: ignore[union-attr]
+    if len(items) > MAX_LOGIT_BIAS:
+        bad(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(items)}")
+    out: list[tuple[int, float]] = []
+    seen: set[int] = set()
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            bad(f"logit_bias entries must be (token id, bias) pairs, got {item!r}")
+        key, value = item
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            key = int(key)
+        if isinstance(key, bool) or not isinstance(key, numbers.Integral):
+            bad(f"logit_bias keys must be token ids (integers), got {key!r}")
+        if not 0 <= key < vocab_size:
+            bad(f"logit_bias token id {key} is outside the vocabulary [0, {vocab_size})")
+        if key in seen:
+            bad(f"logit_bias gives token id {key} twice")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            bad(f"logit_bias values must be finite numbers, got {value!r} for token id {key}")
+        if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+            bad(f"logit_bias values must be in [-100, 100], got {value} for token id {key}")
+        seen.add(int(key))
+        out.append((int(key), float(value)))
+    return tuple(out)
 
 
 def seed_to_key(seed: int) -> np.ndarray:
@@ -111,7 +159,9 @@ def seed_to_key(seed: int) -> np.ndarray:
 class SlotSampling:
     """Per-slot sampling parameters, each ``[S]`` (``key``: ``[S, 2]`` raw threefry keys).
 
-    ``logprobs`` is -1 for a slot that wants no log-probabilities, else ``SamplingParams.logprobs``."""
+    ``logprobs`` is -1 for a slot that wants no log-probabilities, else ``SamplingParams.logprobs``.
+    ``bias_ids`` / ``bias_values`` ``[S, MAX_LOGIT_BIAS]``: the slot's logit_bias pairs, the unused
+    ones with id ``BIAS_PAD_ID`` (dropped by the scatter) and value 0."""
 
     temperature: jax.Array
     top_k: jax.Array
@@ -122,6 +172,8 @@ class SlotSampling:
     frequency_penalty: jax.Array
     key: jax.Array
     logprobs: jax.Array
+    bias_ids: jax.Array
+    bias_values: jax.Array
 
     @classmethod
     def empty(cls, slots: int) -> SlotSampling:
@@ -132,7 +184,9 @@ class SlotSampling:
 
         return cls(temperature=f(0.0), top_k=jnp.zeros((slots,), jnp.int32), top_p=f(1.0), min_p=f(0.0),
                    repetition_penalty=f(1.0), presence_penalty=f(0.0), frequency_penalty=f(0.0),
-                   key=jnp.zeros((slots, 2), jnp.uint32), logprobs=jnp.full((slots,), -1, jnp.int32))
+                   key=jnp.zeros((slots, 2), jnp.uint32), logprobs=jnp.full((slots,), -1, jnp.int32),
+                   bias_ids=jnp.full((slots, MAX_LOGIT_BIAS), BIAS_PAD_ID, jnp.int32),
+                   bias_values=jnp.zeros((slots, MAX_LOGIT_BIAS), jnp.float32))
 
     @classmethod
     def from_params(cls, p: SamplingParams, seed: int) -> SlotSampling:
@@ -140,11 +194,16 @@ class SlotSampling:
         def f(x: float) -> np.ndarray:
             return np.array([x], np.float32)
 
+        ids = np.full((1, MAX_LOGIT_BIAS), BIAS_PAD_ID, np.int32)
+        values = np.zeros((1, MAX_LOGIT_BIAS), np.float32)
+        for i, (t, b) in enumerate(p.logit_bias):
+            ids[0, i], values[0, i] = t, b
         return cls(temperature=f(p.temperature), top_k=np.array([p.top_k], np.int32), top_p=f(p.top_p),
                    min_p=f(p.min_p), repetition_penalty=f(p.repetition_penalty),
                    presence_penalty=f(p.presence_penalty), frequency_penalty=f(p.frequency_penalty),
                    key=seed_to_key(seed)[None],
-                   logprobs=np.array([-1 if p.logprobs is None else p.logprobs], np.int32))
+                   logprobs=np.array([-1 if p.logprobs is None else p.logprobs], np.int32),
+                   bias_ids=ids, bias_values=values)
 
     def set_row(self, slot: jax.Array, row: SlotSampling) -> SlotSampling:
         return jax.tree.map(lambda a, r: a.at[slot].set(r[0]), self, row)
@@ -166,6 +225,19 @@ def apply_penalties(logits: jax.Array, sp: SlotSampling, seen: jax.Array, counts
     any_penalty = jnp.any((sp.repetition_penalty != 1.0) | (sp.presence_penalty != 0.0)
                           | (sp.frequency_penalty != 0.0))
     return jax.lax.cond(any_penalty, penalize, lambda lg: lg, logits)
+
+
+def apply_logit_bias(logits: jax.Array, sp: SlotSampling) -> jax.Array:
+    """``logits [B, V]`` plus each row's logit_bias (``sp.bias_ids / bias_values [B, P]``).
+
+    A row adds only its own pairs (padding ids fall outside the vocabulary and are dropped), so an
+    unbiased row's logits are bitwise unchanged whatever its neighbours carry; a step where no row
+    has a bias skips the scatter."""
+    def add(lg: jax.Array) -> jax.Array:
+        rows = jnp.broadcast_to(jnp.arange(lg.shape[0])[:, None], sp.bias_ids.shape)
+        return lg.at[rows, sp.bias_ids].add(sp.bias_values, mode="drop")
+
+    return jax.lax.cond(jnp.any(sp.bias_ids != BIAS_PAD_ID), add, lambda lg: lg, logits)
 
 
 def greedy(logits: jax.Array) -> jax.Array:
@@ -233,6 +305,8 @@ def _bisect_thresholds(e: jax.Array, k: jax.Array, mass: jax.Array) -> tuple[jax
 def sample(logits: jax.Array, sp: SlotSampling, step: jax.Array) -> jax.Array:
     """Next tokens ``[B]`` for already-penalized ``logits [B, V]``; ``step [B]`` indexes the keys.
 
+    Each row's logit_bias is added first (``apply_logit_bias``): here, not with the penalties,
+    because every path (extend's first token, decode, verify) samples through this function.
     Greedy rows take the argmax. A sampled row applies temperature, then keeps the tokens that
     pass top-k (the ``top_k`` most likely), top-p (the most likely ones until their mass reaches
     ``top_p``) and min-p (probability >= ``min_p`` x the top one), all measured on the full
@@ -247,7 +321,7 @@ def sample(logits: jax.Array, sp: SlotSampling, step: jax.Array) -> jax.Array:
         keys = jax.vmap(jax.random.fold_in)(sp.key, step)
         return sample_with_uniform(lg, sp, jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys))
 
-    return jax.lax.cond(jnp.any(sp.temperature > 0), stochastic, greedy, logits)
+    return jax.lax.cond(jnp.any(sp.temperature > 0), stochastic, greedy, apply_logit_bias(logits, sp))
 
 
 def sample_with_uniform(logits: jax.Array, sp: SlotSampling, u: jax.Array) -> jax.Array:
