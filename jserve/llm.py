@@ -29,10 +29,77 @@ from jserve.tokenizer import ChatTemplateError
 
 log = logging.getLogger(__name__)
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-PromptInput = str | Sequence[dict[str, str]] | Sequence[int]
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+CHAT_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"})
+PromptInput = str | Sequence[dict[str, Any]] | Sequence[int]
 DEFAULT_COMPILE_CACHE = pathlib.Path(os.environ.get("JSERVE_COMPILE_CACHE",
                                                     pathlib.Path.home() / ".cache" / "jserve" / "xla"))
+
+
+def _content_text(i: int, content: Any) -> str:
+    """A message's content as text: a string, or OpenAI's list of content parts whose text parts
+    are joined (an assistant's ``refusal`` parts count as text); other parts are refused."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"message {i}: content must be a string, a list of text parts or null")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        key = "refusal" if kind == "refusal" else "text"
+        if kind not in ("text", "refusal"):
+            raise InvalidRequestError(f"message {i}: content part {j} has type {kind!r}; this server reads "
+                                      f"text parts only (\"type\": \"text\")")
+        if not isinstance(part.get(key), str):
+            raise InvalidRequestError(f"message {i}: content part {j} needs a string {key!r}")
+        texts.append(part[key])
+    return "".join(texts)
+
+
+def normalize_chat(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI chat messages checked and made renderable: content as text (None stays None on an
+    assistant turn with ``tool_calls``), ``developer`` as ``system``; ``InvalidRequestError`` with
+    the message's index for anything else."""
+    if not messages:
+        raise InvalidRequestError("the chat has no messages")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise InvalidRequestError(f"a chat may have at most {MAX_CHAT_MESSAGES} messages, got {len(messages)}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequestError(f"message {i} must be an object")
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise InvalidRequestError(
+                f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
+        extra = set(m) - CHAT_FIELDS
+        if extra:
+            raise InvalidRequestError(f"message {i}: unknown fields {sorted(extra)}")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                raise InvalidRequestError(f"message {i}: only assistant messages carry tool_calls")
+            if not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str) for c in calls):
+                raise InvalidRequestError(f"message {i}: tool_calls must be a list of {{\"id\", \"type\": "
+                                          f"\"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+        if role == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise InvalidRequestError(f"message {i}: a tool message needs the tool_call_id it answers")
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise InvalidRequestError(f"message {i}: {key} must be a string")
+        msg = {k: v for k, v in m.items() if v is not None}
+        if content is None:
+            if role != "assistant":
+                raise InvalidRequestError(f"message {i}: content is required (null only on an assistant message)")
+            msg["content"] = None
+        else:
+            msg["content"] = _content_text(i, content)
+        if role == "developer":
+            msg["role"] = "system"
+        out.append(msg)
+    return out
 
 
 @dataclasses.dataclass
@@ -295,28 +362,27 @@ class LLM:
             return list(prompt)
         raise InvalidRequestError("a list prompt must hold only chat messages (objects) or only token ids (integers)")
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        if not messages:
-            raise InvalidRequestError("the chat has no messages")
-        if len(messages) > MAX_CHAT_MESSAGES:
-            raise InvalidRequestError(f"a chat may have at most {MAX_CHAT_MESSAGES} messages, got {len(messages)}")
-        for i, m in enumerate(messages):
-            role, content = m.get("role"), m.get("content")
-            if role not in CHAT_ROLES:
-                raise InvalidRequestError(
-                    f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
-            if not isinstance(content, str):
-                raise InvalidRequestError(f"message {i}: content must be a string")
-            extra = set(m) - {"role", "content"}
-            if extra:
-                raise InvalidRequestError(f"message {i}: unknown fields {sorted(extra)}")
+    def encode_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                    **template_kwargs: Any) -> list[int]:
+        """Token ids of a chat (OpenAI's messages) rendered by the model's template.
+
+        ``messages``: ``role`` (system, developer, user, assistant, tool), ``content`` (text, a list
+        of text parts, or None for an assistant turn), and ``name``, ``tool_calls``,
+        ``tool_call_id``, ``reasoning_content``; a ``developer`` turn is rendered as ``system``.
+        ``tools`` and ``template_kwargs`` go to the template (``tools``: OpenAI's tool dicts)."""
+        text = self._tokenizer_render(normalize_chat(messages), tools, template_kwargs)
+        self._check_text_fits(text, "the chat (rendered with its template)")
+        return self._require_tokenizer().encode_rendered(text)
+
+    def _tokenizer_render(self, messages: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None,
+                          template_kwargs: dict[str, Any]) -> str:
         tok = self._require_tokenizer()
         try:
-            text = tok.render_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+            return tok.render_chat(messages, tools=tools, **template_kwargs)
         except ChatTemplateError as e:
             raise InvalidRequestError(str(e)) from e
-        self._check_text_fits(text, "the chat (rendered with its template)")
-        return tok.encode_rendered(text)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # a template choking on a message's shape
+            raise InvalidRequestError(f"the chat template could not render these messages: {e}") from e
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
