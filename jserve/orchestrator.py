@@ -496,7 +496,8 @@ class Orchestrator:
             slot, src, reuse = self._place(req.prompt_ids)
             self._free.remove(slot)
             seed = req.params.seed if req.params.seed is not None else int(self._seeds.integers(2**63))
-            detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
+            detok = (self.tokenizer.detokenizer(req.params.skip_special_tokens) if self.tokenizer is not None
+                     else None)
             output = Output(req.params, len(req.prompt_ids), detok, self.eos_token_ids, self.engine.top_logprobs,
                             req.matcher, cached_tokens=reuse)
             run = _Running(req=req, slot=slot, output=output, prompt_done=reuse)

@@ -74,6 +74,9 @@ class SamplingParams:
     constraint: Constraint | None = None  # structured output (``jserve.structured``); host side only
     speculate: bool | None = None  # speculative decoding for this request; None: the server's default
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Detokenize the output without its special tokens (True, the default) or with them: a tool
+    # call's marker may be a special token (``jserve.tools``' ``ToolPlan.keep_special_tokens``).
+    skip_special_tokens: bool = True
 
     def validate(self, vocab_size: int, max_logprobs: int) -> None:
         def bad(msg: str) -> None:
