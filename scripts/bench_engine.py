@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="tokens in each slot's cache when the timed steps start (a prompt of this length)")
     ap.add_argument("--sampling", action="store_true", help="also time sampled steps against greedy ones")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
-    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"])
+    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "q8_0", "q4_0", "q4_1", "float"])
     ap.add_argument("--steps", type=int, default=10, help="timed decode steps per round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over all configurations, interleaved")
     ap.add_argument("--json", type=pathlib.Path, default=None)

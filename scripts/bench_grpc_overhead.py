@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=None, help="default: prompt-len + max-tokens")
-    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"])
+    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "q8_0", "q4_0", "q4_1", "float"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=pathlib.Path, default=None)

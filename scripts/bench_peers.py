@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pause", type=float, default=3.0,
                     help="idle seconds before each timed run, so the previous engine's spinning threads settle")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
-    ap.add_argument("--jserve-quantize", default="int8-dynamic", choices=["none", "int8", "int8-dynamic"])
+    ap.add_argument("--jserve-quantize", default="none",
+                    choices=["none", "int8", "int8-dynamic", "q8_0", "q4_0", "q4_1", "float"])
     ap.add_argument("--jserve-slots", type=int, default=16, help="jserve slots; also hf's and batched llama.cpp's "
                     "batch size")
     ap.add_argument("--threads", type=int, default=os.cpu_count())

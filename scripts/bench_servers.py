@@ -1,7 +1,8 @@
 """jserve's server against llama.cpp's own server (``llama-server``), same prompts, rounds interleaved.
 
 Both servers are started here as a user would start them, with the same number of slots and
-positions per slot: ``python -m jserve.server --slots S --max-len T`` (plus ``--quantize``) and
+positions per slot: ``python -m jserve.server --slots S --max-len T`` (plus ``--quantize``;
+default none: the checkpoint as stored, the default one as its own GGUF blocks) and
 ``llama-server -m GGUF -np S -c S*T -t THREADS -fa on``, on the GGUF that jserve's default
 checkpoint was converted from. Each round sends the same ``--requests`` prompts (chat questions
 rendered by jserve's tokenizer: identical token ids for both) to each server in turn, ``--slots``
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--top-k", type=int, default=50)
-    ap.add_argument("--quantize", default="int8-dynamic", choices=["none", "int8", "int8-dynamic"])
+    ap.add_argument("--quantize", default="none",
+                    choices=["none", "int8", "int8-dynamic", "q8_0", "q4_0", "q4_1", "float"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server threads")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=pathlib.Path, default=None)

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=8, help="both servers (default 8, jserve's default)")
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--speculate", type=int, default=4, help="jserve --speculate K (default 4)")
-    ap.add_argument("--quantize", default="none", choices=["none", "int8", "int8-dynamic"])
+    ap.add_argument("--quantize", default="none",
+                    choices=["none", "int8", "int8-dynamic", "q8_0", "q4_0", "q4_1", "float"])
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=1, help="send each workload's prompts this many times a round")
     ap.add_argument("--temperature", type=float, default=0.0)
