@@ -111,15 +111,22 @@ def test_32_concurrent_streams_on_8_slots_complete_correctly(server, client):
 
 
 def test_cancel_mid_stream_frees_the_slot(server, client):
+    """Cancelled after 3 of its 120 tokens, its steps then held (so it cannot finish first on any
+    device) until the server has been told: it ends as cancelled, counted once, its slot free."""
+    reason = 'jserve_requests_finished_total{reason="cancelled"}'
+    before, cancels = _metric(_metrics(server), reason), server.said("CANCELLED")
     call = client.stream([1, 2, 3], max_tokens=120, **GREEDY)
     got = [next(call) for _ in range(3)]
     assert all(r.token_ids for r in got)
-    call.cancel()
-    with pytest.raises(grpc.RpcError) as e:
-        list(call)
-    assert e.value.code() == grpc.StatusCode.CANCELLED
+    with server.hold:
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+        assert e.value.code() == grpc.StatusCode.CANCELLED
+        wait_until(lambda: server.said("CANCELLED") > cancels, "the server cancelled the request")
     assert _wait_slots_free(client) == 0
-    wait_until(lambda: 'jserve_requests_finished_total{reason="cancelled"}' in _metrics(server), "a cancel counted")
+    wait_until(lambda: _metric(_metrics(server), reason) > before, "the cancel counted")
+    assert _metric(_metrics(server), reason) == before + 1  # (the series existed after any earlier cancel)
 
 
 DEADLINE_S = 2.0  # the wall time a deadline test must spend; the request is held, so its length is no race
