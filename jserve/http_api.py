@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import socket
 import time
 import uuid
@@ -25,7 +27,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from jserve.http_extra import add_routes
 from jserve.http_output import ChoicesMixin, _EventStream
+from jserve.http_responses import ResponsesRequest
+from jserve.http_responses import respond as respond_responses
 from jserve.http_schemas import (
     REJECTED,
     ApiError,
@@ -36,12 +41,14 @@ from jserve.http_schemas import (
     _Sampling,
     finish_error,
 )
+from jserve.http_tools import ToolReplies, plan_chat
 
 # No JAX at import: what needs the engine's modules imports them once a model is loaded.
 if TYPE_CHECKING:
     from jserve.metrics import ServingMetrics
     from jserve.orchestrator import Stream
     from jserve.sampling import SamplingParams
+    from jserve.tools import ToolPlan
 
 log = logging.getLogger("jserve.http")
 __all__ = ["REJECTED", "ApiError", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "HttpFrontEnd",
@@ -57,6 +64,8 @@ class HttpFrontEnd(ChoicesMixin):
         self.draining = False
         self.metrics = metrics
         self.max_request_bytes = 4 << 20
+        self.tool_call_format: str | None = os.environ.get("JSERVE_TOOL_CALL_FORMAT")  # None: detected
+        self._vocab: dict[str, int] | None = None  # token → id, read once
         self.app = self._build()
 
     # ---- helpers ---------------------------------------------------------------------------------
@@ -77,7 +86,7 @@ class HttpFrontEnd(ChoicesMixin):
                            param="model", code="model_not_found")
 
     def _params(self, body: _Sampling, max_tokens: int | None, prompt_len: int, logprobs: int | None,
-                seed: int | None) -> SamplingParams:
+                seed: int | None, constraint: Any = None) -> SamplingParams:
         from jserve.sampling import SamplingParams
 
         llm = self.llm
@@ -94,7 +103,8 @@ class HttpFrontEnd(ChoicesMixin):
             repetition_penalty=given(body.repetition_penalty, 1.0),
             presence_penalty=given(body.presence_penalty, 0.0), frequency_penalty=given(body.frequency_penalty, 0.0),
             stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
-            constraint=body.constraint(), speculate=body.speculate)
+            constraint=constraint if constraint is not None else body.constraint(), speculate=body.speculate,
+            logit_bias=body.logit_bias_pairs())
 
     async def _submit(self, ids: list[int], params: SamplingParams, timeout: float | None) -> Stream:
         from jserve.orchestrator import QueueFullError, ShuttingDownError
@@ -118,20 +128,54 @@ class HttpFrontEnd(ChoicesMixin):
             raise ApiError(400, str(e)) from e
 
     async def _start(self, prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
-                     logprobs: int | None) -> list[tuple[list[int], Stream]]:
+                     logprobs: int | None, constraint: Any = None) -> list[tuple[list[int], Stream]]:
         """Submit every (prompt, choice): ``n`` choices of one prompt differ by seed when one is given."""
         started: list[tuple[list[int], Stream]] = []
         try:
             for ids in prompts:
                 for j in range(body.n):
                     seed = None if body.seed is None else body.seed + j
-                    params = self._params(body, max_tokens, len(ids), logprobs, seed)
+                    params = self._params(body, max_tokens, len(ids), logprobs, seed, constraint)
                     started.append((ids, await self._submit(ids, params, body.timeout)))
         except BaseException:
             for _, s in started:
                 s.cancel()
             raise
         return started
+
+    # ---- tools ------------------------------------------------------------------------------------
+    async def _plan(self, messages: list[dict[str, Any]], tools: Any, tool_choice: Any,
+                    parallel: Any) -> tuple[ToolPlan, list[int]]:
+        """The chat's tool plan and prompt ids, worked out off the event loop."""
+        from jserve.sampling import InvalidRequestError
+
+        llm = self.llm
+        if self._vocab is None:
+            self._vocab = llm.tokenizer.tok.get_vocab() if llm.tokenizer is not None else {}
+        work = functools.partial(plan_chat, llm, messages, tools, tool_choice, parallel, self._vocab,
+                                 self.tool_call_format)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, work)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), param=_param_of(str(e))) from e
+
+    def _tool_constraint(self, plan: ToolPlan, body: _Sampling) -> Any:
+        """The tool grammar, refused beside another constraint on the same reply."""
+        if plan.constraint is None:
+            return None
+        if body.constraint() is not None:
+            raise ApiError(400, f"tool_choice {plan.choice.mode!r} constrains the reply to tool calls; it cannot "
+                                "also follow response_format, json_schema, guided_regex or guided_choice (send "
+                                "tool_choice \"none\", or no tools, with those)", param="tool_choice")
+        return plan.constraint
+
+    def _replies(self, plan: ToolPlan, body: _Sampling, choices: int) -> ToolReplies | None:
+        if plan.parser() is None:
+            return None
+        llm = self.llm
+        eos = llm.tokenizer.eos_token_ids if llm.tokenizer is not None else llm.config.eos_token_ids
+        stop_ids = frozenset(body.stop_token_ids or ()) | (frozenset() if body.ignore_eos else frozenset(eos))
+        return ToolReplies(plan, llm, choices, body.seed, stop_ids)
 
     # ---- the app ----------------------------------------------------------------------------------
     def _build(self) -> FastAPI:
@@ -191,12 +235,26 @@ class HttpFrontEnd(ChoicesMixin):
             self._check_model(body.model)
             if body.top_logprobs is not None and not body.logprobs:
                 raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = await self._tokenize(messages)
+            body.check_supported()
+            plan, ids = await self._plan([m.raw() for m in body.messages], body.tools, body.tool_choice,
+                                         body.parallel_tool_calls)
+            constraint = self._tool_constraint(plan, body)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            started = await self._start([ids], body, max_tokens, logprobs)
-            return await self._respond(request, body, started, chat=True)
+            started = await self._start([ids], body, max_tokens, logprobs, constraint)
+            tools = self._replies(plan, body, len(started))
+            return await self._respond(request, body, started, chat=True, tools=tools)
+
+        @app.post("/v1/responses")
+        async def responses(body: ResponsesRequest):
+            self._ready()
+            self._check_model(body.model)
+            chat = body.chat_request()
+            plan, ids = await self._plan([m.raw() for m in chat.messages], chat.tools, chat.tool_choice,
+                                         chat.parallel_tool_calls)
+            constraint = self._tool_constraint(plan, chat)
+            started = await self._start([ids], chat, chat.max_tokens, None, constraint)
+            return await respond_responses(self, body, chat, started, self._replies(plan, chat, 1))
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request):
@@ -217,11 +275,12 @@ class HttpFrontEnd(ChoicesMixin):
             started = await self._start(prompts, body, body.max_tokens, body.logprobs)
             return await self._respond(request, body, started, chat=False)
 
-        async def respond(request: Request, body: _Sampling, started: list[tuple[list[int], Stream]], chat: bool):
+        async def respond(request: Request, body: _Sampling, started: list[tuple[list[int], Stream]], chat: bool,
+                          tools: ToolReplies | None = None):
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             created = int(time.time())
             if body.stream:
-                return _EventStream(self._sse(rid, created, body, started, chat), [s for _, s in started])
+                return _EventStream(self._sse(rid, created, body, started, chat, tools), [s for _, s in started])
             async def on_disconnect() -> None:
                 # The body has been read: the next ASGI message is the client going away.
                 while (await request.receive())["type"] != "http.disconnect":
@@ -241,16 +300,25 @@ class HttpFrontEnd(ChoicesMixin):
                 err = finish_error(pieces[-1], rid, max_undelivered)
                 if err is not None:
                     raise err
-            choices = [self._choice(i, pieces, chat) for i, pieces in enumerate(results)]
+            choices = [self._choice(i, pieces, chat, tools) for i, pieces in enumerate(results)]
             return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                     "model": self.model_id, "choices": choices, "usage": self._usage(started, results)}
 
         self._respond = respond
+        add_routes(self, app)
         return app
 
     def _rejected(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.reject(reason)
+
+
+def _param_of(message: str) -> str | None:
+    """The request field an error message from the tools' validation names first."""
+    for name in ("tool_choice", "parallel_tool_calls", "tools", "message"):
+        if message.startswith(name):
+            return "messages" if name == "message" else name
+    return None
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from jserve.http_schemas import _Sampling, finish_error
 
 if TYPE_CHECKING:
+    from jserve.http_tools import ToolReplies
     from jserve.orchestrator import Stream, StreamOutput
 
 
@@ -65,18 +66,22 @@ class ChoicesMixin:
                 "top_logprobs": [{self._token_text(a): b for a, b in top} for top in tops],
                 "text_offset": offsets}
 
-    def _choice(self, index: int, pieces: list[StreamOutput], chat: bool) -> dict[str, Any]:
+    def _choice(self, index: int, pieces: list[StreamOutput], chat: bool,
+                tools: ToolReplies | None = None) -> dict[str, Any]:
         text = "".join(p.text for p in pieces)
         reason = pieces[-1].finish_reason  # jserve's "stop" and "length" are OpenAI's names too
         out: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": self._logprobs(pieces, chat)}
-        if chat:
+        if chat and tools is not None:
+            out["message"] = tools.message(index, pieces)
+            out["finish_reason"] = tools.finish_reason(index, reason)
+        elif chat:
             out["message"] = {"role": "assistant", "content": text}
         else:
             out["text"] = text
         return out
 
     async def _sse(self, rid: str, created: int, body: _Sampling, started: list[tuple[list[int], Stream]],
-                   chat: bool) -> AsyncIterator[str]:
+                   chat: bool, tools: ToolReplies | None = None) -> AsyncIterator[str]:
         """Server-sent events: each choice's pieces as they come (choices interleaved), then the
         usage chunk when asked, then ``[DONE]``. An error ends the stream with an error event."""
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -118,7 +123,16 @@ class ChoicesMixin:
                 choice: dict[str, Any] = {"index": index, "finish_reason": reason,
                                           "logprobs": self._logprobs([piece], chat, offsets[index])}
                 offsets[index] += len(piece.text)
-                if chat:
+                if tools is not None:
+                    for delta in self._tool_deltas(tools, index, piece):
+                        yield chunk([{"index": index, "delta": delta, "logprobs": choice["logprobs"],
+                                      "finish_reason": None}])
+                        choice["logprobs"] = None  # a piece's logprobs go with its first chunk
+                    if reason is None:
+                        continue
+                    choice["finish_reason"] = tools.finish_reason(index, reason)
+                    choice["delta"] = {}
+                elif chat:
                     choice["delta"] = {"content": piece.text} if piece.text or reason is None else {}
                 else:
                     choice["text"] = piece.text
@@ -131,6 +145,21 @@ class ChoicesMixin:
                 t.cancel()
             for _, s in started:
                 s.cancel()  # a client that went away frees its slots before the next step
+
+
+    @staticmethod
+    def _tool_deltas(tools: ToolReplies, index: int, piece: StreamOutput) -> list[dict[str, Any]]:
+        """A piece of a choice with tools as chunk deltas: content runs joined, each call delta alone."""
+        out: list[dict[str, Any]] = []
+        for d in tools.feed(index, piece):
+            if isinstance(d, str):
+                if out and "content" in out[-1]:
+                    out[-1]["content"] += d
+                elif d:
+                    out.append({"content": d})
+            else:
+                out.append({"tool_calls": [d.openai()]})
+        return out
 
 
 class _EventStream(StreamingResponse):

@@ -22,18 +22,21 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(_Body):
-    role: str
-    content: str | list[TextPart]
-    name: str | None = None  # accepted and ignored, as OpenAI's API allows it on any message
+    """One of OpenAI's chat messages; checked in full by ``jserve.llm.normalize_chat``."""
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    refusal: str | None = None  # an earlier reply's refusal: accepted, not shown to the model
+
+    def raw(self) -> dict[str, Any]:
+        out = self.model_dump(exclude_none=True, exclude={"refusal"})
+        out["content"] = self.content
+        return out
 
 
 class StreamOptions(_Body):
@@ -78,7 +81,15 @@ class _Sampling(_Body):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    user: str | None = None  # ignored
+    logit_bias: dict[str, float] | None = None
+    json_schema: dict[str, Any] | None = None  # llama.cpp's field: response_format json_schema with this schema
+    # OpenAI's platform fields (billing, storage, tracing, routing): accepted, ignored (IGNORED_FIELDS)
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -90,17 +101,42 @@ class _Sampling(_Body):
     guided_regex: str | None = None  # jserve/vLLM extras: the answer matches this regex ...
     guided_choice: list[str] | None = None  # ... or is exactly one of these strings
 
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` ({"token id": bias}) as ``SamplingParams.logit_bias``; the ids' range,
+        the biases' range and their count are checked with the other sampling parameters."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().lstrip("-").isdigit():
+                raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            pairs.append((int(key), float(bias)))
+        return tuple(pairs)
+
     def constraint(self) -> Constraint | None:
         from jserve.structured import Constraint
 
-        given = [c for c in (self.response_format.constraint() if self.response_format else None,
+        json_schema = Constraint("json_schema", json.dumps(self.json_schema)) if self.json_schema is not None else None
+        given = [c for c in (self.response_format.constraint() if self.response_format else None, json_schema,
                              Constraint("regex", self.guided_regex) if self.guided_regex is not None else None,
                              Constraint("choice", tuple(self.guided_choice)) if self.guided_choice is not None
                              else None) if c is not None]
         if len(given) > 1:
-            raise ApiError(400, "give at most one of response_format (json), guided_regex and guided_choice",
+            raise ApiError(400, "give at most one of response_format (json), json_schema, guided_regex and "
+                                "guided_choice",
                            param="response_format")
         return given[0] if given else None
+
+
+# Fields that would change the output and that jserve does not implement: refused, naming the field.
+UNSUPPORTED_FIELDS = {
+    "audio": "audio output is not supported (this server writes text)",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "reasoning_effort": "reasoning_effort is not supported",
+    "verbosity": "verbosity is not supported",
+    "functions": "the deprecated functions field is not supported; send tools",
+    "function_call": "the deprecated function_call field is not supported; send tool_choice",
+}
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
 
 
 class ChatCompletionRequest(_Sampling):
@@ -108,6 +144,31 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = None  # ["text"] only
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    def check_supported(self) -> None:
+        """Refuse the fields jserve does not implement, and a max_tokens that disagrees with its alias."""
+        for name, why in UNSUPPORTED_FIELDS.items():
+            if getattr(self, name) is not None:
+                raise ApiError(400, f"{name}: {why}", param=name, code="unsupported_parameter")
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise ApiError(400, f"modalities: only [\"text\"] is supported, got {json.dumps(self.modalities)}",
+                           param="modalities", code="unsupported_parameter")
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise ApiError(400, f"max_tokens ({self.max_tokens}) and max_completion_tokens "
+                                f"({self.max_completion_tokens}) disagree; give one of them",
+                           param="max_completion_tokens")
 
 
 class CompletionRequest(_Sampling):
