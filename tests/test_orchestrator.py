@@ -247,8 +247,13 @@ def test_logprobs_and_top_alternatives_are_streamed(tiny_llm):
         assert p.logprobs[0] <= 0
 
 
-def test_async_stream_yields_pieces_and_cancels_when_abandoned(tiny_llm):
+def test_async_stream_yields_pieces_and_cancels_when_abandoned(tiny_llm, monkeypatch):
     import asyncio
+
+    orch = tiny_llm.orchestrator
+    cancelled, cancel = [], orch.cancel
+    # A free slot alone would also follow from the request simply finishing: the cancel itself is seen.
+    monkeypatch.setattr(orch, "cancel", lambda req: (cancelled.append(req.request_id), cancel(req)))
 
     async def run():
         got = []
@@ -259,7 +264,7 @@ def test_async_stream_yields_pieces_and_cancels_when_abandoned(tiny_llm):
         return got
 
     got = asyncio.run(run())
-    assert len(got) == 5
+    assert len(got) == 5 and len(cancelled) == 1
     wait_until(lambda: tiny_llm.orchestrator.slots_in_use == 0, "the abandoned stream's slot is free")
 
 
