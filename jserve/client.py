@@ -3,6 +3,12 @@
     python -m jserve.client "Once upon a time" --max-tokens 40
     python -m jserve.client --chat "What is the capital of France?" --temperature 0
 
+Tools: ``client.complete(messages, tools=[{"type": "function", "function": {"name": ..., "parameters":
+{...}}}], tool_choice="required")`` returns a ``Completion`` whose ``tool_calls`` hold the calls
+(arguments as JSON text); ``tool_choice`` is "none", "auto", "required" or
+``{"type": "function", "function": {"name": ...}}``. Messages may carry OpenAI's ``tool_calls``
+(assistant), ``tool_call_id`` (tool) and ``name``.
+
 Several addresses (``--address host1:port,host2:port``) are balanced round-robin by gRPC.
 Imports neither JAX nor the engine.
 """
@@ -23,8 +29,17 @@ from jserve.v1 import jserve_pb2 as pb
 from jserve.v1 import jserve_pb2_grpc as pb_grpc
 
 FINISH_NAMES = {pb.STOP: "stop", pb.LENGTH: "length", pb.CANCELLED: "cancelled", pb.DEADLINE: "deadline",
-                pb.ERROR: "error"}
-Prompt = str | Sequence[dict[str, str]] | Sequence[int]
+                pb.ERROR: "error", pb.TOOL_CALLS: "tool_calls"}
+Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
+
+
+@dataclasses.dataclass
+class ToolCall:
+    """A call the model made; ``arguments`` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclasses.dataclass
@@ -36,6 +51,7 @@ class Completion:
     completion_tokens: int
     error: str | None = None  # "UNAVAILABLE: ..." when the call failed (``complete_many``)
     cached_prompt_tokens: int = 0  # prompt tokens the server took from its prefix cache
+    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)  # with tools: the calls made
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -65,13 +81,42 @@ def target_for(addresses: str | Sequence[str]) -> tuple[str, list[tuple[str, Any
                                        ("grpc.enable_retries", 1)]
 
 
+def chat_message(m: dict[str, Any]) -> pb.ChatMessage:
+    """The protocol's message from an OpenAI-style one (content None or absent: unset)."""
+    out = pb.ChatMessage(role=m["role"], tool_call_id=m.get("tool_call_id") or "", name=m.get("name") or "")
+    if m.get("content") is not None:
+        out.content = m["content"]
+    for c in m.get("tool_calls") or ():
+        fn = c.get("function", c)
+        args = fn.get("arguments", "{}")
+        out.tool_calls.append(pb.ToolCall(id=c.get("id", ""), name=fn["name"],
+                                          arguments=args if isinstance(args, str) else json.dumps(args)))
+    return out
+
+
+def _tool(t: dict[str, Any]) -> pb.Tool:
+    fn = t.get("function", t)  # OpenAI's {"type": "function", "function": {...}} or the inner dict
+    params = fn.get("parameters")
+    return pb.Tool(name=fn["name"], description=fn.get("description", ""),
+                   parameters="" if params is None else params if isinstance(params, str) else json.dumps(params))
+
+
+def _set_tool_choice(req: pb.GenerateRequest, choice: str | dict[str, Any]) -> None:
+    if isinstance(choice, str):
+        req.tool_choice.mode = choice
+    else:
+        fn = choice.get("function", choice)  # OpenAI's {"type": "function", "function": {"name": ...}}
+        req.tool_choice.function = fn if isinstance(fn, str) else fn["name"]
+
+
 def build_request(prompt: Prompt, request_id: str = "", **sampling: Any) -> pb.GenerateRequest:
-    """A ``GenerateRequest`` from text, chat messages or token ids plus sampling fields."""
+    """A ``GenerateRequest`` from text, chat messages or token ids plus sampling fields (``tools``:
+    OpenAI's tool dicts; ``tool_choice``; ``logit_bias``: token id → bias)."""
     req = pb.GenerateRequest(request_id=request_id)
     if isinstance(prompt, str):
         req.text = prompt
     elif prompt and all(isinstance(m, dict) for m in prompt):
-        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
+        req.chat.messages.extend(chat_message(m) for m in prompt)
     else:
         req.token_ids.ids.extend(int(t) for t in prompt)
     for key, value in sampling.items():
@@ -83,6 +128,12 @@ def build_request(prompt: Prompt, request_id: str = "", **sampling: Any) -> pb.G
             req.choice.choices.extend(value)
         elif key == "json_schema" and not isinstance(value, str):  # a schema given as a dict
             req.json_schema = json.dumps(value)
+        elif key == "tools":
+            req.tools.extend(_tool(t) for t in value)
+        elif key == "tool_choice":
+            _set_tool_choice(req, value)
+        elif key == "logit_bias":
+            req.logit_bias.update({int(k): float(v) for k, v in value.items()})
         else:
             setattr(req, key, value)
     return req
@@ -90,13 +141,18 @@ def build_request(prompt: Prompt, request_id: str = "", **sampling: Any) -> pb.G
 
 def _fold(responses: Iterator[pb.GenerateResponse] | list[pb.GenerateResponse]) -> Completion:
     text, ids, last = [], [], None
+    calls: dict[int, ToolCall] = {}
     for r in responses:
         text.append(r.text)
         ids.extend(r.token_ids)
+        for d in r.tool_calls:
+            call = calls.setdefault(d.index, ToolCall(d.id, d.name, ""))
+            call.arguments += d.arguments
         last = r
     return Completion("".join(text), ids, FINISH_NAMES.get(last.finish_reason, "unknown") if last else "unknown",
                       last.usage.prompt_tokens if last else 0, last.usage.completion_tokens if last else 0,
-                      cached_prompt_tokens=last.usage.cached_prompt_tokens if last else 0)
+                      cached_prompt_tokens=last.usage.cached_prompt_tokens if last else 0,
+                      tool_calls=[calls[i] for i in sorted(calls)])
 
 
 class Client:
@@ -135,10 +191,10 @@ class Client:
     def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
 
-    def tokenize(self, text: str | None = None, chat: Sequence[dict[str, str]] | None = None) -> list[int]:
+    def tokenize(self, text: str | None = None, chat: Sequence[dict[str, Any]] | None = None) -> list[int]:
         req = pb.TokenizeRequest()
         if chat is not None:
-            req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in chat)
+            req.chat.messages.extend(chat_message(m) for m in chat)
         else:
             req.text = text or ""
         return list(self.stub.Tokenize(req).ids)

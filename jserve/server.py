@@ -47,7 +47,9 @@ from jserve.orchestrator import (
     ShuttingDownError,
 )
 from jserve.sampling import InvalidRequestError, SamplingParams
+from jserve.server_tools import ReplyParts, ToolSetup, chat_messages, prepare, wants_tools
 from jserve.structured import Constraint
+from jserve.tools import FORMATS
 from jserve.v1 import jserve_pb2 as pb
 from jserve.v1 import jserve_pb2_grpc as pb_grpc
 
@@ -55,6 +57,7 @@ log = logging.getLogger("jserve.server")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH = {STOP: pb.STOP, LENGTH: pb.LENGTH, CANCELLED: pb.CANCELLED, DEADLINE: pb.DEADLINE, ERROR: pb.ERROR}
+# ``STOP`` after the model called tools is reported as ``TOOL_CALLS``.
 DEFAULT_MAX_TOKENS = 128
 STOPPED_DURING_STARTUP = -1
 GRPC_RECEIVE_LIMIT = 64 << 20
@@ -72,7 +75,7 @@ def request_to_input(req: pb.GenerateRequest) -> Any:
     if kind == "chat":
         if not req.chat.messages:
             raise InvalidRequestError("the chat has no messages")
-        return [{"role": m.role, "content": m.content} for m in req.chat.messages]
+        return chat_messages(req.chat)
     if not req.token_ids.ids:
         raise InvalidRequestError("token_ids is empty")
     return list(req.token_ids.ids)
@@ -89,6 +92,7 @@ def request_to_params(req: pb.GenerateRequest) -> SamplingParams:
         frequency_penalty=opt("frequency_penalty", 0.0), stop=tuple(req.stop),
         stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos, logprobs=req.logprobs or None,
         constraint=request_to_constraint(req), speculate=opt("speculate", None),
+        logit_bias=tuple(sorted(req.logit_bias.items())),
     )
 
 
@@ -107,6 +111,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, metrics: ServingMetrics):
         self.max_request_bytes = 4 << 20
         self.llm: LLM | None = None
+        self.tools: ToolSetup | None = None  # set with llm
         self.metrics = metrics
         self.draining = False
 
@@ -128,6 +133,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             llm = self._ready()
             self._check_size(request)
             prompt, params = request_to_input(request), request_to_params(request)
+            plan = None
+            if wants_tools(request):  # templates, schemas and the tokenizer: off the event loop
+                prompt, params, plan = await asyncio.get_running_loop().run_in_executor(
+                    None, prepare, llm, self.tools, request, params)
             # Off the event loop; a client gone meanwhile has its request cancelled once queued.
             stream = await llm.submit_async(prompt, params, request_id=request.request_id or None,
                                             timeout=context.time_remaining())
@@ -143,6 +152,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             self.metrics.reject("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         rid = stream.request.request_id
+        parts = ReplyParts(plan, params.seed)
         try:
             async for piece in stream:
                 if piece.finish_reason == DEADLINE:
@@ -159,14 +169,16 @@ class GenerationService(pb_grpc.GenerationServicer):
                                         f"({piece.completion_tokens} tokens sent); retry it")
                 if piece.finish_reason == ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, f"request {rid} failed: {piece.error}")
-                resp = pb.GenerateResponse(text=piece.text, token_ids=piece.token_ids, request_id=rid)
+                text, calls = parts.split(piece.text, piece.finish_reason is not None)
+                resp = pb.GenerateResponse(text=text, token_ids=piece.token_ids, request_id=rid, tool_calls=calls)
                 if params.logprobs or piece.top_logprobs:
                     for i, (t, lp) in enumerate(zip(piece.token_ids, piece.logprobs)):
                         top = piece.top_logprobs[i] if i < len(piece.top_logprobs) else []
                         resp.logprobs.append(pb.TokenLogprob(
                             token_id=t, logprob=lp, top=[pb.TopLogprob(token_id=a, logprob=b) for a, b in top]))
                 if piece.finish_reason is not None:
-                    resp.finish_reason = FINISH[piece.finish_reason]
+                    resp.finish_reason = pb.TOOL_CALLS if parts.called and piece.finish_reason == STOP else \
+                        FINISH[piece.finish_reason]
                     resp.usage.prompt_tokens = piece.prompt_tokens
                     resp.usage.completion_tokens = piece.completion_tokens
                     resp.usage.cached_prompt_tokens = piece.cached_tokens
@@ -189,6 +201,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             has_chat_template=bool(llm.tokenizer and llm.tokenizer.has_chat_template),
             prefix_cache=llm.orchestrator.prefix_cache, speculate=orch.spec_tokens,
             speculate_default=orch.speculate, architecture=llm.config.arch,
+            tool_call_format=self.tools.default_format if self.tools else "",
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
@@ -200,7 +213,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             if kind == "text":
                 ids = await loop.run_in_executor(None, llm.tokenize_input, request.text) if request.text else []
             elif kind == "chat":
-                chat = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+                chat = chat_messages(request.chat)
                 ids = await loop.run_in_executor(None, llm.encode_chat, chat)
             else:
                 raise InvalidRequestError("no input: set text or chat")
@@ -260,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "GGUF block formats, float = every weight dequantized to --dtype (to compare quality)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="weights and KV cache (float32 default, fastest on CPU; bfloat16 for GPU/TPU)")
+    ap.add_argument("--tool-call-format", choices=sorted(FORMATS), default=None,
+                    help="how the model writes tool calls, to enforce and parse them (default: detected from the "
+                         "checkpoint's chat template and vocabulary; generic when none is recognised)")
     ap.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="seconds in-flight requests may take to finish after SIGTERM (default 30)")
@@ -329,6 +345,8 @@ async def serve(args: argparse.Namespace) -> int:
             return 1
         http = http_api.HttpFrontEnd(metrics)
         http.max_request_bytes = args.max_request_bytes
+        if args.tool_call_format:
+            http.tool_call_format = args.tool_call_format
         http_server = http_api.make_server(http.app, sock)
         http_task = asyncio.ensure_future(http_server.serve(sockets=[sock]))
         http_port = sock.getsockname()[1]
@@ -408,6 +426,7 @@ async def serve(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         metrics.serve(args.metrics_port, addr=args.host if args.host not in ("[::]", "0.0.0.0") else "")
         log.info("metrics on port %d", args.metrics_port)
+    service.tools = ToolSetup.of(llm, args.tool_call_format)
     service.llm = llm
     if http is not None:
         http.llm = llm
