@@ -1,4 +1,13 @@
-"""Prometheus metrics of a serving process, fed by the orchestrator's events."""
+"""Prometheus metrics of a serving process, fed by the orchestrator's events.
+
+Besides jserve's own names, the gauges a cluster router reads are served under vLLM's names, the
+defaults of the Gateway API Inference Extension's endpoint picker (used by llm-d and GKE Inference
+Gateway): ``vllm:num_requests_waiting`` (queued requests), ``vllm:num_requests_running`` (requests
+holding a slot, prefilling or decoding) and ``vllm:kv_cache_usage_perc`` (0..1), with
+``vllm:gpu_cache_usage_perc``, its older name, beside it. The KV cache is preallocated per slot
+(``[S, K, T, H]`` per layer), and a request holds its slot's whole ``T`` positions until it ends
+(no other request can use the rest), so the cache in use is the fraction of slots held.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.0)
@@ -41,6 +58,16 @@ class ServingMetrics:
         self.running = Gauge("jserve_requests_running", "Requests decoding in a slot", registry=r)
         self.slots_in_use = Gauge("jserve_slots_in_use", "Batch slots holding a request", registry=r)
         self.slots_total = Gauge("jserve_slots", "Batch slots", registry=r)
+        self.kv_usage = Gauge("jserve_kv_cache_usage_ratio", "Fraction of the KV cache held by requests (0..1): "
+                              "slots in use / slots, a request holding its slot's positions", registry=r)
+        # What cluster routers read (the Gateway API Inference Extension's model-server protocol).
+        self.router_waiting = Gauge("vllm:num_requests_waiting", "Requests in the waiting queue", registry=r)
+        self.router_running = Gauge("vllm:num_requests_running", "Requests holding a slot (prefill or decode)",
+                                    registry=r)
+        self.router_kv = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 0..1 (1 = full): slots in use / slots",
+                               registry=r)
+        self.router_kv_old = Gauge("vllm:gpu_cache_usage_perc", "KV-cache usage, 0..1: the older name of "
+                                   "vllm:kv_cache_usage_perc", registry=r)
         self._last_token: dict[int, float] = {}
         self._lock = threading.Lock()
 
@@ -50,6 +77,14 @@ class ServingMetrics:
         self.waiting.set_function(waiting)
         self.running.set_function(running)
         self.slots_in_use.set_function(in_use)
+
+        def usage() -> float:
+            return in_use() / slots if slots else 0.0
+
+        for gauge in (self.kv_usage, self.router_kv, self.router_kv_old):
+            gauge.set_function(usage)
+        self.router_waiting.set_function(waiting)
+        self.router_running.set_function(running)
 
     def on_event(self, kind: str, req: Any, value: float) -> None:
         """The orchestrator's callback: ``first_token``, ``token``, ``finished:<reason>``, ``rejected``."""
@@ -85,6 +120,10 @@ class ServingMetrics:
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The metrics in Prometheus' text format and its content type (for a ``GET /metrics``)."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
