@@ -37,7 +37,8 @@ def tool_ckpt(tmp_path_factory, real_ckpt):
 @pytest.fixture(scope="module")
 def server(tool_ckpt):
     # The template's tool instructions alone are ~190 tokens: room for them, the tools and a call.
-    srv = ServerProcess(tool_ckpt, "--slots", "4", "--max-len", "512", "--max-prompt-len", "352", "--speculate", "0")
+    srv = ServerProcess(tool_ckpt, "--slots", "4", "--max-len", "512", "--max-prompt-len", "352", "--speculate", "0",
+                        "--http-port", "0")
     yield srv
     srv.stop()
 
@@ -159,6 +160,26 @@ def _decode(ckpt, ids):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(ckpt / "tokenizer.json")).decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_greedy_tool_calls_are_the_same_over_http_and_grpc(client, server, choice):
+    """The same plan, grammar and parser behind both front ends: greedy gives the same calls."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{server.http_address}/v1/models", timeout=30) as r:
+        model = json.loads(r.read())["data"][0]["id"]
+    body = {"model": model, "messages": CHAT, "tools": TOOLS, "tool_choice": choice, "temperature": 0.0,
+            "max_tokens": 150, "parallel_tool_calls": False}
+    req = urllib.request.Request(f"http://{server.http_address}/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        http = json.loads(r.read())["choices"][0]
+    grpc_got = client.complete(CHAT, tools=TOOLS, tool_choice=choice, temperature=0.0, max_tokens=150,
+                               parallel_tool_calls=False)
+    assert http["finish_reason"] == grpc_got.finish_reason == "tool_calls"
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in http["message"]["tool_calls"]] == \
+        [(c.name, c.arguments) for c in grpc_got.tool_calls]
 
 
 def test_logit_bias_over_grpc_forces_a_token(client):
