@@ -1,9 +1,12 @@
 """The OpenAI-compatible HTTP API, served by the gRPC server's process on the same engine.
 
 ``python -m jserve.server --http-port 8000`` adds, next to gRPC and on the same event loop:
-``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming as server-sent events, or
-not), ``GET /v1/models``, ``GET /health`` and ``GET /metrics``. Requests are parsed and checked
-by pydantic models (unknown fields are refused, not ignored); prompts and sampling parameters
+``POST /v1/chat/completions`` (with tools: ``jserve.http_tools``), ``POST /v1/completions``
+(streaming as server-sent events, or not), ``POST /v1/responses`` (``jserve.http_responses``),
+``GET /v1/models``, ``GET /health`` and ``GET /metrics``, and the smaller routes of
+``jserve.http_extra`` (``/tokenize``, ``/detokenize``, ``/v1/models/{id}``, OpenAI-shaped 404/405).
+Requests are parsed and checked by pydantic models (unknown fields are refused, not ignored; the
+platform-only fields OpenAI's SDKs send are accepted and ignored, ``http_schemas``); prompts and sampling parameters
 then go through the same ``LLM.submit`` validation as gRPC, so both APIs refuse the same input
 with the same message. Errors use OpenAI's body ``{"error": {"message", "type", "param",
 "code"}}``: 400 bad input, 404 unknown model, 429 queue full, 503 warming up or shutting down,
@@ -17,7 +20,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import socket
 import time
 import uuid
@@ -64,7 +66,7 @@ class HttpFrontEnd(ChoicesMixin):
         self.draining = False
         self.metrics = metrics
         self.max_request_bytes = 4 << 20
-        self.tool_call_format: str | None = os.environ.get("JSERVE_TOOL_CALL_FORMAT")  # None: detected
+        self.tool_call_format: str | None = None  # --tool-call-format; None: detected from the checkpoint
         self._vocab: dict[str, int] | None = None  # token → id, read once
         self.app = self._build()
 
