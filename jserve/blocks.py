@@ -39,6 +39,8 @@ GGUF_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
 class BlockArray:
     """A block-quantized matrix ``[..., N, K]``: ``qs [..., N, K/32, B]``, ``d`` (and ``m`` for
     q4_1) float16 ``[..., N, K/32]``. Holds numpy arrays on the host or jax arrays on device.
+    Format ``f32`` is a float32 matrix ``qs [N, K]`` (no ``d``) multiplied through the same
+    row-invariant CPU kernels (``float_for_kernels``).
 
     ``kernel``: whether ``matmul`` may use the CPU kernels (False forces the XLA path, which
     the tests compare against)."""
@@ -52,6 +54,8 @@ class BlockArray:
     @property
     def shape(self) -> tuple[int, ...]:
         """The logical shape ``[..., N, K]``."""
+        if self.fmt == "f32":
+            return tuple(self.qs.shape)
         return (*self.qs.shape[:-2], self.qs.shape[-2] * BLOCK)
 
     @property
@@ -60,7 +64,8 @@ class BlockArray:
 
     def map_rows(self, fn) -> BlockArray:
         """``fn`` applied to every part (each has the rows, and any leading axes, first)."""
-        return self.replace(qs=fn(self.qs), d=fn(self.d), m=None if self.m is None else fn(self.m))
+        return self.replace(qs=fn(self.qs), d=None if self.d is None else fn(self.d),
+                            m=None if self.m is None else fn(self.m))
 
 
 def check_format(fmt: str) -> None:
@@ -136,6 +141,8 @@ def dequantize_blocks(b: BlockArray, dtype=jnp.float32) -> jax.Array | np.ndarra
     """Blocks → float ``[..., N, K]``. With numpy parts it runs in numpy (a load on the host);
     with jax arrays it is plain jnp ops, which XLA fuses into whatever consumes them."""
     xp = np if isinstance(b.qs, np.ndarray) else jnp
+    if b.fmt == "f32":
+        return b.qs.astype(dtype)
     d = b.d.astype(xp.float32)[..., None]
     if b.fmt == "q8_0":
         x = b.qs.astype(xp.float32) * d
@@ -187,10 +194,24 @@ def matmul(x: jax.Array, w: BlockArray) -> jax.Array:
     return jax.lax.dot_general(x, wf, (((x.ndim - 1,), (1,)), ((), ())))
 
 
+def float_for_kernels(w: jax.Array, transpose: bool = True) -> jax.Array | BlockArray:
+    """A float32 matrix ``w [K, N]`` (``[N, K]`` with ``transpose=False``) as an ``f32`` ``BlockArray``
+    ``qs [N, K]``, so ``matmul`` multiplies it through the row-invariant CPU kernels; anything else
+    (another dtype, stacked experts, no kernels here) is returned as it is."""
+    if _kernels() is None or not isinstance(w, jax.Array | np.ndarray) or w.ndim != 2 or w.dtype != np.float32:
+        return w
+    return BlockArray(qs=jnp.asarray(w).T if transpose else jnp.asarray(w), d=None, fmt="f32")
+
+
 def take_rows(w: BlockArray, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Rows ``ids [...]`` of ``w [V, D]`` → ``[..., D]``: only the gathered rows are dequantized."""
     rows = w.map_rows(lambda a: jnp.take(a, ids, axis=0, mode="clip"))
     return dequantize_blocks(rows, dtype)
+
+
+def kernels_loaded() -> bool:
+    """Whether ``matmul`` runs the row-invariant CPU kernels here (for ``BlockArray`` weights)."""
+    return _kernels() is not None
 
 
 def multiplied_in_place() -> bool:

@@ -25,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jserve.blocks import BlockArray, float_for_kernels, kernels_loaded
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache, write_chunks, write_step
 from jserve.quant import QuantArray, dense, dense_experts, take_rows
 
-Weight = jax.Array | QuantArray
+Weight = jax.Array | QuantArray | BlockArray
 
 # Cache positions per decode-attention block (``_attend_blocks``): measured on XLA:CPU at
 # 16 slots x ~1,000 live positions, 64 and 128 were fastest, 256 1.4x and 512 2.4x slower.
@@ -115,7 +116,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    # A fixed-order sum: XLA:CPU's mean gave a row other bits at some row counts (65 rows of 64).
+    ms = pairwise_sum(xf * xf)[..., None] / xf.shape[-1]
+    xf = xf * jax.lax.rsqrt(ms + eps)
     return w * xf.astype(x.dtype)
 
 
@@ -269,7 +272,7 @@ def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arra
     return (acc / jnp.where(denom > 0, denom, 1.0)[..., None]).astype(v.dtype)
 
 
-def _pairwise_sum(x: jax.Array) -> jax.Array:
+def pairwise_sum(x: jax.Array) -> jax.Array:
     """Sum over the last axis as a fixed tree of elementwise adds (padded with zeros to a power of
     two). ``jnp.sum``'s order of additions is XLA's choice and changed with the number of rows on
     XLA:CPU (one ulp at 16 rows of 32 queries); this one is the same for any shape."""
@@ -304,15 +307,18 @@ def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, p
         start = i * b
         kb = jnp.take(jax.lax.dynamic_slice_in_dim(k, start, b, axis=2), slots, axis=0).astype(jnp.float32)
         vb = jnp.take(jax.lax.dynamic_slice_in_dim(v, start, b, axis=2), slots, axis=0).astype(jnp.float32)
-        s = _cap(jnp.einsum("rkqh,rkbh->rkqb", qf, kb), spec.softcap)  # [R, K, GC, B]
+        # Products and fixed-order sums, not dots: XLA:CPU's dot changed a query's bits with the
+        # number of rows and queries per row; these are the same for any shape.
+        s = _cap(pairwise_sum(qf[:, :, :, None, :] * kb[:, :, None]), spec.softcap)  # [R, K, GC, B]
         valid = _in_window((start + offsets)[None, None, :], qpos[:, :, None], spec.window)  # [R, GC, B]
         s = jnp.where(valid[:, None], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
-        denom = denom * alpha + _pairwise_sum(p)
-        acc = acc * alpha[..., None] + jnp.einsum("rkqb,rkbh->rkqh", p, vb)
+        denom = denom * alpha + pairwise_sum(p)
+        pv = pairwise_sum(p[:, :, :, None, :] * vb.transpose(0, 1, 3, 2)[:, :, None])  # [R, K, GC, H]
+        acc = acc * alpha[..., None] + pv
         return m_new, denom, acc
 
     init = (jnp.full((r, kh, g * c), -jnp.inf, jnp.float32), jnp.zeros((r, kh, g * c), jnp.float32),
@@ -491,6 +497,33 @@ def extend(
         new_k.append(ck)
         new_v.append(cv)
     return x.reshape(r, c, -1), KVCache(k=tuple(new_k), v=tuple(new_v))
+
+
+def for_cpu_kernels(params: Params) -> Params:
+    """``params`` with every float32 matrix as an ``f32`` ``BlockArray`` (``[O, I]``), multiplied
+    through the row-invariant CPU kernels, so a row's bits never depend on how many rows a step
+    has; unchanged where the kernels are not built (or not on CPU). Unsharded params only."""
+    layers = tuple(
+        layer.replace(wqkv=float_for_kernels(layer.wqkv), wo=float_for_kernels(layer.wo),
+                      w_gate_up=None if layer.w_gate_up is None else float_for_kernels(layer.w_gate_up),
+                      w_down=None if layer.w_down is None else float_for_kernels(layer.w_down),
+                      router=None if layer.router is None else float_for_kernels(layer.router))
+        for layer in params.layers)
+    lm_head = None if params.lm_head is None else float_for_kernels(params.lm_head)
+    return params.replace(embed=float_for_kernels(params.embed, transpose=False), layers=layers, lm_head=lm_head)
+
+
+def row_invariant(params: Params) -> bool:
+    """Whether every matmul of ``params`` runs through the row-invariant CPU kernels (float32 and
+    block weights on CPU where the kernels are built): then a row's bits never depend on how many
+    rows a call has, and steps may compute only the rows they need. Else (int8, bfloat16, XLA's
+    path) the rows are invariant only at fixed shapes."""
+    if not kernels_loaded():
+        return False
+    layers = [w for layer in params.layers for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down,
+                                                     layer.router, layer.experts_gate_up, layer.experts_down)]
+    weights = [w for w in (*layers, params.embed, params.lm_head) if w is not None]
+    return all(isinstance(w, BlockArray) and w.kernel for w in weights)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:

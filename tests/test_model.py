@@ -254,4 +254,4 @@ def test_copy_prefix_copies_whole_blocks_of_one_slot_only():
 @pytest.mark.parametrize("n", [1, 3, 96, 128])
 def test_pairwise_sum_sums_any_width(n):
     x = np.random.default_rng(n).standard_normal((2, n)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(model._pairwise_sum(jnp.asarray(x))), x.sum(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.pairwise_sum(jnp.asarray(x))), x.sum(-1), rtol=1e-5, atol=1e-5)
