@@ -3,9 +3,12 @@
 A request is started in a slot with ``begin`` (its sampling parameters and penalty tables),
 its prompt is run into that slot's cache by ``extend`` in chunks of ``chunk`` positions (rows
 of several requests in one call; a row's last chunk samples the first token and makes the slot
-live), ``copy`` reuses another slot's cached prefix, and ``generate`` advances every live slot
-by one token. ``verify`` is a decode step that also checks drafted tokens per slot (speculative
-decoding) and keeps as many as the model agrees with, plus its own next token. All of them
+live), ``copy`` reuses another slot's cached prefix, and ``generate`` advances the live slots
+by one token (in a call of as many rows as they need, bucketed). ``verify`` is a decode step that
+also checks drafted tokens per slot (speculative decoding) and keeps as many as the model agrees
+with, plus its own next token; ``generate`` is its width-1 case, bitwise. On CPU every matmul runs
+through row-invariant kernels (float weights too, ``model.for_cpu_kernels``), so a slot's bits do
+not depend on how many rows a call has. All of them
 take the decode state donated, so the cache is updated in place and the caller must use the
 state they return. Shapes never change after ``warmup``, so serving compiles nothing: ``warmup``
 compiles what any request needs (the decode step and the smallest ``extend`` call) before it
@@ -38,7 +41,11 @@ from jserve.sharding import Plan, state_sharding
 log = logging.getLogger(__name__)
 
 CHUNK = 16  # prompt positions per row of an ``extend`` call
-CHUNK_ROWS = (4, 8, 16, 32)  # the row counts ``extend`` is compiled for (calls pad to the next one)
+# The row counts ``extend`` is compiled for (calls pad to the next one): any number of rows where
+# every matmul is row-invariant (``model.row_invariant``), else at least 64 positions a call
+# (XLA:CPU's matmul gives a row the same bits only from 48 rows up).
+CHUNK_ROWS = (1, 2, 4, 8, 16, 32)
+CHUNK_ROWS_FIXED = (4, 8, 16, 32)
 
 # Columns of the packed per-step result ``[S, RESULT_COLS + 2 * top_logprobs]`` (float32).
 TOKEN, LOGPROB, ACTIVE = 0, 1, 2
@@ -84,7 +91,8 @@ class Engine(Protocol):
               seed: int) -> DecodeState: ...
     def copy(self, state: DecodeState, src: int, dst: int, n: int) -> DecodeState: ...
     def extend(self, state: DecodeState, rows: list[ChunkRow]) -> tuple[DecodeState, jax.Array]: ...
-    def generate(self, state: DecodeState) -> tuple[DecodeState, jax.Array]: ...
+    def generate(self, state: DecodeState, mask: np.ndarray | None = None,
+                 slots: list[int] | None = None) -> tuple[DecodeState, jax.Array]: ...
     def release(self, state: DecodeState, slot: int) -> DecodeState: ...
     def ready_rows(self) -> int: ...
 
@@ -100,14 +108,16 @@ def _pack(tokens: jax.Array, raw_logits: jax.Array, active: jax.Array, logprobs:
     wants = active & (logprobs >= 0)
 
     def with_logprobs(_):
-        logp = jax.nn.log_softmax(raw_logits, axis=-1)
-        chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+        logp = _log_softmax(raw_logits)
+        chosen = jnp.where(wants, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], 0.0)
         if not top_n:
             return chosen, jnp.zeros((b, 0), jnp.float32)
 
         def tops(_):
             vals, ids = jax.lax.top_k(logp, top_n)
-            return jnp.concatenate([ids.astype(jnp.float32), vals], axis=-1)
+            # Zeros in the rows that did not ask, whoever else did: a row's result is its own.
+            alt = jnp.concatenate([ids.astype(jnp.float32), vals], axis=-1)
+            return jnp.where((wants & (logprobs > 0))[:, None], alt, 0.0)
 
         alt = jax.lax.cond(jnp.any(wants & (logprobs > 0)), tops,
                            lambda _: jnp.zeros((b, 2 * top_n), jnp.float32), None)
@@ -118,6 +128,13 @@ def _pack(tokens: jax.Array, raw_logits: jax.Array, active: jax.Array, logprobs:
                                None)
     cols = [tokens.astype(jnp.float32)[:, None], chosen[:, None], active.astype(jnp.float32)[:, None], alt]
     return jnp.concatenate(cols, axis=-1)
+
+
+def _log_softmax(logits: jax.Array) -> jax.Array:
+    """``jax.nn.log_softmax`` over ``[B, V]`` with the sum in a fixed order (``model.pairwise_sum``):
+    XLA:CPU's own sum gave a one-row call other bits than a row of a larger one."""
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    return shifted - jnp.log(model.pairwise_sum(jnp.exp(shifted)))[:, None]
 
 
 def apply_bitmask(logits: jax.Array, mask: jax.Array) -> jax.Array:
@@ -157,12 +174,14 @@ def _copy(state: DecodeState, src: jax.Array, dst: jax.Array, n: jax.Array) -> D
 
 def _extend(params: Params, state: DecodeState, tokens: jax.Array, slots: jax.Array, starts: jax.Array,
             counts: jax.Array, finals: jax.Array, masks: jax.Array, *, cfg: ModelConfig, top_n: int,
-            out_rows: int) -> tuple[DecodeState, jax.Array]:
+            out_rows: int | None) -> tuple[DecodeState, jax.Array]:
     """Run rows of prompt chunks into their slots; sample the first token of rows that end a prompt.
 
-    The first tokens' logits always come from ``out_rows`` rows (padded), so a request's first
-    token is computed by the same shapes whichever row bucket its last chunk ran in."""
+    With ``out_rows`` the first tokens' logits always come from that many rows (padded), so a
+    request's first token is computed by the same shapes whichever row bucket its last chunk ran
+    in; None where every op is row-invariant (the call's own rows). ``masks [out_rows or R, W]``."""
     r = tokens.shape[0]
+    out_rows = out_rows or r
     t = state.cache.max_len
     furthest = jnp.max(jnp.where(counts > 0, starts + counts - 1, 0))
     n_blocks = furthest // model.attention_block(t) + 1
@@ -191,35 +210,11 @@ def _extend(params: Params, state: DecodeState, tokens: jax.Array, slots: jax.Ar
     return new_state, _pack(first, logits, final, sp.logprobs, top_n)
 
 
-def _generate(params: Params, state: DecodeState, mask: jax.Array, *, cfg: ModelConfig,
-              top_n: int) -> tuple[DecodeState, jax.Array]:
-    t = state.cache.max_len
-    positions = jnp.where(state.active, state.lengths, t)  # inactive slots write nothing
-    # Attention reads the cache blocks up to the longest live sequence, not all T positions.
-    longest = jnp.max(jnp.where(state.active, state.lengths, 0))
-    n_blocks = longest // model.attention_block(t) + 1
-    logits, cache = model.decode_step(params, cfg, state.last_tokens, positions, state.cache, n_blocks)
-    penalized = apply_bitmask(apply_penalties(logits, state.sampling, state.seen, state.counts), mask)
-    tokens = sample(penalized, state.sampling, state.steps)
-    tokens = jnp.where(state.active, tokens, 0)
-    rows = jnp.arange(tokens.shape[0])
-    inc = state.active.astype(jnp.int32)
-    new_state = DecodeState(
-        cache=cache,
-        lengths=state.lengths + inc,
-        last_tokens=tokens,
-        steps=state.steps + inc,
-        active=state.active,
-        sampling=state.sampling,
-        seen=state.seen.at[rows, tokens].set(state.seen[rows, tokens] | state.active),
-        counts=state.counts.at[rows, tokens].add(inc),
-    )
-    return new_state, _pack(tokens, logits, state.active, state.sampling.logprobs, top_n)
-
-
-def _verify(params: Params, state: DecodeState, slots: jax.Array, drafts: jax.Array, n_draft: jax.Array,
-            live: jax.Array, *, cfg: ModelConfig, top_n: int) -> tuple[DecodeState, jax.Array]:
-    """A decode step that also checks drafted tokens: speculative decoding.
+def _decode_rows(params: Params, state: DecodeState, slots: jax.Array, drafts: jax.Array, n_draft: jax.Array,
+                 live: jax.Array, masks: jax.Array | None, *, cfg: ModelConfig,
+                 top_n: int) -> tuple[DecodeState, jax.Array]:
+    """A decode step over rows of slots, each with its drafted tokens: ``generate`` (no drafts,
+    width 1) and ``verify`` are this one computation, so they give the same bits.
 
     Row r runs slot ``slots[r]``'s last token and its ``n_draft[r]`` drafted tokens ``drafts[r]``
     (``[R, k]``) at positions ``length..length + n_draft`` (``extend``: causal within the row, keys
@@ -231,14 +226,18 @@ def _verify(params: Params, state: DecodeState, slots: jax.Array, drafts: jax.Ar
     output is the one plain decoding gives, for greedy and seeded sampling alike (for sampling
     this is speculative sampling's acceptance rule with a single-token draft: a draft is kept with
     probability p(draft), and a rejected one is replaced by a draw from p without it). Keys/values
-    past the kept tokens are left behind and overwritten later. Rows with ``live`` false are
-    padding. Returns the state and ``[R, k + 1, RESULT_COLS + 2 top_n]``, ``ACTIVE`` set on the
-    kept positions.
+    past the kept tokens are left behind and overwritten later. Rows with ``live`` false, or whose
+    slot is inactive, are padding (they write nothing). Every op computes a row from that row's
+    inputs only, by the same instructions whatever ``R`` (row-invariant kernels on CPU), so a
+    slot's bits do not depend on which or how many rows share the call. ``masks [R, W]``: allowed
+    tokens per row (``apply_bitmask``; width 1 only), None for all. Returns the state and
+    ``[R, k + 1, RESULT_COLS + 2 top_n]``, ``ACTIVE`` set on the kept positions.
     """
     r, k = drafts.shape
     c = k + 1
     s_, v = state.seen.shape
     t = state.cache.max_len
+    live = live & state.active[slots]
     starts = state.lengths[slots]
     counts = jnp.where(live, 1 + n_draft, 0)
     tokens = jnp.concatenate([state.last_tokens[slots][:, None], drafts], axis=1)  # [R, C]
@@ -261,6 +260,8 @@ def _verify(params: Params, state: DecodeState, slots: jax.Array, drafts: jax.Ar
     any_penalty = jnp.any((sp.repetition_penalty != 1.0) | (sp.presence_penalty != 0.0)
                           | (sp.frequency_penalty != 0.0))
     penalized = jax.lax.cond(any_penalty, penalize, lambda lg: lg, logits)
+    if masks is not None:
+        penalized = apply_bitmask(penalized, masks)
     steps = (state.steps[slots][:, None] + j[None]).reshape(r * c)
     drawn = sample(penalized, sp, steps).reshape(r, c)  # x_j
     agree = (drawn[:, :k] == drafts) & (j[None, :k] < n_draft[:, None])
@@ -281,6 +282,21 @@ def _verify(params: Params, state: DecodeState, slots: jax.Array, drafts: jax.Ar
     )
     packed = _pack(out.reshape(r * c), logits, keep.reshape(r * c), sp.logprobs, top_n)
     return new_state, packed.reshape(r, c, -1)
+
+
+def _generate(params: Params, state: DecodeState, slots: jax.Array, live: jax.Array, masks: jax.Array, *,
+              cfg: ModelConfig, top_n: int) -> tuple[DecodeState, jax.Array]:
+    """One token for each live slot of ``slots [R]``: ``_decode_rows`` without drafts. Returns the
+    state and ``[R, RESULT_COLS + 2 top_n]`` (row r: slot ``slots[r]``'s token)."""
+    none = jnp.zeros((slots.shape[0], 0), jnp.int32)
+    state, packed = _decode_rows(params, state, slots, none, jnp.zeros_like(slots), live, masks, cfg=cfg, top_n=top_n)
+    return state, packed[:, 0]
+
+
+def _verify(params: Params, state: DecodeState, slots: jax.Array, drafts: jax.Array, n_draft: jax.Array,
+            live: jax.Array, *, cfg: ModelConfig, top_n: int) -> tuple[DecodeState, jax.Array]:
+    """A decode step that also checks drafted tokens (speculative decoding): ``_decode_rows``."""
+    return _decode_rows(params, state, slots, drafts, n_draft, live, None, cfg=cfg, top_n=top_n)
 
 
 def verify_widths(speculate: int) -> tuple[int, ...]:
@@ -315,7 +331,7 @@ class JaxEngine:
     top_logprobs: int = 0
     plan: Plan | None = None
     chunk: int = CHUNK
-    chunk_rows: tuple[int, ...] = CHUNK_ROWS
+    chunk_rows: tuple[int, ...] | None = None  # default: CHUNK_ROWS, or CHUNK_ROWS_FIXED (see there)
     speculate: int = 0  # drafted tokens a ``verify`` call checks per slot (0: no speculative decoding)
 
     def __post_init__(self) -> None:
@@ -326,6 +342,11 @@ class JaxEngine:
         if self.max_len > self.cfg.max_position_embeddings:
             log.warning("max_len %d exceeds the model's trained context %d", self.max_len,
                         self.cfg.max_position_embeddings)
+        if self.plan is None:  # float matrices through the row-invariant CPU kernels (where built)
+            self.params = model.for_cpu_kernels(self.params)
+        self.row_invariant = model.row_invariant(self.params)
+        if self.chunk_rows is None:
+            self.chunk_rows = CHUNK_ROWS if self.row_invariant else CHUNK_ROWS_FIXED
         if self.chunk < 1 or not self.chunk_rows or min(self.chunk_rows) < 1:
             raise ValueError(f"chunk={self.chunk} and chunk_rows={self.chunk_rows} must be positive")
         self.chunk_rows = tuple(sorted(set(self.chunk_rows)))
@@ -337,7 +358,8 @@ class JaxEngine:
         self.vocab_size = self.cfg.vocab_size
         self.cache_len = model.padded_cache_len(self.max_len)
         top_n = self.top_logprobs
-        extend = functools.partial(_extend, cfg=self.cfg, top_n=top_n, out_rows=self.chunk_rows[-1])
+        extend = functools.partial(_extend, cfg=self.cfg, top_n=top_n,
+                                   out_rows=None if self.row_invariant else self.chunk_rows[-1])
         generate = functools.partial(_generate, cfg=self.cfg, top_n=top_n)
         verify = functools.partial(_verify, cfg=self.cfg, top_n=top_n)
         if self.speculate < 0:
@@ -348,6 +370,9 @@ class JaxEngine:
         # per row: a decode step over the live slots only).
         self.verify_rows = tuple(sorted({min(1 << i, self.slots) for i in range(self.slots.bit_length() + 1)}))
         self.verify_widths = verify_widths(self.speculate)
+        # ``generate`` is compiled for the same row counts, a step computing the live slots only,
+        # where rows are invariant; else every step computes every slot's row (fixed shapes).
+        self.decode_rows = self.verify_rows if self.row_invariant else (self.slots,)
         self._state_shape = jax.eval_shape(self._zeros)
         if self.plan is None:
             state_sh = result_sh = None
@@ -372,11 +397,15 @@ class JaxEngine:
         self._stop = threading.Event()
         # All tokens allowed: what steps without a constrained request are given (kept on the device).
         self.mask_words = mask_words(self.vocab_size)
-        self._no_mask_slots = jnp.full((self.slots, self.mask_words), -1, jnp.int32)
-        self._no_mask_rows = jnp.full((self.chunk_rows[-1], self.mask_words), -1, jnp.int32)
+        self._no_masks = {r: jnp.full((r, self.mask_words), -1, jnp.int32) for r in self.decode_rows}
+        self._no_mask_rows = {r: jnp.full((self._out_rows(r), self.mask_words), -1, jnp.int32) for r in self.chunk_rows}
         log.info("engine: %d slots x %d positions, KV cache %.1f MiB, prompt chunks of %d positions in %s rows",
                  self.slots, self.max_len, cache_bytes(self.cfg, self.slots, self.cache_len, self.cache_dtype) / 2**20,
                  self.chunk, self.chunk_rows)
+
+    def _out_rows(self, rows: int) -> int:
+        """Rows of an ``extend`` call's first-token logits (``_extend``'s ``out_rows``)."""
+        return rows if self.row_invariant else self.chunk_rows[-1]
 
     @property
     def max_rows(self) -> int:
@@ -457,7 +486,7 @@ class JaxEngine:
             slots[i], starts[i], counts[i], finals[i] = row.slot, row.start, n, row.final
         fn = self._compiled.get(("extend", r), self._extend)
         return fn(self.params, state=state, tokens=tokens, slots=slots, starts=starts, counts=counts, finals=finals,
-                  masks=self._no_mask_rows if masks is None else masks)
+                  masks=self._no_mask_rows[r] if masks is None else masks[:self._out_rows(r)])
 
     def prefill(self, state: DecodeState, slot: int, prompt: list[int], params: SamplingParams,
                 seed: int) -> tuple[DecodeState, np.ndarray]:
@@ -472,11 +501,39 @@ class JaxEngine:
             state, packed = self.extend(state, rows[i:i + n])
         return state, np.asarray(packed)[len(rows[i:i + n]) - 1]
 
-    def generate(self, state: DecodeState, mask: np.ndarray | None = None) -> tuple[DecodeState, jax.Array]:
-        """One token for every live slot; ``mask [slots, mask_words]``: allowed tokens per slot
-        (``apply_bitmask``), None for all."""
-        fn = self._compiled.get(("generate", 0), self._generate)
-        return fn(self.params, state=state, mask=self._no_mask_slots if mask is None else mask)
+    def decode_bucket(self, n: int) -> int:
+        """The row count a ``generate`` call over ``n`` slots is padded to: the smallest of
+        ``decode_rows`` that holds them and is ready, else every slot's (ready with the calls any
+        request needs, see ``warmup``)."""
+        fits = [r for r in self.decode_rows if r >= n]
+        if not fits:
+            raise ValueError(f"generate takes at most {self.slots} slots, got {n}")
+        return next((r for r in fits if self.is_ready(("generate", r))), fits[-1])
+
+    def generate(self, state: DecodeState, mask: np.ndarray | None = None,
+                 slots: list[int] | None = None) -> tuple[DecodeState, jax.Array]:
+        """One token for each live slot of ``slots`` (default: every slot), in a call of
+        ``decode_bucket(len(slots))`` rows: the packed result's row i is ``slots[i]``'s (``ACTIVE``
+        clear for an inactive slot and for the padding rows after them). ``mask [slots, mask_words]``:
+        allowed tokens per slot (``apply_bitmask``, indexed by slot), None for all. A slot's bits
+        are the same in any bucket and beside any other slots. Where rows are not invariant
+        (``row_invariant`` false) every step computes every slot's row in its place."""
+        if not self.row_invariant and slots is not None:  # every slot's row at its place: fixed shapes
+            state, packed = self.generate(state, mask)
+            return state, packed[np.asarray(slots, np.int32)]
+        rows = np.arange(self.slots, dtype=np.int32) if slots is None else np.asarray(slots, np.int32)
+        n = rows.shape[0]
+        r = self.decode_bucket(n)
+        slot_arr = np.zeros((r,), np.int32)
+        slot_arr[:n] = rows
+        live = np.arange(r) < n
+        if mask is None:
+            masks = self._no_masks[r]
+        else:
+            masks = np.full((r, self.mask_words), -1, np.int32)
+            masks[:n] = np.asarray(mask)[rows]
+        fn = self._compiled.get(("generate", r), self._generate)
+        return fn(self.params, state=state, slots=slot_arr, live=live, masks=masks)
 
     def verify_bucket(self, n: int) -> int:
         """The row count a ``verify`` call of ``n`` rows is padded to."""
@@ -529,19 +586,22 @@ class JaxEngine:
 
     def _warmup_calls(self) -> dict[tuple, tuple[tuple, dict]]:
         """Each call's arguments besides the state (as serving passes them), in the order warm-up
-        runs them: begin, copy, every ``extend`` bucket, generate, every ``verify`` shape, release."""
+        runs them: begin, copy, every ``generate`` bucket, every ``extend`` bucket, every ``verify``
+        shape, release."""
         i32 = np.int32(0)
         calls: dict[tuple, tuple[tuple, dict]] = {
             ("begin", 0): ((), dict(slot=i32, prompt=np.zeros((self.cache_len,), np.int32), n=np.int32(1),
                                     sampling=SlotSampling.from_params(SamplingParams(), 0))),
             ("copy", 0): ((), dict(src=i32, dst=i32, n=i32)),
         }
+        for r in self.decode_rows:
+            calls[("generate", r)] = ((self.params,), dict(slots=np.zeros((r,), np.int32), live=np.zeros((r,), bool),
+                                                           masks=self._no_masks[r]))
         for r in self.chunk_rows:
             z = np.zeros((r,), np.int32)
             calls[("extend", r)] = ((self.params,), dict(tokens=np.zeros((r, self.chunk), np.int32), slots=z, starts=z,
                                                          counts=z, finals=np.zeros((r,), bool),
-                                                         masks=self._no_mask_rows))
-        calls[("generate", 0)] = ((self.params,), dict(mask=self._no_mask_slots))
+                                                         masks=self._no_mask_rows[r]))
         for r in self.verify_rows if self.speculate else ():
             for w in self.widths_for(r):
                 z = np.zeros((r,), np.int32)
@@ -581,7 +641,8 @@ class JaxEngine:
         self.close()  # a previous warm-up's background phase
         t0 = time.perf_counter()
         calls = self._warmup_calls()
-        now = {("begin", 0), ("copy", 0), ("extend", self.chunk_rows[0]), ("generate", 0), ("release", 0)}
+        now = {("begin", 0), ("copy", 0), ("extend", self.chunk_rows[0]), ("generate", 1), ("generate", self.slots),
+               ("release", 0)}
         if not background or jax.process_count() > 1:
             now = set(calls)
         later = {key: call for key, call in calls.items() if key not in now}

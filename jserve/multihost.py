@@ -140,12 +140,13 @@ class LeaderEngine:
             self._send(EXTEND, tokens=encode_rows(rows, self.engine.chunk))
             return self.engine.extend(state, rows)
 
-    def generate(self, state: DecodeState, mask=None):
+    def generate(self, state: DecodeState, mask=None, slots=None):
         if mask is not None:
             raise ValueError("structured output is not supported across several processes")
         with self._lock:
             self._send(GENERATE)
-            return self.engine.generate(state)
+            state, packed = self.engine.generate(state)  # every slot: the followers run the same call
+        return state, packed if slots is None else packed[np.asarray(slots, np.int32)]
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         with self._lock:

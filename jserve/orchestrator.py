@@ -360,8 +360,9 @@ class Orchestrator:
             owners = {i: self._running[slot] for i, (slot, _) in enumerate(rows)}
             kind = self.policy.kind(self.engine.verify_bucket(len(rows)), width)
         else:
-            state, packed = self.engine.generate(state, self._masks())
-            owners, kind = dict(self._running), "generate"
+            live = sorted(self._running)  # the step computes these rows only (bucketed)
+            state, packed = self.engine.generate(state, self._masks(), live)
+            owners, kind = {i: self._running[slot] for i, slot in enumerate(live)}, "generate"
         self.steps += 1
         for run in self._running.values():  # steps since each last drafted (see ``RETRY_STEPS``)
             run.acceptance.idle = 0 if run.drafted else run.acceptance.idle + 1
@@ -598,7 +599,7 @@ class Orchestrator:
 
     def _handle_step(self, state, packed, owners: dict[int, _Running], ext_packed, ext_owners: dict[int, _Running]):
         """Hand each request its token from one turn's packed results: the decode step's
-        (``owners``: slot -> run when it was dispatched), then the first tokens of prompts that
+        (``owners``: row -> run when it was dispatched), then the first tokens of prompts that
         ended in the ``extend`` call after it (``ext_owners``: row -> run). A run that ended since
         (stop, cancel, ...) had one step too many on the device: its token is dropped here and
         never reaches a client."""

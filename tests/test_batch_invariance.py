@@ -5,6 +5,8 @@ taken from the prefix cache: its own earlier run's, or a live neighbour's that s
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ from jserve import SamplingParams
 from jserve.llm import collect
 from jserve.model import ATTN_BLOCK
 from jserve.orchestrator import Orchestrator, Stream
+from jserve.speculative import SpecPolicy
 
 from .waits import wait_steps
 
@@ -71,3 +74,79 @@ def test_needle_alone_equals_needle_amid_15_random_neighbours(llm16, sampled):
         assert any(len(p) + r.completion_tokens > MAX_LEN - 16 for (p, _), r in zip(order, results))
     assert llm16.orchestrator.slots_in_use == 0
     assert any(cached), "the needle never took its prefix from the cache: that path went untested"
+
+
+class _AlwaysVerify(SpecPolicy):
+    """Every step checks drafts (the real policy picks by measured speed, which a test can't fix)."""
+
+    def could_pay(self, live: int, rows_bucket: int, options: dict[int, float]) -> bool:
+        return True
+
+    def choose(self, live: int, rows_bucket: int, options: dict[int, float]) -> int:
+        return max(options)
+
+
+@pytest.fixture(scope="module")
+def spec16(tiny_ckpt):
+    """16 slots, float weights, speculation on and every step verifying drafts."""
+    from jserve import LLM
+
+    events = collections.Counter()
+
+    def on_event(kind, req, value):
+        if kind.startswith("spec_"):
+            events[kind] += value
+
+    llm = LLM(tiny_ckpt, slots=16, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT, top_logprobs=3, speculate=4,
+              on_event=on_event)
+    llm.events = events
+    if not llm.engine.row_invariant:
+        llm.close(drain=False)
+        pytest.skip("the CPU kernels are not built here: verify equals plain decoding only at fixed shapes")
+    llm.engine.wait_ready()
+    llm.orchestrator.policy = _AlwaysVerify()
+    yield llm
+    llm.close(drain=False)
+
+
+def _low_occupancy(llm, speculate: bool, policy=None) -> None:
+    """The needle alone, then beside one or two random neighbours (one to three live slots of 16),
+    arriving before, with or after it: the same tokens and logprob bits."""
+    rng = np.random.default_rng(11 + speculate)
+    vocab = llm.config.vocab_size
+    motif = rng.integers(17, vocab, 6).tolist()
+    needle_prompt = motif * 4 + rng.integers(17, vocab, 3).tolist() + motif  # drafts find continuations
+    needle_params = SamplingParams(max_tokens=40, ignore_eos=True, logprobs=3, temperature=0.9, top_p=0.95,
+                                   seed=4321, speculate=speculate)
+    cold = Orchestrator(llm.engine, llm.tokenizer, prefix_cache=False)
+    if policy is not None:
+        cold.policy = policy
+    try:
+        alone = collect(list(cold.submit(needle_prompt, needle_params, Stream())))
+    finally:
+        cold.shutdown(drain=False, timeout=10)
+    assert len(alone.logprobs) == 40
+    for trial in range(3):
+        others = [(rng.integers(17, vocab, int(rng.integers(1, 70))).tolist(),
+                   SamplingParams(max_tokens=int(rng.integers(3, 60)), ignore_eos=True, seed=int(rng.integers(1 << 30)),
+                                  temperature=float(rng.choice([0.0, 1.0])), logprobs=[None, 2][rng.integers(2)],
+                                  speculate=bool(rng.integers(2)) and speculate))
+                  for _ in range(trial % 2 + 1)]
+        at = int(rng.integers(0, len(others) + 1))
+        order = others[:at] + [(needle_prompt, needle_params)] + others[at:]
+        streams = []
+        for prompt, params in order:
+            streams.append(llm.submit(prompt, params, block=True))
+            wait_steps(llm.orchestrator, int(rng.integers(0, 4)))
+        results = [collect(list(s)) for s in streams]
+        assert _fingerprint(results[at]) == _fingerprint(alone), f"trial {trial}: the needle changed at {at}"
+    assert llm.orchestrator.slots_in_use == 0
+
+
+def test_needle_alone_equals_needle_beside_one_or_two_neighbours(llm16):
+    _low_occupancy(llm16, speculate=False)
+
+
+def test_speculating_needle_alone_equals_needle_beside_one_or_two_neighbours(spec16):
+    _low_occupancy(spec16, speculate=True, policy=_AlwaysVerify())
+    assert spec16.events["spec_accepted"] > 0  # drafts were checked by verify, and some kept

@@ -95,3 +95,46 @@ def test_no_logprob_work_when_no_slot_asks(engine):
     out = np.asarray(out)
     assert out[2, 1] < 0 and not out[:, 3:].any()
     engine.release(state, 0)
+
+
+@pytest.fixture(scope="module")
+def invariant_engine(tiny_ckpt):
+    """Float weights on the row-invariant CPU kernels: steps compute the live slots only."""
+    cfg, params, _ = checkpoint.load(tiny_ckpt, jnp.float32)
+    eng = JaxEngine(cfg, params, slots=4, max_len=96, max_prompt_len=40, top_logprobs=2)
+    if not eng.row_invariant:
+        pytest.skip("the CPU kernels are not built here: every step computes every slot")
+    return eng
+
+
+def _decode(engine, live: list[int], steps: int) -> dict[int, np.ndarray]:
+    """Each slot of ``live``'s packed rows over ``steps`` steps computing those slots only; all four
+    slots hold a prompt (the others idle)."""
+    rng = np.random.default_rng(3)
+    state = engine.init_state()
+    params = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.9, top_p=0.9, logprobs=1),
+              SamplingParams(temperature=1.1, top_k=30, repetition_penalty=1.2, logprobs=0),
+              SamplingParams(temperature=0.7, min_p=0.05, frequency_penalty=0.4, logprobs=2)]
+    for slot in range(engine.slots):
+        state, _ = engine.prefill(state, slot, rng.integers(3, engine.vocab_size, 5 + 7 * slot).tolist(),
+                                  params[slot], seed=slot)
+    rows = {slot: [] for slot in live}
+    for _ in range(steps):
+        state, packed = engine.generate(state, slots=None if len(live) == engine.slots else live)
+        packed = np.asarray(packed)
+        assert packed.shape[0] == engine.decode_bucket(len(live))  # only the live rows' bucket is computed
+        for i, slot in enumerate(live):
+            rows[slot].append(packed[i])
+    return {slot: np.stack(r) for slot, r in rows.items()}
+
+
+def test_generate_over_live_slots_equals_every_slot_bitwise(invariant_engine):
+    """A slot's tokens, logprobs and top alternatives are the same bits computed alone (one row),
+    beside two others (a 4-row bucket with a padding row), or in the every-slot step."""
+    assert invariant_engine.decode_rows == (1, 2, 4)
+    every = _decode(invariant_engine, [0, 1, 2, 3], 12)
+    assert all(r[:, ACTIVE].all() for r in every.values())
+    for live in ([2], [1], [0, 2, 3], [1, 3]):
+        got = _decode(invariant_engine, live, 12)
+        for slot in live:
+            assert got[slot].tobytes() == every[slot].tobytes(), (live, slot)

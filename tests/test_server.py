@@ -392,11 +392,11 @@ import sys
 import jserve.engine as e
 calls = {"generate": 0, "init": 0}
 generate, init_state = e.JaxEngine.generate, e.JaxEngine.init_state
-def failing_generate(self, state, mask=None):
+def failing_generate(self, state, mask=None, slots=None):
     calls["generate"] += 1
     if calls["generate"] > 5:
         raise RuntimeError("injected device fault")
-    return generate(self, state, mask)
+    return generate(self, state, mask, slots)
 def failing_init_state(self):
     calls["init"] += 1
     if calls["init"] > 1:
