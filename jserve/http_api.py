@@ -172,7 +172,7 @@ class HttpFrontEnd(ChoicesMixin):
         return plan.constraint
 
     def _replies(self, plan: ToolPlan, body: _Sampling, choices: int) -> ToolReplies | None:
-        if plan.parser() is None:
+        if plan.parser() is None or not plan.tools:  # no tools offered: the reply is plain content
             return None
         llm = self.llm
         eos = llm.tokenizer.eos_token_ids if llm.tokenizer is not None else llm.config.eos_token_ids

@@ -43,8 +43,9 @@ class ToolReplies:
 
     def __init__(self, plan: ToolPlan, llm: LLM, choices: int, seed: int | None, stop_ids: frozenset[int]):
         self.plan = plan
-        rng = random.Random(seed) if seed is not None else random.Random()
-        self.parsers = [plan.parser(rng) for _ in range(choices)]
+        # Choice i draws its call ids from seed + i (as its tokens): the same ids streamed or not.
+        self.parsers = [plan.parser(random.Random(seed + i) if seed is not None else random.Random())
+                        for i in range(choices)]
         keep = plan.keep_special_tokens and llm.tokenizer is not None
         self.detoks = [llm.tokenizer.detokenizer(skip_special=False) if keep else None for _ in range(choices)]
         self.stop_ids = stop_ids
