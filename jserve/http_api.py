@@ -248,7 +248,7 @@ class HttpFrontEnd(ChoicesMixin):
             return await self._respond(request, body, started, chat=True, tools=tools)
 
         @app.post("/v1/responses")
-        async def responses(body: ResponsesRequest):
+        async def responses(body: ResponsesRequest, request: Request):
             self._ready()
             self._check_model(body.model)
             chat = body.chat_request()
@@ -256,7 +256,7 @@ class HttpFrontEnd(ChoicesMixin):
                                          chat.parallel_tool_calls)
             constraint = self._tool_constraint(plan, chat)
             started = await self._start([ids], chat, chat.max_tokens, None, constraint)
-            return await respond_responses(self, body, chat, started, self._replies(plan, chat, 1))
+            return await respond_responses(self, request, body, chat, started, self._replies(plan, chat, 1))
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request):

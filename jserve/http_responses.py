@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from fastapi import Request
 from pydantic import Field
 
 from jserve.http_schemas import ApiError, ChatCompletionRequest, _Body, finish_error
@@ -299,18 +300,27 @@ async def stream_events(front: Any, writer: ResponseWriter, started: list[tuple[
         stream.cancel()
 
 
-async def respond(front: Any, body: ResponsesRequest, chat: ChatCompletionRequest,
+async def respond(front: Any, request: Request, body: ResponsesRequest, chat: ChatCompletionRequest,
                   started: list[tuple[list[int], Stream]], tools: ToolReplies | None) -> Any:
-    """The response object (not streamed), or the event stream."""
+    """The response object (not streamed), or the event stream. A client that goes away has its
+    request cancelled either way."""
     from jserve.http_output import _EventStream
 
     writer = ResponseWriter("resp_" + uuid.uuid4().hex, body, chat, front.model_id, tools)
     if body.stream:
         return _EventStream(stream_events(front, writer, started), [s for _, s in started])
     (ids, stream), = started
+
+    async def on_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stream.cancel()
+
+    watcher = asyncio.create_task(on_disconnect())
     try:
-        pieces = await asyncio.ensure_future(front._collect(stream))
+        pieces = await front._collect(stream)
     finally:
+        watcher.cancel()
         stream.cancel()
     err = finish_error(pieces[-1], writer.rid, front.llm.orchestrator.max_undelivered)
     if err is not None:
