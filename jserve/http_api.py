@@ -177,7 +177,8 @@ class HttpFrontEnd(ChoicesMixin):
         llm = self.llm
         eos = llm.tokenizer.eos_token_ids if llm.tokenizer is not None else llm.config.eos_token_ids
         stop_ids = frozenset(body.stop_token_ids or ()) | (frozenset() if body.ignore_eos else frozenset(eos))
-        return ToolReplies(plan, llm, choices, body.seed, stop_ids)
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        return ToolReplies(plan, llm, choices, body.seed, stop_ids, stop)
 
     # ---- the app ----------------------------------------------------------------------------------
     def _build(self) -> FastAPI:

@@ -41,7 +41,8 @@ class ToolReplies:
 
     ``stop_ids``: the tokens that end a request (EOS, ``stop_token_ids``), left out of the text."""
 
-    def __init__(self, plan: ToolPlan, llm: LLM, choices: int, seed: int | None, stop_ids: frozenset[int]):
+    def __init__(self, plan: ToolPlan, llm: LLM, choices: int, seed: int | None, stop_ids: frozenset[int],
+                 stop: tuple[str, ...] = ()):
         self.plan = plan
         # Choice i draws its call ids from seed + i (as its tokens): the same ids streamed or not.
         self.parsers = [plan.parser(random.Random(seed + i) if seed is not None else random.Random())
@@ -50,6 +51,14 @@ class ToolReplies:
         self.detoks = [llm.tokenizer.detokenizer(skip_special=False) if keep else None for _ in range(choices)]
         self.stop_ids = stop_ids
         self.calls = [0] * choices
+        # With the markers kept, this text differs from the request's own: its stop strings are
+        # matched here again, so the text ends where a stop string starts, as the request's does.
+        from jserve.stops import StopMatcher
+
+        self.stops = [StopMatcher(stop) if keep and stop else None for _ in range(choices)]
+        self.texts = [""] * choices
+        self.emitted = [0] * choices
+        self.stopped = [False] * choices
 
     @property
     def active(self) -> bool:
@@ -66,7 +75,19 @@ class ToolReplies:
         out = "".join(detok.add(t) for t in ids)
         if piece.finish_reason is not None:
             out += detok.flush()
-        return out
+        stops = self.stops[index]
+        if stops is None:
+            return out
+        if self.stopped[index]:
+            return ""
+        start = len(self.texts[index])
+        self.texts[index] += out
+        hit = stops.feed(self.texts[index][start:])
+        end = len(self.texts[index]) if piece.finish_reason is not None else len(self.texts[index]) - stops.held_back
+        if hit is not None:
+            end, self.stopped[index] = hit, True
+        new, self.emitted[index] = self.texts[index][self.emitted[index]:end], max(self.emitted[index], end)
+        return new
 
     def feed(self, index: int, piece: StreamOutput) -> list[Delta]:
         """The deltas of one piece (content strings and ``ToolCallDelta``s); the last piece also

@@ -104,6 +104,19 @@ def test_auto_gives_text_or_valid_calls_and_none_gives_text(oai):
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_stop_strings_cut_the_reply_whose_markers_are_kept(oai):
+    """With ``<tool_call>`` a special token the reply is detokenized again with it kept; a stop
+    string still ends that text where it starts, streamed or not."""
+    kw = dict(model="tiny-tools", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=60, seed=2, n=2,
+              stop=["a"])  # "a" comes early in any call: '{"name": "get_weather", "arguments"'
+    whole = oai.chat.completions.create(**kw)
+    streamed = _streamed(oai.chat.completions.create(stream=True, **kw))
+    for c in whole.choices:
+        assert c.finish_reason == "stop"  # cut inside the call's name: no call survives
+        assert "a" not in (c.message.content or "") and not c.message.tool_calls
+        assert streamed[c.index]["content"] == (c.message.content or "") and not streamed[c.index]["calls"]
+
+
 def test_history_with_calls_and_results_renders_as_transformers_does(server, oai):
     """The prompt jserve renders (its token count) equals transformers' ``apply_chat_template`` of the
     same messages and tools with the same template (arguments as objects, as transformers wants)."""
