@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,14 +122,15 @@ def test_engine_forces_bans_and_leaves_neighbours_bitwise_alone(tiny_llm):
     plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
     seeded = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=99, ignore_eos=True, logprobs=3)
     tiny_llm.engine.wait_ready()
-    tiny_llm.generate([prompt] * 4, [plain, seeded] * 2)  # the same call shapes, unbiased, before the watch
+    alone = tiny_llm.generate([prompt, prompt], [plain, seeded])
+    first = alone[0].token_ids[0]
+    forced = SamplingParams(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True, logit_bias=((4242, 100.0),))
+    banned = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logit_bias=((first, -100.0), (17, 3.0)))
+    mixed_params = [forced, plain, banned, seeded]
+    # The same traffic without the biases first: whatever it compiles, the biases add nothing to.
+    tiny_llm.generate([prompt] * 4, [dataclasses.replace(p, logit_bias=()) for p in mixed_params])
     with CompileWatch() as watch:
-        alone = tiny_llm.generate([prompt, prompt], [plain, seeded])
-        first = alone[0].token_ids[0]
-        forced = SamplingParams(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True, logit_bias=((4242, 100.0),))
-        banned = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
-                                logit_bias=((first, -100.0), (17, 3.0)))
-        mixed = tiny_llm.generate([prompt, prompt, prompt, prompt], [forced, plain, banned, seeded])
+        mixed = tiny_llm.generate([prompt] * 4, mixed_params)
     watch.assert_nothing_traced()
     assert mixed[0].token_ids == [4242] * 12
     assert first not in mixed[2].token_ids
@@ -150,7 +153,6 @@ def test_speculative_verify_applies_the_bias_as_decoding_does(tiny_ckpt):
     """Verify draws each position through the same biased sampler: with drafts checked on every
     step, a biased request's tokens and logprobs equal plain decoding's."""
     import collections
-    import dataclasses
 
     from jserve import LLM
 
