@@ -102,6 +102,7 @@ class ChoicesMixin:
         tasks = [asyncio.ensure_future(pump(i, s)) for i, (_, s) in enumerate(started)]
         results: list[list[StreamOutput]] = [[] for _ in started]
         offsets = [0] * len(started)
+        held: list[list[StreamOutput]] = [[] for _ in started]  # with tools: pieces not yet in a chunk
         try:
             if chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -124,12 +125,16 @@ class ChoicesMixin:
                                           "logprobs": self._logprobs([piece], chat, offsets[index])}
                 offsets[index] += len(piece.text)
                 if tools is not None:
+                    # Pieces the parser holds back (a marker may be starting) give no chunk yet: their
+                    # logprobs go with the next chunk of the choice.
+                    held[index].append(piece)
                     for delta in self._tool_deltas(tools, index, piece):
-                        yield chunk([{"index": index, "delta": delta, "logprobs": choice["logprobs"],
-                                      "finish_reason": None}])
-                        choice["logprobs"] = None  # a piece's logprobs go with its first chunk
+                        lps = self._logprobs(held[index], chat) if held[index] else None
+                        held[index] = []
+                        yield chunk([{"index": index, "delta": delta, "logprobs": lps, "finish_reason": None}])
                     if reason is None:
                         continue
+                    choice["logprobs"] = self._logprobs(held[index], chat) if held[index] else None
                     choice["finish_reason"] = tools.finish_reason(index, reason)
                     choice["delta"] = {}
                 elif chat:
@@ -145,7 +150,6 @@ class ChoicesMixin:
                 t.cancel()
             for _, s in started:
                 s.cancel()  # a client that went away frees its slots before the next step
-
 
     @staticmethod
     def _tool_deltas(tools: ToolReplies, index: int, piece: StreamOutput) -> list[dict[str, Any]]:

@@ -104,6 +104,17 @@ def test_auto_gives_text_or_valid_calls_and_none_gives_text(oai):
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_streamed_tool_calls_carry_every_tokens_logprobs(oai):
+    kw = dict(model="tiny-tools", messages=ASK, tools=TOOLS, tool_choice={"type": "function", "function": {
+        "name": "get_weather"}}, max_tokens=60, seed=4, logprobs=True)
+    whole = oai.chat.completions.create(**kw)
+    chunks = list(oai.chat.completions.create(stream=True, **kw))
+    streamed = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    expected = whole.choices[0].logprobs.content
+    assert len(expected) == whole.usage.completion_tokens
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in expected]
+
+
 def test_stop_strings_cut_the_reply_whose_markers_are_kept(oai):
     """With ``<tool_call>`` a special token the reply is detokenized again with it kept; a stop
     string still ends that text where it starts, streamed or not."""
