@@ -244,9 +244,7 @@ def load_engine(checkpoint: str | os.PathLike | None = None, *, slots: int = 8, 
                        speculate=speculate)
     seconds = engine.warmup() if warmup else 0.0
     if warmup:
-        log.info("warm-up compiled %d prompt-chunk calls, the decode step%s in %.1fs", len(engine.chunk_rows),
-                 f" and {sum(len(engine.widths_for(r)) for r in engine.verify_rows)} verify calls"
-                 if engine.speculate else "", seconds)
+        log.info("warm-up: ready to serve in %.1fs (the other call shapes compile in the background)", seconds)
     return LoadedModel(path, config, tokenizer, engine, mode, nbytes, seconds)
 
 

@@ -2,7 +2,8 @@
 
 Thin on purpose: it validates and converts requests, hands them to the ``LLM`` (orchestrator)
 and streams the pieces back. It binds its port first and reports NOT_SERVING on the standard
-health service until the model is loaded and every shape is compiled, then SERVING; on SIGTERM
+health service until the model is loaded and the calls every request needs are compiled (the
+rest compile in the background, each used once ready), then SERVING; on SIGTERM
 or SIGINT it reports NOT_SERVING, refuses new work, lets in-flight streams finish (bounded by
 ``--drain-timeout``) and exits 0.
 
