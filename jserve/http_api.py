@@ -88,7 +88,7 @@ class HttpFrontEnd(ChoicesMixin):
                            param="model", code="model_not_found")
 
     def _params(self, body: _Sampling, max_tokens: int | None, prompt_len: int, logprobs: int | None,
-                seed: int | None, constraint: Any = None) -> SamplingParams:
+                seed: int | None, constraint: Any = None, skip_special: bool = True) -> SamplingParams:
         from jserve.sampling import SamplingParams
 
         llm = self.llm
@@ -106,7 +106,7 @@ class HttpFrontEnd(ChoicesMixin):
             presence_penalty=given(body.presence_penalty, 0.0), frequency_penalty=given(body.frequency_penalty, 0.0),
             stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
             constraint=constraint if constraint is not None else body.constraint(), speculate=body.speculate,
-            logit_bias=body.logit_bias_pairs())
+            logit_bias=body.logit_bias_pairs(), skip_special_tokens=skip_special)
 
     async def _submit(self, ids: list[int], params: SamplingParams, timeout: float | None) -> Stream:
         from jserve.orchestrator import QueueFullError, ShuttingDownError
@@ -130,14 +130,15 @@ class HttpFrontEnd(ChoicesMixin):
             raise ApiError(400, str(e)) from e
 
     async def _start(self, prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
-                     logprobs: int | None, constraint: Any = None) -> list[tuple[list[int], Stream]]:
+                     logprobs: int | None, constraint: Any = None,
+                     skip_special: bool = True) -> list[tuple[list[int], Stream]]:
         """Submit every (prompt, choice): ``n`` choices of one prompt differ by seed when one is given."""
         started: list[tuple[list[int], Stream]] = []
         try:
             for ids in prompts:
                 for j in range(body.n):
                     seed = None if body.seed is None else body.seed + j
-                    params = self._params(body, max_tokens, len(ids), logprobs, seed, constraint)
+                    params = self._params(body, max_tokens, len(ids), logprobs, seed, constraint, skip_special)
                     started.append((ids, await self._submit(ids, params, body.timeout)))
         except BaseException:
             for _, s in started:
@@ -171,14 +172,16 @@ class HttpFrontEnd(ChoicesMixin):
                                 "tool_choice \"none\", or no tools, with those)", param="tool_choice")
         return plan.constraint
 
+    @staticmethod
+    def _skip_special(plan: ToolPlan) -> bool:
+        """Whether the reply is detokenized without special tokens: not when a call's marker is one
+        (Qwen's ``<tool_call>``), which the parser must see."""
+        return not (plan.keep_special_tokens and plan.tools)
+
     def _replies(self, plan: ToolPlan, body: _Sampling, choices: int) -> ToolReplies | None:
         if plan.parser() is None or not plan.tools:  # no tools offered: the reply is plain content
             return None
-        llm = self.llm
-        eos = llm.tokenizer.eos_token_ids if llm.tokenizer is not None else llm.config.eos_token_ids
-        stop_ids = frozenset(body.stop_token_ids or ()) | (frozenset() if body.ignore_eos else frozenset(eos))
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        return ToolReplies(plan, llm, choices, body.seed, stop_ids, stop)
+        return ToolReplies(plan, choices, body.seed)
 
     # ---- the app ----------------------------------------------------------------------------------
     def _build(self) -> FastAPI:
@@ -244,7 +247,7 @@ class HttpFrontEnd(ChoicesMixin):
             constraint = self._tool_constraint(plan, body)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            started = await self._start([ids], body, max_tokens, logprobs, constraint)
+            started = await self._start([ids], body, max_tokens, logprobs, constraint, self._skip_special(plan))
             tools = self._replies(plan, body, len(started))
             return await self._respond(request, body, started, chat=True, tools=tools)
 
@@ -256,7 +259,7 @@ class HttpFrontEnd(ChoicesMixin):
             plan, ids = await self._plan([m.raw() for m in chat.messages], chat.tools, chat.tool_choice,
                                          chat.parallel_tool_calls)
             constraint = self._tool_constraint(plan, chat)
-            started = await self._start([ids], chat, chat.max_tokens, None, constraint)
+            started = await self._start([ids], chat, chat.max_tokens, None, constraint, self._skip_special(plan))
             return await respond_responses(self, request, body, chat, started, self._replies(plan, chat, 1))
 
         @app.post("/v1/completions")

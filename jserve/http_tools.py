@@ -36,58 +36,16 @@ def plan_chat(llm: LLM, messages: list[dict[str, Any]], tools: Any, tool_choice:
 
 
 class ToolReplies:
-    """The choices of one chat request with tools: each choice's text (detokenized again with
-    special tokens kept when the plan says so) through its own ``ToolStreamParser``.
+    """The choices of one chat request with tools, each choice's text through its own
+    ``ToolStreamParser``. (When the markers are special tokens the request runs with
+    ``SamplingParams.skip_special_tokens`` off, so its text, stop strings and all, holds them.)"""
 
-    ``stop_ids``: the tokens that end a request (EOS, ``stop_token_ids``), left out of the text."""
-
-    def __init__(self, plan: ToolPlan, llm: LLM, choices: int, seed: int | None, stop_ids: frozenset[int],
-                 stop: tuple[str, ...] = ()):
+    def __init__(self, plan: ToolPlan, choices: int, seed: int | None):
         self.plan = plan
         # Choice i draws its call ids from seed + i (as its tokens): the same ids streamed or not.
         self.parsers = [plan.parser(random.Random(seed + i) if seed is not None else random.Random())
                         for i in range(choices)]
-        keep = plan.keep_special_tokens and llm.tokenizer is not None
-        self.detoks = [llm.tokenizer.detokenizer(skip_special=False) if keep else None for _ in range(choices)]
-        self.stop_ids = stop_ids
         self.calls = [0] * choices
-        # With the markers kept, this text differs from the request's own: its stop strings are
-        # matched here again, so the text ends where a stop string starts, as the request's does.
-        from jserve.stops import StopMatcher
-
-        self.stops = [StopMatcher(stop) if keep and stop else None for _ in range(choices)]
-        self.texts = [""] * choices
-        self.emitted = [0] * choices
-        self.stopped = [False] * choices
-
-    @property
-    def active(self) -> bool:
-        return self.parsers[0] is not None
-
-    def text(self, index: int, piece: StreamOutput) -> str:
-        """The text this piece adds to choice ``index`` as the parser must see it."""
-        detok = self.detoks[index]
-        if detok is None:
-            return piece.text
-        ids = piece.token_ids
-        if piece.finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
-            ids = ids[:-1]
-        out = "".join(detok.add(t) for t in ids)
-        if piece.finish_reason is not None:
-            out += detok.flush()
-        stops = self.stops[index]
-        if stops is None:
-            return out
-        if self.stopped[index]:
-            return ""
-        start = len(self.texts[index])
-        self.texts[index] += out
-        hit = stops.feed(self.texts[index][start:])
-        end = len(self.texts[index]) if piece.finish_reason is not None else len(self.texts[index]) - stops.held_back
-        if hit is not None:
-            end, self.stopped[index] = hit, True
-        new, self.emitted[index] = self.texts[index][self.emitted[index]:end], max(self.emitted[index], end)
-        return new
 
     def feed(self, index: int, piece: StreamOutput) -> list[Delta]:
         """The deltas of one piece (content strings and ``ToolCallDelta``s); the last piece also
@@ -95,7 +53,7 @@ class ToolReplies:
         from jserve.tools import ToolCallDelta
 
         parser = self.parsers[index]
-        text = self.text(index, piece)
+        text = piece.text
         if parser is None:
             return [text] if text else []
         out = parser.feed(text) if text else []

@@ -116,7 +116,7 @@ def test_streamed_tool_calls_carry_every_tokens_logprobs(oai):
 
 
 def test_stop_strings_cut_the_reply_whose_markers_are_kept(oai):
-    """With ``<tool_call>`` a special token the reply is detokenized again with it kept; a stop
+    """With ``<tool_call>`` a special token the reply is detokenized with it kept; a stop
     string still ends that text where it starts, streamed or not."""
     kw = dict(model="tiny-tools", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=60, seed=2, n=2,
               stop=["a"])  # "a" comes early in any call: '{"name": "get_weather", "arguments"'
