@@ -388,6 +388,7 @@ class JaxEngine:
         self._generate = jax.jit(generate, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
         self._release = jax.jit(_release, donate_argnames=("state",), out_shardings=state_sh)
         self._verify = jax.jit(verify, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
+        self._take = jax.jit(_take_rows, out_shardings=result_sh)
         # Executables compiled and run once (``warmup``), keyed ("extend", rows), ("verify", rows, width),
         # (name, 0): only these serve requests. Written by the background thread, read by the serving
         # one (single dict operations, atomic in CPython: never iterated while it may grow).
@@ -520,7 +521,9 @@ class JaxEngine:
         (``row_invariant`` false) every step computes every slot's row in its place."""
         if not self.row_invariant and slots is not None:  # every slot's row at its place: fixed shapes
             state, packed = self.generate(state, mask)
-            return state, packed[np.asarray(slots, np.int32)]
+            idx = np.zeros((self.slots,), np.int32)  # one shape whatever the live count: compiled at warm-up
+            idx[:len(slots)] = slots
+            return state, self._take(packed, idx)
         rows = np.arange(self.slots, dtype=np.int32) if slots is None else np.asarray(slots, np.int32)
         n = rows.shape[0]
         r = self.decode_bucket(n)
@@ -655,6 +658,10 @@ class JaxEngine:
         state = init()
         for key, fn in compiled.items():
             state = self._run_once(fn, *calls[key], state)
+        if not self.row_invariant:  # generate's rows of the live slots (``generate``), taken once here
+            key = ("generate", self.slots)
+            state, packed = compiled[key](*calls[key][0], state=state, **calls[key][1])
+            self._take(packed, np.zeros((self.slots,), np.int32))
         jax.block_until_ready(state)
         self._compiled[("init", 0)] = init
         self._compiled.update(compiled)
@@ -709,6 +716,11 @@ class JaxEngine:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._background = None
+
+
+def _take_rows(packed: jax.Array, rows: jax.Array) -> jax.Array:
+    """``packed [S, cols]`` at ``rows [S]``."""
+    return packed[rows]
 
 
 def _key_name(key: tuple) -> str:

@@ -138,3 +138,17 @@ def test_generate_over_live_slots_equals_every_slot_bitwise(invariant_engine):
         got = _decode(invariant_engine, live, 12)
         for slot in live:
             assert got[slot].tobytes() == every[slot].tobytes(), (live, slot)
+
+
+def test_steps_over_any_live_slots_compile_nothing_after_warmup(engine):
+    """Every live count takes a warmed-up call: a row bucket where rows are invariant, else the
+    every-slot step and its rows taken in one shape."""
+    state = engine.init_state()
+    for slot in range(engine.slots):
+        state, _ = engine.prefill(state, slot, [1, 2, 3 + slot], SamplingParams(temperature=0.0), slot)
+    with CompileWatch() as watch:
+        for live in ([1], [0, 2], [2, 1], [0, 1, 2], None):
+            state, out = engine.generate(state, slots=live)
+            rows = np.asarray(out)[:len(live or range(engine.slots))]
+            assert (rows[:, ACTIVE] == 1).all()
+    watch.assert_nothing_traced()
