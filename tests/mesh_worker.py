@@ -68,7 +68,7 @@ def main() -> int:
             for name, x in leaves.items():
                 if x is None:
                     continue
-                arr = getattr(x, "q", x)
+                arr = getattr(x, "q", getattr(x, "qs", x))  # int8 QuantArray, BlockArray, or an array
                 run["leaf_shard_fraction"][name] = arr.addressable_shards[0].data.size / arr.size
             out["runs"][mesh] = run
         finally:
@@ -101,7 +101,7 @@ def forward_runs(checkpoints: list[str], meshes: list[str], prompts: list[list[i
             for f in dataclasses.fields(layer):
                 x = getattr(layer, f.name)
                 if x is not None:
-                    arr = getattr(x, "q", x)
+                    arr = getattr(x, "q", getattr(x, "qs", x))  # int8 QuantArray, BlockArray, or an array
                     fractions[f.name] = arr.addressable_shards[0].data.size / arr.size
             runs[mesh] = {"logits": np.asarray(logits).tolist(), "fractions": fractions}
     return out

@@ -417,7 +417,13 @@ def test_a_marker_that_is_a_special_token_is_named_by_id_in_the_grammar(tools):
     f = FORMATS["mistral"]
     special = special_markers(f, tok.get_vocab(), {marker})
     assert special == {"[TOOL_CALLS]": marker}
-    g = Grammars(SimpleNamespace(tok=tok), tok.get_vocab_size(with_added_tokens=True), smol.eos_token_ids)
+    from llguidance import LLTokenizer
+
+    def ll_tokenizer(n_vocab, eos):
+        return LLTokenizer(tok.to_str(), n_vocab=n_vocab, eos_token=eos[0] if eos else None)
+
+    g = Grammars(SimpleNamespace(tok=tok, llguidance_tokenizer=ll_tokenizer),
+                 tok.get_vocab_size(with_added_tokens=True), smol.eos_token_ids)
     body = f.render([("get_weather", W_ARGS)])[len("[TOOL_CALLS]"):]
     for choice in (ToolChoice("required"), ToolChoice("auto")):
         constraint = tool_constraint(tools, choice, f, special=special)
