@@ -7,7 +7,8 @@ default none: the checkpoint as stored, the default one as its own GGUF blocks) 
 checkpoint was converted from. Each round sends the same ``--requests`` prompts (chat questions
 rendered by jserve's tokenizer: identical token ids for both) to each server in turn, ``--slots``
 requests in flight at a time, each asking for exactly ``--max-tokens`` tokens (``ignore_eos``),
-streaming, and records tokens/s over the round, time to first token and inter-token latency.
+streaming, and records tokens/s over the round, time to first token and inter-token latency;
+each server's peak resident memory (VmHWM, over the whole run) is read as it is closed.
 llama.cpp's prompt cache is turned off per request (``cache_prompt: false``), so a repeated
 prompt costs both servers the same prefill.
 
@@ -44,6 +45,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """The process's peak resident set (``VmHWM``) in MiB, or None where /proc does not say."""
+    try:
+        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 class Timing:
@@ -88,6 +100,7 @@ class JserveServer:
         return t
 
     def close(self) -> None:
+        self.peak_rss = peak_rss_mib(self.proc.pid)
         self.client.close()
         self.proc.terminate()
         self.proc.wait(60)
@@ -147,6 +160,7 @@ class LlamaServer:
         return t
 
     def close(self) -> None:
+        self.peak_rss = peak_rss_mib(self.proc.pid)
         self.proc.terminate()
         self.proc.wait(60)
 
@@ -207,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = {s.name: s.mode for s in servers}
         for s in servers:
             s.close()
+        rss = {s.name: getattr(s, "peak_rss", None) for s in servers}
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
@@ -216,15 +231,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{sampling}, {args.slots} slots x {args.max_len} positions, {args.rounds} rounds interleaved (medians)")
     for name, mode in modes.items():
         print(f"  {name}: {mode}")
-    print("| server | tokens/s | TTFT median (ms) | ITL median (ms) | vs llama-server |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| server | tokens/s | TTFT median (ms) | ITL median (ms) | peak RSS (MiB) | vs llama-server |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     base = med("llama-server", "tokens_per_s")
     for name in results:
+        peak = "?" if rss[name] is None else f"{rss[name]:.0f}"
         print(f"| {name} | {med(name, 'tokens_per_s'):.1f} | {med(name, 'ttft_ms'):.0f} | {med(name, 'itl_ms'):.1f} "
-              f"| {med(name, 'tokens_per_s') / base:.2f} |")
+              f"| {peak} | {med(name, 'tokens_per_s') / base:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "modes": modes,
-                                         "rounds": results}, indent=1))
+                                         "peak_rss_mib": rss, "rounds": results}, indent=1))
     return 0
 
 
