@@ -1,0 +1,191 @@
+"""Ahead-of-time warm-up of an engine's calls, and what is ready to serve.
+
+``Warmup`` is the half of ``JaxEngine`` that compiles: ``warmup`` compiles (ahead of time) and
+runs once every call serving uses, the ones any request needs before it returns and the rest on a
+background thread, each published (``is_ready``) only once it has run, so serving never traces or
+compiles. The engine gives it its calls' arguments (``_warmup_calls``, built from the engine's
+buckets) and its jitted functions; the engine's methods look up ``_compiled`` and call what is
+there.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from jserve.sampling import SamplingParams, SlotSampling
+
+if TYPE_CHECKING:
+    from jserve.engine import DecodeState
+
+log = logging.getLogger("jserve.engine")  # the engine's log: warm-up is its phase (scripts set its level)
+
+
+class Warmup:
+    """Compiled executables and the background phase of ``warmup`` (a base of ``JaxEngine``).
+
+    ``_compiled`` holds the executables compiled and run once, keyed ("extend", rows), ("verify",
+    rows, width), (name, 0): only these serve requests. Written by the background thread, read by
+    the serving one (single dict operations, atomic in CPython: never iterated while it may grow)."""
+
+    def _init_warmup(self) -> None:
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}
+        self._warmed = False  # before warmup every call compiles on first use, as a plain jit does
+        self._background: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def is_ready(self, key: tuple) -> bool:
+        """Whether the call ``key`` (``("extend", rows)``, ``("verify", rows, width)``, ...) serves
+        without compiling: compiled and run once by ``warmup`` (or, before warmup, always: every
+        call then compiles on first use)."""
+        return not self._warmed or key in self._compiled
+
+    def ready_rows(self) -> int:
+        """The most rows one ``extend`` call takes now without compiling (``max_rows`` once the
+        background phase of ``warmup`` is done); a caller with more splits them over several calls."""
+        return max((r for r in self.chunk_rows if self.is_ready(("extend", r))), default=self.chunk_rows[0])
+
+    def ready_widths(self, rows_bucket: int) -> tuple[int, ...]:
+        """The widths of ``widths_for(rows_bucket)`` that ``verify`` takes now without compiling."""
+        return tuple(w for w in self.widths_for(rows_bucket) if self.is_ready(("verify", rows_bucket, w)))
+
+    def _warmup_calls(self) -> dict[tuple, tuple[tuple, dict]]:
+        """Each call's arguments besides the state (as serving passes them), in the order warm-up
+        runs them: begin, copy, every ``generate`` bucket, every ``extend`` bucket, every ``verify``
+        shape, release."""
+        i32 = np.int32(0)
+        calls: dict[tuple, tuple[tuple, dict]] = {
+            ("begin", 0): ((), dict(slot=i32, prompt=np.zeros((self.cache_len,), np.int32), n=np.int32(1),
+                                    sampling=SlotSampling.from_params(SamplingParams(), 0))),
+            ("copy", 0): ((), dict(src=i32, dst=i32, n=i32)),
+        }
+        for r in self.decode_rows:
+            calls[("generate", r)] = ((self.params,), dict(slots=np.zeros((r,), np.int32), live=np.zeros((r,), bool),
+                                                           masks=self._no_masks[r]))
+        for r in self.chunk_rows:
+            z = np.zeros((r,), np.int32)
+            calls[("extend", r)] = ((self.params,), dict(tokens=np.zeros((r, self.chunk), np.int32), slots=z, starts=z,
+                                                         counts=z, finals=np.zeros((r,), bool),
+                                                         masks=self._no_mask_rows[r]))
+        for r in self.verify_rows if self.speculate else ():
+            for w in self.widths_for(r):
+                z = np.zeros((r,), np.int32)
+                calls[("verify", r, w)] = ((self.params,), dict(drafts=np.zeros((r, w - 1), np.int32), slots=z,
+                                                                n_draft=z, live=np.zeros((r,), bool)))
+        calls[("release", 0)] = ((), dict(slot=i32))
+        return calls
+
+    def _compile(self, key: tuple, args: tuple, kwargs: dict) -> jax.stages.Compiled:
+        jitted = {"begin": self._begin, "copy": self._copy, "extend": self._extend, "generate": self._generate,
+                  "verify": self._verify, "release": self._release}[key[0]]
+        return jitted.lower(*args, state=self._state_shape, **kwargs).compile()
+
+    @staticmethod
+    def _run_once(fn: jax.stages.Compiled, args: tuple, kwargs: dict, state: DecodeState) -> DecodeState:
+        out = fn(*args, state=state, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def warmup(self, background: bool = True) -> float:
+        """Compile (ahead of time) and run once, on a throwaway state, every call serving uses:
+        the initial state, begin, copy, every ``extend`` row bucket, generate, every ``verify``
+        shape, release. Returns seconds taken until the engine can serve any request.
+
+        The compiled executables are kept and called directly, so serving never traces or
+        compiles, and with JAX's persistent cache a restart only traces and loads. An executable's
+        first run carries a one-off cost (measured ~0.3 s each on XLA:CPU for SmolLM2): paid here,
+        not by the first request that needs that call, nor by the speculation policy's timings.
+
+        ``background`` (with one process): only what any request needs is done before returning
+        (init, begin, copy, the smallest ``extend`` bucket, generate, release); the larger
+        buckets, then the ``verify`` shapes, are compiled and run once by a background thread, in
+        that order, each usable (``is_ready``) only when done. Until then prompts run in calls of
+        the smallest bucket and no step verifies. ``close`` stops that thread; ``wait_ready``
+        waits for it. With several processes every process must run the same calls in the same
+        order, so everything is done here, in this order, on each.
+        """
+        self.close()  # a previous warm-up's background phase
+        t0 = time.perf_counter()
+        calls = self._warmup_calls()
+        now = {("begin", 0), ("copy", 0), ("extend", self.chunk_rows[0]), ("generate", 1), ("generate", self.slots),
+               ("release", 0)}
+        if not background or jax.process_count() > 1:
+            now = set(calls)
+        later = {key: call for key, call in calls.items() if key not in now}
+        init = self._init.lower().compile()  # the orchestrator's first state, and recovery's
+        compiled = {key: self._compile(key, *call) for key, call in calls.items() if key in now}
+        tc = time.perf_counter() - t0
+        # Each executable once, on a state that is then dropped (or handed to the background phase).
+        # Not through the public methods: warm-up is not serving.
+        tr = time.perf_counter()
+        state = init()
+        for key, fn in compiled.items():
+            state = self._run_once(fn, *calls[key], state)
+        if not self.row_invariant:  # generate's rows of the live slots (``generate``), taken once here
+            key = ("generate", self.slots)
+            state, packed = compiled[key](*calls[key][0], state=state, **calls[key][1])
+            self._take(packed, np.zeros((self.slots,), np.int32))
+        jax.block_until_ready(state)
+        self._compiled[("init", 0)] = init
+        self._compiled.update(compiled)
+        self._warmed = True
+        seconds = time.perf_counter() - t0
+        log.info("SERVING-ready calls compiled in %.1f s (%d calls; run once in %.1f s); compiling %d more in the "
+                 "background%s", tc, len(compiled) + 1, time.perf_counter() - tr, len(later),
+                 f": {', '.join(_key_name(k) for k in later)}" if later else "")
+        if later:
+            self._stop.clear()
+            self._background = threading.Thread(target=self._compile_rest, args=(later, state),
+                                                 name="jserve-warmup", daemon=True)
+            atexit.register(self.close)  # a daemon thread inside XLA must not outlive the interpreter
+            self._background.start()
+        return seconds
+
+    def _compile_rest(self, calls: dict[tuple, tuple[tuple, dict]], state: DecodeState) -> None:
+        """The background phase of ``warmup``: each call compiled, run once on ``state`` (the
+        warm-up's throwaway one), then published in ``_compiled``, until done or ``close``."""
+        t0, done = time.perf_counter(), 0
+        try:
+            for key, call in calls.items():
+                if self._stop.is_set():
+                    break
+                fn = self._compile(key, *call)
+                if self._stop.is_set():
+                    break
+                state = self._run_once(fn, *call, state)
+                jax.block_until_ready(state)
+                self._compiled[key] = fn
+                done += 1
+        except Exception:  # serving goes on with what is ready
+            log.exception("background compilation failed after %d of %d calls", done, len(calls))
+        finally:
+            del state
+            atexit.unregister(self.close)
+        log.info("background compilation %s: %d of %d calls ready in %.1f s", "stopped" if done < len(calls) else
+                 "done", done, len(calls), time.perf_counter() - t0)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait for ``warmup``'s background phase; True when no call is left to compile."""
+        thread = self._background
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
+
+    def close(self) -> None:
+        """Stop ``warmup``'s background phase (after the call it is compiling); serving goes on
+        with what is ready. ``LLM.close`` calls this, and so does interpreter exit."""
+        self._stop.set()
+        thread = self._background
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._background = None
+
+
+def _key_name(key: tuple) -> str:
+    """``("verify", 4, 5)`` -> ``verify 4x5``; ``("extend", 8)`` -> ``extend 8``."""
+    return f"{key[0]} {'x'.join(map(str, key[1:]))}"
