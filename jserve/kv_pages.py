@@ -177,6 +177,11 @@ class PagePool:
         """Pages that can be handed out now: free ones and cached ones that would be evicted."""
         return len(self._free) + len(self._evictable)
 
+    def table_for_writes(self) -> np.ndarray:
+        """``table`` with ``NO_PAGE`` replaced by ``num_pages``, one past the last page: a scatter
+        with ``mode="drop"`` drops writes there, where a -1 would wrap round to the last page."""
+        return np.where(self.table == NO_PAGE, self.num_pages, self.table).astype(np.int32)
+
     def pages_needed(self, length: int) -> int:
         return -(-length // self.page_size)
 

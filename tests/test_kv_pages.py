@@ -371,3 +371,21 @@ def test_random_traffic_keeps_refcounts_and_cached_contents_exact():
                 pool.commit(slot, tokens)
         check_invariants(pool)
     assert hits > 0 and pool.stats().evictions > 0  # the run exercised sharing and eviction
+
+
+def test_table_for_writes_sends_missing_pages_out_of_bounds_so_a_dropping_scatter_drops_them():
+    import jax.numpy as jnp
+
+    pool = PagePool(num_pages=3, slots=2, max_pages=2, page_size=B)
+    pool.admit(0, [1])
+    pool.ensure(0, 1)
+    table = pool.table_for_writes()
+    assert table.tolist() == [[0, 3], [3, 3]] and table.dtype == np.int32
+    buf = jnp.zeros((3, B))  # [P, B]: write position 5 of every slot
+    out = buf.at[table[:, 5 // B], 5 % B].set(1.0, mode="drop")
+    assert float(out.sum()) == 0.0  # slot 0 has no page for position 5, slot 1 none at all
+    out = buf.at[table[:, 0], 0].set(1.0, mode="drop")
+    assert out[0, 0] == 1.0 and float(out.sum()) == 1.0
+    wrapped = buf.at[pool.table[:, 5 // B], 5 % B].set(1.0, mode="drop")
+    assert wrapped[2, 5 % B] == 1.0  # why: with the raw table, -1 wraps round onto the last page
+
