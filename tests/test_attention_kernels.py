@@ -45,40 +45,41 @@ def bf16_exact(x: np.ndarray) -> np.ndarray:
     return np.array(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
 
 
-def make_case(n: int, kh: int, h: int, seed: int = 0, stale: bool = True):
+def make_case(n: int, kh: int, h: int, seed: int = 0, stale: bool = True, b: int = B, m: int = M, p: int = P,
+              lengths: list[int] = LENGTHS):
     """A pool whose slots own scattered pages, page-table entries past each slot's end either
     ``NO_PAGE`` or a stale page, and (``stale``) large values in every page nobody reads."""
     rng = np.random.default_rng(seed)
-    s = len(LENGTHS)
+    s = len(lengths)
     q = bf16_exact(rng.standard_normal((s, n, h)))
-    k = bf16_exact(rng.standard_normal((kh, P, B, h)))
-    v = bf16_exact(rng.standard_normal((kh, P, B, h)))
-    order = rng.permutation(P)
-    table = np.full((s, M), NO_PAGE, np.int32)
-    used = np.zeros(P, bool)
+    k = bf16_exact(rng.standard_normal((kh, p, b, h)))
+    v = bf16_exact(rng.standard_normal((kh, p, b, h)))
+    order = rng.permutation(p)
+    table = np.full((s, m), NO_PAGE, np.int32)
+    used = np.zeros(p, bool)
     nxt = 0
-    for i, length in enumerate(LENGTHS):
-        for j in range(-(-length // B)):
+    for i, length in enumerate(lengths):
+        for j in range(-(-length // b)):
             table[i, j] = order[nxt]
             used[order[nxt]] = True
             nxt += 1
-    table[1, 3] = table[2, 0]  # a stale entry past slot 1's end: another slot's page
+    table[1, m - 1] = table[2, 0]  # a stale entry past slot 1's end: another slot's page
     if stale:
         k[:, ~used] = 1e4
         v[:, ~used] = -1e4
-        for i, length in enumerate(LENGTHS):  # positions past the end inside a slot's last page
-            if length % B and length:
-                page = table[i, length // B]
+        for i, length in enumerate(lengths):  # positions past the end inside a slot's last page
+            if length % b and length:
+                page = table[i, length // b]
                 if page not in table[[j for j in range(s) if j != i]]:
-                    k[:, page, length % B:] = 1e4
-                    v[:, page, length % B:] = -1e4
-    return q, k, v, table, np.asarray(LENGTHS, np.int32)
+                    k[:, page, length % b:] = 1e4
+                    v[:, page, length % b:] = -1e4
+    return q, k, v, table, np.asarray(lengths, np.int32)
 
 
 def oracle(q, k, v, table, lengths, scale, softcap, window) -> np.ndarray:
     """Float64, one slot and head at a time, reading positions one by one through the page table."""
     s, n, h = q.shape
-    kh = k.shape[0]
+    kh, _, b, _ = k.shape
     out = np.zeros((s, n, h))
     for i in range(s):
         length = int(lengths[i])
@@ -87,8 +88,8 @@ def oracle(q, k, v, table, lengths, scale, softcap, window) -> np.ndarray:
             continue
         for head in range(n):
             kv = head // (n // kh)
-            keys = np.stack([k[kv, table[i, t // B], t % B] for t in pos]).astype(np.float64)
-            vals = np.stack([v[kv, table[i, t // B], t % B] for t in pos]).astype(np.float64)
+            keys = np.stack([k[kv, table[i, t // b], t % b] for t in pos]).astype(np.float64)
+            vals = np.stack([v[kv, table[i, t // b], t % b] for t in pos]).astype(np.float64)
             sc = keys @ q[i, head].astype(np.float64) * scale
             if softcap is not None:
                 sc = softcap * np.tanh(sc / softcap)
@@ -201,6 +202,16 @@ def test_pallas_gpu_kernel_in_bfloat16_is_close_to_the_float32_path():
     bf = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
     got = run("pallas_gpu", *bf, table, lengths, 0.0625, None, None).astype(np.float32)
     assert np.max(np.abs(got - want)) < 2e-2  # bfloat16 output rounding
+
+
+def test_pallas_gpu_kernel_at_the_pools_page_size_equals_the_oracle():
+    """Pages of 128 positions, the attention block the pool uses (the other tests use 16)."""
+    needs("pallas_gpu")
+    lengths = [1, 130, 256, 0, 200]
+    q, k, v, table, lengths = make_case(8, 2, 128, b=128, m=2, p=9, lengths=lengths)
+    want = oracle(q, k, v, table, lengths, 0.0625, 30.0, None)
+    got = run("pallas_gpu", q, k, v, table, lengths, 0.0625, 30.0, None)
+    assert np.max(np.abs(got - want)) <= TOL
 
 
 RAGGED_INTERPRET_GAP = ("jax 0.10.2's TPU interpreter cannot run ragged_paged_attention: the kernel reshapes a "
