@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from flax import struct
 
 from jserve import model
 from jserve.config import ModelConfig
+from jserve.engine_api import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, ChunkRow, Engine  # noqa: F401 (re-exported)
 from jserve.kv_cache import KVCache, cache_bytes, copy_prefix
 from jserve.model import Params
 from jserve.sampling import SamplingParams, SlotSampling, apply_penalties, sample
@@ -45,10 +45,6 @@ CHUNK = 16  # prompt positions per row of an ``extend`` call
 CHUNK_ROWS = (1, 2, 4, 8, 16, 32)
 CHUNK_ROWS_FIXED = (4, 8, 16, 32)
 
-# Columns of the packed per-step result ``[S, RESULT_COLS + 2 * top_logprobs]`` (float32).
-TOKEN, LOGPROB, ACTIVE = 0, 1, 2
-RESULT_COLS = 3
-
 
 @struct.dataclass
 class DecodeState:
@@ -62,37 +58,6 @@ class DecodeState:
     sampling: SlotSampling
     seen: jax.Array  # [S, V] bool: token in prompt or output (repetition penalty)
     counts: jax.Array  # [S, V] int32: occurrences in output (presence/frequency penalties)
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkRow:
-    """One row of an ``extend`` call: ``tokens`` (at most ``chunk``) of ``slot`` from position
-    ``start``; ``final`` when they end the prompt (the first token is then sampled)."""
-
-    slot: int
-    start: int
-    tokens: list[int]
-    final: bool
-
-
-class Engine(Protocol):
-    """What the orchestrator needs from an engine."""
-
-    slots: int
-    max_len: int
-    max_prompt_len: int
-    vocab_size: int
-    top_logprobs: int
-
-    def init_state(self) -> DecodeState: ...
-    def begin(self, state: DecodeState, slot: int, prompt: list[int], params: SamplingParams,
-              seed: int) -> DecodeState: ...
-    def copy(self, state: DecodeState, src: int, dst: int, n: int) -> DecodeState: ...
-    def extend(self, state: DecodeState, rows: list[ChunkRow]) -> tuple[DecodeState, jax.Array]: ...
-    def generate(self, state: DecodeState, mask: np.ndarray | None = None,
-                 slots: list[int] | None = None) -> tuple[DecodeState, jax.Array]: ...
-    def release(self, state: DecodeState, slot: int) -> DecodeState: ...
-    def ready_rows(self) -> int: ...
 
 
 def _pack(tokens: jax.Array, raw_logits: jax.Array, active: jax.Array, logprobs: jax.Array,
