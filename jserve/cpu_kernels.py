@@ -7,7 +7,13 @@ a GGUF block format, multiplied in place (never dequantized to a float32 copy):
 - ``q8_0``: qs int8 [N, K/32, 32], d float16 [N, K/32]; w = q * d;
 - ``q4_0``: qs uint8 [N, K/32, 16], d float16 [N, K/32]; byte j holds element j (low nibble) and
   element j + 16 (high nibble); w = (nibble - 8) * d;
-- ``q4_1``: as q4_0 plus m float16 [N, K/32]; w = nibble * d + m.
+- ``q4_1``: as q4_0 plus m float16 [N, K/32]; w = nibble * d + m;
+- ``q4_k``, ``q5_k``, ``q6_k`` (GGUF's K-quants, 256-value super-blocks): qs uint8 [N, K/256, W] holds
+  each ggml super-block's bytes with its float16 d (and dmin) taken out, d float16 [N, K/256] and, for
+  q4_k / q5_k, m = dmin float16 [N, K/256]. W = 140 for q4_k (scales[12] qs[128]), 172 for q5_k
+  (scales[12] qh[32] qs[128]), 208 for q6_k (ql[128] qh[64] int8 scales[16]); ggml's formulas:
+  w = d * sc * q - dmin * mn (q4_k / q5_k, 6-bit sc and mn per 32 values), w = d * sc * (q - 32)
+  (q6_k, int8 sc per 16 values).
 
 Each output row is computed by one fixed instruction sequence whatever the number of rows M and
 whatever the other rows hold (threads split output columns, never the reduction over K), so a row's
@@ -39,7 +45,11 @@ if TYPE_CHECKING:
     import jax
     import numpy as np
 
-FORMATS = ("f32", "q8_0", "q4_0", "q4_1")
+FORMATS = ("f32", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
+KQUANTS = ("q4_k", "q5_k", "q6_k")
+# Bytes per K-quant super-block kept in qs: the ggml block minus its float16 d (and dmin).
+KQ_WIDTH = {"q4_k": 140, "q5_k": 172, "q6_k": 208}
+WITH_M = ("q4_1", "q4_k", "q5_k")
 ISAS = ("auto", "generic", "avx2")
 
 _log = logging.getLogger(__name__)
@@ -52,6 +62,9 @@ _TARGETS = {
     "q8_0": "JserveMatmulQ8_0",
     "q4_0": "JserveMatmulQ4_0",
     "q4_1": "JserveMatmulQ4_1",
+    "q4_k": "JserveMatmulQ4_K",
+    "q5_k": "JserveMatmulQ5_K",
+    "q6_k": "JserveMatmulQ6_K",
 }
 _ISA_CODE = {"auto": 0, "generic": 1, "avx2": 2}
 _CXXFLAGS = ("-O3", "-DNDEBUG", "-std=c++17", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-Wno-attributes",
@@ -234,7 +247,7 @@ def matmul_isa(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None
     rows = math.prod(lead)
     if rows == 0 or N == 0:
         return jnp.zeros((*lead, N), jnp.float32)
-    args = [x.reshape(rows, K), qs] + ([] if fmt == "f32" else [d]) + ([m] if fmt == "q4_1" else [])
+    args = [x.reshape(rows, K), qs] + ([] if fmt == "f32" else [d]) + ([m] if fmt in WITH_M else [])
     call = jax.ffi.ffi_call(_TARGETS[fmt], jax.ShapeDtypeStruct((rows, N), jnp.float32))
     return call(*args, isa=np.int32(_ISA_CODE[isa])).reshape(*lead, N)
 
@@ -250,13 +263,15 @@ def _check(fmt: str, K: int, qs: jax.Array, d: jax.Array | None, m: jax.Array | 
     if fmt == "f32":
         need(qs.dtype == np.float32 and qs.ndim == 2 and qs.shape[1] == K, f"qs must be float32 [N, {K}]")
         return
-    nb, width, qdtype = K // 32, 32 if fmt == "q8_0" else 16, np.int8 if fmt == "q8_0" else np.uint8
-    need(K % 32 == 0, f"K = {K} is not a multiple of 32")
+    per = 256 if fmt in KQUANTS else 32
+    nb, qdtype = K // per, np.int8 if fmt == "q8_0" else np.uint8
+    width = KQ_WIDTH.get(fmt, 32 if fmt == "q8_0" else 16)
+    need(K % per == 0, f"K = {K} is not a multiple of {per}")
     need(qs.dtype == qdtype and qs.shape[1:] == (nb, width),
          f"qs must be {np.dtype(qdtype).name} [N, {nb}, {width}], got {qs.dtype} {qs.shape}")
     need(d is not None and d.dtype == np.float16 and d.shape == qs.shape[:2],
          f"d must be float16 {qs.shape[:2]}")
-    if fmt == "q4_1":
+    if fmt in WITH_M:
         need(m is not None and m.dtype == np.float16 and m.shape == qs.shape[:2],
              f"m must be float16 {qs.shape[:2]}")
 
@@ -264,20 +279,24 @@ def _check(fmt: str, K: int, qs: jax.Array, d: jax.Array | None, m: jax.Array | 
 def split_gguf_blocks(raw: np.ndarray, fmt: str) -> tuple[np.ndarray, ...]:
     """A GGUF tensor's raw bytes uint8 [N, K/32 * block bytes] -> `matmul`'s (qs, d) or (qs, d, m).
 
-    Block layouts (ggml): q8_0 = d f16, 32 int8; q4_0 = d f16, 16 bytes; q4_1 = d f16, m f16, 16 bytes.
+    Block layouts (ggml): q8_0 = d f16, 32 int8; q4_0 = d f16, 16 bytes; q4_1 = d f16, m f16, 16 bytes;
+    q4_k / q5_k = d f16, dmin f16, then the qs bytes; q6_k = the qs bytes, then d f16 (K-quants: per
+    256 values, raw [N, K/256 * block bytes]).
     """
     import numpy as np
 
-    size = {"q8_0": 34, "q4_0": 18, "q4_1": 20}[fmt]
+    size = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q4_k": 144, "q5_k": 176, "q6_k": 210}[fmt]
     n = raw.shape[0]
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, -1, size)
+    if fmt == "q6_k":
+        return np.ascontiguousarray(blocks[..., :208]), np.ascontiguousarray(blocks[..., 208:]).view(np.float16)[..., 0]
     d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
     if fmt == "q8_0":
         return np.ascontiguousarray(blocks[..., 2:]).view(np.int8), d
     if fmt == "q4_0":
         return np.ascontiguousarray(blocks[..., 2:]), d
     m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
-    return np.ascontiguousarray(blocks[..., 4:]), d, m
+    return np.ascontiguousarray(blocks[..., 4:]), d, m  # q4_1, q4_k, q5_k
 
 
 def main(argv: list[str]) -> int:

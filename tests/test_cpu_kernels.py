@@ -193,3 +193,73 @@ def test_no_compiler_means_unavailable_with_the_reason_logged(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="compiler"):
         ck.build()
     assert not (tmp_path / "missing.so").exists()
+
+
+# K-quants: gguf (this version) has no K-quant quantizer, so the weights are random valid super-blocks
+# (every byte random: all quants, 6-bit scales/minimums and int8 scales occur), dequantized by gguf.
+KQ = {"q4_k": (gguf.GGMLQuantizationType.Q4_K, 144), "q5_k": (gguf.GGMLQuantizationType.Q5_K, 176),
+      "q6_k": (gguf.GGMLQuantizationType.Q6_K, 210)}
+
+
+def random_kquant_raw(fmt: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Raw GGUF bytes uint8 [n, k/256 * block bytes] with small random float16 d (and dmin)."""
+    rng = np.random.default_rng(seed)
+    size = KQ[fmt][1]
+    raw = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)
+    if fmt == "q6_k":
+        raw[..., 208:] = (rng.standard_normal((n, k // 256, 1)) * 1e-3).astype(np.float16).view(np.uint8)
+    else:
+        raw[..., :4] = (rng.standard_normal((n, k // 256, 2)) * 2e-3).astype(np.float16).view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+def random_kquant(fmt: str, n: int, k: int, seed: int = 0) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    raw = random_kquant_raw(fmt, n, k, seed)
+    return ck.split_gguf_blocks(raw, fmt), gguf.quants.dequantize(raw, KQ[fmt][0]).astype(np.float64)
+
+
+def test_kquant_split_is_exact_and_documented_widths():
+    for fmt, (_, size) in KQ.items():
+        raw = random_kquant_raw(fmt, 3, 512, seed=1)
+        parts = ck.split_gguf_blocks(raw, fmt)
+        assert parts[0].shape == (3, 2, ck.KQ_WIDTH[fmt]) and parts[1].shape == (3, 2)
+        assert len(parts) == (3 if fmt in ck.WITH_M else 2)
+        # the parts hold every byte of the block once: reassembled in ggml's order they are the file's bytes
+        halves = [p[..., None].view(np.uint8) for p in parts[1:]]
+        order = [parts[0], *halves] if fmt == "q6_k" else [*halves, parts[0]]
+        np.testing.assert_array_equal(np.concatenate(order, axis=-1).reshape(3, -1), raw)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("fmt", list(KQ))
+def test_kquant_matches_gguf_dequantize_and_numpy(fmt, isa):
+    ops, w64 = random_kquant(fmt, 37, 512, seed=11)
+    x = np.random.default_rng(12).standard_normal((40, 512)).astype(np.float32)
+    for m in (1, 2, 3, 4, 40):  # both drivers
+        assert_close(run(x[:m], fmt, ops, isa), reference(x[:m], w64))
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("fmt", list(KQ))
+def test_kquant_row_alone_equals_row_amid_any_number_of_rows_bitwise(fmt, isa):
+    ops, w64 = random_kquant(fmt, 70, 256, seed=13)  # N = 70: no multiple of a tile or chunk
+    rng = np.random.default_rng(14)
+    needle = rng.standard_normal((1, 256)).astype(np.float32)
+    alone = run(needle, fmt, ops, isa)[0]
+    assert_close(alone, reference(needle, w64)[0])
+    for m in (1, 2, 3, 7, 16, 33):
+        x = rng.standard_normal((m, 256)).astype(np.float32) * rng.uniform(0.1, 10)
+        at = int(rng.integers(m))
+        x[at] = needle[0]
+        y = run(x, fmt, ops, isa)
+        assert np.array_equal(y[at], alone), f"M={m}: row {at} differs from the row alone"
+        assert_close(y, reference(x, w64))
+
+
+@needs_kernels
+def test_kquant_k_not_a_multiple_of_256_refused():
+    ops, _ = random_kquant("q4_k", 4, 256)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        run(np.zeros((1, 288), np.float32), "q4_k", ops)

@@ -110,9 +110,8 @@ ffi::Error run(ffi::ThreadPool& pool, Problem p, int32_t isa) {
 template <typename B>
 int64_t dim(const B& b, int i) { return b.dimensions()[i]; }
 
-ffi::Error check_blocks(int64_t M, int64_t K, int64_t N, int64_t nb, int64_t rank_ok, int64_t y_m, int64_t y_n) {
-  if (!rank_ok) return ffi::Error::InvalidArgument("jserve matmul: bad operand ranks");
-  if (K != nb * 32) return ffi::Error::InvalidArgument("jserve matmul: K must equal 32 * blocks");
+ffi::Error check_blocks(int64_t M, int64_t K, int64_t N, int64_t nb, int64_t per, int64_t y_m, int64_t y_n) {
+  if (K != nb * per) return ffi::Error::InvalidArgument("jserve matmul: K must equal block values * blocks");
   if (y_m != M || y_n != N) return ffi::Error::InvalidArgument("jserve matmul: bad output shape");
   return ffi::Error::Success();
 }
@@ -135,10 +134,10 @@ ffi::Error mm_blocks(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
                      y->dimensions().size() == 2;
   if (!ranks) return ffi::Error::InvalidArgument("jserve matmul: bad operand ranks");
   const int64_t M = dim(x, 0), K = dim(x, 1), N = dim(qs, 0), nb = dim(qs, 1);
-  const int64_t per_block = FMT == kQ8_0 ? 32 : 16;
+  const int64_t per_block = is_kquant(FMT) ? kq_width(FMT) : FMT == kQ8_0 ? 32 : 16;
   if (dim(qs, 2) != per_block || dim(d, 0) != N || dim(d, 1) != nb)
     return ffi::Error::InvalidArgument("jserve matmul: block operand shapes do not agree");
-  ffi::Error e = check_blocks(M, K, N, nb, 1, dim(*y, 0), dim(*y, 1));
+  ffi::Error e = check_blocks(M, K, N, nb, is_kquant(FMT) ? 256 : 32, dim(*y, 0), dim(*y, 1));
   if (e.failure()) return e;
   const auto* dp = reinterpret_cast<const uint16_t*>(d.untyped_data());
   return run(pool, Problem{FMT, M, N, K, x.typed_data(), qs.untyped_data(), dp, m, nullptr, y->typed_data()}, isa);
@@ -154,12 +153,33 @@ ffi::Error mm_q4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   return mm_blocks<kQ4_0, ffi::U8>(pool, x, qs, d, nullptr, y, isa);
 }
 
-ffi::Error mm_q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> qs, ffi::Buffer<ffi::F16> d,
-                   ffi::Buffer<ffi::F16> m, ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
-  if (m.dimensions().size() != 2 || dim(m, 0) != dim(d, 0) || dim(m, 1) != dim(d, 1))
+template <int FMT>
+ffi::Error mm_with_m(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> qs, ffi::Buffer<ffi::F16> d,
+                     ffi::Buffer<ffi::F16> m, ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  if (m.dimensions().size() != 2 || d.dimensions().size() != 2 || dim(m, 0) != dim(d, 0) || dim(m, 1) != dim(d, 1))
     return ffi::Error::InvalidArgument("jserve matmul: m must have d's shape");
   const auto* mp = reinterpret_cast<const uint16_t*>(m.untyped_data());
-  return mm_blocks<kQ4_1, ffi::U8>(pool, x, qs, d, mp, y, isa);
+  return mm_blocks<FMT, ffi::U8>(pool, x, qs, d, mp, y, isa);
+}
+
+ffi::Error mm_q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> qs, ffi::Buffer<ffi::F16> d,
+                   ffi::Buffer<ffi::F16> m, ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  return mm_with_m<kQ4_1>(pool, x, qs, d, m, y, isa);
+}
+
+ffi::Error mm_q4_k(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> qs, ffi::Buffer<ffi::F16> d,
+                   ffi::Buffer<ffi::F16> m, ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  return mm_with_m<kQ4_K>(pool, x, qs, d, m, y, isa);
+}
+
+ffi::Error mm_q5_k(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> qs, ffi::Buffer<ffi::F16> d,
+                   ffi::Buffer<ffi::F16> m, ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  return mm_with_m<kQ5_K>(pool, x, qs, d, m, y, isa);
+}
+
+ffi::Error mm_q6_k(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> qs, ffi::Buffer<ffi::F16> d,
+                   ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  return mm_blocks<kQ6_K, ffi::U8>(pool, x, qs, d, nullptr, y, isa);
 }
 
 }  // namespace
@@ -200,6 +220,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulQ4_1, jserve::mm_q4_1,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa"));
+
+#define JSERVE_WITH_M_HANDLER(NAME, FN)                 \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, FN,               \
+                                ffi::Ffi::Bind()        \
+                                    .Ctx<ffi::ThreadPool>() \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Arg<ffi::Buffer<ffi::U8>>() \
+                                    .Arg<ffi::Buffer<ffi::F16>>() \
+                                    .Arg<ffi::Buffer<ffi::F16>>() \
+                                    .Ret<ffi::Buffer<ffi::F32>>() \
+                                    .Attr<int32_t>("isa"));
+
+JSERVE_WITH_M_HANDLER(JserveMatmulQ4_K, jserve::mm_q4_k)
+JSERVE_WITH_M_HANDLER(JserveMatmulQ5_K, jserve::mm_q5_k)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulQ6_K, jserve::mm_q6_k,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("isa"));

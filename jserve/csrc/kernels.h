@@ -8,25 +8,44 @@
 // zero-padded to a multiple of 8 blocks); then one fixed reduction tree (lanes l + l+8, then pairs
 // 4 apart, 2 apart, 1 apart). Threads split output columns only. The AVX2 and generic paths differ
 // in rounding (FMA), not in structure.
+//
+// K-quants (256-value super-blocks, one f16 d per super-block; see kquant_scales) run the same
+// recipe over 32-value blocks: w = q * (d * sc) exact (Q4_K/Q5_K: <= 5 quant bits x 6 scale bits x an
+// 11-bit mantissa; Q6_K: (q - 32) x int8 scale x mantissa <= 23 bits), and Q4_K/Q5_K's minimums as
+// the offset term sx_b * (-dmin * m_b), m_b their 6-bit minimum of 32-value sub-block b.
 #pragma once
 #include <cstdint>
 
 namespace jserve {
 
-enum Format : int { kF32 = 0, kQ8_0 = 1, kQ4_0 = 2, kQ4_1 = 3 };
+enum Format : int { kF32 = 0, kQ8_0 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ4_K = 4, kQ5_K = 5, kQ6_K = 6 };
 
 struct Problem {
   int fmt;
   int64_t M, N, K;         // rows, output columns, reduction length
   const float* x;          // [M, K]
-  const void* qs;          // f32 [N, K] | int8 [N, K/32, 32] | uint8 [N, K/32, 16]
-  const uint16_t* d;       // f16 [N, K/32] (block formats)
-  const uint16_t* m;       // f16 [N, K/32] (Q4_1 only)
+  const void* qs;          // f32 [N, K] | int8 [N, K/32, 32] | uint8 [N, K/32, 16] | uint8 [N, K/256, kq_width]
+  const uint16_t* d;       // f16 [N, K/32] (block formats) | [N, K/256] (K-quants)
+  const uint16_t* m;       // f16 [N, K/32] (Q4_1) | dmin [N, K/256] (Q4_K, Q5_K)
   const float* sx;         // [M, padded_blocks(K)] sums of x per block, zero padded (Q4_0/Q4_1)
   float* y;                // [M, N]
 };
 
-inline bool has_offset(int fmt) { return fmt == kQ4_0 || fmt == kQ4_1; }
+inline bool has_offset(int fmt) { return fmt == kQ4_0 || fmt == kQ4_1 || fmt == kQ4_K || fmt == kQ5_K; }
+inline bool is_kquant(int fmt) { return fmt >= kQ4_K; }
+
+// Bytes per K-quant super-block left in qs once d (and dmin) are split off (ggml's block minus them):
+// Q4_K scales[12] qs[128]; Q5_K scales[12] qh[32] qs[128]; Q6_K ql[128] qh[64] scales[16] (int8).
+inline int64_t kq_width(int fmt) { return fmt == kQ4_K ? 140 : fmt == kQ5_K ? 172 : 208; }
+
+// Bytes of qs per output column.
+inline int64_t row_bytes(int fmt, int64_t K) {
+  if (is_kquant(fmt)) return K / 256 * kq_width(fmt);
+  return fmt == kF32 ? 4 * K : K / 32 * (fmt == kQ8_0 ? 32 : 16);
+}
+
+// Scale slots per column: one per 32-value block, two for Q6_K (16-value sub-blocks), padded.
+inline int64_t ds_stride(int64_t K) { return 2 * (((K / 32) + 7) & ~int64_t{7}); }
 
 // Blocks per row rounded up to a multiple of 8 (one vector of offsets).
 inline int64_t padded_blocks(int64_t K) { return ((K / 32) + 7) & ~int64_t{7}; }
@@ -39,6 +58,51 @@ void columns_generic(const Problem& p, int64_t n0, int64_t n1);
 // AVX2 + FMA + F16C (x86-64 only; compiled with -mavx2 -mfma -mf16c).
 void block_sums_avx2(const Problem& p, float* sx);
 void columns_avx2(const Problem& p, int64_t n0, int64_t n1);
+
+inline float half_to_float(uint16_t h);
+
+// Column n's K-quant scales, exact: ds[s] = d * sc_s per scale slot s (32-value block b, or 16-value
+// half b2 = 2b + i for Q6_K), mv[b] = -dmin * m_b (Q4_K/Q5_K; untouched for Q6_K).
+inline void kquant_scales(const Problem& p, int64_t n, float* ds, float* mv) {
+  const int64_t ns = p.K / 256, w = kq_width(p.fmt);
+  const uint8_t* col = static_cast<const uint8_t*>(p.qs) + n * ns * w;
+  for (int64_t s = 0; s < ns; ++s) {
+    const uint8_t* blk = col + s * w;
+    const float d = half_to_float(p.d[n * ns + s]);
+    if (p.fmt == kQ6_K) {
+      for (int i = 0; i < 16; ++i) ds[16 * s + i] = d * (float)(int8_t)blk[192 + i];
+      continue;
+    }
+    const float dmin = half_to_float(p.m[n * ns + s]);
+    for (int j = 0; j < 8; ++j) {  // ggml's get_scale_min_k4 over scales[12]
+      const uint8_t* q = blk;
+      const int sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4);
+      const int mn = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+      ds[8 * s + j] = d * (float)sc;
+      mv[8 * s + j] = dmin * (float)(-mn);
+    }
+  }
+}
+
+// The integer quant (Q6_K: minus 32) of element j (< 32) of 32-value block b of a K-quant column.
+inline int kquant_q(int fmt, const uint8_t* col, int64_t b, int j) {
+  const int64_t s = b >> 3;
+  const int t = (int)(b & 7);
+  if (fmt == kQ6_K) {
+    const uint8_t* blk = col + s * 208;
+    const int h = t >> 2, qq = t & 3;
+    const uint8_t l = blk[64 * h + 32 * (qq & 1) + j];
+    const int lo = qq >= 2 ? l >> 4 : l & 0xf;
+    const int hi = (blk[128 + 32 * h + j] >> (2 * qq)) & 3;
+    return (lo | (hi << 4)) - 32;
+  }
+  const int64_t w = kq_width(fmt);
+  const uint8_t* blk = col + s * w;
+  const uint8_t* ql = blk + (fmt == kQ4_K ? 12 : 44) + 32 * (t >> 1);
+  int q = (ql[j] >> (4 * (t & 1))) & 0xf;
+  if (fmt == kQ5_K) q |= ((blk[12 + j] >> t) & 1) << 4;
+  return q;
+}
 
 // IEEE half -> float, exact (subnormals, inf, nan).
 inline float half_to_float(uint16_t h) {

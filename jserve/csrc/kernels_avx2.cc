@@ -41,10 +41,17 @@ inline __m256i tail_mask(int64_t rem) {
 template <int FMT>
 void scales(const Problem& p, int64_t n, int C, float* ds, float* mv) {
   const int64_t nb = p.K / 32, nbp = padded_blocks(p.K);
+  if constexpr (FMT >= kQ4_K) {  // K-quants: the shared scalar unpacking (exact products)
+    for (int c = 0; c < C; ++c) {
+      kquant_scales(p, n + c, ds + c * ds_stride(p.K), mv + c * nbp);
+      for (int64_t b = nb; b < nbp; ++b) mv[c * nbp + b] = 0.0f;
+    }
+    return;
+  }
   for (int c = 0; c < C; ++c) {
     const uint16_t* d = p.d + (n + c) * nb;
     const uint16_t* m = FMT == kQ4_1 ? p.m + (n + c) * nb : nullptr;
-    float* dc = ds + c * nbp;
+    float* dc = ds + c * ds_stride(p.K);
     float* mc = mv + c * nbp;
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
@@ -96,6 +103,44 @@ inline __m256 unpack8(const void* q, int j, __m256 d) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(v), d);
 }
 
+// Elements 8j .. 8j+7 of 32-value block b of a column (its qs at col, its scale slots at dsc) as
+// exact floats; the same integers as kquant_q.
+template <int FMT>
+inline __m256 weights8(const uint8_t* col, int64_t b, int j, const float* dsc) {
+  if constexpr (FMT < kQ4_K) {
+    constexpr int64_t bytes = FMT == kQ8_0 ? 32 : 16;
+    return unpack8<FMT>(col + b * bytes, j, _mm256_broadcast_ss(dsc + b));
+  } else {
+    const int64_t s = b >> 3;
+    const int t = (int)(b & 7);
+    auto load8 = [](const uint8_t* a) {
+      return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a)));
+    };
+    __m256i v;
+    float d;
+    if constexpr (FMT == kQ6_K) {
+      const uint8_t* blk = col + s * 208;
+      const int h = t >> 2, qq = t & 3;
+      __m256i lo = load8(blk + 64 * h + 32 * (qq & 1) + 8 * j);
+      lo = qq >= 2 ? _mm256_srli_epi32(lo, 4) : _mm256_and_si256(lo, _mm256_set1_epi32(0xf));
+      __m256i hi = _mm256_srlv_epi32(load8(blk + 128 + 32 * h + 8 * j), _mm256_set1_epi32(2 * qq));
+      hi = _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(3)), 4);
+      v = _mm256_sub_epi32(_mm256_or_si256(lo, hi), _mm256_set1_epi32(32));
+      d = dsc[2 * b + (j >> 1)];
+    } else {
+      const uint8_t* blk = col + s * kq_width(FMT);
+      v = load8(blk + (FMT == kQ4_K ? 12 : 44) + 32 * (t >> 1) + 8 * j);
+      v = (t & 1) ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(0xf));
+      if constexpr (FMT == kQ5_K) {
+        __m256i hi = _mm256_srlv_epi32(load8(blk + 12 + 8 * j), _mm256_set1_epi32(t));
+        v = _mm256_or_si256(v, _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(1)), 4));
+      }
+      d = dsc[b];
+    }
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(d));
+  }
+}
+
 inline void store_output(const Problem& p, int64_t r, int64_t n, __m256 a0, __m256 a1) {
   p.y[r * p.N + n] = reduce(a0, a1);
 }
@@ -103,11 +148,10 @@ inline void store_output(const Problem& p, int64_t r, int64_t n, __m256 a0, __m2
 // Elements 8J .. 8J+7 of block b for R rows x C columns (J a constant, so the accumulators stay in
 // registers: GCC keeps arrays indexed by a run-time j in memory).
 template <int R, int C, int FMT, int J>
-inline __attribute__((always_inline)) void block_step(const uint8_t* q0, int64_t b, int64_t nb, int64_t bytes,
+inline __attribute__((always_inline)) void block_step(const uint8_t* q0, int64_t b, int64_t rowb, int64_t dss,
                                                       const float* ds, const float* const* xr, __m256 (*acc)[C][2]) {
   __m256 w[C];
-  const int64_t nbp = padded_blocks(32 * nb);
-  for (int c = 0; c < C; ++c) w[c] = unpack8<FMT>(q0 + (c * nb + b) * bytes, J, _mm256_broadcast_ss(ds + c * nbp + b));
+  for (int c = 0; c < C; ++c) w[c] = weights8<FMT>(q0 + c * rowb, b, J, ds + c * dss);
   for (int r = 0; r < R; ++r) {
     const __m256 xv = _mm256_loadu_ps(xr[r] + b * 32 + 8 * J);
     for (int c = 0; c < C; ++c) acc[r][c][J & 1] = _mm256_fmadd_ps(xv, w[c], acc[r][c][J & 1]);
@@ -150,16 +194,16 @@ __attribute__((noinline)) void fused(const Problem& p, int64_t r0, int64_t n0, f
       }
     }
   } else {
-    const int64_t bytes = FMT == kQ8_0 ? 32 : 16;
-    const uint8_t* q0 = static_cast<const uint8_t*>(p.qs) + n0 * nb * bytes;
+    const int64_t rowb = row_bytes(FMT, K), dss = ds_stride(K);
+    const uint8_t* q0 = static_cast<const uint8_t*>(p.qs) + n0 * rowb;
     for (int64_t b = 0; b < nb; ++b) {
-      block_step<R, C, FMT, 0>(q0, b, nb, bytes, ds, xr, acc);
-      block_step<R, C, FMT, 1>(q0, b, nb, bytes, ds, xr, acc);
-      block_step<R, C, FMT, 2>(q0, b, nb, bytes, ds, xr, acc);
-      block_step<R, C, FMT, 3>(q0, b, nb, bytes, ds, xr, acc);
+      block_step<R, C, FMT, 0>(q0, b, rowb, dss, ds, xr, acc);
+      block_step<R, C, FMT, 1>(q0, b, rowb, dss, ds, xr, acc);
+      block_step<R, C, FMT, 2>(q0, b, rowb, dss, ds, xr, acc);
+      block_step<R, C, FMT, 3>(q0, b, rowb, dss, ds, xr, acc);
     }
   }
-  if constexpr (FMT == kQ4_0 || FMT == kQ4_1) {
+  if constexpr (FMT == kQ4_0 || FMT == kQ4_1 || FMT == kQ4_K || FMT == kQ5_K) {
     const int64_t nbp = padded_blocks(K);
     const float* sxr[R];
     for (int r = 0; r < R; ++r) sxr[r] = p.sx + (r0 + r) * nbp;
@@ -179,7 +223,7 @@ void fused_columns(const Problem& p, int64_t n0, int64_t n1, float* ds, float* m
 // Unpacks columns n .. n+C-1 into w [C, Kp] (zero padded) and their offsets into mv [C, nb].
 template <int FMT>
 void unpack_panel(const Problem& p, int64_t n, int C, int64_t Kp, float* w, float* ds, float* mv) {
-  const int64_t K = p.K, nb = K / 32, bytes = FMT == kQ8_0 ? 32 : 16;
+  const int64_t K = p.K, nb = K / 32, rowb = row_bytes(FMT, K);
   if constexpr (FMT != kF32) scales<FMT>(p, n, C, ds, mv);
   for (int c = 0; c < C; ++c) {
     float* wc = w + c * Kp;
@@ -188,11 +232,9 @@ void unpack_panel(const Problem& p, int64_t n, int C, int64_t Kp, float* w, floa
       std::copy(src, src + K, wc);
       std::fill(wc + K, wc + Kp, 0.0f);
     } else {
-      const uint8_t* q = static_cast<const uint8_t*>(p.qs) + (n + c) * nb * bytes;
-      for (int64_t b = 0; b < nb; ++b) {
-        const __m256 d = _mm256_broadcast_ss(ds + c * padded_blocks(K) + b);
-        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(wc + b * 32 + 8 * j, unpack8<FMT>(q + b * bytes, j, d));
-      }
+      const uint8_t* q = static_cast<const uint8_t*>(p.qs) + (n + c) * rowb;
+      for (int64_t b = 0; b < nb; ++b)
+        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(wc + b * 32 + 8 * j, weights8<FMT>(q, b, j, ds + c * ds_stride(K)));
     }
   }
 }
@@ -256,7 +298,7 @@ void panel_columns(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t K = p.K, Kp = (K + 7) & ~int64_t{7};
   // Each row block of x stays in L2 while every panel of the column range passes over it.
   const int64_t rows_per_block = std::max<int64_t>(kR, (kXBlock / std::max<int64_t>(K, 1)) / kR * kR);
-  std::vector<float> w(kC * Kp), ds(kC * padded_blocks(K) + 1), mv(kC * padded_blocks(K) + 1);
+  std::vector<float> w(kC * Kp), ds(kC * ds_stride(K) + 1), mv(kC * padded_blocks(K) + 1);
   for (int64_t rb = 0; rb < p.M; rb += rows_per_block) {
     const int64_t re = std::min(p.M, rb + rows_per_block);
     int64_t n = n0;
@@ -274,7 +316,7 @@ void panel_columns(const Problem& p, int64_t n0, int64_t n1) {
 template <int FMT>
 void columns(const Problem& p, int64_t n0, int64_t n1) {
   if (p.M > kFusedMaxM) return panel_columns<FMT>(p, n0, n1);
-  std::vector<float> ds(4 * padded_blocks(p.K) + 1), mv(4 * padded_blocks(p.K) + 1);
+  std::vector<float> ds(4 * ds_stride(p.K) + 1), mv(4 * padded_blocks(p.K) + 1);
   switch (p.M) {  // R x C tiles: 6-8 FMA chains, no spills
     case 1: fused_columns<1, kFusedC1, FMT>(p, n0, n1, ds.data(), mv.data()); break;
     case 2: fused_columns<2, 2, FMT>(p, n0, n1, ds.data(), mv.data()); break;
@@ -303,7 +345,10 @@ void columns_avx2(const Problem& p, int64_t n0, int64_t n1) {
     case kF32: columns<kF32>(p, n0, n1); break;
     case kQ8_0: columns<kQ8_0>(p, n0, n1); break;
     case kQ4_0: columns<kQ4_0>(p, n0, n1); break;
-    default: columns<kQ4_1>(p, n0, n1); break;
+    case kQ4_1: columns<kQ4_1>(p, n0, n1); break;
+    case kQ4_K: columns<kQ4_K>(p, n0, n1); break;
+    case kQ5_K: columns<kQ5_K>(p, n0, n1); break;
+    default: columns<kQ6_K>(p, n0, n1); break;
   }
 }
 

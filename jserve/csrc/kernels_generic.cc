@@ -20,6 +20,17 @@ void dequant_column(const Problem& p, int64_t n, float* w, float* mv) {
     for (int64_t k = 0; k < K; ++k) w[k] = src[k];
     return;
   }
+  if (is_kquant(p.fmt)) {
+    std::vector<float> ds(ds_stride(K));
+    kquant_scales(p, n, ds.data(), mv);
+    const uint8_t* col = static_cast<const uint8_t*>(p.qs) + n * row_bytes(p.fmt, K);
+    for (int64_t b = 0; b < nb; ++b)
+      for (int j = 0; j < 32; ++j) {
+        const float d = p.fmt == kQ6_K ? ds[2 * b + (j >> 4)] : ds[b];
+        w[b * 32 + j] = (float)kquant_q(p.fmt, col, b, j) * d;
+      }
+    return;
+  }
   for (int64_t b = 0; b < nb; ++b) {
     const float d = half_to_float(p.d[n * nb + b]);
     float* wb = w + b * 32;
