@@ -1,7 +1,8 @@
 """The client libraries people put in front of a local server, against the shared tiny tool-capable
 server: LangChain's ``bind_tools`` (tool_choice required and named) and
-``with_structured_output(method="function_calling")``, and litellm's ``completion(..., tools=...)``.
-Both run offline (litellm with its bundled cost map; no path here needs tiktoken's downloads)."""
+``with_structured_output(method="function_calling")``, litellm's ``completion(..., tools=...)``,
+instructor's tools mode (whole and streamed partials) and pydantic-ai's structured output (its
+``final_result`` tool). All run offline (litellm with its bundled cost map; no path here needs tiktoken's downloads)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,42 @@ def test_litellm_completion_with_tools(server):
     call = choice.message.tool_calls[0]
     assert call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), GetWeather.model_json_schema())
+
+
+def test_instructor_tools_mode_whole_and_streamed_partials(server):
+    """instructor's default mode forces a named tool call, whole and streamed (its ``Partial`` model)."""
+    instructor = pytest.importorskip("instructor")
+    import openai
+
+    client = instructor.from_openai(openai.OpenAI(base_url=f"http://{server.http_address}/v1", api_key="unused",
+                                                  max_retries=0), mode=instructor.Mode.TOOLS)
+    kw = dict(model="tiny-tools", messages=[{"role": "user", "content": "Weather in Oslo?"}], max_tokens=120,
+              seed=7, max_retries=0)
+    got, raw = client.chat.completions.create_with_completion(response_model=GetWeather, **kw)
+    assert isinstance(got, GetWeather) and 1 <= got.days <= 7
+    call = raw.choices[0].message.tool_calls[0]
+    assert raw.choices[0].finish_reason == "tool_calls" and call.function.name == "GetWeather"
+    assert GetWeather.model_validate_json(call.function.arguments).model_dump() == got.model_dump()
+    partials = list(client.chat.completions.create_partial(response_model=GetWeather, **kw))
+    assert len(partials) > 1 and partials[0].city is None  # the object grows as the call's arguments stream
+    GetWeather.model_validate(partials[-1].model_dump())  # and ends complete and valid
+
+
+def test_pydantic_ai_structured_output(server):
+    """pydantic-ai's default output mode: a ``final_result`` tool with tool_choice required."""
+    pytest.importorskip("pydantic_ai")
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import ModelResponse, ToolCallPart
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    model = OpenAIChatModel("tiny-tools", provider=OpenAIProvider(base_url=f"http://{server.http_address}/v1",
+                                                                  api_key="unused"))
+    agent = Agent(model, output_type=GetWeather, model_settings={"max_tokens": 120, "seed": 7}, retries=0)
+    result = agent.run_sync("Weather in Lima?")
+    assert isinstance(result.output, GetWeather)
+    replies = [m for m in result.all_messages() if isinstance(m, ModelResponse)]
+    assert len(replies) == 1  # no retry: the first reply's call validated
+    calls = [p for p in replies[0].parts if isinstance(p, ToolCallPart)]
+    assert calls and calls[0].tool_name == "final_result"
+    assert GetWeather.model_validate_json(calls[0].args).model_dump() == result.output.model_dump()
