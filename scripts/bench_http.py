@@ -8,12 +8,18 @@ other flags at their defaults) and, each round, sends the same ``--requests`` ch
 - ``http``: through ``POST /v1/chat/completions`` with ``stream: true`` (server-sent events, read
   with ``http.client``; the official ``openai`` client costs the same on the server);
 - ``grpc-half-constrained``: as ``grpc``, but every other request must answer JSON valid against a
-  schema (an object with a list of at least 20 strings: a long answer), the rest free text.
+  schema (an object with a list of at least 20 strings: a long answer), the rest free text;
+- ``http-half-tools``: as ``http``, but every other request offers ``tools`` (one function whose
+  parameters are that schema) with ``tool_choice: required``, so its reply is a tool call the
+  grammar over the tool schemas enforces (in the checkpoint's tool-call format); its ratio to
+  ``http`` is the cost of constrained tool calls (issue 25's target: at most 15 %).
 
 All greedy, ``ignore_eos``, up to ``--max-tokens`` each (a constrained answer ends when its JSON
-is complete). Reports each variant's median tokens/s over the rounds and the ratios to ``grpc``.
+is complete). Reports each variant's median tokens/s over the rounds and the ratios to ``grpc`` and ``http``
+(rounds interleave the variants, so each ratio compares the same minutes of a shared machine).
 
     python scripts/bench_http.py [--streams 8] [--requests 16] [--max-tokens 128] [--rounds 3]
+        [--variants grpc,http,grpc-half-constrained,http-half-tools]
 
 Nothing here is a test.
 """
@@ -37,6 +43,8 @@ from bench_peers import chats  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": 20}},
           "required": ["items"]}
+TOOLS = [{"type": "function", "function": {"name": "record_items", "description": "Record a list of items.",
+                                           "parameters": SCHEMA}}]
 
 
 class Server:
@@ -74,21 +82,28 @@ class Server:
         return sum(len(r.token_ids) for r in self.client.stream(messages, **kw))
 
     def http(self, messages, args, constrained: bool) -> int:
+        """``constrained``: the request offers ``TOOLS`` and requires a call."""
         body = {"model": self.model, "messages": messages, "max_tokens": args.max_tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        if constrained:
+            body.update(tools=TOOLS, tool_choice="required")
         conn = http.client.HTTPConnection(self.http_host, int(self.http_port), timeout=600)
         conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-        tokens = 0
+        tokens, calls = 0, 0
         for raw in resp:
             line = raw.decode().strip()
             if line.startswith("data: ") and line != "data: [DONE]":
                 event = json.loads(line[6:])
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
+                for choice in event.get("choices", ()):
+                    calls += sum(1 for d in choice["delta"].get("tool_calls") or () if d.get("id"))
         conn.close()
+        if constrained and not calls:
+            raise RuntimeError("a request that required a tool call got none")
         return tokens
 
     def close(self) -> None:
@@ -121,11 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", default="grpc,http,grpc-half-constrained,http-half-tools",
+                    help="comma-separated, from grpc, http, grpc-half-constrained, http-half-tools")
     ap.add_argument("--json", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)
+    chosen = args.variants.split(",")
     prompts = chats(args.requests)
     server = Server(args)
-    variants = {"grpc": (server.grpc, 0), "http": (server.http, 0), "grpc-half-constrained": (server.grpc, 2)}
+    every = {"grpc": (server.grpc, 0), "http": (server.http, 0), "grpc-half-constrained": (server.grpc, 2),
+             "http-half-tools": (server.http, 2)}
+    if unknown := set(chosen) - set(every):
+        raise SystemExit(f"unknown variants: {sorted(unknown)}")
+    variants = {v: every[v] for v in chosen}
     results: dict[str, list[dict]] = {v: [] for v in variants}
     try:
         for send, every in variants.values():  # untimed: first-request effects (grammar compiler) out of the way
@@ -141,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     med = {v: statistics.median(x["tokens_per_s"] for x in results[v]) for v in variants}
     print(f"{platform.machine()}, {os.cpu_count()} cores; {args.requests} chat requests, {args.streams} at a time, "
           f"greedy, up to {args.max_tokens} tokens; {args.rounds} rounds (medians); {server.mode}")
-    print("| variant | tokens/s | vs grpc |")
-    print("| --- | ---: | ---: |")
+    bases = [b for b in ("grpc", "http") if b in med]
+    print("| variant | tokens/s | " + " | ".join(f"vs {b}" for b in bases) + " |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in bases) + " |")
     for v in variants:
-        print(f"| {v} | {med[v]:.1f} | {med[v] / med['grpc']:.2f} |")
+        print(f"| {v} | {med[v]:.1f} | " + " | ".join(f"{med[v] / med[b]:.2f}" for b in bases) + " |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                         indent=1))
