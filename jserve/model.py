@@ -3,7 +3,7 @@
 Llama's layer: RMSNorm, RoPE (with optional Llama-3 or linear frequency scaling), grouped-query
 attention, a gated MLP (SwiGLU), tied or untied embeddings. The other families are the same
 layer with a few differences, each switched on by a ``ModelConfig`` field and written once
-here (``_block``): Q/K/V biases, per-head q/k norms, norms on the attention and MLP outputs,
+here (``_layer``): Q/K/V biases, per-head q/k norms, norms on the attention and MLP outputs,
 GeGLU, scaled embeddings, a score scale and soft caps, sliding-window layers (whose attention
 reads only the cache blocks inside the window), per-layer RoPE bases, and a mixture of experts
 in place of the MLP. Q/K/V and gate/up projections are fused (one matmul each), which is
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -343,38 +344,78 @@ def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return _cap(logits, cfg.final_softcap)
 
 
-Attend = Callable[[jax.Array, jax.Array, jax.Array, AttnSpec], tuple[jax.Array, tuple[jax.Array, jax.Array]]]
+Attend = Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]
 
 
-def _block(params: Params, cfg: ModelConfig, i: int, x: jax.Array, positions: jax.Array,
+def layer_rep(cfg: ModelConfig, i: int) -> int:
+    """The first layer whose static spec (RoPE frequencies and scale, ``AttnSpec``) is layer ``i``'s:
+    layers with the same representative are traced by the same function (``_run_layer``)."""
+    key = (cfg.rope(i), attn_spec(cfg, i))
+    return next(j for j in range(i + 1) if (cfg.rope(j), attn_spec(cfg, j)) == key)
+
+
+def _layer(layer: LayerParams, x: jax.Array, positions: jax.Array, ck: jax.Array | None, cv: jax.Array | None,
+           aux: tuple, *, cfg: ModelConfig, rep: int, groups: tuple[int, int, int],
            attend: Attend) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Decoder layer ``i``, shared by every entry point: ``x [..., D]`` at ``positions [...]``.
+    """A decoder layer (any whose ``layer_rep`` is ``rep``), shared by every entry point: ``x [..., D]``
+    at ``positions [...]``; ``groups`` the params' (qkv, mlp, expert) groups.
 
-    ``attend(q, k, v, spec)`` gets the rotated queries ``[..., N, H]``, keys/values ``[..., K, H]``
-    and the layer's ``AttnSpec``, does what the entry point needs (write the cache, attend to it)
-    and returns the attention output ``[..., N·H]`` and the layer's keys/values as that entry
-    point keeps them."""
-    layer = params.layers[i]
-    inv_freq = rope_inv_freq(cfg, i)
+    ``attend(q, k, v, spec, ck, cv, aux, cfg)`` gets the rotated queries ``[..., N, H]``, keys/values
+    ``[..., K, H]``, the layer's ``AttnSpec``, its cache buffers ``ck``/``cv`` (None where there is
+    no cache) and the entry point's ``aux`` arrays; it does what the entry point needs (write the
+    cache, attend to it) and returns the attention output ``[..., N·H]`` and the layer's
+    keys/values as that entry point keeps them."""
+    inv_freq = rope_inv_freq(cfg, rep)
     h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
     qkv = dense(h, layer.wqkv)
     if layer.bqkv is not None:
         qkv = qkv + layer.bqkv.astype(qkv.dtype)
-    q, k, v = _split_qkv(cfg, qkv, params.qkv_groups)
+    q, k, v = _split_qkv(cfg, qkv, groups[0])
     if layer.q_norm is not None:
         q, k = rms_norm(q, layer.q_norm, cfg.norm_eps), rms_norm(k, layer.k_norm, cfg.norm_eps)
-    scale = rope_scale(cfg, i)
+    scale = rope_scale(cfg, rep)
     q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
-    o, kv = attend(q, k, v, attn_spec(cfg, i))
+    o, kv = attend(q, k, v, attn_spec(cfg, rep), ck, cv, aux, cfg)
     o = dense(o, layer.wo)
     if layer.post_attn_norm is not None:
         o = rms_norm(o, layer.post_attn_norm, cfg.norm_eps)
     x = x + o
     h = rms_norm(x, layer.mlp_norm, cfg.norm_eps)
-    m = _mlp(cfg, layer, h, params.mlp_groups) if layer.router is None else _moe(cfg, layer, h, params.expert_groups)
+    m = _mlp(cfg, layer, h, groups[1]) if layer.router is None else _moe(cfg, layer, h, groups[2])
     if layer.post_mlp_norm is not None:
         m = rms_norm(m, layer.post_mlp_norm, cfg.norm_eps)
     return x + m, kv
+
+
+# One function per layer spec, traced once and called per layer: inside a jitted caller the calls
+# are inlined by XLA, so the program (and every bit) is the unrolled one's, but tracing and lowering
+# cost one layer per spec instead of all of them.
+_layer_once = jax.jit(_layer, static_argnames=("cfg", "rep", "groups", "attend"))
+
+
+def trace_layers_once() -> bool:
+    """Whether entry points call ``_layer`` through one jitted function per layer spec (the
+    default) or trace every layer unrolled (``JSERVE_UNROLLED_LAYERS=1``): the same program and
+    bits either way (tests/test_model.py), fewer seconds tracing and lowering (scripts/bench_trace.py).
+    Read when a caller is traced, so it is set for the process before anything is compiled."""
+    return os.environ.get("JSERVE_UNROLLED_LAYERS", "") in ("", "0")
+
+
+def _run_layer(params: Params, cfg: ModelConfig, i: int, x: jax.Array, positions: jax.Array, ck: jax.Array | None,
+               cv: jax.Array | None, aux: tuple, attend: Attend) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Layer ``i`` (``_layer``): traced once per spec, or unrolled (``trace_layers_once``)."""
+    fn = _layer_once if trace_layers_once() else _layer
+    return fn(params.layers[i], x, positions, ck, cv, aux, cfg=cfg, rep=layer_rep(cfg, i),
+              groups=(params.qkv_groups, params.mlp_groups, params.expert_groups), attend=attend)
+
+
+def _attend_forward(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, ck: None, cv: None, aux: tuple,
+                    cfg: ModelConfig):
+    """``forward``'s attention: fresh sequences ``q [B, T, N, H]``, ``k/v [B, T, K, H]``, causal."""
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+    mask = jnp.broadcast_to(_in_window(jnp.arange(t)[None, :], jnp.arange(t)[:, None], spec.window), (b, t, t))
+    return _attend(q, k, v, mask, spec).reshape(b, t, cfg.n_heads * cfg.head_dim), (k, v)
 
 
 def forward(
@@ -389,15 +430,9 @@ def forward(
     b, t = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     x = embed_tokens(params, cfg, tokens)
-
-    def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec):
-        q = q.reshape(b, t, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-        mask = jnp.broadcast_to(_in_window(jnp.arange(t)[None, :], jnp.arange(t)[:, None], spec.window), (b, t, t))
-        return _attend(q, k, v, mask, spec).reshape(b, t, cfg.n_heads * cfg.head_dim), (k, v)
-
     ks, vs = [], []
     for i in range(len(params.layers)):
-        x, (k, v) = _block(params, cfg, i, x, pos, attend)
+        x, (k, v) = _run_layer(params, cfg, i, x, pos, None, None, (), _attend_forward)
         ks.append(k)
         vs.append(v)
     return x, tuple(ks), tuple(vs)
@@ -422,6 +457,23 @@ def prefill(
     return unembed(params, cfg, last), ks, vs
 
 
+def _attend_step_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, ck: jax.Array, cv: jax.Array,
+                       aux: tuple, cfg: ModelConfig):
+    """``decode_step``'s attention: ``q [S, 1, N, H]``, ``k/v [S, 1, K, H]`` at ``aux = (positions [S],
+    n_blocks)``. Written before attending: reading the donated cache first would make XLA copy it."""
+    positions, n_blocks = aux
+    s_, t = q.shape[0], ck.shape[2]
+    ck = write_step(ck, k[:, 0], positions)
+    cv = write_step(cv, v[:, 0], positions)
+    q = q.reshape(s_, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+    if n_blocks is None:
+        mask = _in_window(jnp.arange(t)[None, :], positions[:, None], spec.window)  # [S, T]
+        o = _attend_step(q, ck, cv, mask, spec)
+    else:
+        o = _attend_blocks(q, ck, cv, positions, n_blocks, spec)
+    return o.reshape(s_, 1, cfg.n_heads * cfg.head_dim), (ck, cv)
+
+
 def decode_step(
     params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
     n_blocks: jax.Array | None = None,
@@ -434,29 +486,27 @@ def decode_step(
     scalar: how many attention blocks cover the longest live sequence) attention reads only
     those blocks; without it, the whole cache, masked (the reference form).
     """
-    s_ = tokens.shape[0]
-    t = cache.max_len
     x = embed_tokens(params, cfg, tokens[:, None])  # [S, 1, D]
     new_k, new_v = [], []
     for i in range(len(params.layers)):
-
-        def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, i: int = i):
-            # q [S, 1, N, H], k/v [S, 1, K, H]. Written before attending: reading the donated
-            # cache first would make XLA copy it.
-            ck = write_step(cache.k[i], k[:, 0], positions)
-            cv = write_step(cache.v[i], v[:, 0], positions)
-            q = q.reshape(s_, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-            if n_blocks is None:
-                mask = _in_window(jnp.arange(t)[None, :], positions[:, None], spec.window)  # [S, T]
-                o = _attend_step(q, ck, cv, mask, spec)
-            else:
-                o = _attend_blocks(q, ck, cv, positions, n_blocks, spec)
-            return o.reshape(s_, 1, cfg.n_heads * cfg.head_dim), (ck, cv)
-
-        x, (ck, cv) = _block(params, cfg, i, x, positions[:, None], attend)
+        x, (ck, cv) = _run_layer(params, cfg, i, x, positions[:, None], cache.k[i], cache.v[i],
+                                 (positions, n_blocks), _attend_step_cache)
         new_k.append(ck)
         new_v.append(cv)
     return unembed(params, cfg, x[:, 0]), KVCache(k=tuple(new_k), v=tuple(new_v))
+
+
+def _attend_chunks_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, ck: jax.Array, cv: jax.Array,
+                         aux: tuple, cfg: ModelConfig):
+    """``extend``'s attention: ``q [M, N, H]``, ``k/v [M, K, H]`` of rows ``aux = (slots [R], pos
+    [R, C], write_pos [R, C], n_blocks, first_pos)``, written into the cache, then attended."""
+    slots, pos, write_pos, n_blocks, first_pos = aux
+    r, c = pos.shape
+    ck = write_chunks(ck, k.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
+    cv = write_chunks(cv, v.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
+    q = q.reshape(r, c, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+    o = _attend_chunks(q, ck, cv, slots, pos, n_blocks, first_pos, spec)
+    return o.reshape(r * c, cfg.n_heads * cfg.head_dim), (ck, cv)
 
 
 def extend(
@@ -481,19 +531,11 @@ def extend(
     pos = starts[:, None] + jnp.arange(c)[None, :]  # [R, C]
     write_pos = jnp.where(jnp.arange(c)[None, :] < counts[:, None], pos, t)  # padding writes nothing
     first_pos = jnp.min(jnp.where(counts > 0, starts, t))
-    flat_pos = pos.reshape(m)
     x = embed_tokens(params, cfg, tokens.reshape(m))  # [M, D]
     new_k, new_v = [], []
     for i in range(len(params.layers)):
-
-        def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, i: int = i):  # q [M, N, H]
-            ck = write_chunks(cache.k[i], k.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
-            cv = write_chunks(cache.v[i], v.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
-            q = q.reshape(r, c, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-            o = _attend_chunks(q, ck, cv, slots, pos, n_blocks, first_pos, spec)
-            return o.reshape(m, cfg.n_heads * cfg.head_dim), (ck, cv)
-
-        x, (ck, cv) = _block(params, cfg, i, x, flat_pos, attend)
+        x, (ck, cv) = _run_layer(params, cfg, i, x, pos.reshape(m), cache.k[i], cache.v[i],
+                                 (slots, pos, write_pos, n_blocks, first_pos), _attend_chunks_cache)
         new_k.append(ck)
         new_v.append(cv)
     return x.reshape(r, c, -1), KVCache(k=tuple(new_k), v=tuple(new_v))

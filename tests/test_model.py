@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -255,3 +257,53 @@ def test_copy_prefix_copies_whole_blocks_of_one_slot_only():
 def test_pairwise_sum_sums_any_width(n):
     x = np.random.default_rng(n).standard_normal((2, n)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(model.pairwise_sum(jnp.asarray(x))), x.sum(-1), rtol=1e-5, atol=1e-5)
+
+
+# Plain layers; Gemma 3's alternating sliding windows with a local RoPE base (two layer specs);
+# float weights as the CPU kernels' blocks (``for_cpu_kernels``, where built).
+LAYER_CASES = [({"n_layers": 4}, False),
+               ({"n_layers": 6, "sliding_window": 8, "sliding_layers": (True, True, False) * 2,
+                 "rope_local_theta": 500.0}, False),
+               ({"n_layers": 4}, True)]
+
+
+@pytest.mark.parametrize("over,kernels", LAYER_CASES)
+def test_layers_traced_once_per_spec_equal_the_unrolled_layers_bitwise(over, kernels, monkeypatch):
+    """``extend`` and ``decode_step`` give the same bits with every layer traced unrolled and with one
+    traced function per layer spec, which traces ``_layer`` once per distinct spec, not per layer."""
+    cfg, params = _setup(**over)
+    if kernels:
+        params = model.for_cpu_kernels(params)
+    specs = {model.layer_rep(cfg, i) for i in range(cfg.n_layers)}
+    assert len(specs) == (2 if "sliding_window" in over else 1)
+    rng = np.random.default_rng(3)
+    slots, t, r, c = 3, 32, 2, 4
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(r, c)), jnp.int32)
+    rows = (jnp.array([1, 2], jnp.int32), jnp.array([0, 5], jnp.int32), jnp.array([4, 3], jnp.int32))
+    traced = []
+    real = model._layer
+
+    def counting(*args, **kwargs):
+        traced.append(kwargs["rep"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "_layer", counting)
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("JSERVE_UNROLLED_LAYERS", flag)
+        monkeypatch.setattr(model, "_layer_once", jax.jit(counting, static_argnames=("cfg", "rep", "groups",
+                                                                                      "attend")))
+        traced.clear()
+        cache = KVCache.zeros(cfg, slots, t, jnp.float32)
+        # Fresh functions each time: jit's cache does not know the switch.
+        x, cache = jax.jit(functools.partial(model.extend, cfg=cfg))(params, tokens=tokens, slots=rows[0],
+                                                                      starts=rows[1], counts=rows[2], cache=cache,
+                                                                      n_blocks=jnp.int32(1))
+        logits, cache = jax.jit(functools.partial(model.decode_step, cfg=cfg))(
+            params, tokens=jnp.array([7, 8, 9], jnp.int32), positions=jnp.array([t, 4, 7], jnp.int32), cache=cache,
+            n_blocks=jnp.int32(1))
+        out[flag] = (x, logits, cache)
+        assert len(traced) == (2 * cfg.n_layers if flag == "1" else 2 * len(specs)), traced
+    for unrolled, once in zip(jax.tree.leaves(out["1"]), jax.tree.leaves(out["0"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(unrolled), np.asarray(once))
+    assert np.any(np.asarray(out["0"][1]) != 0)
