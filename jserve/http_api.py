@@ -6,12 +6,14 @@
 ``GET /v1/models``, ``GET /health`` and ``GET /metrics``, and the smaller routes of
 ``jserve.http_extra`` (``/tokenize``, ``/detokenize``, ``/v1/models/{id}``, OpenAI-shaped 404/405).
 Requests are parsed and checked by pydantic models (unknown fields are refused, not ignored; the
-platform-only fields OpenAI's SDKs send are accepted and ignored, ``http_schemas``); prompts and sampling parameters
-then go through the same ``LLM.submit`` validation as gRPC, so both APIs refuse the same input
-with the same message. Errors use OpenAI's body ``{"error": {"message", "type", "param",
-"code"}}``: 400 bad input, 404 unknown model, 429 queue full, 503 warming up or shutting down,
-504 deadline passed, 500 internal. A client that disconnects, streaming or not, has its requests
-cancelled: their slots are free before the next step.
+platform-only fields OpenAI's SDKs send are accepted and ignored, ``http_schemas``); prompts and
+sampling parameters then go through the request layer (``jserve.request``) as gRPC's and the
+offline script's do: the same defaults (``max_tokens`` not given: the rest of the context), and
+the same input refused with the same message. Errors use OpenAI's body ``{"error": {"message",
+"type", "param", "code"}}``, by ``jserve.request.ERRORS``: 400 bad input, 404 unknown model, 429
+queue full or slow reader, 503 warming up or shutting down, 504 deadline passed, 500 internal.
+A client that disconnects, streaming or not, has its requests cancelled: their slots are free
+before the next step.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from jserve import request as rq
+from jserve.errors import ErrorKind, RequestError
 from jserve.http_extra import add_routes
 from jserve.http_output import ChoicesMixin, _EventStream
 from jserve.http_responses import ResponsesRequest
@@ -49,7 +53,6 @@ from jserve.http_tools import ToolReplies, plan_chat
 if TYPE_CHECKING:
     from jserve.metrics import ServingMetrics
     from jserve.orchestrator import Stream
-    from jserve.sampling import SamplingParams
     from jserve.tools import ToolPlan
 
 log = logging.getLogger("jserve.http")
@@ -73,9 +76,9 @@ class HttpFrontEnd(ChoicesMixin):
     # ---- helpers ---------------------------------------------------------------------------------
     def _ready(self):
         if self.llm is None:
-            raise ApiError(503, "the server is warming up; retry shortly", "server_error", code="warming_up")
+            raise ApiError.of(RequestError(ErrorKind.WARMING_UP, "the server is warming up; retry shortly"))
         if self.draining:
-            raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
+            raise ApiError.of(RequestError(ErrorKind.SHUTTING_DOWN, "the server is shutting down"))
         return self.llm
 
     @property
@@ -84,50 +87,22 @@ class HttpFrontEnd(ChoicesMixin):
 
     def _check_model(self, name: str) -> None:
         if name != self.model_id:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
-                           param="model", code="model_not_found")
+            raise ApiError.of(RequestError(ErrorKind.NOT_FOUND, f"the model {name!r} does not exist; this server "
+                                                                f"serves {self.model_id!r}"), param="model")
 
-    def _params(self, body: _Sampling, max_tokens: int | None, prompt_len: int, logprobs: int | None,
-                seed: int | None, constraint: Any = None, skip_special: bool = True) -> SamplingParams:
-        from jserve.sampling import SamplingParams
-
-        llm = self.llm
-        if max_tokens is None:  # OpenAI's default: the rest of the context
-            max_tokens = max(1, llm.engine.max_len - prompt_len)
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-
-        def given(value: Any, default: Any) -> Any:
-            return default if value is None else value
-
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=given(body.temperature, 1.0), top_p=given(body.top_p, 1.0),
-            top_k=given(body.top_k, 0), min_p=given(body.min_p, 0.0), seed=seed,
-            repetition_penalty=given(body.repetition_penalty, 1.0),
-            presence_penalty=given(body.presence_penalty, 0.0), frequency_penalty=given(body.frequency_penalty, 0.0),
-            stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
-            constraint=constraint if constraint is not None else body.constraint(), speculate=body.speculate,
-            logit_bias=body.logit_bias_pairs(), skip_special_tokens=skip_special)
-
-    async def _submit(self, ids: list[int], params: SamplingParams, timeout: float | None) -> Stream:
-        from jserve.orchestrator import QueueFullError, ShuttingDownError
-        from jserve.sampling import InvalidRequestError
-
+    async def _off_loop(self, work: Any, *args: Any) -> Any:
+        """``work(*args)`` in the loop's executor (tokenizer, templates, schemas); its refusal as an ``ApiError``."""
         try:
-            return await self.llm.submit_async(ids, params, timeout=timeout)
-        except InvalidRequestError as e:
-            raise ApiError(400, str(e)) from e
-        except QueueFullError as e:
-            raise ApiError(429, str(e), "server_error", code="queue_full") from e
-        except ShuttingDownError as e:
-            raise ApiError(503, str(e), "server_error", code="shutting_down") from e
+            return await asyncio.get_running_loop().run_in_executor(None, work, *args)
+        except RequestError as e:
+            raise ApiError.of(e) from e
 
-    async def _tokenize(self, prompt: Any) -> list[int]:
-        from jserve.sampling import InvalidRequestError
-
+    def _check(self, body: _Sampling, max_tokens: int | None, logprobs: int | None) -> None:
+        """The sampling fields, checked by the request layer before any prompt is tokenized."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.llm.tokenize_input, prompt)
-        except InvalidRequestError as e:
-            raise ApiError(400, str(e)) from e
+            rq.check_params(body.params(max_tokens, logprobs, body.seed), self.llm.limits)
+        except RequestError as e:
+            raise ApiError.of(e) from e
 
     async def _start(self, prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
                      logprobs: int | None, constraint: Any = None,
@@ -138,8 +113,12 @@ class HttpFrontEnd(ChoicesMixin):
             for ids in prompts:
                 for j in range(body.n):
                     seed = None if body.seed is None else body.seed + j
-                    params = self._params(body, max_tokens, len(ids), logprobs, seed, constraint, skip_special)
-                    started.append((ids, await self._submit(ids, params, body.timeout)))
+                    params = body.params(max_tokens, logprobs, seed, constraint, skip_special)
+                    try:
+                        stream = await self.llm.submit_async(ids, params, timeout=body.timeout)
+                    except RequestError as e:
+                        raise ApiError.of(e) from e
+                    started.append((ids, stream))
         except BaseException:
             for _, s in started:
                 s.cancel()
@@ -150,17 +129,11 @@ class HttpFrontEnd(ChoicesMixin):
     async def _plan(self, messages: list[dict[str, Any]], tools: Any, tool_choice: Any,
                     parallel: Any) -> tuple[ToolPlan, list[int]]:
         """The chat's tool plan and prompt ids, worked out off the event loop."""
-        from jserve.sampling import InvalidRequestError
-
         llm = self.llm
         if self._vocab is None:
             self._vocab = llm.tokenizer.tok.get_vocab() if llm.tokenizer is not None else {}
-        work = functools.partial(plan_chat, llm, messages, tools, tool_choice, parallel, self._vocab,
-                                 self.tool_call_format)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, work)
-        except InvalidRequestError as e:
-            raise ApiError(400, str(e), param=_param_of(str(e))) from e
+        return await self._off_loop(functools.partial(plan_chat, llm, messages, tools, tool_choice, parallel,
+                                                      self._vocab, self.tool_call_format))
 
     def _tool_constraint(self, plan: ToolPlan, body: _Sampling) -> Any:
         """The tool grammar, refused beside another constraint on the same reply."""
@@ -242,11 +215,12 @@ class HttpFrontEnd(ChoicesMixin):
             if body.top_logprobs is not None and not body.logprobs:
                 raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
             body.check_supported()
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            self._check(body, max_tokens, logprobs)
             plan, ids = await self._plan([m.raw() for m in body.messages], body.tools, body.tool_choice,
                                          body.parallel_tool_calls)
             constraint = self._tool_constraint(plan, body)
-            logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             started = await self._start([ids], body, max_tokens, logprobs, constraint, self._skip_special(plan))
             tools = self._replies(plan, body, len(started))
             return await self._respond(request, body, started, chat=True, tools=tools)
@@ -256,6 +230,7 @@ class HttpFrontEnd(ChoicesMixin):
             self._ready()
             self._check_model(body.model)
             chat = body.chat_request()
+            self._check(chat, chat.max_tokens, None)
             plan, ids = await self._plan([m.raw() for m in chat.messages], chat.tools, chat.tool_choice,
                                          chat.parallel_tool_calls)
             constraint = self._tool_constraint(plan, chat)
@@ -271,13 +246,10 @@ class HttpFrontEnd(ChoicesMixin):
             if body.suffix:
                 raise ApiError(400, "suffix is not supported", param="suffix")
             p = body.prompt
-            if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)):
-                prompts_in: list[Any] = [p]
-            else:
-                prompts_in = list(p)
-            if not prompts_in:
-                raise ApiError(400, "the prompt is empty", param="prompt")
-            prompts = [await self._tokenize(x) for x in prompts_in]
+            # One prompt (text or token ids; [] is an empty one) or a batch of them.
+            prompts_in: list[Any] = [p] if isinstance(p, str) or all(isinstance(t, int) for t in p) else list(p)
+            self._check(body, body.max_tokens, body.logprobs)
+            prompts = [await self._off_loop(self.llm.tokenize_input, x) for x in prompts_in]
             started = await self._start(prompts, body, body.max_tokens, body.logprobs)
             return await self._respond(request, body, started, chat=False)
 
@@ -317,14 +289,6 @@ class HttpFrontEnd(ChoicesMixin):
     def _rejected(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.reject(reason)
-
-
-def _param_of(message: str) -> str | None:
-    """The request field an error message from the tools' validation names first."""
-    for name in ("tool_choice", "parallel_tool_calls", "tools", "message"):
-        if message.startswith(name):
-            return "messages" if name == "message" else name
-    return None
 
 
 def bind(host: str, port: int) -> socket.socket:

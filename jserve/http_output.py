@@ -11,10 +11,16 @@ from typing import TYPE_CHECKING, Any
 from fastapi.responses import StreamingResponse
 
 from jserve.http_schemas import _Sampling, finish_error
+from jserve.request import FINISHES, FinishReason
 
 if TYPE_CHECKING:
     from jserve.http_tools import ToolReplies
     from jserve.orchestrator import Stream, StreamOutput
+
+
+def openai_finish(reason: str | None) -> str | None:
+    """OpenAI's ``finish_reason`` of a piece's (``jserve.request.FINISHES``; None while it runs)."""
+    return None if reason is None else FINISHES[FinishReason(reason)].openai
 
 
 class ChoicesMixin:
@@ -69,7 +75,7 @@ class ChoicesMixin:
     def _choice(self, index: int, pieces: list[StreamOutput], chat: bool,
                 tools: ToolReplies | None = None) -> dict[str, Any]:
         text = "".join(p.text for p in pieces)
-        reason = pieces[-1].finish_reason  # jserve's "stop" and "length" are OpenAI's names too
+        reason = openai_finish(pieces[-1].finish_reason)
         out: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": self._logprobs(pieces, chat)}
         if chat and tools is not None:
             out["message"] = tools.message(index, pieces)
@@ -120,7 +126,7 @@ class ChoicesMixin:
                     return
                 if not piece.text and not piece.token_ids and piece.finish_reason is None:
                     continue
-                reason = piece.finish_reason
+                reason = openai_finish(piece.finish_reason)
                 choice: dict[str, Any] = {"index": index, "finish_reason": reason,
                                           "logprobs": self._logprobs([piece], chat, offsets[index])}
                 offsets[index] += len(piece.text)

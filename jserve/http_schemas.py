@@ -1,5 +1,6 @@
 """The HTTP API's request bodies (pydantic models: unknown fields are refused) and its errors
-(``ApiError``: OpenAI's body ``{"error": {"message", "type", "param", "code"}}``)."""
+(``ApiError``: OpenAI's body ``{"error": {"message", "type", "param", "code"}}``, made from the
+request layer's ``RequestError`` with ``jserve.request.ERRORS``)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jserve import request as rq
+from jserve.errors import RequestError
+
 if TYPE_CHECKING:
     from jserve.orchestrator import StreamOutput
+    from jserve.sampling import SamplingParams
     from jserve.structured import Constraint
 
 # Refusals at the edge by status, counted in ``jserve_requests_rejected`` as gRPC counts its own
 # (a full queue, 429, is counted by the orchestrator whichever front end it came through).
-REJECTED = {400: "invalid_argument", 404: "not_found", 503: "unavailable"}
+REJECTED = {edge.http: edge.rejected for edge in rq.ERRORS.values() if edge.rejected is not None}
 
 
 # ---- request bodies ------------------------------------------------------------------------------
@@ -77,7 +82,7 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Any = None  # a string or a list of strings, checked by the request layer (one message)
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -101,15 +106,16 @@ class _Sampling(_Body):
     guided_regex: str | None = None  # jserve/vLLM extras: the answer matches this regex ...
     guided_choice: list[str] | None = None  # ... or is exactly one of these strings
 
-    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
-        """``logit_bias`` ({"token id": bias}) as ``SamplingParams.logit_bias``; the ids' range,
-        the biases' range and their count are checked with the other sampling parameters."""
-        pairs = []
-        for key, bias in (self.logit_bias or {}).items():
-            if not key.strip().lstrip("-").isdigit():
-                raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
-            pairs.append((int(key), float(bias)))
-        return tuple(pairs)
+    def params(self, max_tokens: int | None, logprobs: int | None, seed: int | None, constraint: Any = None,
+               skip_special: bool = True) -> SamplingParams:
+        """The request layer's ``SamplingParams`` of these fields (a field not given: its one default)."""
+        return rq.sampling_params(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, seed=seed, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            constraint=constraint if constraint is not None else self.constraint(), speculate=self.speculate,
+            logit_bias=self.logit_bias, skip_special_tokens=skip_special)
 
     def constraint(self) -> Constraint | None:
         from jserve.structured import Constraint
@@ -188,27 +194,32 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.refusal = refusal
 
+    @classmethod
+    def of(cls, e: RequestError, param: str | None = None, refusal: bool = True) -> ApiError:
+        """``e`` as OpenAI's error (``jserve.request.ERRORS``); ``param``: the field it names, by
+        default the first word of its message when that is a request field."""
+        edge = rq.ERRORS[e.kind]
+        return cls(edge.http, e.message, edge.openai_type, param=param or param_of(e.message),
+                   code=edge.openai_code, refusal=refusal)
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+_FIELDS = frozenset(ChatCompletionRequest.model_fields) | frozenset(CompletionRequest.model_fields)
+
+
+def param_of(message: str) -> str | None:
+    """The request field an error message names first (``"temperature must be ..."``, ``"message 3: ..."``)."""
+    for prefix, name in (("stop token", "stop_token_ids"), ("stop", "stop"), ("tool_choice", "tool_choice"),
+                         ("parallel_tool_calls", "parallel_tool_calls"), ("tools", "tools"), ("message", "messages")):
+        if message.startswith(prefix):
+            return name
+    word = message.split(" ", 1)[0].rstrip(":,")
+    return word if word in _FIELDS else None
+
+
 def finish_error(piece: StreamOutput, rid: str, max_undelivered: int) -> ApiError | None:
     """The error a request's final piece stands for, if it did not end normally."""
-    from jserve.orchestrator import DEADLINE, ERROR, SHUTDOWN, SLOW_READER
-
-    r = piece.finish_reason
-    if r == DEADLINE:
-        return ApiError(504, f"request {rid}: the deadline passed after {piece.completion_tokens} tokens",
-                        "timeout", code="deadline_exceeded", refusal=False)
-    if r == SHUTDOWN:
-        return ApiError(503, f"the server shut down before request {rid} finished; retry it", "server_error",
-                        code="shutting_down", refusal=False)
-    if r == SLOW_READER:
-        return ApiError(429, f"request {rid} ended after {piece.completion_tokens} tokens: the client left more "
-                             f"than {max_undelivered} pieces unread (--max-undelivered)", "server_error",
-                        code="slow_reader", refusal=False)
-    if r == ERROR:
-        return ApiError(500, f"request {rid} failed: {piece.error}", "server_error", code="internal_error",
-                        refusal=False)
-    return None
-
+    err = rq.finish_error(piece.finish_reason, rid, piece.completion_tokens, piece.error, max_undelivered)
+    return None if err is None else ApiError.of(err, refusal=False)

@@ -19,10 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-
-class InvalidRequestError(ValueError):
-    """A request that can never be served as given; the message says exactly why."""
-
+from jserve.errors import InvalidRequestError  # re-exported: defined with the edge's other errors
 
 # Bounds on what a client controls (besides the prompt, bounded by the engine's max_prompt_len).
 MAX_STOP_STRINGS = 16
@@ -58,7 +55,7 @@ class SamplingParams:
     Reported log-probabilities are the model's own, before penalties and bias, as elsewhere.
     """
 
-    max_tokens: int = 128
+    max_tokens: int | None = None  # None: the rest of the context (resolved by ``jserve.request``)
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -82,7 +79,7 @@ class SamplingParams:
         def bad(msg: str) -> None:
             raise InvalidRequestError(msg)
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             bad(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")

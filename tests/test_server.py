@@ -188,7 +188,7 @@ def test_overload_gets_resource_exhausted_while_admitted_work_completes(server, 
 
 
 @pytest.mark.parametrize("prompt, kwargs, message", [
-    ("", {}, "the prompt text is empty"),
+    ("", {}, "the prompt is empty"),
     (list(range(20, 20 + MAX_PROMPT + 1)), {}, f"accepts at most {MAX_PROMPT}"),
     ("hello", {"max_tokens": 0}, "max_tokens must be an integer >= 1"),
     ("hello", {"max_tokens": MAX_LEN}, f"exceeds the context of {MAX_LEN} tokens"),

@@ -1,0 +1,318 @@
+"""The request layer: one typed request, one validation, one set of defaults and messages.
+
+Every front end (gRPC ``jserve.server``, HTTP ``jserve.http_api``, the offline
+``scripts/generate.py`` and the Python ``LLM``) maps its fields onto a ``GenerateRequest`` and its
+outcome back through the tables at the end of this file, so the same request gets the same
+tokens, the same finish reason and the same error message whichever way it came in:
+
+    GenerateRequest (prompt: text | token ids | chat messages; SamplingParams: sampling, stops,
+    constraint, speculation, max_tokens; request_id; timeout)
+      → check(request, limits)          before tokenizing: shapes, ranges, sizes
+      → LLM tokenizes (chat template)   off the event loop for the servers
+      → fit(ids, params, limits)        the prompt's length and the context; max_tokens resolved
+      → the orchestrator's stream of outputs, each final one with a ``FinishReason``
+      → finish_error(...)               a finish that is a failure, as a ``RequestError``
+
+Defaults (one set, for every front end): those of ``SamplingParams``; ``max_tokens`` not given
+means the rest of the context (``max_len`` minus the prompt's tokens), as OpenAI's API has it.
+No JAX and no transport here: the HTTP front end imports this before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from jserve.errors import ErrorKind, InvalidRequestError, RequestError
+
+if TYPE_CHECKING:
+    from jserve.sampling import SamplingParams
+
+__all__ = ["ERRORS", "FINISHES", "ErrorKind", "FinishReason", "GenerateRequest", "Limits", "RequestError",
+           "check", "finish_error", "fit", "normalize_chat", "sampling_params"]
+
+PromptInput = str | Sequence[dict[str, Any]] | Sequence[int]
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+CHAT_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"})
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request ended; the values are the orchestrator's finish-reason strings."""
+
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens, or the end of the context
+    CANCELLED = "cancelled"  # the client went away or cancelled
+    DEADLINE = "deadline"  # its timeout passed
+    ERROR = "error"  # the engine failed under it
+    SHUTDOWN = "shutdown"  # cut by a shutdown (no drain, or the drain ran out of time)
+    SLOW_READER = "slow_reader"  # its consumer left more than max_undelivered pieces unread
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What a loaded server accepts (``LLM.limits``)."""
+
+    vocab_size: int
+    max_len: int  # prompt + output positions per slot
+    max_prompt_len: int
+    max_logprobs: int
+    max_token_bytes: int | None  # the longest token's bytes; None without a tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    """One generation request, as every front end hands it to ``LLM``.
+
+    ``prompt``: text, a list of token ids, or OpenAI chat messages. ``params``: sampling, stops,
+    structured-output constraint, speculation, logit bias and ``max_tokens`` (None: the rest of
+    the context). ``timeout``: seconds from submission to the deadline."""
+
+    prompt: PromptInput
+    params: SamplingParams | None = None
+    request_id: str | None = None
+    timeout: float | None = None
+
+
+def parse_stop(stop: Any) -> tuple[str, ...]:
+    """``stop`` as the APIs send it (None, a string, or a list of strings) as a tuple of strings."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if not isinstance(stop, (list, tuple)):
+        raise InvalidRequestError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    for i, s in enumerate(stop):
+        if not isinstance(s, str):
+            raise InvalidRequestError(f"stop must be a string or a list of strings; item {i} is "
+                                      f"{type(s).__name__}")
+    return tuple(stop)
+
+
+def sampling_params(*, stop: Any = None, logit_bias: Any = None, stop_token_ids: Any = None,
+                    **given: Any) -> SamplingParams:
+    """``SamplingParams`` from a front end's fields: a field that is None (not given) takes the one
+    default, ``SamplingParams``'; ``stop`` may be a string or a list, ``logit_bias`` a mapping of
+    token id (int or decimal string, as JSON sends it) to bias, or (id, bias) pairs."""
+    from jserve.sampling import SamplingParams
+
+    fields = {k: v for k, v in given.items() if v is not None}
+    if logit_bias:  # checked, and made (int, float) pairs, by ``check_params``
+        fields["logit_bias"] = tuple(logit_bias.items() if hasattr(logit_bias, "items") else logit_bias)
+    return SamplingParams(stop=parse_stop(stop), stop_token_ids=tuple(stop_token_ids or ()), **fields)
+
+
+def _content_text(i: int, content: Any) -> str:
+    """A message's content as text: a string, or OpenAI's list of content parts whose text parts
+    are joined (an assistant's ``refusal`` parts count as text); other parts are refused."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"message {i}: content must be a string, a list of text parts or null")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        key = "refusal" if kind == "refusal" else "text"
+        if kind not in ("text", "refusal"):
+            raise InvalidRequestError(f"message {i}: content part {j} has type {kind!r}; this server reads "
+                                      f"text parts only (\"type\": \"text\")")
+        if not isinstance(part.get(key), str):
+            raise InvalidRequestError(f"message {i}: content part {j} needs a string {key!r}")
+        texts.append(part[key])
+    return "".join(texts)
+
+
+def normalize_chat(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI chat messages checked and made renderable: content as text (None stays None on an
+    assistant turn with ``tool_calls``), ``developer`` as ``system``; ``InvalidRequestError`` with
+    the message's index for anything else."""
+    from jserve.sampling import MAX_CHAT_MESSAGES
+
+    if not messages:
+        raise InvalidRequestError("the chat has no messages")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise InvalidRequestError(f"a chat may have at most {MAX_CHAT_MESSAGES} messages, got {len(messages)}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequestError(f"message {i} must be an object")
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise InvalidRequestError(
+                f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
+        extra = set(m) - CHAT_FIELDS
+        if extra:
+            raise InvalidRequestError(f"message {i}: unknown fields {sorted(extra)}")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                raise InvalidRequestError(f"message {i}: only assistant messages carry tool_calls")
+            if not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str) for c in calls):
+                raise InvalidRequestError(f"message {i}: tool_calls must be a list of {{\"id\", \"type\": "
+                                          f"\"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+        if role == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise InvalidRequestError(f"message {i}: a tool message needs the tool_call_id it answers")
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise InvalidRequestError(f"message {i}: {key} must be a string")
+        msg = {k: v for k, v in m.items() if v is not None}
+        if content is None:
+            if role != "assistant":
+                raise InvalidRequestError(f"message {i}: content is required (null only on an assistant message)")
+            msg["content"] = None
+        else:
+            msg["content"] = _content_text(i, content)
+        if role == "developer":
+            msg["role"] = "system"
+        out.append(msg)
+    return out
+
+
+def check_text_fits(text: str, what: str, limits: Limits) -> None:
+    """Refuse, before tokenizing it, a text that must hold more tokens than a prompt may: every
+    token stands for at most ``max_token_bytes`` bytes, so more bytes than that many tokens'
+    worth can never fit (a multi-megabyte prompt is refused at once, not after tokenizing)."""
+    if limits.max_token_bytes is None:
+        raise InvalidRequestError("this checkpoint has no tokenizer; send token ids")
+    limit = limits.max_prompt_len * limits.max_token_bytes
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        n = len(text.encode("utf-8", "surrogatepass"))
+        raise InvalidRequestError(
+            f"{what} has {n} bytes; this server accepts prompts of at most {limits.max_prompt_len} tokens, "
+            f"which is at most {limits.max_token_bytes * limits.max_prompt_len} bytes of text "
+            f"({limits.max_token_bytes} bytes per token at most)")
+
+
+def prompt_kind(prompt: Any, limits: Limits) -> str:
+    """``"text"``, ``"chat"`` or ``"ids"`` after the checks that need no tokenizer: present,
+    non-empty, of one kind, token ids in the vocabulary, text not beyond what can fit."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        check_text_fits(prompt, "the prompt", limits)
+        return "text"
+    if not isinstance(prompt, Sequence) or isinstance(prompt, bytes):
+        raise InvalidRequestError(f"a prompt must be text, chat messages or token ids, got {type(prompt).__name__}")
+    if not prompt:
+        raise InvalidRequestError("the prompt is empty")
+    if all(isinstance(m, dict) for m in prompt):
+        return "chat"  # checked by ``normalize_chat`` before its template renders it
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        v = limits.vocab_size
+        for i, t in enumerate(prompt):
+            if not 0 <= t < v:
+                raise InvalidRequestError(f"token id {t} at index {i} is outside the vocabulary [0, {v})")
+        return "ids"
+    raise InvalidRequestError("a list prompt must hold only chat messages (objects) or only token ids (integers)")
+
+
+def check(request: GenerateRequest, limits: Limits) -> SamplingParams:
+    """Everything about ``request`` that can be checked before tokenizing, in one place; returns
+    its ``SamplingParams`` (the defaults when it has none). ``InvalidRequestError`` if not servable."""
+    from jserve.sampling import MAX_REQUEST_ID_CHARS, SamplingParams
+
+    rid = request.request_id
+    if rid is not None and len(rid) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequestError(f"request_id may have at most {MAX_REQUEST_ID_CHARS} characters, got {len(rid)}")
+    if request.timeout is not None and not request.timeout > 0:
+        raise InvalidRequestError(f"timeout must be > 0 seconds, got {request.timeout}")
+    params = check_params(request.params if request.params is not None else SamplingParams(), limits)
+    prompt_kind(request.prompt, limits)
+    return params
+
+
+def check_params(params: SamplingParams, limits: Limits) -> SamplingParams:
+    """The sampling parameters' own checks (ranges, stops, logit bias, logprobs); ``params`` with
+    its logit bias as (int token id, float bias) pairs."""
+    if not isinstance(params.stop, tuple) or not all(isinstance(s, str) for s in params.stop):
+        parse_stop(params.stop)  # refuses with the one message for a stop of the wrong type
+    from jserve.sampling import validate_logit_bias
+
+    params.validate(limits.vocab_size, limits.max_logprobs)
+    if params.logit_bias:
+        params = dataclasses.replace(params, logit_bias=validate_logit_bias(params.logit_bias, limits.vocab_size))
+    return params
+
+
+def fit(ids: Sequence[int], params: SamplingParams, limits: Limits) -> SamplingParams:
+    """The checks that need the prompt's tokens; returns ``params`` with ``max_tokens`` resolved
+    (not given: the rest of the context)."""
+    if not ids:
+        raise InvalidRequestError("the prompt is empty")
+    if len(ids) > limits.max_prompt_len:
+        raise InvalidRequestError(f"the prompt has {len(ids)} tokens; this server accepts at most "
+                                  f"{limits.max_prompt_len}")
+    room = limits.max_len - len(ids)
+    if params.max_tokens is None:
+        return dataclasses.replace(params, max_tokens=room)
+    if params.max_tokens > room:
+        raise InvalidRequestError(
+            f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
+            f"{limits.max_len} tokens; lower max_tokens to at most {room}")
+    return params
+
+
+def finish_error(reason: str | None, request_id: str, completion_tokens: int, error: str | None,
+                 max_undelivered: int) -> RequestError | None:
+    """The error a request's final piece stands for, if it did not end normally (one message for
+    every front end)."""
+    if reason == FinishReason.DEADLINE:
+        return RequestError(ErrorKind.DEADLINE, f"request {request_id}: the deadline passed after "
+                                                f"{completion_tokens} tokens")
+    if reason == FinishReason.SHUTDOWN:
+        return RequestError(ErrorKind.SHUTTING_DOWN, f"the server shut down before request {request_id} finished "
+                                                     f"({completion_tokens} tokens sent); retry it")
+    if reason == FinishReason.SLOW_READER:
+        return RequestError(ErrorKind.SLOW_READER, f"request {request_id} ended after {completion_tokens} tokens: "
+                                                   f"the client left more than {max_undelivered} pieces unread "
+                                                   "(--max-undelivered)")
+    if reason == FinishReason.ERROR:
+        return RequestError(ErrorKind.INTERNAL, f"request {request_id} failed: {error}")
+    return None
+
+
+# ---- the protocols, side by side -----------------------------------------------------------------
+class Edge(NamedTuple):
+    """How one error kind reads in each protocol; ``rejected``: the label it is counted under in
+    ``jserve_requests_rejected`` when it refuses a request before it runs (None: not counted there;
+    a full queue is counted by the orchestrator whichever front end it came through)."""
+
+    grpc: str  # grpc.StatusCode's name
+    http: int  # HTTP status
+    openai_type: str  # OpenAI's error "type"
+    openai_code: str | None  # OpenAI's error "code"
+    rejected: str | None
+
+
+ERRORS: dict[ErrorKind, Edge] = {
+    ErrorKind.INVALID: Edge("INVALID_ARGUMENT", 400, "invalid_request_error", None, "invalid_argument"),
+    ErrorKind.NOT_FOUND: Edge("NOT_FOUND", 404, "invalid_request_error", "model_not_found", "not_found"),
+    ErrorKind.QUEUE_FULL: Edge("RESOURCE_EXHAUSTED", 429, "server_error", "queue_full", None),
+    ErrorKind.WARMING_UP: Edge("UNAVAILABLE", 503, "server_error", "warming_up", "unavailable"),
+    ErrorKind.SHUTTING_DOWN: Edge("UNAVAILABLE", 503, "server_error", "shutting_down", "unavailable"),
+    ErrorKind.DEADLINE: Edge("DEADLINE_EXCEEDED", 504, "timeout", "deadline_exceeded", None),
+    ErrorKind.SLOW_READER: Edge("RESOURCE_EXHAUSTED", 429, "server_error", "slow_reader", None),
+    ErrorKind.INTERNAL: Edge("INTERNAL", 500, "server_error", "internal_error", None),
+}
+
+
+class Finish(NamedTuple):
+    """How a finish reason reads in each protocol: the gRPC ``FinishReason`` enum's name and
+    OpenAI's ``finish_reason`` (None: the finish is an error, ``finish_error``'s)."""
+
+    grpc: str | None
+    openai: str | None
+
+
+FINISHES: dict[FinishReason, Finish] = {
+    FinishReason.STOP: Finish("STOP", "stop"),  # after tool calls: TOOL_CALLS / "tool_calls"
+    FinishReason.LENGTH: Finish("LENGTH", "length"),
+    FinishReason.CANCELLED: Finish("CANCELLED", None),  # the client is gone: nobody reads it
+    FinishReason.DEADLINE: Finish(None, None),
+    FinishReason.ERROR: Finish(None, None),
+    FinishReason.SHUTDOWN: Finish(None, None),
+    FinishReason.SLOW_READER: Finish(None, None),
+}

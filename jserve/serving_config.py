@@ -1,0 +1,86 @@
+"""Serving configuration: the one set of defaults the server's command line, ``LLM(...)`` and
+``scripts/generate.py`` are built from (the model's own architecture is ``jserve.config``).
+
+Three frozen dataclasses, by what they configure:
+
+- ``EngineConfig``: what is compiled and loaded (every process of a multi-host run loads it alike);
+- ``SchedulerConfig``: how the orchestrator admits and runs requests;
+- ``ServerConfig``: the network front ends (gRPC, HTTP, metrics) and their limits.
+
+Defaults chosen once, for every entry point: ``speculate=0`` (speculative decoding is opt-in:
+``--speculate 4`` / ``LLM(speculate=4)``; it pays for a few live streams of repetitive text, seldom
+for a full batch, and its verify calls cost compile time and memory whether used or not);
+``top_logprobs=5``; and a request's ``max_tokens``, when not given, is the rest of the context
+(``jserve.request``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+QUANTIZE_MODES = ("int8", "int8-dynamic", "q8_0", "q4_0", "q4_1", "float")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """``slots``: requests decoded together. ``max_len``: positions per slot (prompt + output).
+    ``max_prompt_len``: longest prompt (None: ``max_len - 1``). ``quantize``: the weights' format
+    at load (None: as stored). ``dtype``: weights and KV cache. ``top_logprobs``: most alternatives
+    a request may ask for (0 saves a top-k per step). ``mesh``: ``"tp=4"``, ``"dp=2,tp=4"`` (None:
+    one device). ``speculate``: drafted tokens a decode step may check per slot (0 = off, which
+    also saves compiling the checking step)."""
+
+    slots: int = 8
+    max_len: int = 1024
+    max_prompt_len: int | None = None
+    quantize: str | None = None
+    dtype: str = "float32"
+    top_logprobs: int = 5
+    mesh: str | None = None
+    indivisible: str = "replicate"
+    speculate: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """``max_waiting``: bound of the waiting queue. ``prefill_budget``: prompt tokens run per
+    decode step while streams are live. ``prefix_cache``: reuse the keys/values of prompt prefixes
+    already held by some slot. ``speculate_default``: whether requests that do not say use
+    speculative decoding. ``max_undelivered``: pieces a consumer may leave unread before its
+    request ends (``slow_reader``). ``pipeline``: dispatch each step before handling the last."""
+
+    max_waiting: int = 256
+    prefill_budget: int = 64
+    prefix_cache: bool = True
+    speculate_default: bool = True
+    max_undelivered: int = 1024
+    pipeline: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """The network edge: addresses, the largest request accepted, the drain on SIGTERM."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    http_port: int | None = None
+    metrics_port: int | None = None
+    max_request_bytes: int = 4 << 20
+    drain_timeout: float = 30.0
+    tool_call_format: str | None = None
+
+
+def split_settings(engine: EngineConfig | None, scheduler: SchedulerConfig | None,
+                   settings: dict[str, Any]) -> tuple[EngineConfig, SchedulerConfig]:
+    """``engine`` and ``scheduler`` (defaults when None) with ``settings`` (field name → value,
+    e.g. ``LLM(slots=4)``) applied to whichever has the field; ``TypeError`` for an unknown one."""
+    engine, scheduler = engine or EngineConfig(), scheduler or SchedulerConfig()
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = set(settings) - names - {f.name for f in dataclasses.fields(SchedulerConfig)}
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}")
+    engine = dataclasses.replace(engine, **{k: v for k, v in settings.items() if k in names})
+    scheduler = dataclasses.replace(scheduler, **{k: v for k, v in settings.items() if k not in names})
+    return engine, scheduler
