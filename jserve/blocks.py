@@ -1,4 +1,5 @@
-"""GGUF block formats as a weight leaf type: Q8_0, Q4_0 and Q4_1 kept as they come, multiplied in place.
+"""GGUF block formats as a weight leaf type: Q8_0, Q4_0, Q4_1 and the K-quants Q4_K, Q5_K, Q6_K kept as
+they come, multiplied in place.
 
 A ``BlockArray`` is a matrix ``W [N, K]`` (rows are output channels) cut along ``K`` into blocks of
 32 values, each block stored with its own float16 scale ``d`` (and, for Q4_1, offset ``m``)::
@@ -10,6 +11,18 @@ A ``BlockArray`` is a matrix ``W [N, K]`` (rows are output channels) cut along `
 
 which is llama.cpp's layout with the scales pulled out of the byte stream (so a GGUF tensor's
 blocks are kept byte for byte). Stacked weights carry leading axes (``[L, N, K/32, B]``).
+
+The K-quants cut ``K`` into super-blocks of 256 values; ``qs`` keeps each ggml super-block's bytes
+minus its float16 ``d`` (and ``dmin``, kept as ``m``), which are pulled out as above::
+
+    q4_k  qs uint8 [N, K/256, 140]  scales[12] qs[128]; d, m = dmin float16 [N, K/256];
+                                    value = d * sc * nibble - dmin * mn (6-bit sc, mn per 32 values)
+    q5_k  qs uint8 [N, K/256, 172]  scales[12] qh[32] qs[128]; d, m = dmin; as q4_k, 5-bit quants
+    q6_k  qs uint8 [N, K/256, 208]  ql[128] qh[64] int8 scales[16]; d float16 [N, K/256], no m;
+                                    value = d * sc * (q - 32) (6-bit q, one int8 sc per 16 values)
+
+(ggml's order within a block: q4_k / q5_k start with d, dmin; q6_k ends with d.) ``quantize_blocks``
+writes only q8_0, q4_0 and q4_1 (``FORMATS``); the K-quants come from GGUF files.
 
 ``matmul`` multiplies by such a matrix: on CPU through ``jserve.cpu_kernels`` (row-invariant
 kernels reading the blocks) when they are built, otherwise through XLA, dequantizing inside the
@@ -27,12 +40,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-FORMATS = ("q8_0", "q4_0", "q4_1")
-BLOCK = 32  # values per block
-QS_WIDTH = {"q8_0": 32, "q4_0": 16, "q4_1": 16}  # bytes of quantized values per block
-QS_DTYPE = {"q8_0": np.int8, "q4_0": np.uint8, "q4_1": np.uint8}
+FORMATS = ("q8_0", "q4_0", "q4_1")  # the formats quantize_blocks writes (the --quantize modes)
+KQUANTS = ("q4_k", "q5_k", "q6_k")  # read from GGUF files only
+ALL_FORMATS = FORMATS + KQUANTS
+BLOCK = 32  # values per block (q8_0, q4_0, q4_1)
+KBLOCK = 256  # values per K-quant super-block
+QS_WIDTH = {"q8_0": 32, "q4_0": 16, "q4_1": 16, "q4_k": 140, "q5_k": 172, "q6_k": 208}  # qs bytes per block
+QS_DTYPE = {"q8_0": np.int8, "q4_0": np.uint8, "q4_1": np.uint8, "q4_k": np.uint8, "q5_k": np.uint8,
+            "q6_k": np.uint8}
+WITH_M = ("q4_1", "q4_k", "q5_k")  # formats with an ``m`` (q4_1's offset, the K-quants' dmin)
 # GGUF tensor type names of the formats kept as blocks.
-GGUF_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+GGUF_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
+
+
+def block_values(fmt: str) -> int:
+    """Values of ``K`` per block (per row of ``d``): 256 for the K-quants, else 32."""
+    return KBLOCK if fmt in KQUANTS else BLOCK
 
 
 @struct.dataclass
@@ -56,7 +79,7 @@ class BlockArray:
         """The logical shape ``[..., N, K]``."""
         if self.fmt == "f32":
             return tuple(self.qs.shape)
-        return (*self.qs.shape[:-2], self.qs.shape[-2] * BLOCK)
+        return (*self.qs.shape[:-2], self.qs.shape[-2] * block_values(self.fmt))
 
     @property
     def nbytes(self) -> int:
@@ -68,20 +91,23 @@ class BlockArray:
                             m=None if self.m is None else fn(self.m))
 
 
-def check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown block format {fmt!r} (known: {', '.join(FORMATS)})")
+def check_format(fmt: str, known: tuple[str, ...] = ALL_FORMATS) -> None:
+    if fmt not in known:
+        raise ValueError(f"unknown block format {fmt!r} (known: {', '.join(known)})")
 
 
 def from_gguf_bytes(raw: np.ndarray, fmt: str) -> BlockArray:
     """A GGUF tensor's data ``uint8 [..., N, bytes per row]`` as blocks (no copy of the values'
     meaning: the bytes are only regrouped)."""
     check_format(fmt)
-    head = 4 if fmt == "q4_1" else 2
+    head = 4 if fmt in WITH_M else 2
     raw = np.ascontiguousarray(raw).view(np.uint8)
     blocks = raw.reshape(*raw.shape[:-1], -1, head + QS_WIDTH[fmt])
+    if fmt == "q6_k":  # d last
+        d = np.ascontiguousarray(blocks[..., 208:210]).view(np.float16)[..., 0]
+        return BlockArray(qs=np.ascontiguousarray(blocks[..., :208]), d=d, m=None, fmt=fmt)
     d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
-    m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0] if fmt == "q4_1" else None
+    m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0] if fmt in WITH_M else None
     qs = np.ascontiguousarray(blocks[..., head:]).view(QS_DTYPE[fmt])
     return BlockArray(qs=qs, d=d, m=m, fmt=fmt)
 
@@ -92,6 +118,8 @@ def to_gguf_bytes(b: BlockArray) -> np.ndarray:
     if b.m is not None:
         parts.append(np.asarray(b.m, np.float16)[..., None].view(np.uint8))
     parts.append(np.asarray(b.qs).view(np.uint8))
+    if b.fmt == "q6_k":
+        parts = parts[::-1]  # ql, qh, scales, then d
     blocks = np.concatenate(parts, axis=-1)
     return blocks.reshape(*blocks.shape[:-2], -1)
 
@@ -105,7 +133,7 @@ def quantize_blocks(w: np.ndarray, fmt: str) -> BlockArray:
       ``q = min(15, trunc(x / d + 8.5))``;
     - q4_1: ``d = (max - min) / 15``, ``m = min``, ``q = min(15, trunc((x - min) / d + 0.5))``.
     """
-    check_format(fmt)
+    check_format(fmt, FORMATS)
     w = np.asarray(w, np.float32)
     if w.shape[-1] % BLOCK:
         raise ValueError(f"block formats need the inner dimension to be a multiple of {BLOCK}, got {w.shape[-1]}")
@@ -143,6 +171,8 @@ def dequantize_blocks(b: BlockArray, dtype=jnp.float32) -> jax.Array | np.ndarra
     xp = np if isinstance(b.qs, np.ndarray) else jnp
     if b.fmt == "f32":
         return b.qs.astype(dtype)
+    if b.fmt in KQUANTS:
+        return _dequantize_kquant(b, xp).astype(dtype)
     d = b.d.astype(xp.float32)[..., None]
     if b.fmt == "q8_0":
         x = b.qs.astype(xp.float32) * d
@@ -150,6 +180,36 @@ def dequantize_blocks(b: BlockArray, dtype=jnp.float32) -> jax.Array | np.ndarra
         nib = xp.concatenate([b.qs & 15, b.qs >> 4], axis=-1).astype(xp.float32)
         x = (nib - 8) * d if b.fmt == "q4_0" else nib * d + b.m.astype(xp.float32)[..., None]
     return x.reshape(*x.shape[:-2], -1).astype(dtype)
+
+
+def _dequantize_kquant(b: BlockArray, xp) -> jax.Array | np.ndarray:
+    """K-quant blocks → float32 ``[..., N, K]`` with ggml's formulas in float32 (``d * sc`` and
+    ``dmin * mn`` are exact products, so each value is rounded once, as gguf.quants rounds it)."""
+    qs = b.qs
+    lead = qs.shape[:-1]  # [..., N, S]
+    d = b.d.astype(xp.float32)[..., None]  # [..., N, S, 1]
+    if b.fmt == "q6_k":
+        ql = qs[..., :128].reshape(*lead, 2, 1, 64)
+        lo = ((ql >> xp.asarray([0, 4], xp.uint8).reshape(2, 1)) & 15).reshape(*lead, 8, 32)
+        qh = qs[..., 128:192].reshape(*lead, 2, 1, 32)
+        hi = ((qh >> xp.asarray([0, 2, 4, 6], xp.uint8).reshape(4, 1)) & 3).reshape(*lead, 8, 32)
+        q = (lo | (hi << 4)).astype(xp.int32) - 32
+        sc = qs[..., 192:208].astype(xp.int32)
+        sc = (sc - 256 * (sc >= 128)).astype(xp.float32)  # int8
+        x = (d * sc)[..., None] * q.reshape(*lead, 16, 16).astype(xp.float32)
+        return x.reshape(*lead[:-1], -1)
+    scales = qs[..., :12].reshape(*lead, 3, 4)
+    dd, mm, md = scales[..., 0, :], scales[..., 1, :], scales[..., 2, :]
+    sc = xp.concatenate([dd & 63, (md & 15) | ((dd >> 2) & 48)], axis=-1).astype(xp.float32)  # [..., N, S, 8]
+    mn = xp.concatenate([mm & 63, (md >> 4) | ((mm >> 2) & 48)], axis=-1).astype(xp.float32)
+    start = 12 if b.fmt == "q4_k" else 44
+    ql = qs[..., start:start + 128].reshape(*lead, 4, 1, 32)
+    q = ((ql >> xp.asarray([0, 4], xp.uint8).reshape(2, 1)) & 15).reshape(*lead, 8, 32)
+    if b.fmt == "q5_k":
+        qh = qs[..., 12:44].reshape(*lead, 1, 32)
+        q = q | (((qh >> xp.arange(8, dtype=xp.uint8).reshape(8, 1)) & 1) << 4)
+    x = (d * sc)[..., None] * q.astype(xp.float32) - (b.m.astype(xp.float32)[..., None] * mn)[..., None]
+    return x.reshape(*lead[:-1], -1)
 
 
 def concat_rows(parts: list[BlockArray], groups: int = 1) -> BlockArray:

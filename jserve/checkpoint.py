@@ -33,7 +33,9 @@ A matrix in a GGUF block format (``jserve/blocks.py``: q8_0, q4_0, q4_1) is stor
 rows = output channels (``[..., O, I]``, i.e. transposed against the float layout above):
 ``<name>`` the quantized values ``[..., O, I/32, B]`` (int8 for q8_0, uint8 for the 4-bit
 formats), ``<name>_d`` the float16 scales ``[..., O, I/32]`` and, for q4_1, ``<name>_m`` the
-float16 offsets. The arrays say the format (see ``block_format``); ``weights.json`` records it
+float16 offsets. The K-quants (q4_k, q5_k, q6_k) alike per 256 values: ``[..., O, I/256, B]``
+uint8 (B = 140, 172, 208 says which), ``_d`` ``[..., O, I/256]``, ``_m`` the dmin of q4_k / q5_k.
+The arrays say the format (see ``block_format``); ``weights.json`` records it
 per matrix, with the checkpoint format's version (1 before block formats existed).
 """
 
@@ -130,6 +132,10 @@ def block_format(weights: Weights, key: str) -> str | None:
         return None
     if weights[key].dtype == np.int8:
         return "q8_0"
+    width = weights[key].shape[-1]  # the K-quants' qs widths (140, 172, 208) are their own
+    kquant = {w: f for f, w in blocks.QS_WIDTH.items() if f in blocks.KQUANTS}.get(width)
+    if kquant is not None:
+        return kquant
     return "q4_1" if key + BLOCK_M in weights else "q4_0"
 
 
@@ -192,9 +198,9 @@ def check_weights(cfg: ModelConfig, weights: Weights) -> None:
     for key, fmt in block_keys(weights).items():
         shape, axis = want[key], QUANTIZED_KEYS[key]
         o, i = shape[-2 + axis], shape[-1 - axis]
-        want[key], want[key + BLOCK_D] = (*shape[:-2], o, i // blocks.BLOCK, blocks.QS_WIDTH[fmt]), \
-            (*shape[:-2], o, i // blocks.BLOCK)
-        if fmt == "q4_1":
+        per = blocks.block_values(fmt)
+        want[key], want[key + BLOCK_D] = (*shape[:-2], o, i // per, blocks.QS_WIDTH[fmt]), (*shape[:-2], o, i // per)
+        if fmt in blocks.WITH_M:
             want[key + BLOCK_M] = want[key + BLOCK_D]
     if is_quantized(weights):
         for key, axis in QUANTIZED_KEYS.items():

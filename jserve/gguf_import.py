@@ -1,10 +1,12 @@
 """GGUF files into jserve checkpoints: llama.cpp's layouts undone, its metadata read as a ``ModelConfig``.
 
 Architectures: ``llama`` (Llama, Mistral, and Mixtral with experts), ``qwen2``, ``qwen3``,
-``qwen3moe``, ``gemma2``, ``gemma3``, ``phi3``. Matrices in Q8_0, Q4_0 or Q4_1 are kept as their
-blocks (``jserve/blocks.py``), byte for byte, llama.cpp's row layouts undone on whole block rows;
-other quantized types (the K-quants, ...) are dequantized to float32, as are experts' matrices and
-a matrix whose layers (or fused parts) do not share one block format. Used through
+``qwen3moe``, ``gemma2``, ``gemma3``, ``phi3``. Matrices in Q8_0, Q4_0, Q4_1 or the K-quants Q4_K,
+Q5_K, Q6_K (what Q4_K_M / Q5_K_M / Q6_K files hold) are kept as their blocks (``jserve/blocks.py``),
+byte for byte, llama.cpp's row layouts undone on whole block rows (a row is whole blocks: GGUF's
+rows are a multiple of the block's values; a matrix where that fails is dequantized, logged); other
+quantized types are dequantized to float32, as are experts' matrices and a matrix whose layers (or
+fused parts) do not share one block format (a Q4_K_M file mixes Q4_K and Q6_K across a matrix's layers). Used through
 ``python -m jserve.convert gguf`` (``jserve/convert.py``).
 """
 
@@ -18,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jserve import checkpoint
-from jserve.blocks import GGUF_TYPES, BlockArray, dequantize_blocks, from_gguf_bytes
+from jserve.blocks import GGUF_TYPES, BlockArray, block_values, dequantize_blocks, from_gguf_bytes
 from jserve.config import ModelConfig, RopeScaling
 from jserve.tokenizer import TextTokenizer, tokenizer_from_gguf
 
@@ -217,8 +219,11 @@ def convert_gguf(path: pathlib.Path, out: pathlib.Path) -> None:
     def get(name: str) -> np.ndarray | BlockArray:
         t = tensors[name]
         fmt = GGUF_TYPES.get(t.tensor_type.name)
-        if fmt is not None and len(t.shape) == 2:
-            return from_gguf_bytes(np.asarray(t.data), fmt)  # [out, in / 32, B]: rows as the file has them
+        if fmt is not None and len(t.shape) == 2 and int(t.shape[0]) % block_values(fmt):
+            log.info("%s: %s rows of %d values are not whole blocks of %d; dequantized to float32", name,
+                     t.tensor_type.name, int(t.shape[0]), block_values(fmt))
+        elif fmt is not None and len(t.shape) == 2:
+            return from_gguf_bytes(np.asarray(t.data), fmt)  # [out, in / B values, bytes]: rows as the file has them
         x = gguf.quants.dequantize(t.data, t.tensor_type)
         return np.asarray(x, np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
 

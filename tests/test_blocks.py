@@ -292,3 +292,117 @@ def test_llama_cpp_layouts_are_undone_on_block_rows(name, tmp_path):
         want = quants.quantize(rows.reshape(-1, rows.shape[-1]), GGUF_TYPE["q8_0"])
         np.testing.assert_array_equal(to_gguf_bytes(checkpoint.stored_blocks(w, key)),
                                       want.reshape(*rows.shape[:-1], -1), err_msg=key)
+
+
+# K-quants: gguf has no K-quant quantizer in this version, so they are random valid super-blocks
+# (every byte random, small random float16 d / dmin), dequantized by gguf.quants as the reference.
+KQ_TYPE = {"q4_k": gguf.GGMLQuantizationType.Q4_K, "q5_k": gguf.GGMLQuantizationType.Q5_K,
+           "q6_k": gguf.GGMLQuantizationType.Q6_K}
+KQ_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
+
+
+def _random_kquant_raw(rng, fmt: str, n: int, k: int, scale: float = 1e-3) -> np.ndarray:
+    """GGUF bytes uint8 [n, k/256 * block bytes] of a random ``fmt`` matrix [n, k]."""
+    raw = rng.integers(0, 256, (n, k // 256, KQ_BYTES[fmt]), dtype=np.uint8)
+    halves = (rng.standard_normal((n, k // 256, 1 if fmt == "q6_k" else 2)) * scale).astype(np.float16)
+    if fmt == "q6_k":
+        raw[..., 208:] = halves.view(np.uint8)
+    else:
+        raw[..., :4] = halves.view(np.uint8).reshape(n, k // 256, 4)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("fmt", blocks.KQUANTS)
+def test_kquant_blocks_dequantize_bitwise_as_gguf_in_numpy_and_under_jit(fmt):
+    raw = _random_kquant_raw(np.random.default_rng(20), fmt, 6, 512)
+    want = quants.dequantize(raw, KQ_TYPE[fmt])
+    b = from_gguf_bytes(raw, fmt)
+    assert b.shape == (6, 512) and b.qs.shape == (6, 2, blocks.QS_WIDTH[fmt]) and (b.m is None) == (fmt == "q6_k")
+    np.testing.assert_array_equal(to_gguf_bytes(b), raw)
+    np.testing.assert_array_equal(dequantize_blocks(b, np.float32), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(dequantize_blocks)(blocks.to_device(b))), want)
+
+
+@pytest.mark.parametrize("kernel", [False, True] if KERNELS else [False], ids=lambda k: "kernel" if k else "xla")
+@pytest.mark.parametrize("fmt", blocks.KQUANTS)
+def test_kquant_dense_and_take_rows_match_numpy_on_the_gguf_dequantized_weight(fmt, kernel):
+    rng = np.random.default_rng(21)
+    raw = _random_kquant_raw(rng, fmt, 40, 256)
+    w = quants.dequantize(raw, KQ_TYPE[fmt]).astype(np.float64)
+    b = blocks.to_device(from_gguf_bytes(raw, fmt)).replace(kernel=kernel)
+    x = rng.normal(size=(3, 5, 256)).astype(np.float32)
+    got = np.asarray(jax.jit(dense)(jnp.asarray(x), b))
+    want = x.astype(np.float64) @ w.T
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    ids = jnp.array([[0, 7], [39, 2]])
+    np.testing.assert_array_equal(np.asarray(take_rows(b, ids, jnp.float32)), w[np.asarray(ids)].astype(np.float32))
+
+
+def _write_tiny_llama_gguf(path: pathlib.Path, types: dict[str, list], rng, dequantized: bool = False) -> dict:
+    """A 2-layer llama GGUF (dim 256, 4 heads of 64, 2 KV heads, FFN 512, vocab 64) whose matrices
+    are random blocks of the given GGUF types (per layer), or, with ``dequantized``, those same
+    blocks dequantized by gguf.quants as F32. Returns the raw bytes by tensor name."""
+    dim, ffn, vocab = 256, 512, 64
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2), w.add_context_length(128), w.add_embedding_length(dim)
+    w.add_feed_forward_length(ffn), w.add_head_count(4), w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5), w.add_rope_freq_base(10000.0)
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    shapes = {"attn_q": (dim, dim), "attn_k": (128, dim), "attn_v": (128, dim), "attn_output": (dim, dim),
+              "ffn_gate": (ffn, dim), "ffn_up": (ffn, dim), "ffn_down": (dim, ffn)}
+    raws = {}
+
+    def put(name: str, fmt: str, shape: tuple[int, int]) -> None:
+        raw = _random_kquant_raw(rng, fmt, *shape, scale=2e-4)
+        raws[name] = raw
+        if dequantized:
+            w.add_tensor(name, quants.dequantize(raw, KQ_TYPE[fmt]).astype(np.float32))
+        else:
+            w.add_tensor(name, raw, raw_dtype=KQ_TYPE[fmt])
+
+    put("token_embd.weight", types["token_embd"][0], (vocab, dim))
+    put("output.weight", types["output"][0], (vocab, dim))
+    w.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
+    for i in range(2):
+        for name, shape in shapes.items():
+            put(f"blk.{i}.{name}.weight", types[name][i], shape)
+        for name in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{name}.weight", (1 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+    return raws
+
+
+def test_a_kquant_gguf_loads_as_blocks_and_gives_the_logits_of_its_dequantized_float_twin(tmp_path, caplog):
+    """Q4_K / Q5_K / Q6_K matrices stay blocks through convert and load (RoPE rows undone on whole
+    block rows, byte for byte); w_down mixes Q6_K and Q4_K across layers as Q4_K_M files do, so it is
+    dequantized. The logits equal those of the same GGUF written as F32 (gguf's own dequantize)."""
+    from jserve.gguf_import import convert_gguf
+
+    types = {"token_embd": ["q6_k"], "output": ["q4_k"], "attn_q": ["q5_k"] * 2, "attn_k": ["q5_k"] * 2,
+             "attn_v": ["q5_k"] * 2, "attn_output": ["q6_k"] * 2, "ffn_gate": ["q4_k"] * 2,
+             "ffn_up": ["q4_k"] * 2, "ffn_down": ["q6_k", "q4_k"]}
+    raws = _write_tiny_llama_gguf(tmp_path / "k.gguf", types, np.random.default_rng(30))
+    _write_tiny_llama_gguf(tmp_path / "f.gguf", types, np.random.default_rng(30), dequantized=True)
+    with caplog.at_level("INFO", logger="jserve.convert"):
+        convert_gguf(tmp_path / "k.gguf", tmp_path / "k")
+    convert_gguf(tmp_path / "f.gguf", tmp_path / "f")
+    assert "w_down: layers in formats ['q4_k', 'q6_k'] are dequantized" in caplog.text
+    cfg, stored = checkpoint.load_weights(tmp_path / "k")
+    assert checkpoint.block_keys(stored) == {"wq": "q5_k", "wk": "q5_k", "wv": "q5_k", "wo": "q6_k",
+                                             "w_gate": "q4_k", "w_up": "q4_k", "embed": "q6_k", "lm_head": "q4_k"}
+    for i in range(2):
+        want = convert.unpermute_rope_rows(raws[f"blk.{i}.attn_k.weight"], cfg.n_kv_heads)
+        np.testing.assert_array_equal(to_gguf_bytes(checkpoint.stored_blocks(stored, "wk", i)), want)
+    params = checkpoint.to_params(cfg, stored)
+    assert isinstance(params.layers[0].wqkv, BlockArray) and params.layers[0].wqkv.fmt == "q5_k"
+    assert isinstance(params.layers[0].w_gate_up, BlockArray) and params.layers[0].w_gate_up.fmt == "q4_k"
+    assert not isinstance(params.layers[0].w_down, BlockArray)
+    cfg_f, float_params, _ = checkpoint.load(tmp_path / "f")
+    assert weight_format(float_params) is None
+    ids = jnp.array([[1, 17, 30, 5, 42, 9, 63, 3]])
+    want = np.asarray(model.logits_all(float_params, cfg_f, ids))
+    assert np.max(np.abs(want)) > 0.1  # the model computes something
+    for kernel in [False, True] if KERNELS else [False]:
+        got = np.asarray(model.logits_all(_with_kernel(params, kernel), cfg, ids))
+        assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want)), (kernel, np.max(np.abs(got - want)))

@@ -27,6 +27,7 @@ QTYPE = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationTy
          "q4_1": gguf.GGMLQuantizationType.Q4_1}
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 ROWS = (1, 2, 3, 7, 16, 33, 64, 257, 512)
+BASIC = tuple(f for f in ck.FORMATS if f not in ck.KQUANTS)  # gguf quantizes these (K-quants: below)
 
 
 def _isas() -> list[str]:
@@ -69,7 +70,7 @@ def run(x: np.ndarray, fmt: str, ops: tuple[np.ndarray, ...], isa: str = "auto")
 
 @needs_kernels
 @pytest.mark.parametrize("isa", _isas())
-@pytest.mark.parametrize("fmt", ck.FORMATS)
+@pytest.mark.parametrize("fmt", BASIC)
 def test_matches_gguf_dequantize_and_numpy(fmt, isa):
     k = 100 if fmt == "f32" else 96  # f32: K not a multiple of 8
     ops, w64 = quantized(fmt, 37, k)
@@ -89,7 +90,7 @@ def test_random_blocks_every_value_matches_gguf(fmt, isa):
 
 @needs_kernels
 @pytest.mark.parametrize("isa", _isas())
-@pytest.mark.parametrize("fmt", ck.FORMATS)
+@pytest.mark.parametrize("fmt", BASIC)
 def test_row_alone_equals_row_amid_any_number_of_rows_bitwise(fmt, isa):
     k = 72 if fmt == "f32" else 64
     ops, w64 = quantized(fmt, 70, k, seed=5)  # N = 70: not a multiple of any tile or thread chunk
@@ -107,7 +108,7 @@ def test_row_alone_equals_row_amid_any_number_of_rows_bitwise(fmt, isa):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ck.FORMATS)
+@pytest.mark.parametrize("fmt", BASIC)
 def test_rows_invariant_under_jit(fmt):
     k = 64
     ops, _ = quantized(fmt, 45, k, seed=7)
@@ -152,7 +153,7 @@ def test_bad_operands_refused_with_a_message():
     with pytest.raises(ValueError, match="multiple of 32"):
         ck.matmul(jnp.zeros((2, 48)), "q4_0", jnp.zeros((4, 1, 16), jnp.uint8), jnp.zeros((4, 1), jnp.float16))
     with pytest.raises(ValueError, match="fmt"):
-        ck.matmul(x, "q5_k", jnp.asarray(ops[0]))
+        ck.matmul(x, "q3_k", jnp.asarray(ops[0]))
 
 
 @needs_kernels
@@ -263,3 +264,19 @@ def test_kquant_k_not_a_multiple_of_256_refused():
     ops, _ = random_kquant("q4_k", 4, 256)
     with pytest.raises(ValueError, match="multiple of 256"):
         run(np.zeros((1, 288), np.float32), "q4_k", ops)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", list(KQ))
+def test_kquant_rows_invariant_under_jit(fmt):
+    ops, _ = random_kquant(fmt, 45, 256, seed=15)
+    ops_j = tuple(jnp.asarray(a) for a in ops)
+    f = jax.jit(lambda x, *o: ck.matmul(x, fmt, *o))
+    rng = np.random.default_rng(16)
+    needle = rng.standard_normal((256,)).astype(np.float32)
+    alone = np.asarray(f(jnp.asarray(needle[None]), *ops_j))[0]
+    assert np.array_equal(alone, run(needle[None], fmt, ops)[0])  # jitted == eager
+    for m in (2, 7, 33):
+        x = rng.standard_normal((m, 256)).astype(np.float32)
+        x[m // 2] = needle
+        assert np.array_equal(np.asarray(f(jnp.asarray(x), *ops_j))[m // 2], alone)
