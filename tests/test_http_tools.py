@@ -12,8 +12,7 @@ import openai
 import pytest
 from tokenizers import Tokenizer
 
-from .servers import ServerProcess
-from .tool_ckpt import QWEN_STYLE_TEMPLATE, shared_tool_server
+from .tool_ckpt import QWEN_STYLE_TEMPLATE, shared_smollm2_server, shared_tool_server
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
                                             "days": {"type": "integer", "minimum": 1, "maximum": 7}},
@@ -200,9 +199,8 @@ def test_logit_bias_and_the_json_schema_field(server, oai):
 
 @pytest.fixture(scope="module")
 def smollm(real_ckpt):
-    s = ServerProcess(real_ckpt, "--slots", "2", "--max-len", "640", "--max-prompt-len", "512", "--http-port", "0")
-    yield openai.OpenAI(base_url=f"http://{s.http_address}/v1", api_key="unused", max_retries=0, timeout=300)
-    assert s.stop() == 0
+    s = shared_smollm2_server(real_ckpt)
+    return openai.OpenAI(base_url=f"http://{s.http_address}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -5,6 +5,7 @@ calls; a tool loop's history renders; logit_bias reaches the device; bad input i
 from __future__ import annotations
 
 import json
+import pathlib
 
 import grpc
 import jsonschema
@@ -14,8 +15,7 @@ from jserve.client import Client
 from jserve.tools import FORMATS, get_format, parse_reply
 from jserve.v1 import jserve_pb2 as pb
 
-from .servers import ServerProcess
-from .tool_ckpt import save_tool_checkpoint
+from .tool_ckpt import shared_smollm2_server, shared_tool_server
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -30,17 +30,15 @@ CHAT = [{"role": "user", "content": "What is the weather in Paris? And 2 + 3?"}]
 
 
 @pytest.fixture(scope="module")
-def tool_ckpt(tmp_path_factory, real_ckpt):
-    return save_tool_checkpoint(tmp_path_factory.mktemp("grpc-tools") / "tiny-tools", real_ckpt)
+def server(tmp_path_factory, real_ckpt):
+    # The session's tiny tool server (the HTTP tests' too): the template's tool instructions alone are
+    # ~190 tokens, and its 384 prompt positions leave room for them, the tools and a call.
+    return shared_tool_server(tmp_path_factory, real_ckpt)
 
 
 @pytest.fixture(scope="module")
-def server(tool_ckpt):
-    # The template's tool instructions alone are ~190 tokens: room for them, the tools and a call.
-    srv = ServerProcess(tool_ckpt, "--slots", "4", "--max-len", "512", "--max-prompt-len", "352", "--speculate", "0",
-                        "--http-port", "0")
-    yield srv
-    srv.stop()
+def tool_ckpt(server):
+    return pathlib.Path(server.proc.args[server.proc.args.index("--checkpoint") + 1])
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +209,7 @@ def test_model_info_names_the_detected_format(client):
 
 @pytest.fixture(scope="module")
 def smollm2_server(real_ckpt):
-    srv = ServerProcess(real_ckpt, "--slots", "2", "--max-len", "1024", "--speculate", "0")
-    yield srv
-    srv.stop()
+    return shared_smollm2_server(real_ckpt)
 
 
 def test_default_smollm2_gets_the_generic_fallback_and_valid_calls(smollm2_server):

@@ -1,6 +1,7 @@
 """A tiny tool-capable checkpoint (random weights, SmolLM2's tokenizer plus ``<tool_call>`` and
 ``</tool_call>`` as special tokens, a Qwen-style template that renders ``tools``) and one server
-process on it shared by the HTTP tool, endpoint and Responses API tests (started once per session)."""
+process on it shared by the HTTP and gRPC tool, endpoint, client and Responses API tests (started once
+per session), and one shared server on the default SmolLM2 for the generic fallback's tests."""
 
 from __future__ import annotations
 
@@ -91,5 +92,16 @@ def shared_tool_server(tmp_path_factory, real_ckpt: pathlib.Path) -> ServerProce
         _SHARED["tiny"] = ServerProcess(ckpt, *SERVER_ARGS)
         atexit.register(_SHARED["tiny"].stop)
     return _SHARED["tiny"]
+
+
+SMOLLM2_ARGS = ("--slots", "2", "--max-len", "1024", "--max-prompt-len", "512", "--http-port", "0")
+
+
+def shared_smollm2_server(real_ckpt: pathlib.Path) -> ServerProcess:
+    """The session's server on the default SmolLM2 (gRPC and HTTP; stopped when the interpreter exits)."""
+    if "smollm2" not in _SHARED:
+        _SHARED["smollm2"] = ServerProcess(real_ckpt, *SMOLLM2_ARGS)
+        atexit.register(_SHARED["smollm2"].stop)
+    return _SHARED["smollm2"]
 
 
