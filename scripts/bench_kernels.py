@@ -11,6 +11,13 @@ the 30 real layers' 210 matrices chained in one jitted call (as in a decode step
 from memory once).
 
     python scripts/bench_kernels.py [--rows 1 2 4 8 16 64 256] [--gguf PATH]
+
+``--shapes NxK ...`` instead times random matrices of those shapes in each of ``--formats`` (default
+f32 q4_1 q4_k q5_k q6_k; gguf quantizes q8_0/q4_0/q4_1, the K-quants are random valid super-blocks)
+at each M of ``--rows``: the kernel's time per format, and its ratio to the f32 kernel, to the q4_1
+kernel and to XLA's float32 dot, all measured in one run (a K-quant needs K a multiple of 256):
+
+    python scripts/bench_kernels.py --shapes 576x1536 1536x576 1536x768 --rows 1
 """
 
 from __future__ import annotations
@@ -55,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", type=pathlib.Path, default=DEFAULT_GGUF)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256])
     ap.add_argument("--json", type=pathlib.Path, default=None)
+    ap.add_argument("--shapes", nargs="+", default=None, help="NxK random matrices instead of the GGUF's")
+    ap.add_argument("--formats", nargs="+", default=["f32", "q4_1", "q4_k", "q5_k", "q6_k"])
     args = ap.parse_args(argv)
+    if args.shapes:
+        return _synthetic(args.shapes, args.formats, args.rows)
 
     import gguf
     import jax
@@ -113,6 +124,66 @@ def main(argv: list[str] | None = None) -> int:
           f"(CPU time {x_cpu / k_cpu:.2f})")
     if args.json:
         args.json.write_text(json.dumps({"rows": results, "all_layers_s": full}, indent=1))
+    return 0
+
+
+_GGUF_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
+
+
+def _random_weight(fmt: str, n: int, k: int, rng) -> tuple:
+    """``matmul`` operands of a random [n, k] matrix in ``fmt``."""
+    import gguf
+    import numpy as np
+
+    from jserve import cpu_kernels as ck
+
+    if fmt == "f32":
+        return (rng.standard_normal((n, k)).astype(np.float32),)
+    if fmt in _GGUF_BYTES:
+        raw = rng.integers(0, 256, (n, k // 256, _GGUF_BYTES[fmt]), dtype=np.uint8)
+        halves = (rng.standard_normal((n, k // 256, 2)) * 1e-3).astype(np.float16).view(np.uint8)
+        if fmt == "q6_k":
+            raw[..., 208:] = halves[..., :2]
+        else:
+            raw[..., :4] = halves
+        return ck.split_gguf_blocks(raw.reshape(n, -1), fmt)
+    qtype = getattr(gguf.GGMLQuantizationType, fmt.upper())
+    return ck.split_gguf_blocks(gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype), fmt)
+
+
+def _synthetic(shapes: list[str], formats: list[str], rows: list[int]) -> int:
+    import os
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jserve import cpu_kernels as ck
+
+    if not ck.available():
+        print(f"kernels unavailable: {ck.describe()}", file=sys.stderr)
+        return 1
+    print(f"# kernels: {ck.describe()}; jax {jax.__version__}; load average {os.getloadavg()}")
+    kernel = jax.jit(ck.matmul, static_argnames="fmt")
+    xla = jax.jit(lambda x, wt: jnp.dot(x, wt))
+    rng = np.random.default_rng(0)
+    print("| N x K | M | fmt | kernel ms | / f32 kernel | / q4_1 kernel | XLA f32 dot / kernel |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in shapes:
+        n, k = (int(v) for v in shape.lower().split("x"))
+        ops = {f: tuple(jnp.asarray(a) for a in _random_weight(f, n, k, rng)) for f in formats
+               if not (f in _GGUF_BYTES and k % 256)}
+        wt = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32))
+        for m in rows:
+            x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+            t_xla = _time(xla, x, wt)[0]
+            times = {f: _time(lambda x_, f=f: kernel(x_, f, *ops[f]), x)[0] for f in ops}
+            for f in formats:
+                if f not in times:
+                    print(f"| {n}x{k} | {m} | {f} | n/a (K not a multiple of 256) | | | |")
+                    continue
+                rel = [f"{times[f] / times[b]:.2f}" if b in times else "-" for b in ("f32", "q4_1")]
+                print(f"| {n}x{k} | {m} | {f} | {times[f] * 1e3:.4f} | {rel[0]} | {rel[1]} | {t_xla / times[f]:.2f} |")
     return 0
 
 

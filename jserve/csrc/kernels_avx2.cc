@@ -41,10 +41,36 @@ inline __m256i tail_mask(int64_t rem) {
 template <int FMT>
 void scales(const Problem& p, int64_t n, int C, float* ds, float* mv) {
   const int64_t nb = p.K / 32, nbp = padded_blocks(p.K);
-  if constexpr (FMT >= kQ4_K) {  // K-quants: the shared scalar unpacking (exact products)
+  if constexpr (FMT >= kQ4_K) {  // K-quants: kquant_scales' exact products, 8 at a time
+    const int64_t ns = p.K / 256;
+    constexpr int64_t width = FMT == kQ4_K ? 140 : FMT == kQ5_K ? 172 : 208;
     for (int c = 0; c < C; ++c) {
-      kquant_scales(p, n + c, ds + c * ds_stride(p.K), mv + c * nbp);
-      for (int64_t b = nb; b < nbp; ++b) mv[c * nbp + b] = 0.0f;
+      const uint8_t* col = static_cast<const uint8_t*>(p.qs) + (n + c) * ns * width;
+      float* dc = ds + c * ds_stride(p.K);
+      float* mc = mv + c * nbp;
+      for (int64_t s = 0; s < ns; ++s) {
+        const uint8_t* blk = col + s * width;
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(p.d[(n + c) * ns + s]));
+        if constexpr (FMT == kQ6_K) {
+          for (int i = 0; i < 2; ++i) {
+            const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 192 + 8 * i)));
+            _mm256_storeu_ps(dc + 16 * s + 8 * i, _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)));
+          }
+        } else {
+          uint32_t dd, mm, md;  // get_scale_min_k4 on four bytes at once
+          __builtin_memcpy(&dd, blk, 4);
+          __builtin_memcpy(&mm, blk + 4, 4);
+          __builtin_memcpy(&md, blk + 8, 4);
+          const uint32_t sc_lo = dd & 0x3f3f3f3fu, sc_hi = (md & 0x0f0f0f0fu) | ((dd >> 2) & 0x30303030u);
+          const uint32_t mn_lo = mm & 0x3f3f3f3fu, mn_hi = ((md >> 4) & 0x0f0f0f0fu) | ((mm >> 2) & 0x30303030u);
+          const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
+          const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)mn_hi, (int)mn_lo)));
+          _mm256_storeu_ps(dc + 8 * s, _mm256_mul_ps(d, sc));
+          const __m256 dmin = _mm256_set1_ps(_cvtsh_ss(p.m[(n + c) * ns + s]));
+          _mm256_storeu_ps(mc + 8 * s, _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), mn)));
+        }
+      }
+      for (int64_t b = nb; b < nbp; ++b) mc[b] = 0.0f;
     }
     return;
   }
@@ -141,6 +167,64 @@ inline __m256 weights8(const uint8_t* col, int64_t b, int j, const float* dsc) {
   }
 }
 
+// weights8 for K-quants with the sub-block T (b mod 8) and chunk J compile-time constants (shifts
+// and offsets become immediates): elements 8J .. 8J+7 of block 8s + T, blk = the super-block's qs,
+// d its scale slot. The same integers and products as weights8.
+template <int FMT, int T, int J>
+inline __attribute__((always_inline)) __m256 kweights8(const uint8_t* blk, float d) {
+  auto load8 = [](const uint8_t* a) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a)));
+  };
+  __m256i v;
+  if constexpr (FMT == kQ6_K) {
+    constexpr int h = T >> 2, qq = T & 3;
+    __m256i lo = load8(blk + 64 * h + 32 * (qq & 1) + 8 * J);
+    if constexpr (qq >= 2) {
+      lo = _mm256_srli_epi32(lo, 4);
+    } else {
+      lo = _mm256_and_si256(lo, _mm256_set1_epi32(0xf));
+    }
+    __m256i hi = _mm256_srli_epi32(load8(blk + 128 + 32 * h + 8 * J), 2 * qq);
+    hi = _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(3)), 4);
+    v = _mm256_sub_epi32(_mm256_or_si256(lo, hi), _mm256_set1_epi32(32));
+  } else {
+    v = load8(blk + (FMT == kQ4_K ? 12 : 44) + 32 * (T >> 1) + 8 * J);
+    if constexpr (T & 1) {
+      v = _mm256_srli_epi32(v, 4);
+    } else {
+      v = _mm256_and_si256(v, _mm256_set1_epi32(0xf));
+    }
+    if constexpr (FMT == kQ5_K) {
+      const __m256i hi = _mm256_srli_epi32(load8(blk + 12 + 8 * J), T);
+      v = _mm256_or_si256(v, _mm256_slli_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(1)), 4));
+    }
+  }
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(d));
+}
+
+// Elements 8J .. 8J+7 of 32-value block 8s + T of a K-quant, R rows x C columns.
+template <int R, int C, int FMT, int T, int J>
+inline __attribute__((always_inline)) void kblock_step(const uint8_t* q0, int64_t s, int64_t rowb, int64_t dss,
+                                                       const float* ds, const float* const* xr, __m256 (*acc)[C][2]) {
+  __m256 w[C];
+  constexpr int64_t width = FMT == kQ4_K ? 140 : FMT == kQ5_K ? 172 : 208;
+  const int64_t slot = FMT == kQ6_K ? 16 * s + 2 * T + (J >> 1) : 8 * s + T;
+  for (int c = 0; c < C; ++c) w[c] = kweights8<FMT, T, J>(q0 + c * rowb + s * width, ds[c * dss + slot]);
+  for (int r = 0; r < R; ++r) {
+    const __m256 xv = _mm256_loadu_ps(xr[r] + s * 256 + T * 32 + 8 * J);
+    for (int c = 0; c < C; ++c) acc[r][c][J & 1] = _mm256_fmadd_ps(xv, w[c], acc[r][c][J & 1]);
+  }
+}
+
+template <int R, int C, int FMT, int T>
+inline __attribute__((always_inline)) void ksub_step(const uint8_t* q0, int64_t s, int64_t rowb, int64_t dss,
+                                                     const float* ds, const float* const* xr, __m256 (*acc)[C][2]) {
+  kblock_step<R, C, FMT, T, 0>(q0, s, rowb, dss, ds, xr, acc);
+  kblock_step<R, C, FMT, T, 1>(q0, s, rowb, dss, ds, xr, acc);
+  kblock_step<R, C, FMT, T, 2>(q0, s, rowb, dss, ds, xr, acc);
+  kblock_step<R, C, FMT, T, 3>(q0, s, rowb, dss, ds, xr, acc);
+}
+
 inline void store_output(const Problem& p, int64_t r, int64_t n, __m256 a0, __m256 a1) {
   p.y[r * p.N + n] = reduce(a0, a1);
 }
@@ -196,11 +280,24 @@ __attribute__((noinline)) void fused(const Problem& p, int64_t r0, int64_t n0, f
   } else {
     const int64_t rowb = row_bytes(FMT, K), dss = ds_stride(K);
     const uint8_t* q0 = static_cast<const uint8_t*>(p.qs) + n0 * rowb;
-    for (int64_t b = 0; b < nb; ++b) {
-      block_step<R, C, FMT, 0>(q0, b, rowb, dss, ds, xr, acc);
-      block_step<R, C, FMT, 1>(q0, b, rowb, dss, ds, xr, acc);
-      block_step<R, C, FMT, 2>(q0, b, rowb, dss, ds, xr, acc);
-      block_step<R, C, FMT, 3>(q0, b, rowb, dss, ds, xr, acc);
+    if constexpr (FMT >= kQ4_K) {  // super-block by super-block, its 8 blocks in order (as below)
+      for (int64_t s = 0; s < K / 256; ++s) {
+        ksub_step<R, C, FMT, 0>(q0, s, rowb, dss, ds, xr, acc);
+        ksub_step<R, C, FMT, 1>(q0, s, rowb, dss, ds, xr, acc);
+        ksub_step<R, C, FMT, 2>(q0, s, rowb, dss, ds, xr, acc);
+        ksub_step<R, C, FMT, 3>(q0, s, rowb, dss, ds, xr, acc);
+        ksub_step<R, C, FMT, 4>(q0, s, rowb, dss, ds, xr, acc);
+        ksub_step<R, C, FMT, 5>(q0, s, rowb, dss, ds, xr, acc);
+        ksub_step<R, C, FMT, 6>(q0, s, rowb, dss, ds, xr, acc);
+        ksub_step<R, C, FMT, 7>(q0, s, rowb, dss, ds, xr, acc);
+      }
+    } else {
+      for (int64_t b = 0; b < nb; ++b) {
+        block_step<R, C, FMT, 0>(q0, b, rowb, dss, ds, xr, acc);
+        block_step<R, C, FMT, 1>(q0, b, rowb, dss, ds, xr, acc);
+        block_step<R, C, FMT, 2>(q0, b, rowb, dss, ds, xr, acc);
+        block_step<R, C, FMT, 3>(q0, b, rowb, dss, ds, xr, acc);
+      }
     }
   }
   if constexpr (FMT == kQ4_0 || FMT == kQ4_1 || FMT == kQ4_K || FMT == kQ5_K) {
