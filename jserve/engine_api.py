@@ -22,11 +22,12 @@ for ``verify`` (``W`` positions per row, ``ACTIVE`` set on the tokens kept). Its
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
-from jserve.sampling import SamplingParams
+if TYPE_CHECKING:
+    from jserve.sampling import SamplingParams
 
 # Columns of the packed per-step result ``[R, RESULT_COLS + 2 * top_logprobs]`` (float32).
 TOKEN, LOGPROB, ACTIVE = 0, 1, 2

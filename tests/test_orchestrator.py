@@ -188,8 +188,8 @@ def test_a_cancel_after_the_deadline_counts_as_deadline():
     now = time.monotonic()
     late = Request([1], SamplingParams(), "r", sink=lambda out: None, deadline=now - 0.1, cancelled=True)
     early = Request([1], SamplingParams(), "r", sink=lambda out: None, deadline=now + 60, cancelled=True)
-    assert Orchestrator._ended(late, now) == "deadline"
-    assert Orchestrator._ended(early, now) == "cancelled"
+    assert late.ended(now) == "deadline"
+    assert early.ended(now) == "cancelled"
 
 
 def test_stop_string_spanning_tokens_ends_text_before_it_without_leaking(tiny_llm):

@@ -11,7 +11,7 @@ import pytest
 
 from jserve import SamplingParams, checkpoint, model
 from jserve.engine import ACTIVE, LOGPROB, TOKEN, JaxEngine, verify_widths
-from jserve.speculative import MIN_RATE, Acceptance, PromptLookup, SpecPolicy
+from jserve.speculative import GENERATE, MIN_RATE, Acceptance, PromptLookup, SpecPolicy, StepKind
 
 from .compile_watch import CompileWatch
 
@@ -58,23 +58,24 @@ def test_policy_compares_tokens_per_second_of_every_kind_and_measures_each():
     p = SpecPolicy(refresh_s=10.0, clock=lambda: now[0])
     full = {1: 0.0, 5: 3.0}  # width -> expected drafted tokens kept
     assert p.choose(4, 4, full) is None  # generate not timed yet
-    p.observe("generate", 0.5)  # a first call's one-off cost: replaced by the second
-    p.observe("generate", 0.1)
+    p.observe(GENERATE, 0.5)  # a first call's one-off cost: replaced by the second
+    p.observe(GENERATE, 0.1)
     assert p.choose(4, 4, full) == 1  # the untimed widths in turn, the narrowest first
-    p.observe("verify:4x1", 0.12)
-    p.observe("verify:4x1", 0.12)
+    p.observe(StepKind(4, 1), 0.12)
+    p.observe(StepKind(4, 1), 0.12)
     assert p.choose(4, 4, full) == 5
-    p.observe("verify:4x5", 0.2)
-    p.observe("verify:4x5", 0.2)
-    assert p.times == {"generate": 0.1, "verify:4x1": 0.12, "verify:4x5": 0.2}
+    p.observe(StepKind(4, 5), 0.2)
+    p.observe(StepKind(4, 5), 0.2)
+    assert p.times == {GENERATE: 0.1, StepKind(4, 1): 0.12, StepKind(4, 5): 0.2}
+    assert [str(k) for k in p.times] == ["generate", "verify:4x1", "verify:4x5"]
     # 4 slots: 40 tokens/s plain, 33 at width 1; width 5 needs 4 + extra > 8 tokens per 0.2 s.
     assert p.choose(4, 4, {1: 0.0, 5: 3.9}) is None
     assert p.choose(4, 4, {1: 0.0, 5: 4.5}) == 5
     assert p.choose(4, 4, {1: 0.0}) is None  # nothing drafted: only the narrow call was offered
     # One stream, where the narrow call is cheaper than the full-batch step: verify with nothing drafted.
     for w in (1, 5):
-        p.observe(f"verify:1x{w}", 0.03 if w == 1 else 0.05)
-        p.observe(f"verify:1x{w}", 0.03 if w == 1 else 0.05)
+        p.observe(StepKind(1, w), 0.03 if w == 1 else 0.05)
+        p.observe(StepKind(1, w), 0.03 if w == 1 else 0.05)
     assert p.choose(1, 1, {1: 0.0}) == 1
     assert p.choose(1, 1, {1: 0.0, 5: 0.5}) == 1  # 1.5 tokens per 0.05 s is less than 1 per 0.03 s
     assert p.choose(1, 1, {1: 0.0, 5: 1.0}) == 5
@@ -85,14 +86,14 @@ def test_policy_compares_tokens_per_second_of_every_kind_and_measures_each():
     now[0] = 11.0
     assert p.could_pay(4, 4, {1: 0.0, 5: 0.0}) is True
     assert p.choose(4, 4, {1: 0.0, 5: 0.0}) == 1  # generate is the best; verify:4x1 is the oldest of the rest
-    p.observe("verify:4x1", 0.12)
+    p.observe(StepKind(4, 1), 0.12)
     assert p.choose(4, 4, {1: 0.0, 5: 0.0}) == 5
-    p.observe("verify:4x5", 0.2)
+    p.observe(StepKind(4, 5), 0.2)
     assert p.choose(4, 4, {1: 0.0, 5: 0.0}) is None and p.could_pay(4, 4, {1: 0.0, 5: 0.0}) is False
     now[0] = 22.0
-    p.observe("verify:1x1", 0.03)
+    p.observe(StepKind(1, 1), 0.03)
     assert p.choose(1, 1, {1: 0.0}) is None  # generate's time is 22 s old: timed once more
-    p.observe("generate", 0.1)
+    p.observe(GENERATE, 0.1)
     assert p.choose(1, 1, {1: 0.0}) == 1
 
 
