@@ -67,7 +67,8 @@ class GenerateRequest:
 
     ``prompt``: text, a list of token ids, or OpenAI chat messages. ``params``: sampling, stops,
     structured-output constraint, speculation, logit bias and ``max_tokens`` (None: the rest of
-    the context). ``timeout``: seconds from submission to the deadline."""
+    the context). ``timeout``: seconds from submission to the deadline (one already passed ends the
+    request as ``deadline`` before its first token, as a gRPC call whose deadline passed in flight)."""
 
     prompt: PromptInput
     params: SamplingParams | None = None
@@ -217,8 +218,6 @@ def check(request: GenerateRequest, limits: Limits) -> SamplingParams:
     rid = request.request_id
     if rid is not None and len(rid) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequestError(f"request_id may have at most {MAX_REQUEST_ID_CHARS} characters, got {len(rid)}")
-    if request.timeout is not None and not request.timeout > 0:
-        raise InvalidRequestError(f"timeout must be > 0 seconds, got {request.timeout}")
     params = check_params(request.params if request.params is not None else SamplingParams(), limits)
     prompt_kind(request.prompt, limits)
     return params
