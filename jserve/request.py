@@ -21,11 +21,11 @@ No JAX and no transport here: the HTTP front end imports this before a model is 
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from jserve.errors import ErrorKind, InvalidRequestError, RequestError
+from jserve.streams import FinishReason  # why a request ended: the orchestrator's enum
 
 if TYPE_CHECKING:
     from jserve.sampling import SamplingParams
@@ -36,18 +36,6 @@ __all__ = ["ERRORS", "FINISHES", "ErrorKind", "FinishReason", "GenerateRequest",
 PromptInput = str | Sequence[dict[str, Any]] | Sequence[int]
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 CHAT_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"})
-
-
-class FinishReason(str, enum.Enum):
-    """Why a request ended; the values are the orchestrator's finish-reason strings."""
-
-    STOP = "stop"  # EOS, a stop token id or a stop string
-    LENGTH = "length"  # max_tokens, or the end of the context
-    CANCELLED = "cancelled"  # the client went away or cancelled
-    DEADLINE = "deadline"  # its timeout passed
-    ERROR = "error"  # the engine failed under it
-    SHUTDOWN = "shutdown"  # cut by a shutdown (no drain, or the drain ran out of time)
-    SLOW_READER = "slow_reader"  # its consumer left more than max_undelivered pieces unread
 
 
 @dataclasses.dataclass(frozen=True)
