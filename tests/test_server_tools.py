@@ -69,7 +69,7 @@ def _valid(calls, names=SCHEMAS) -> None:
         jsonschema.validate(json.loads(arguments), SCHEMAS[name])
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(3))  # the HTTP tests draw 3 choices x 2 more (test_http_tools)
 def test_required_always_gives_a_call_that_parses_and_validates(client, seed):
     kwargs = dict(tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=seed,
                   max_tokens=150)
@@ -82,7 +82,7 @@ def test_required_always_gives_a_call_that_parses_and_validates(client, seed):
     assert [(c.id, c.name, c.arguments) for c in folded.tool_calls] == calls  # same seed: the same ids too
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(2))
 def test_a_named_function_is_the_one_called(client, seed):
     responses, calls = _stream(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}},
                                parallel_tool_calls=False, temperature=1.0, seed=seed, max_tokens=150)
