@@ -10,7 +10,12 @@ chat request (the same token ids for both) is sent at once, and the clock stops 
 token. Servers are started with ``bench_servers``' helpers, one at a time; the machine's load
 average is printed beside the table (other work on the machine moves these numbers).
 
-    python scripts/bench_startup.py [--llama-server PATH] [--shapes 8x1024,16x4096] [--json out.json]
+With ``--layers once,unrolled`` each shape is started with each way of tracing the layers (one
+traced function per layer spec, the default, or ``JSERVE_UNROLLED_LAYERS=1``), cold then warm each,
+so the two compare in one run.
+
+    python scripts/bench_startup.py [--llama-server PATH] [--shapes 8x1024,16x4096] [--layers once]
+                                    [--json out.json]
 
 Nothing here is a test.
 """
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", type=pathlib.Path, default=None, help="GGUF file (default: the default model's)")
     ap.add_argument("--shapes", default="8x1024,16x4096", help="SLOTSxMAX_LEN, comma-separated")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server threads")
+    ap.add_argument("--layers", default="once", help="once, unrolled or both (comma-separated): how the server "
+                    "traces its layers (JSERVE_UNROLLED_LAYERS)")
     ap.add_argument("--json", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)
     # What bench_servers' helpers read: one short greedy answer, jserve at its default flags.
@@ -70,14 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for shape in args.shapes.split(","):
         args.slots, args.max_len = (int(x) for x in shape.split("x"))
-        with tempfile.TemporaryDirectory(prefix="jserve-xla-") as cache:
-            # --max-prompt-len and --max-logprobs as the server's defaults (the helper sets its own).
-            extra = ("--max-logprobs", "5", "--compile-cache", cache)
-            for kind in ("cold", "warm"):
-                res = first_token(JserveServer, args, ids, args.max_len - 1, extra)
-                rows.append({"shape": shape, "server": "jserve", "caches": kind, **res})
-                print(f"{shape} jserve {kind}: up {res['up_s']:.1f} s, first token {res['first_token_s']:.1f} s "
-                      f"(load {res['load']})", file=sys.stderr)
+        for layers in args.layers.split(","):
+            os.environ["JSERVE_UNROLLED_LAYERS"] = {"once": "0", "unrolled": "1"}[layers]  # the servers inherit it
+            with tempfile.TemporaryDirectory(prefix="jserve-xla-") as cache:
+                # --max-prompt-len and --max-logprobs as the server's defaults (the helper sets its own).
+                extra = ("--max-logprobs", "5", "--compile-cache", cache)
+                for kind in ("cold", "warm"):
+                    res = first_token(JserveServer, args, ids, args.max_len - 1, extra)
+                    server = "jserve" if layers == "once" else f"jserve, layers {layers}"
+                    rows.append({"shape": shape, "server": server, "caches": kind, **res})
+                    print(f"{shape} {server} {kind}: up {res['up_s']:.1f} s, first token {res['first_token_s']:.1f} "
+                          f"s (load {res['load']})", file=sys.stderr)
         if args.llama_server:
             res = first_token(LlamaServer, args, ids, gguf)
             rows.append({"shape": shape, "server": "llama-server", "caches": "-", **res})
