@@ -214,10 +214,10 @@ def check(request: GenerateRequest, limits: Limits) -> SamplingParams:
 def check_params(params: SamplingParams, limits: Limits) -> SamplingParams:
     """The sampling parameters' own checks (ranges, stops, logit bias, logprobs); ``params`` with
     its logit bias as (int token id, float bias) pairs."""
-    if not isinstance(params.stop, tuple) or not all(isinstance(s, str) for s in params.stop):
-        parse_stop(params.stop)  # refuses with the one message for a stop of the wrong type
     from jserve.sampling import validate_logit_bias
 
+    if not isinstance(params.stop, tuple) or not all(isinstance(s, str) for s in params.stop):
+        parse_stop(params.stop)  # refuses with the one message for a stop of the wrong type
     params.validate(limits.vocab_size, limits.max_logprobs)
     if params.logit_bias:
         params = dataclasses.replace(params, logit_bias=validate_logit_bias(params.logit_bias, limits.vocab_size))
