@@ -14,15 +14,16 @@ other flags at their defaults) and, each round, sends the same ``--requests`` ch
   grammar over the tool schemas enforces (in the checkpoint's tool-call format); its ratio to
   ``http`` is the cost of constrained tool calls (issue 25's target: at most 15 %), the longer
   prompts (the tools rendered into the system turn) included;
-- ``http-half-tools-none``: as ``http-half-tools`` with ``tool_choice: none``: the same prompts,
-  nothing constrained, so ``http-half-tools`` against it is the grammar's own cost.
+- ``http-half-schema``: as ``http``, but every other request has ``response_format`` json_schema
+  with that schema: structured output without tools (the prompts unchanged), so
+  ``http-half-tools`` against it is what tools add (their prompt, their grammar, the call parser).
 
 All greedy, ``ignore_eos``, up to ``--max-tokens`` each (a constrained answer ends when its JSON
 is complete). Reports each variant's median tokens/s over the rounds and the ratios to ``grpc`` and ``http``
 (rounds interleave the variants, so each ratio compares the same minutes of a shared machine).
 
     python scripts/bench_http.py [--streams 8] [--requests 16] [--max-tokens 128] [--rounds 3]
-        [--variants grpc,http,grpc-half-constrained,http-half-tools,http-half-tools-none]
+        [--variants grpc,http,grpc-half-constrained,http-half-tools,http-half-schema]
 
 Nothing here is a test.
 """
@@ -85,12 +86,15 @@ class Server:
             kw["json_schema"] = SCHEMA
         return sum(len(r.token_ids) for r in self.client.stream(messages, **kw))
 
-    def http(self, messages, args, constrained: bool, tool_choice: str = "required") -> int:
-        """``constrained``: the request offers ``TOOLS`` with ``tool_choice``."""
+    def http(self, messages, args, constrained: bool, kind: str = "tools") -> int:
+        """``constrained``: the request offers ``TOOLS`` and requires a call (``kind`` "tools") or asks
+        for JSON valid against ``SCHEMA`` (``kind`` "schema")."""
         body = {"model": self.model, "messages": messages, "max_tokens": args.max_tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        if constrained:
-            body.update(tools=TOOLS, tool_choice=tool_choice)
+        if constrained and kind == "tools":
+            body.update(tools=TOOLS, tool_choice="required")
+        elif constrained:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "items", "schema": SCHEMA}}
         conn = http.client.HTTPConnection(self.http_host, int(self.http_port), timeout=600)
         conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -106,7 +110,7 @@ class Server:
                 for choice in event.get("choices", ()):
                     calls += sum(1 for d in choice["delta"].get("tool_calls") or () if d.get("id"))
         conn.close()
-        if constrained and tool_choice == "required" and not calls:
+        if constrained and kind == "tools" and not calls:
             raise RuntimeError("a request that required a tool call got none")
         return tokens
 
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", default="grpc,http,grpc-half-constrained,http-half-tools,http-half-tools-none",
+    ap.add_argument("--variants", default="grpc,http,grpc-half-constrained,http-half-tools,http-half-schema",
                     help="comma-separated, from the default's")
     ap.add_argument("--json", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(args)
     known = {"grpc": (server.grpc, 0), "http": (server.http, 0), "grpc-half-constrained": (server.grpc, 2),
              "http-half-tools": (server.http, 2),
-             "http-half-tools-none": (functools.partial(server.http, tool_choice="none"), 2)}
+             "http-half-schema": (functools.partial(server.http, kind="schema"), 2)}
     if unknown := set(chosen) - set(known):
         raise SystemExit(f"unknown variants: {sorted(unknown)}")
     variants = {v: known[v] for v in chosen}
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {v: statistics.median(x["tokens_per_s"] for x in results[v]) for v in variants}
     print(f"{platform.machine()}, {os.cpu_count()} cores; {args.requests} chat requests, {args.streams} at a time, "
           f"greedy, up to {args.max_tokens} tokens; {args.rounds} rounds (medians); {server.mode}")
-    bases = [b for b in ("grpc", "http", "http-half-tools-none") if b in med]
+    bases = [b for b in ("grpc", "http", "http-half-schema") if b in med]
     print("| variant | tokens/s | " + " | ".join(f"vs {b}" for b in bases) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in bases) + " |")
     for v in variants:
