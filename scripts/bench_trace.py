@@ -3,9 +3,12 @@ unrolled (``JSERVE_UNROLLED_LAYERS=1``): seconds to trace, lower and compile eac
 the steady decode step, on the default checkpoint (server defaults: weights as they come).
 
 Each mode runs in its own process (no in-memory or persistent cache shared between them), the
-modes alternating for ``--rounds``; the table gives medians and the ratio once / unrolled.
+modes alternating for ``--rounds``; the table gives medians and the ratio once / unrolled. With
+``--step``, only ``model.decode_step`` (every slot) compiled both ways in one process and timed in
+interleaved rounds, with its logits compared bitwise: the step's ratio on a shared machine.
 
     python scripts/bench_trace.py [--slots 8] [--max-len 1024] [--speculate 0] [--rounds 2] [--steps 20]
+                                  [--step]
                                   [--json runs.json]
 
 Nothing here is a test.
@@ -67,6 +70,42 @@ def child(args: argparse.Namespace) -> dict:
     return {"calls": calls, "step": statistics.median(times), "jax": jax.__version__}
 
 
+def step_only(args: argparse.Namespace) -> None:
+    """``decode_step`` once per spec and unrolled, in this process, timed in alternating rounds."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jserve import checkpoint, model
+    from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+    from jserve.kv_cache import KVCache
+
+    cfg, params, _ = checkpoint.load(ensure_default_checkpoint(DEFAULT_CHECKPOINT), jnp.float32, None)
+    params = model.for_cpu_kernels(params)
+    inputs = dict(tokens=jnp.arange(args.slots, dtype=jnp.int32) + 100,
+                  positions=jnp.full((args.slots,), 40, jnp.int32), n_blocks=jnp.int32(1))
+    runs = {}
+    for mode, flag in MODES.items():
+        os.environ["JSERVE_UNROLLED_LAYERS"] = flag  # read when traced: a fresh function per mode
+        step = jax.jit(functools.partial(model.decode_step, cfg=cfg), donate_argnames=("cache",))
+        cache = KVCache.zeros(cfg, args.slots, args.max_len, jnp.float32)
+        runs[mode] = {"fn": step.lower(params, cache=cache, **inputs).compile(), "cache": cache, "times": []}
+    for _ in range(args.rounds * 6):
+        for run in runs.values():
+            for _ in range(6):
+                t0 = time.perf_counter()
+                logits, run["cache"] = run["fn"](params, cache=run["cache"], **inputs)
+                run["logits"] = np.asarray(logits)
+                run["times"].append(time.perf_counter() - t0)
+    med = {m: statistics.median(r["times"]) for m, r in runs.items()}
+    print(f"decode_step, {args.slots} slots x {args.max_len}: once {med['once'] * 1000:.1f} ms, unrolled "
+          f"{med['unrolled'] * 1000:.1f} ms, ratio {med['once'] / med['unrolled']:.3f}; logits bitwise equal: "
+          f"{np.array_equal(runs['once']['logits'], runs['unrolled']['logits'])}; load "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slots", type=int, default=8)
@@ -75,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="processes per mode, alternating")
     ap.add_argument("--steps", type=int, default=20, help="timed decode steps (every slot live)")
     ap.add_argument("--json", type=pathlib.Path, default=None, help="every process's figures")
+    ap.add_argument("--step", action="store_true", help="only the decode step, both ways in one process")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.step:
+        step_only(args)
+        return 0
     if args.child:
         print(json.dumps(child(args)))
         return 0
