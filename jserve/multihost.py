@@ -97,7 +97,8 @@ class LeaderEngine:
         self.engine = engine
         self.slots, self.max_len, self.max_prompt_len = engine.slots, engine.max_len, engine.max_prompt_len
         self.vocab_size, self.top_logprobs = engine.vocab_size, engine.top_logprobs
-        self.chunk, self.max_rows = engine.chunk, engine.max_rows
+        self.chunk, self.max_rows, self.mask_words = engine.chunk, engine.max_rows, engine.mask_words
+        self.speculate = 0  # verify is not mirrored: ``LLM`` builds none across processes
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._closed = threading.Event()
@@ -155,6 +156,26 @@ class LeaderEngine:
 
     def ready_rows(self) -> int:
         return self.engine.ready_rows()  # every call was compiled at start: several processes warm up alike
+
+    def is_ready(self, key: tuple) -> bool:
+        return self.engine.is_ready(key)
+
+    def check_prompt(self, n: int) -> None:
+        self.engine.check_prompt(n)
+
+    # No speculative decoding across processes (``speculate`` is 0): the orchestrator never drafts,
+    # and a verify call reaching here is refused rather than run on process 0 alone.
+    def verify_bucket(self, n: int) -> int:
+        return self.engine.verify_bucket(n)
+
+    def verify_width(self, n_draft: int, rows_bucket: int = 1) -> int:
+        return self.engine.verify_width(n_draft, rows_bucket)
+
+    def ready_widths(self, rows_bucket: int) -> tuple[int, ...]:
+        return ()
+
+    def verify(self, state: DecodeState, rows, width: int | None = None):
+        raise ValueError("speculative decoding is not supported across several processes")
 
     def close(self) -> None:
         with self._lock:
