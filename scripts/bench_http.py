@@ -16,7 +16,13 @@ other flags at their defaults) and, each round, sends the same ``--requests`` ch
   prompts (the tools rendered into the system turn) included;
 - ``http-half-schema``: as ``http``, but every other request has ``response_format`` json_schema
   with that schema: structured output without tools (the prompts unchanged), so
-  ``http-half-tools`` against it is what tools add (their prompt, their grammar, the call parser).
+  ``http-half-tools`` against it is what tools add (their prompt, their grammar, the call parser);
+- ``http-half-tools-text``: as ``http-half-tools``, but the tools are not sent: every other request
+  carries, as plain messages, the very text the server renders for them with the generic fallback
+  (``jserve.tools.generic.rewrite_messages``: the schemas and the calling instructions in the system
+  turn), decoded freely. For a checkpoint without a tool template (the default SmolLM2), its prompts
+  are the tool requests' prompts token for token, so ``http-half-tools`` against it is the cost of
+  the grammar and the call parser alone, and it against ``http`` the cost of the longer prompts.
 
 All greedy, ``ignore_eos``, up to ``--max-tokens`` each (a constrained answer ends when its JSON
 is complete). Reports each variant's median tokens/s over the rounds and the ratios to ``grpc`` and ``http``
@@ -93,6 +99,13 @@ class Server:
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         if constrained and kind == "tools":
             body.update(tools=TOOLS, tool_choice="required")
+        elif constrained and kind == "tools-text":
+            from jserve.tools.formats import get_format
+            from jserve.tools.generic import rewrite_messages
+            from jserve.tools.types import ToolChoice, parse_tools
+
+            body["messages"] = rewrite_messages(list(messages), parse_tools(TOOLS), get_format("generic"),
+                                                ToolChoice("required"))
         elif constrained:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "items", "schema": SCHEMA}}
         conn = http.client.HTTPConnection(self.http_host, int(self.http_port), timeout=600)
@@ -153,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(args)
     known = {"grpc": (server.grpc, 0), "http": (server.http, 0), "grpc-half-constrained": (server.grpc, 2),
              "http-half-tools": (server.http, 2),
-             "http-half-schema": (functools.partial(server.http, kind="schema"), 2)}
+             "http-half-schema": (functools.partial(server.http, kind="schema"), 2),
+             "http-half-tools-text": (functools.partial(server.http, kind="tools-text"), 2)}
     if unknown := set(chosen) - set(known):
         raise SystemExit(f"unknown variants: {sorted(unknown)}")
     variants = {v: known[v] for v in chosen}
@@ -172,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {v: statistics.median(x["tokens_per_s"] for x in results[v]) for v in variants}
     print(f"{platform.machine()}, {os.cpu_count()} cores; {args.requests} chat requests, {args.streams} at a time, "
           f"greedy, up to {args.max_tokens} tokens; {args.rounds} rounds (medians); {server.mode}")
-    bases = [b for b in ("grpc", "http", "http-half-schema") if b in med]
+    bases = [b for b in ("grpc", "http", "http-half-schema", "http-half-tools-text") if b in med]
     print("| variant | tokens/s | " + " | ".join(f"vs {b}" for b in bases) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in bases) + " |")
     for v in variants:
