@@ -40,7 +40,7 @@ from jserve.grpc_api import SERVICE, GenerationService
 from jserve.llm import DEFAULT_COMPILE_CACHE, LLM
 from jserve.metrics import ServingMetrics
 from jserve.server_tools import ToolSetup
-from jserve.serving_config import DTYPES, QUANTIZE_MODES, EngineConfig, SchedulerConfig, ServerConfig
+from jserve.serving_config import EngineConfig, SchedulerConfig, ServerConfig, add_engine_flags
 from jserve.tools import FORMATS
 from jserve.v1 import jserve_pb2_grpc as pb_grpc
 
@@ -65,13 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--http-port", type=int, default=SERVER.http_port,
                     help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
                          "/v1/models, /health, /metrics) on this port (default: off; 0 picks a free one)")
-    ap.add_argument("--slots", type=int, default=ENGINE.slots,
-                    help=f"requests decoded together (default {ENGINE.slots})")
-    ap.add_argument("--max-len", type=int, default=ENGINE.max_len,
-                    help=f"positions per slot: prompt + output (default {ENGINE.max_len}); a request without "
-                         "max_tokens may generate up to the end of this context")
-    ap.add_argument("--max-prompt-len", type=int, default=ENGINE.max_prompt_len,
-                    help="longest prompt accepted (default max-len - 1)")
+    add_engine_flags(ap)
     ap.add_argument("--max-waiting", type=int, default=SCHEDULER.max_waiting,
                     help="waiting-queue bound; beyond it requests get RESOURCE_EXHAUSTED "
                          f"(default {SCHEDULER.max_waiting})")
@@ -92,22 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="compute every prompt in full (default: reuse the keys/values of a prompt prefix "
                          "already held by some slot, e.g. a shared system prompt or the earlier turns of a chat)")
-    ap.add_argument("--speculate", type=int, default=ENGINE.speculate, metavar="K",
-                    help="speculative decoding: a decode step may check up to K tokens drafted by prompt lookup "
-                         "(the request's own earlier text) per slot, and keeps those the model agrees with, so "
-                         "the output is unchanged; used only while measured to pay (default "
-                         f"{ENGINE.speculate} = off, which also saves compiling the checking step; 4 is a good K)")
     ap.add_argument("--speculate-default", choices=["on", "off"],
                     default="on" if SCHEDULER.speculate_default else "off",
                     help="whether requests that do not set 'speculate' use speculative decoding when it is on "
                          "(default on)")
-    ap.add_argument("--quantize", choices=QUANTIZE_MODES, default=ENGINE.quantize,
-                    help="weights' format, applied at load (default: as the checkpoint stores them; a GGUF's "
-                         "Q8_0/Q4_0/Q4_1 blocks stay blocks): int8 = per-channel weight-only (GPU/TPU fast "
-                         "path), int8-dynamic = int8 weights and per-row int8 activations, q8_0/q4_0/q4_1 = "
-                         "GGUF block formats, float = every weight dequantized to --dtype (to compare quality)")
-    ap.add_argument("--dtype", choices=DTYPES, default=ENGINE.dtype,
-                    help="weights and KV cache (float32 default, fastest on CPU; bfloat16 for GPU/TPU)")
     ap.add_argument("--tool-call-format", choices=sorted(FORMATS), default=SERVER.tool_call_format,
                     help="how the model writes tool calls, to enforce and parse them (default: detected from the "
                          "checkpoint's chat template and vocabulary; generic when none is recognised)")

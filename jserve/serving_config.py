@@ -16,6 +16,7 @@ for a full batch, and its verify calls cost compile time and memory whether used
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from typing import Any
 
@@ -84,3 +85,29 @@ def split_settings(engine: EngineConfig | None, scheduler: SchedulerConfig | Non
     engine = dataclasses.replace(engine, **{k: v for k, v in settings.items() if k in names})
     scheduler = dataclasses.replace(scheduler, **{k: v for k, v in settings.items() if k not in names})
     return engine, scheduler
+
+
+def add_engine_flags(ap: argparse.ArgumentParser, unit: str = "a request") -> None:
+    """The ``EngineConfig`` flags every entry point shares (``--slots``, ``--max-len``,
+    ``--max-prompt-len``, ``--speculate``, ``--quantize``, ``--dtype``), with its defaults and one
+    wording; ``unit`` names what asks for tokens (a request, an input line)."""
+    e = EngineConfig()
+    ap.add_argument("--slots", type=int, default=e.slots, help=f"requests decoded together (default {e.slots})")
+    ap.add_argument("--max-len", type=int, default=e.max_len,
+                    help=f"positions per slot: prompt + output (default {e.max_len}); {unit} without "
+                         "max_tokens may generate up to the end of this context")
+    ap.add_argument("--max-prompt-len", type=int, default=e.max_prompt_len,
+                    help="longest prompt accepted (default max-len - 1)")
+    ap.add_argument("--speculate", type=int, default=e.speculate, metavar="K",
+                    help="speculative decoding: a decode step may check up to K tokens drafted by prompt lookup "
+                         "(the request's own earlier text) per slot, and keeps those the model agrees with, so "
+                         "the output is unchanged; used only while measured to pay (default "
+                         f"{e.speculate} = off, which also saves compiling the checking step; 4 is a good K)")
+    ap.add_argument("--quantize", choices=QUANTIZE_MODES, default=e.quantize,
+                    help="weights' format, applied at load (default: as the checkpoint stores them; a GGUF's "
+                         "Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K blocks stay blocks): int8 = per-channel weight-only "
+                         "(GPU/TPU fast path), int8-dynamic = int8 weights and per-row int8 activations, "
+                         "q8_0/q4_0/q4_1 = GGUF block formats, float = every weight dequantized to --dtype "
+                         "(to compare quality)")
+    ap.add_argument("--dtype", choices=DTYPES, default=e.dtype,
+                    help="weights and KV cache (float32 default, fastest on CPU; bfloat16 for GPU/TPU)")

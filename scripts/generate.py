@@ -130,29 +130,14 @@ def record(rid: str, r: Any) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jserve.serving_config import DTYPES, QUANTIZE_MODES, EngineConfig
+    from jserve.serving_config import add_engine_flags  # the server's flags and defaults, one set
 
-    engine = EngineConfig()  # the server's defaults, one set
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=pathlib.Path, default=None,
                     help="jserve checkpoint directory (default: the SmolLM2 checkpoint, converted if missing)")
     ap.add_argument("--input", required=True, help="input JSONL file ('-' for stdin)")
     ap.add_argument("--output", required=True, help="output JSONL file ('-' for stdout)")
-    ap.add_argument("--slots", type=int, default=engine.slots,
-                    help=f"requests decoded together (default {engine.slots})")
-    ap.add_argument("--max-len", type=int, default=engine.max_len,
-                    help=f"positions per slot: prompt + output (default {engine.max_len}); a line without "
-                         "max_tokens may generate up to the end of this context")
-    ap.add_argument("--max-prompt-len", type=int, default=engine.max_prompt_len,
-                    help="longest prompt (default max-len - 1)")
-    ap.add_argument("--dtype", default=engine.dtype, choices=DTYPES)
-    ap.add_argument("--quantize", default=engine.quantize, choices=QUANTIZE_MODES,
-                    help="weights' format at load (default: as stored): int8, int8-dynamic (activations too), "
-                         "q8_0/q4_0/q4_1 block formats, or float (a block checkpoint dequantized)")
-    ap.add_argument("--speculate", type=int, default=engine.speculate, metavar="K",
-                    help="speculative decoding with prompt-lookup drafts of up to K tokens, used while measured "
-                         f"to pay (default {engine.speculate} = off, as the server's); a line's 'speculate' key "
-                         "opts in or out")
+    add_engine_flags(ap, "a line")
     ap.add_argument("--max-line-bytes", type=int, default=4 << 20,
                     help="longest input line, in bytes (default 4 MiB); a longer one gets an error record "
                          "without being parsed")
