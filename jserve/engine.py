@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jserve import model
+from jserve import engine_api, model
 from jserve.config import ModelConfig
 from jserve.engine_api import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, ChunkRow, Engine  # noqa: F401 (re-exported)
 from jserve.kv_cache import KVCache, cache_bytes, copy_prefix
@@ -413,7 +413,7 @@ class JaxEngine(Warmup):
         return next((r for r in fits if self.is_ready(("extend", r))), fits[0])
 
     def extend(self, state: DecodeState, rows: list[ChunkRow],
-               masks: np.ndarray | None = None) -> tuple[DecodeState, jax.Array]:
+               masks: np.ndarray | None = None) -> engine_api.Step[DecodeState]:
         """Run ``rows`` (at most ``max_rows``); the packed result's row r is ``rows[r]``'s first
         token when it is final (``ACTIVE`` set), else zeros. ``masks [max_rows, mask_words]``:
         allowed first tokens per row (``apply_bitmask``), None for all."""
@@ -428,8 +428,9 @@ class JaxEngine(Warmup):
             tokens[i, :n] = row.tokens
             slots[i], starts[i], counts[i], finals[i] = row.slot, row.start, n, row.final
         fn = self._compiled.get(("extend", r), self._extend)
-        return fn(self.params, state=state, tokens=tokens, slots=slots, starts=starts, counts=counts, finals=finals,
-                  masks=self._no_mask_rows[r] if masks is None else masks[:self._out_rows(r)])
+        out = fn(self.params, state=state, tokens=tokens, slots=slots, starts=starts, counts=counts, finals=finals,
+                 masks=self._no_mask_rows[r] if masks is None else masks[:self._out_rows(r)])
+        return engine_api.step(out)
 
     def prefill(self, state: DecodeState, slot: int, prompt: list[int], params: SamplingParams,
                 seed: int) -> tuple[DecodeState, np.ndarray]:
@@ -454,7 +455,7 @@ class JaxEngine(Warmup):
         return next((r for r in fits if self.is_ready(("generate", r))), fits[-1])
 
     def generate(self, state: DecodeState, mask: np.ndarray | None = None,
-                 slots: list[int] | None = None) -> tuple[DecodeState, jax.Array]:
+                 slots: list[int] | None = None) -> engine_api.Step[DecodeState]:
         """One token for each live slot of ``slots`` (default: every slot), in a call of
         ``decode_bucket(len(slots))`` rows: the packed result's row i is ``slots[i]``'s (``ACTIVE``
         clear for an inactive slot and for the padding rows after them). ``mask [slots, mask_words]``:
@@ -462,10 +463,10 @@ class JaxEngine(Warmup):
         are the same in any bucket and beside any other slots. Where rows are not invariant
         (``row_invariant`` false) every step computes every slot's row in its place."""
         if not self.row_invariant and slots is not None:  # every slot's row at its place: fixed shapes
-            state, packed = self.generate(state, mask)
+            state, result = self.generate(state, mask)
             idx = np.zeros((self.slots,), np.int32)  # one shape whatever the live count: compiled at warm-up
             idx[:len(slots)] = slots
-            return state, self._take(packed, idx)
+            return engine_api.Step(state, engine_api.StepResult(self._take(result.packed, idx)))
         rows = np.arange(self.slots, dtype=np.int32) if slots is None else np.asarray(slots, np.int32)
         n = rows.shape[0]
         r = self.decode_bucket(n)
@@ -478,7 +479,7 @@ class JaxEngine(Warmup):
             masks = np.full((r, self.mask_words), -1, np.int32)
             masks[:n] = np.asarray(mask)[rows]
         fn = self._compiled.get(("generate", r), self._generate)
-        return fn(self.params, state=state, slots=slot_arr, live=live, masks=masks)
+        return engine_api.step(fn(self.params, state=state, slots=slot_arr, live=live, masks=masks))
 
     def verify_bucket(self, n: int) -> int:
         """The row count a ``verify`` call of ``n`` rows is padded to."""
@@ -501,7 +502,7 @@ class JaxEngine(Warmup):
         return w
 
     def verify(self, state: DecodeState, rows: list[tuple[int, list[int]]],
-               width: int | None = None) -> tuple[DecodeState, jax.Array]:
+               width: int | None = None) -> engine_api.Step[DecodeState]:
         """A decode step with drafts (``_verify``): ``rows`` lists every live slot with its drafted
         tokens (at most ``speculate``, maybe none), and the packed result's row i (``[width, cols]``,
         ``ACTIVE`` on the tokens kept) is ``rows[i]``'s. ``width``: positions per row, one of
@@ -524,7 +525,7 @@ class JaxEngine(Warmup):
             slots[i], n_draft[i], live[i] = slot, len(draft), True
             drafts[i, :len(draft)] = draft
         fn = self._compiled.get(("verify", r, width), self._verify)
-        return fn(self.params, state=state, slots=slots, drafts=drafts, n_draft=n_draft, live=live)
+        return engine_api.step(fn(self.params, state=state, slots=slots, drafts=drafts, n_draft=n_draft, live=live))
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         return self._compiled.get(("release", 0), self._release)(state=state, slot=np.int32(slot))

@@ -11,10 +11,14 @@ returned by every call, since a JAX engine donates it) and runs the device calls
   tokens per slot (speculative decoding), keeping as many as the model agrees with;
 - ``release`` frees a slot on the device.
 
-Every step returns the state and one packed result array (one device-to-host copy per step):
-``[R, RESULT_COLS + 2 * top_logprobs]`` float32 for ``extend`` and ``generate``, ``[R, W, ...]``
-for ``verify`` (``W`` positions per row, ``ACTIVE`` set on the tokens kept). Its columns:
-``TOKEN``, ``LOGPROB``, ``ACTIVE``, then ``top_logprobs`` (token, logprob) pairs.
+Every step returns a ``Step``: the new state and a ``StepResult``, one packed array left where
+the engine made it (a device array: the loop dispatches the next step before reading it, and
+reading it is one device-to-host copy). ``StepResult.host()`` reads it into a ``HostResult``, which
+gives each row's tokens as ``TokenOut`` (token, logprob, top alternatives) and whether the row
+was active. The packed layout, for engines: ``[R, RESULT_COLS + 2 * top_logprobs]`` float32 for
+``extend`` and ``generate``, ``[R, W, ...]`` for ``verify`` (``W`` positions per row, ``ACTIVE``
+set on the tokens kept); columns ``TOKEN``, ``LOGPROB``, ``ACTIVE``, then ``top_logprobs`` token
+ids, then their logprobs.
 
 ``tests/mock_engine.py`` implements this contract with outputs that can be worked out by hand.
 """
@@ -22,7 +26,7 @@ for ``verify`` (``W`` positions per row, ``ACTIVE`` set on the tokens kept). Its
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -56,14 +60,71 @@ def consumed(state: Any) -> bool:
     return any(x.is_deleted() for x in jax.tree.leaves(state) if hasattr(x, "is_deleted"))
 
 
-def kept(result: np.ndarray, i: int) -> np.ndarray:
-    """The tokens ``[K, cols]`` of row ``i`` of a step's packed result on the host: its one token
-    (``extend``, ``generate``), or the tokens a ``verify`` row kept (accepted drafts, then the
-    model's own; at least one row, inactive if the slot was)."""
-    row = result[i]
-    if result.ndim == 2:
-        return row[None]
-    return row[:max(int(np.sum(row[:, ACTIVE] > 0.5)), 1)]
+class TokenOut(NamedTuple):
+    """One token a step produced for a row: its id, its logprob, and the top alternatives (ids and
+    logprobs, best first; as many as the engine's ``top_logprobs``)."""
+
+    token: int
+    logprob: float
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+    def top(self, n: int) -> list[tuple[int, float]]:
+        """The best ``n`` alternatives as (token, logprob) pairs."""
+        return [(int(i), float(v)) for i, v in zip(self.top_ids[:n], self.top_logprobs[:n])]
+
+
+@dataclasses.dataclass(frozen=True)
+class HostResult:
+    """A step's result on the host, row by row (row i is the call's i-th row: ``rows[i]`` of
+    ``extend`` and ``verify``, ``slots[i]`` of ``generate``)."""
+
+    packed: np.ndarray  # [R, cols] or [R, W, cols]
+
+    @property
+    def verified(self) -> bool:
+        """Whether rows hold several positions (a ``verify`` step's)."""
+        return self.packed.ndim == 3
+
+    def active(self, i: int) -> bool:
+        """Whether row i produced a token (a final prompt chunk, a live slot)."""
+        first = self.packed[i, 0] if self.verified else self.packed[i]
+        return bool(first[ACTIVE] > 0.5)
+
+    def tokens(self, i: int) -> list[TokenOut]:
+        """The tokens row i kept: its one token (``extend``, ``generate``), or a ``verify`` row's
+        accepted drafts then the model's own; empty when the row is inactive."""
+        row = self.packed[i]
+        rows = row[None] if not self.verified else row[:int(np.sum(row[:, ACTIVE] > 0.5))]
+        n = (self.packed.shape[-1] - RESULT_COLS) // 2
+        return [TokenOut(int(r[TOKEN]), float(r[LOGPROB]), r[RESULT_COLS:RESULT_COLS + n].astype(np.int64),
+                         r[RESULT_COLS + n:RESULT_COLS + 2 * n]) for r in rows if r[ACTIVE] > 0.5]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """One step call's result, left where the engine made it (``packed``: a device array or a host
+    ``np.ndarray``) until ``host()`` reads it. ``np.asarray(result)`` gives the packed array."""
+
+    packed: Packed
+
+    def host(self) -> HostResult:
+        return HostResult(np.asarray(self.packed))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.packed, dtype)
+
+
+class Step(NamedTuple, Generic[State]):
+    """What ``extend``, ``generate`` and ``verify`` return: ``state, result = engine.generate(...)``."""
+
+    state: State
+    result: StepResult
+
+
+def step(out: tuple[Any, Packed]) -> Step:
+    """A ``Step`` from a compiled call's ``(state, packed)``."""
+    return Step(out[0], StepResult(out[1]))
 
 
 class DraftRow(NamedTuple):
@@ -100,18 +161,16 @@ class Engine(Protocol[State]):
     def copy(self, state: State, src: int, dst: int, n: int) -> State:
         """Copy the first ``n`` cached positions of slot ``src`` into slot ``dst``."""
 
-    def extend(self, state: State, rows: list[ChunkRow],
-               masks: np.ndarray | None = None) -> tuple[State, Packed]:
+    def extend(self, state: State, rows: list[ChunkRow], masks: np.ndarray | None = None) -> Step[State]:
         """Run ``rows`` (at most ``ready_rows()``); result row r is ``rows[r]``'s first token when
         it is final, else inactive. ``masks [max_rows, mask_words]``: allowed first tokens per row."""
 
     def generate(self, state: State, mask: np.ndarray | None = None,
-                 slots: list[int] | None = None) -> tuple[State, Packed]:
+                 slots: list[int] | None = None) -> Step[State]:
         """One token for each live slot of ``slots`` (default all); result row i is ``slots[i]``'s.
         ``mask [S, mask_words]``: allowed tokens per slot (indexed by slot)."""
 
-    def verify(self, state: State, rows: list[DraftRow],
-               width: int | None = None) -> tuple[State, Packed]:
+    def verify(self, state: State, rows: list[DraftRow], width: int | None = None) -> Step[State]:
         """A decode step that also checks each row's draft; result ``[R, width, cols]``, row i is
         ``rows[i]``'s with ``ACTIVE`` set on the tokens kept (accepted drafts, then one more)."""
 

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from jserve.engine import ChunkRow, DecodeState, JaxEngine
+from jserve.engine_api import Step, StepResult
 from jserve.sampling import SamplingParams, seed_to_key
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,8 @@ class LeaderEngine:
             raise ValueError("structured output is not supported across several processes")
         with self._lock:
             self._send(GENERATE)
-            state, packed = self.engine.generate(state)  # every slot: the followers run the same call
-        return state, packed if slots is None else packed[np.asarray(slots, np.int32)]
+            state, result = self.engine.generate(state)  # every slot: the followers run the same call
+        return Step(state, result if slots is None else StepResult(result.packed[np.asarray(slots, np.int32)]))
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         with self._lock:

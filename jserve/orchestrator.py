@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jserve.engine_api import ACTIVE, Engine, Packed, consumed, kept
+from jserve.engine_api import Engine, StepResult, TokenOut, consumed
 from jserve.output import StreamOutput
 from jserve.placement import Slots, prompt_chunks, worth_waiting
 from jserve.sampling import SamplingParams
@@ -62,9 +62,9 @@ __all__ = ["CANCELLED", "DEADLINE", "ERROR", "LENGTH", "SHUTDOWN", "SLOW_READER"
 class _Turn(NamedTuple):
     """A turn's calls whose tokens are not handled yet: decode step's and extend's, with {row: run}."""
 
-    step: Packed | None
+    step: StepResult | None
     step_owners: dict[int, Running]
-    extend: Packed | None
+    extend: StepResult | None
     extend_owners: dict[int, Running]
 
 
@@ -199,9 +199,9 @@ class Orchestrator:
                 if self._running:  # step n+1 goes to the device before step n's tokens are handled
                     state, dispatched = self._step(state, spec and self._drafting() and not self._constrained())
                 if self._prefilling:  # then the next prompt chunks
-                    state, ext_packed, ext_owners = self._extend(state)
+                    state, ext_result, ext_owners = self._extend(state)
                     gen = dispatched or _Turn(None, {}, None, {})
-                    dispatched = _Turn(gen.step, gen.step_owners, ext_packed, ext_owners)
+                    dispatched = _Turn(gen.step, gen.step_owners, ext_result, ext_owners)
                 if not self.pipeline and dispatched is not None:
                     in_flight, dispatched = dispatched, None
                 if in_flight is not None:
@@ -224,23 +224,23 @@ class Orchestrator:
         plan = plan_verify(self.engine, self.policy, runs) if spec else None  # (if verifying is expected to pay)
         t0 = time.perf_counter()
         if plan is not None:
-            state, packed = self.engine.verify(state, plan.rows, plan.width)
+            state, result = self.engine.verify(state, plan.rows, plan.width)
             owners = {i: self._running[row.slot] for i, row in enumerate(plan.rows)}
             kind = self.policy.kind(self.engine.verify_bucket(len(plan.rows)), plan.width)
         else:
             live = sorted(self._running)  # the step computes these rows only (bucketed)
             matchers = {s: run.req.matcher for s, run in self._running.items()}
             masks = allowed_masks(matchers, self.engine.slots, self.engine.mask_words)
-            state, packed = self.engine.generate(state, masks, live)
+            state, result = self.engine.generate(state, masks, live)
             owners, kind = {i: self._running[slot] for i, slot in enumerate(live)}, GENERATE
         self.steps += 1
         for run in self._running.values():
             if run.spec is not None:
                 run.spec.stepped()
         if spec:
-            jax.block_until_ready(packed)
+            jax.block_until_ready(result.packed)
             self.policy.observe(kind, time.perf_counter() - t0)
-        return state, _Turn(packed, owners, None, {})
+        return state, _Turn(result, owners, None, {})
 
     def _drafting(self) -> bool:
         """Whether a verify step could pay this turn (``speculative.could_verify``)."""
@@ -316,7 +316,7 @@ class Orchestrator:
         return worth_waiting(req.prompt_ids, pending, self._slots.cached(busy), least)
 
     def _extend(self, state):
-        """Dispatch the next prompt chunks, oldest request first: the state, the packed result and
+        """Dispatch the next prompt chunks, oldest request first: the state, the step result and
         ``{row: run}`` for rows that end a prompt (those runs are live from here on)."""
         e = self.engine
         rows_max = e.ready_rows()  # larger calls may still be compiling in the background
@@ -337,35 +337,35 @@ class Orchestrator:
                 del self._prefilling[row.slot]
                 self._running[row.slot] = run
         masks = allowed_masks({i: run.req.matcher for i, run in owners.items()}, e.max_rows, e.mask_words)
-        state, packed = e.extend(state, rows, masks)
-        return state, packed, owners
+        state, result = e.extend(state, rows, masks)
+        return state, result, owners
 
     def _handle_step(self, state, turn: _Turn):
-        """Hand each request its tokens from one turn's packed results: the decode step's, then the
+        """Hand each request its tokens from one turn's step results: the decode step's, then the
         first tokens of prompts that ended in the ``extend`` call after it. A run that ended since
         (stop, cancel, ...) had one step too many on the device: its token is dropped here."""
         for result, owned in ((turn.step, turn.step_owners), (turn.extend, turn.extend_owners)):
             if not owned:
                 continue
-            result = np.asarray(result)  # one device-to-host copy per call
+            host = result.host()  # one device-to-host copy per call
             for i, run in owned.items():
                 if self._running.get(run.slot) is not run:
                     continue
-                rows = kept(result, i)
-                if rows[0, ACTIVE] < 0.5:
+                tokens = host.tokens(i)
+                if not tokens:
                     raise RuntimeError(f"slot {run.slot} is running on the host but inactive on device")
-                if result.ndim == 3 and run.spec is not None and (drafted := run.spec.checked(len(rows))):
+                if host.verified and run.spec is not None and (drafted := run.spec.checked(len(tokens))):
                     self._on_event(Event.SPEC_DRAFTED, run.req, float(drafted))
-                    self._on_event(Event.SPEC_ACCEPTED, run.req, float(len(rows) - 1))
-                for token_row in rows:
-                    state = self._on_token(state, run, token_row)
+                    self._on_event(Event.SPEC_ACCEPTED, run.req, float(len(tokens) - 1))
+                for token in tokens:
+                    state = self._on_token(state, run, token)
                     if self._running.get(run.slot) is not run:  # it ended: the rest is dropped
                         break
         return state
 
-    def _on_token(self, state, run: Running, row: np.ndarray):
+    def _on_token(self, state, run: Running, token: TokenOut):
         try:
-            reason, out = run.take(row)
+            reason, out = run.take(token)
         except Exception as e:
             log.exception("request %s failed", run.req.request_id)
             state = self._release(state, run)

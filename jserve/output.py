@@ -1,6 +1,6 @@
 """One request's output as it streams: detokenizing, stop tokens and strings, logprobs, finish.
 
-The orchestrator's loop schedules steps; each new token's packed result row is handed to the
+The orchestrator's loop schedules steps; each new token (``engine_api.TokenOut``) is handed to the
 request's ``Output``, which turns it into the piece a client sees (``StreamOutput``) and says
 whether the request ends there. Everything about text lives here: the incremental detokenizer,
 stop token ids (EOS unless ``ignore_eos``), stop strings (text held back while it may still grow
@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
-
-from jserve.engine import LOGPROB, RESULT_COLS, TOKEN
+from jserve.engine_api import TokenOut
 from jserve.sampling import SamplingParams
 from jserve.stops import StopMatcher
 from jserve.structured import advance
@@ -42,7 +40,7 @@ class StreamOutput:
 
 
 class Output:
-    """The output of one request: ``add`` each new token's result row, ``finish`` once it ends
+    """The output of one request: ``add`` each new token, ``finish`` once it ends
     other than by its own token (cancel, deadline, error, shutdown).
 
     ``detok``: the request's incremental detokenizer (None: token ids only, no text or stop
@@ -70,18 +68,15 @@ class Output:
     def generated(self) -> int:
         return len(self.token_ids)
 
-    def add(self, row: np.ndarray) -> tuple[str | None, StreamOutput]:
-        """Take one new token (its packed row: token, logprob, top alternatives); returns its
-        finish reason (or None) and the piece to hand out. Raises if structured output rejects it."""
+    def add(self, new: TokenOut) -> tuple[str | None, StreamOutput]:
+        """Take one new token (with its logprob and top alternatives); returns its finish reason
+        (or None) and the piece to hand out. Raises if structured output rejects it."""
         p = self.params
-        token = int(row[TOKEN])
+        token = new.token
         self.token_ids.append(token)
         tops = []
-        n = self.top_logprobs
-        if p.logprobs and n:
-            ids = row[RESULT_COLS:RESULT_COLS + n].astype(np.int64)
-            vals = row[RESULT_COLS + n:RESULT_COLS + 2 * n]
-            tops = [[(int(i), float(v)) for i, v in zip(ids[:p.logprobs], vals[:p.logprobs])]]
+        if p.logprobs and self.top_logprobs:
+            tops = [new.top(min(p.logprobs, self.top_logprobs))]
         reason = None
         start = len(self.text)
         if token in self.stop_ids:
@@ -110,7 +105,7 @@ class Output:
                 end = len(self.text) - self.stops.held_back
         piece = self.text[self.emitted:end]
         self.emitted = end
-        lps = [float(row[LOGPROB])] if p.logprobs is not None else []
+        lps = [new.logprob] if p.logprobs is not None else []
         return reason, StreamOutput(text=piece, token_ids=[token], logprobs=lps, top_logprobs=tops,
                                     prompt_tokens=self.prompt_tokens, completion_tokens=self.generated,
                                     finish_reason=reason, cached_tokens=self.cached_tokens)

@@ -21,6 +21,7 @@ import numpy as np
 from jserve.speculative import Drafting, PromptLookup
 
 if TYPE_CHECKING:  # (imported where used: ``FinishReason`` and ``Stream`` load no JAX)
+    from jserve.engine_api import TokenOut
     from jserve.orchestrator import Orchestrator
     from jserve.output import Output, StreamOutput
     from jserve.sampling import SamplingParams
@@ -154,10 +155,10 @@ class Running:
     def generated(self) -> int:
         return self.output.generated
 
-    def take(self, row: np.ndarray) -> tuple[str | None, StreamOutput]:
-        """Take one new token (its packed result row); returns its finish reason (or None) and the
-        piece to hand out. Raises if the token is refused (structured output)."""
-        reason, out = self.output.add(row)
+    def take(self, token: TokenOut) -> tuple[str | None, StreamOutput]:
+        """Take one new token; returns its finish reason (or None) and the piece to hand out.
+        Raises if the token is refused (structured output)."""
+        reason, out = self.output.add(token)
         if self.spec is not None:
             self.spec.append(out.token_ids[0])
         return reason, out

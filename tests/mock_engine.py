@@ -10,7 +10,8 @@ go where the slot's cache holds every position before them, a prompt's last chun
 holding exactly the prompt given to ``begin`` (so a prefix reused or copied from the wrong slot,
 or a chunk at the wrong place, fails the request), a step must not touch a slot that was never
 started. Every call is logged (``calls``), ``before_step[n]()`` runs at the start of the n-th
-decode step (``generate`` or ``verify``), on the loop's thread, and ``fail`` injects a fault.
+decode step (``generate`` or ``verify``), on the loop's thread, a step waits while ``steps_open``
+is cleared, and ``fail`` injects a fault.
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jserve.engine_api import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, ChunkRow, DraftRow
+from jserve.engine_api import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, ChunkRow, DraftRow, Step, StepResult
 from jserve.sampling import SamplingParams
 
 LOGPROB_VALUE = -0.25  # every token's logprob
+
+
+def alternatives(token: int, n: int, vocab_size: int) -> list[tuple[int, float]]:
+    """The top ``n`` (token, logprob) the mock reports beside ``token``: itself first, then the ids after it."""
+    return [((token + j) % vocab_size, LOGPROB_VALUE - j) for j in range(n)]
 
 
 def next_token(seq: list[int], vocab_size: int) -> int:
@@ -53,10 +59,11 @@ class MockEngine:
     ``init_state`` waits for it (a test queues requests, then opens it: admission is then exact)."""
 
     def __init__(self, slots: int = 2, max_len: int = 64, vocab_size: int = 64, chunk: int = 4, rows: int = 2,
-                 speculate: int = 0, gate: threading.Event | None = None):
+                 speculate: int = 0, gate: threading.Event | None = None, top_logprobs: int = 0,
+                 max_prompt_len: int | None = None):
         self.slots, self.max_len, self.vocab_size, self.chunk = slots, max_len, vocab_size, chunk
-        self.max_prompt_len = max_len - 1
-        self.top_logprobs = 0
+        self.max_prompt_len = max_len - 1 if max_prompt_len is None else max_prompt_len
+        self.top_logprobs = top_logprobs  # alternatives: the token, then the next ids, logprobs LOGPROB_VALUE - j
         self.mask_words = -(-vocab_size // 32)
         self.speculate = speculate
         self.rows = rows
@@ -64,6 +71,9 @@ class MockEngine:
         self.calls: list[tuple] = []  # ("begin", slot, prompt) ("copy", src, dst, n) ("extend", rows) ...
         self.steps = 0  # decode steps (generate and verify calls)
         self.before_step: dict[int, Callable[[], None]] = {}
+        self.steps_open = threading.Event()  # cleared: each decode step waits for it (``held`` counts them)
+        self.steps_open.set()
+        self.held = 0
         self.fail: dict[str, int] = {}  # call name -> the call number (1-based) that raises once
         self._counts: dict[str, int] = {}
 
@@ -108,12 +118,11 @@ class MockEngine:
         state.cache[dst] = state.cache[src][:n]
         return state
 
-    def extend(self, state: MockState, rows: list[ChunkRow],
-               masks: np.ndarray | None = None) -> tuple[MockState, np.ndarray]:
+    def extend(self, state: MockState, rows: list[ChunkRow], masks: np.ndarray | None = None) -> Step[MockState]:
         self._called("extend", [(r.slot, r.start, list(r.tokens), r.final) for r in rows])
         if not 1 <= len(rows) <= self.rows:
             raise AssertionError(f"extend of {len(rows)} rows (at most {self.rows})")
-        out = np.zeros((len(rows), RESULT_COLS), np.float32)
+        out = np.zeros((len(rows), RESULT_COLS + 2 * self.top_logprobs), np.float32)
         for i, row in enumerate(rows):
             cache = state.cache[row.slot]
             if state.prompt[row.slot] is None or state.active[row.slot]:
@@ -129,14 +138,25 @@ class MockEngine:
                     raise AssertionError(f"slot {row.slot} holds {cache}, not its prompt {state.prompt[row.slot]}")
                 token = next_token(cache, self.vocab_size)
                 state.last[row.slot], state.active[row.slot] = token, True
-                out[i, [TOKEN, LOGPROB, ACTIVE]] = token, LOGPROB_VALUE, 1.0
-        return state, out
+                out[i] = self._row(token)
+        return Step(state, StepResult(out))
+
+    def _row(self, token: int) -> np.ndarray:
+        """A packed result row for ``token`` (active), with its alternatives."""
+        row = np.zeros(RESULT_COLS + 2 * self.top_logprobs, np.float32)
+        row[[TOKEN, LOGPROB, ACTIVE]] = token, LOGPROB_VALUE, 1.0
+        for j, (t, lp) in enumerate(alternatives(token, self.top_logprobs, self.vocab_size)):
+            row[RESULT_COLS + j], row[RESULT_COLS + self.top_logprobs + j] = t, lp
+        return row
 
     def _step(self, name: str, *args) -> None:
         self.steps += 1
         action = self.before_step.pop(self.steps, None)
         if action is not None:
             action()
+        if not self.steps_open.is_set():
+            self.held += 1
+            self.steps_open.wait(60)
         self._called(name, *args)
 
     def _feed(self, state: MockState, slot: int) -> int:
@@ -148,15 +168,15 @@ class MockEngine:
         return next_token(cache, self.vocab_size)
 
     def generate(self, state: MockState, mask: np.ndarray | None = None,
-                 slots: list[int] | None = None) -> tuple[MockState, np.ndarray]:
+                 slots: list[int] | None = None) -> Step[MockState]:
         slots = list(range(self.slots)) if slots is None else list(slots)
         self._step("generate", slots)
-        out = np.zeros((len(slots), RESULT_COLS), np.float32)
+        out = np.zeros((len(slots), RESULT_COLS + 2 * self.top_logprobs), np.float32)
         for i, slot in enumerate(slots):
             if state.active[slot]:
                 state.last[slot] = self._feed(state, slot)
-                out[i, [TOKEN, LOGPROB, ACTIVE]] = state.last[slot], LOGPROB_VALUE, 1.0
-        return state, out
+                out[i] = self._row(state.last[slot])
+        return Step(state, StepResult(out))
 
     def widths_for(self, rows_bucket: int) -> tuple[int, ...]:
         return (1, self.speculate + 1) if self.speculate else ()
@@ -172,12 +192,12 @@ class MockEngine:
             raise ValueError(f"{n_draft} drafted tokens exceed speculate={self.speculate}")
         return w
 
-    def verify(self, state: MockState, rows: list[DraftRow], width: int | None = None) -> tuple[MockState, np.ndarray]:
+    def verify(self, state: MockState, rows: list[DraftRow], width: int | None = None) -> Step[MockState]:
         self._step("verify", [(r.slot, list(r.draft)) for r in rows], width)
         if not self.speculate:
             raise AssertionError("verify on an engine built without speculation")
         width = self.verify_width(max(len(r.draft) for r in rows)) if width is None else width
-        out = np.zeros((len(rows), width, RESULT_COLS), np.float32)
+        out = np.zeros((len(rows), width, RESULT_COLS + 2 * self.top_logprobs), np.float32)
         for i, (slot, draft) in enumerate(rows):
             if len(draft) >= width:
                 raise AssertionError(f"a draft of {len(draft)} tokens at width {width}")
@@ -191,8 +211,8 @@ class MockEngine:
                 kept.append(self._feed(state, slot))
             state.last[slot] = kept[-1]
             for j, token in enumerate(kept):
-                out[i, j, [TOKEN, LOGPROB, ACTIVE]] = token, LOGPROB_VALUE, 1.0
-        return state, out
+                out[i, j] = self._row(token)
+        return Step(state, StepResult(out))
 
     def ready_widths(self, rows_bucket: int) -> tuple[int, ...]:
         return self.widths_for(rows_bucket)
@@ -226,3 +246,38 @@ class _Letters:
 
     def flush(self) -> str:
         return ""
+
+
+# ---- a real tokenizer whose text is worked out by hand -------------------------------------------
+LETTERS = [*"abcdefghijklmnopqrstuvwxyz", " ", ".", "\n"]  # ids 0..28: one character each
+BOS, UNK, EOS = 29, 30, 31  # "<s>", "<unk>", "</s>": special (left out of text)
+LETTERS_VOCAB = 32
+# "<s>user hi\n<s>assistant ": a chat ends in " " (26), so its reply runs ". \n <s> <unk> </s>" (27..31).
+LETTERS_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}<s>assistant {% endif %}")
+
+
+def letters_text(tokens: list[int]) -> str:
+    """What ``letters_tokenizer`` decodes ``tokens`` to (special ones left out), by the table above."""
+    return "".join(LETTERS[t] for t in tokens if t < len(LETTERS))
+
+
+def letters_ids(text: str) -> list[int]:
+    return [LETTERS.index(c) if c in LETTERS else UNK for c in text]
+
+
+def letters_tokenizer():
+    """A ``jserve.tokenizer.TextTokenizer`` (a real ``tokenizers`` BPE without merges: one token a
+    character) whose vocabulary is ``LETTERS`` plus three special tokens, with a chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    from jserve.tokenizer import TextTokenizer, TokenizerConfig
+
+    vocab = {c: i for i, c in enumerate(LETTERS)}
+    tok = Tokenizer(models.BPE(vocab={**vocab, "<s>": BOS, "<unk>": UNK, "</s>": EOS}, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("<unk>", special=True),
+                            AddedToken("</s>", special=True)])
+    tok.decoder = decoders.Fuse()
+    assert tok.token_to_id("<s>") == BOS and tok.token_to_id("</s>") == EOS
+    return TextTokenizer(tok, TokenizerConfig(bos_token_id=BOS, eos_token_ids=(EOS,), chat_template=LETTERS_TEMPLATE,
+                                              special_ids=(BOS, UNK, EOS)))

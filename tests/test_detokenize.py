@@ -18,7 +18,7 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from jserve.detokenize import UNBOUNDED
-from jserve.engine import RESULT_COLS, TOKEN
+from jserve.engine_api import TokenOut
 from jserve.output import STOP, Output
 from jserve.sampling import SamplingParams
 from jserve.tokenizer import TextTokenizer, TokenizerConfig, tokenizer_from_gguf
@@ -244,10 +244,8 @@ def test_structured_output_reads_each_kind_of_tokenizer_as_its_text(tok):
     assert not (mask[letter // 32] >> (letter % 32)) & 1
 
 
-def _row(token: int) -> np.ndarray:
-    row = np.zeros((RESULT_COLS,), np.float32)
-    row[TOKEN] = token
-    return row
+def _row(token: int) -> TokenOut:
+    return TokenOut(token, 0.0, np.zeros((0,), np.int64), np.zeros((0,), np.float32))
 
 
 @pytest.mark.parametrize("seed", range(3))

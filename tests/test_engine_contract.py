@@ -59,3 +59,42 @@ def test_the_multi_process_leader_offers_every_member(engine):
         assert leader.mask_words == inner.mask_words and leader.slots == inner.slots
     finally:
         leader.close()
+
+
+def test_step_calls_return_typed_steps():
+    """``extend``, ``generate`` and ``verify`` return ``Step(state, StepResult)`` on every engine
+    (read off the annotations for the JAX engines: nothing compiles), and the mock's read back by hand."""
+    import numpy as np
+
+    from jserve.engine_api import ChunkRow, DraftRow, Step, StepResult, TokenOut
+    from jserve.sampling import SamplingParams
+
+    for cls in (JaxEngine, MockEngine):
+        for name in ("extend", "generate", "verify"):
+            assert inspect.signature(getattr(cls, name)).return_annotation.split(".")[-1].startswith("Step["), \
+                (cls, name)
+    eng = MockEngine(speculate=2, top_logprobs=2, vocab_size=64)
+    state = eng.begin(eng.init_state(), 0, [5, 6], SamplingParams(), 0)
+    out = eng.extend(state, [ChunkRow(0, 0, [5, 6], True)])
+    assert isinstance(out, Step) and isinstance(out.result, StepResult)
+    [first] = out.result.host().tokens(0)
+    assert (first.token, first.logprob, first.top(2)) == (7, -0.25, [(7, -0.25), (8, -1.25)])
+    host = eng.verify(out.state, [DraftRow(0, [8, 99])]).result.host()  # 8 accepted, 99 not: 8, then 9
+    assert host.verified and host.active(0) and [t.token for t in host.tokens(0)] == [8, 9]
+    assert np.asarray(eng.generate(out.state, slots=[1]).result)[0, 2] == 0.0  # an idle slot's row: inactive
+    assert isinstance(first, TokenOut)
+
+
+def test_a_host_result_reads_packed_rows_by_hand():
+    import numpy as np
+
+    from jserve.engine_api import HostResult
+
+    # Two rows, 1 alternative: row 0 token 4 (logprob -1, top 4:-1), row 1 inactive.
+    flat = HostResult(np.array([[4, -1, 1, 4, -1], [0, 0, 0, 0, 0]], np.float32))
+    assert not flat.verified and flat.active(0) and not flat.active(1) and flat.tokens(1) == []
+    [t] = flat.tokens(0)
+    assert (t.token, t.logprob, t.top(1), t.top(0)) == (4, -1.0, [(4, -1.0)], [])
+    # A verify row of width 3 that kept two tokens.
+    wide = HostResult(np.array([[[3, -0.5, 1], [8, -2, 1], [0, 0, 0]]], np.float32))
+    assert wide.verified and [(t.token, t.logprob) for t in wide.tokens(0)] == [(3, -0.5), (8, -2.0)]

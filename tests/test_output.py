@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jserve.engine import LOGPROB, RESULT_COLS, TOKEN
+from jserve.engine_api import TokenOut
 from jserve.output import ERROR, LENGTH, STOP, Output
 from jserve.sampling import SamplingParams
 from jserve.tokenizer import TextTokenizer
@@ -18,12 +18,11 @@ def tok(real_ckpt):
     return TextTokenizer.load(real_ckpt)
 
 
-def _row(token: int, logprob: float = -0.5, tops: list[tuple[int, float]] = ()) -> np.ndarray:
-    row = np.zeros((RESULT_COLS + 2 * TOP,), np.float32)
-    row[TOKEN], row[LOGPROB] = token, logprob
+def _row(token: int, logprob: float = -0.5, tops: list[tuple[int, float]] = ()) -> TokenOut:
+    ids, lps = np.zeros((TOP,), np.int64), np.zeros((TOP,), np.float32)
     for i, (t, lp) in enumerate(tops):
-        row[RESULT_COLS + i], row[RESULT_COLS + TOP + i] = t, lp
-    return row
+        ids[i], lps[i] = t, lp
+    return TokenOut(token, logprob, ids, lps)
 
 
 def _run(out: Output, ids: list[int]):
