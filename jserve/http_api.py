@@ -168,14 +168,9 @@ class HttpFrontEnd(ChoicesMixin):
 
         @app.exception_handler(RequestValidationError)
         async def invalid_body(_request: Request, e: RequestValidationError):
-            errors = e.errors()
-            first = errors[0] if errors else {}
-            loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-            message = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body')}: {err.get('msg')}"
-                                for err in errors[:5])
+            message, field = rq.body_error(e.errors())  # which field, the type it takes, what was sent
             self._rejected("invalid_argument")
-            return JSONResponse(ApiError(400, message or "invalid request body", param=loc or None).body(),
-                                status_code=400)
+            return JSONResponse(ApiError(400, message, param=field).body(), status_code=400)
 
         @app.middleware("http")
         async def size_limit(request: Request, call_next):

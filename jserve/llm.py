@@ -26,7 +26,7 @@ from typing import Any
 from jserve import request as rq
 from jserve.errors import ErrorKind, InvalidRequestError, RequestError
 from jserve.orchestrator import Orchestrator, QueueFullError, ShuttingDownError, Stream, StreamOutput
-from jserve.request import GenerateRequest, Limits, PromptInput, normalize_chat
+from jserve.request import FinishReason, GenerateRequest, Limits, PromptInput, normalize_chat
 from jserve.sampling import SamplingParams
 from jserve.serving_config import EngineConfig, SchedulerConfig, split_settings
 from jserve.tokenizer import ChatTemplateError
@@ -44,7 +44,7 @@ class Result:
     text: str
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str
+    finish_reason: FinishReason  # a StrEnum: compares equal to its string ("stop", "length", ...)
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
@@ -96,7 +96,7 @@ def collect(pieces: Sequence[StreamOutput]) -> Result:
         text="".join(p.text for p in pieces),
         token_ids=[t for p in pieces for t in p.token_ids],
         logprobs=[lp for p in pieces for lp in p.logprobs],
-        finish_reason=last.finish_reason or "error",
+        finish_reason=FinishReason(last.finish_reason or FinishReason.ERROR),
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         error=last.error,
@@ -221,15 +221,31 @@ class LLM:
                                "jserve.multihost.follow(load_engine(...).engine)")
         self.engine_config, self.scheduler_config = split_settings(engine, scheduler, settings)
         m = load_engine(checkpoint, self.engine_config, compile_cache=compile_cache, warmup=warmup)
+        if jax.process_count() > 1:
+            from jserve.multihost import LeaderEngine
+
+            m = dataclasses.replace(m, engine=LeaderEngine(m.engine))
+        self._start(m, on_event, on_fatal)
+
+    @classmethod
+    def over(cls, model: LoadedModel, *, scheduler: SchedulerConfig | None = None,
+             on_event: Callable[[str, Any, float], None] | None = None,
+             on_fatal: Callable[[str], None] | None = None, **settings: Any) -> LLM:
+        """An LLM over an engine already built (``model.engine``: any ``engine_api.Engine``, e.g.
+        the tests' mock engine): no checkpoint is read, nothing is compiled, JAX is not touched.
+        ``scheduler`` and ``settings``: as ``LLM``'s (engine fields describe ``model.engine``)."""
+        self = cls.__new__(cls)
+        self.engine_config, self.scheduler_config = split_settings(None, scheduler, settings)
+        self._start(model, on_event, on_fatal)
+        return self
+
+    def _start(self, m: LoadedModel, on_event: Callable[[str, Any, float], None] | None,
+               on_fatal: Callable[[str], None] | None) -> None:
         self.dtype, self.quantize = self.engine_config.dtype, m.quantize
         self.checkpoint, self.config, self.tokenizer = m.checkpoint, m.config, m.tokenizer
         self.weight_bytes, self.warmup_seconds = m.weight_bytes, m.warmup_seconds
         self.engine = m.engine
         self._grammars = None  # built on the first constrained request
-        if jax.process_count() > 1:
-            from jserve.multihost import LeaderEngine
-
-            self.engine = LeaderEngine(m.engine)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
         s = self.scheduler_config
         self.orchestrator = Orchestrator(self.engine, self.tokenizer, eos_token_ids=tuple(eos),

@@ -21,6 +21,7 @@ No JAX and no transport here: the HTTP front end imports this before a model is 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -71,12 +72,107 @@ def parse_stop(stop: Any) -> tuple[str, ...]:
     if isinstance(stop, str):
         return (stop,)
     if not isinstance(stop, (list, tuple)):
-        raise InvalidRequestError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+        raise InvalidRequestError(wrong_type("stop", "a string or a list of strings", stop))
     for i, s in enumerate(stop):
         if not isinstance(s, str):
-            raise InvalidRequestError(f"stop must be a string or a list of strings; item {i} is "
-                                      f"{type(s).__name__}")
+            raise InvalidRequestError(wrong_type(f"stop[{i}]", "a string", s))
     return tuple(stop)
+
+
+# The type each sampling field takes, and the words every front end uses for a value of another type.
+FIELD_TYPES: dict[str, type] = {
+    "max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float, "seed": int,
+    "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "logprobs": int,
+    "speculate": bool, "ignore_eos": bool, "skip_special_tokens": bool,
+}
+TYPE_WORDS = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "a list",
+              dict: "an object"}
+
+
+def kind_of(value: Any) -> str:
+    """A value's JSON kind in words, with the value when it is short: ``a string: "ten"``."""
+    if value is None:
+        return "null"
+    kind = next((w for t, w in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                                ((list, tuple), "a list"), (dict, "an object")) if isinstance(value, t)), None)
+    if kind is None:
+        return type(value).__name__
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return f"{kind}: {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def wrong_type(field: str, expected: str, value: Any) -> str:
+    """The one message for a field of the wrong type: ``max_tokens must be an integer, got a string: "ten"``."""
+    return f"{field} must be {expected}, got {kind_of(value)}"
+
+
+def check_types(fields: dict[str, Any]) -> None:
+    """Refuse a sampling field (``FIELD_TYPES``) given with a value of another type (None: not given)."""
+    for name, value in fields.items():
+        want = FIELD_TYPES.get(name)
+        if want is None or value is None:
+            continue
+        ok = isinstance(value, (int, float) if want is float else want)
+        if want is not bool and isinstance(value, bool):
+            ok = False
+        if not ok:
+            raise InvalidRequestError(wrong_type(name, TYPE_WORDS[want], value))
+
+
+# pydantic's error types (a JSON body) in the words of ``TYPE_WORDS``.
+_PYDANTIC_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "string_type": "a string", "bool_type": "a boolean", "bool_parsing": "a boolean", "list_type": "a list",
+    "dict_type": "an object", "model_type": "an object", "model_attributes_type": "an object",
+}
+_UNION_BRANCHES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+                   "list[int]": "a list of integers", "list[str]": "a list of strings",
+                   "list[list[int]]": "a list of lists of integers"}
+
+
+def _branch_words(tag: str) -> str:
+    """A union branch's tag (``str``, ``list[int]``, ``list[ContentPart]``) in words."""
+    if tag in _UNION_BRANCHES:
+        return _UNION_BRANCHES[tag]
+    return "a list" if tag.startswith("list[") else "an object" if tag.startswith("dict[") else f"a {tag}"
+
+
+def _field_path(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
+    """A JSON body's validation errors (pydantic's) as one message and the field it names, worded
+    as ``wrong_type`` words them: which field, the type it takes, what was sent."""
+    errors = [{**e, "loc": tuple(x for x in e.get("loc", ()) if x != "body")} for e in errors]
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    loc = first["loc"]
+    # A field of several types (``prompt``: a string or lists): one error per type, tagged by the type.
+    n = len(loc) - 1
+    branches = [e for e in errors if len(e["loc"]) > n and e["loc"][:n] == loc[:n] and isinstance(e["loc"][n], str)]
+    tags = list(dict.fromkeys(e["loc"][n] for e in branches))
+    if n >= 1 and len(tags) > 1:
+        field = _field_path(loc[:n])
+        words = list(dict.fromkeys(_branch_words(t) for t in tags))
+        expected = " or ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " or " + words[-1]
+        value = next((e.get("input") for e in branches if len(e["loc"]) == n + 1), first.get("input"))
+        return wrong_type(field, expected, value), field
+    field = _field_path(loc)
+    if first.get("type") == "missing":
+        return f"{field} is required", field
+    expected = _PYDANTIC_EXPECTED.get(first.get("type", ""))
+    if expected is not None:
+        return wrong_type(field, expected, first.get("input")), field
+    return "; ".join(f"{_field_path(e['loc'])}: {e.get('msg')}" for e in errors[:5]), field or None
 
 
 def sampling_params(*, stop: Any = None, logit_bias: Any = None, stop_token_ids: Any = None,
@@ -87,6 +183,7 @@ def sampling_params(*, stop: Any = None, logit_bias: Any = None, stop_token_ids:
     from jserve.sampling import SamplingParams
 
     fields = {k: v for k, v in given.items() if v is not None}
+    check_types(fields)
     if logit_bias:  # checked, and made (int, float) pairs, by ``check_params``
         fields["logit_bias"] = tuple(logit_bias.items() if hasattr(logit_bias, "items") else logit_bias)
     return SamplingParams(stop=parse_stop(stop), stop_token_ids=tuple(stop_token_ids or ()), **fields)
