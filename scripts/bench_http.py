@@ -218,17 +218,19 @@ def work(requests: list[dict]) -> dict:
     return out
 
 
-def tool_cost_line(med: dict, works: dict) -> str | None:
-    """The issue-25 line: ``http-half-tools`` against ``http-half-tools-text``, with whether the
-    two did the same work (the same prompt tokens, the same completion tokens)."""
+def tool_cost_line(med: dict, works: dict, per_round: list[float] = ()) -> str | None:
+    """The issue-25 line: ``http-half-tools`` against ``http-half-tools-text`` (the ratio of their
+    medians, and each round's ratio: the two ran minutes apart), with whether the two did the same
+    work (the same prompt tokens, the same completion tokens)."""
     if "http-half-tools" not in med or "http-half-tools-text" not in med:
         return None
     ratio = med["http-half-tools"] / med["http-half-tools-text"]
+    rounds = f" (rounds: {', '.join(f'{r:.2f}' for r in per_round)})" if per_round else ""
     a, b = works["http-half-tools"], works["http-half-tools-text"]
     same_prompts = a.get("tools", {}).get("prompt") == b.get("tools-text", {}).get("prompt")
     same_tokens = sum(k["completion"] for k in a.values()) == sum(k["completion"] for k in b.values())
     return (f"constrained tool calls (issue 25: cost at most 15 %): http-half-tools / http-half-tools-text = "
-            f"{ratio:.2f} (cost {100 * (1 - ratio):.0f} %); the tool requests' prompts "
+            f"{ratio:.2f}{rounds} (cost {100 * (1 - ratio):.0f} %); the tool requests' prompts "
             f"{'match' if same_prompts else 'DIFFER'} ({a.get('tools', {}).get('prompt')} vs "
             f"{b.get('tools-text', {}).get('prompt')} prompt tokens), completion tokens "
             f"{'match' if same_tokens else 'DIFFER'}")
@@ -289,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         counts = " | ".join(str(sum(k[f] for k in w)) for f in ("prompt", "cached", "completion"))
         print(f"| {v} | {med[v]:.1f} | {counts} | " + " | ".join(f"{med[v] / med[b]:.2f}" for b in bases) + " |")
     print("(token counts: one round's, from the server's usage)")
-    if (line := tool_cost_line(med, works)) is not None:
+    per_round = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in
+                 zip(results.get("http-half-tools", ()), results.get("http-half-tools-text", ()))]
+    if (line := tool_cost_line(med, works, per_round)) is not None:
         print(line)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,

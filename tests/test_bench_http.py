@@ -64,8 +64,9 @@ def test_the_issue_25_line_compares_tools_with_their_text_and_says_when_the_work
     same = {"tools": {"prompt": 900, "completion": 100}, "plain": {"prompt": 80, "completion": 100}}
     same_text = {"tools-text": {"prompt": 900, "completion": 100}, "plain": {"prompt": 80, "completion": 100}}
     line = bench.tool_cost_line({"http-half-tools": 45.0, "http-half-tools-text": 50.0},
-                                {"http-half-tools": same, "http-half-tools-text": same_text})
-    assert "= 0.90 (cost 10 %)" in line and "prompts match" in line and "completion tokens match" in line
+                                {"http-half-tools": same, "http-half-tools-text": same_text}, [0.8, 1.0])
+    assert "= 0.90 (rounds: 0.80, 1.00) (cost 10 %)" in line and "prompts match" in line
+    assert "completion tokens match" in line
     other = {"tools-text": {"prompt": 700, "completion": 100}, "plain": {"prompt": 80, "completion": 90}}
     line = bench.tool_cost_line({"http-half-tools": 50.0, "http-half-tools-text": 50.0},
                                 {"http-half-tools": same, "http-half-tools-text": other})
