@@ -200,10 +200,12 @@ def run_round(send, prompts, args, constrained_every: int, prime: bool = False) 
             "requests": [dataclasses.asdict(d) for d in done]}
 
 
-def cold_prompts(prompts: list[list[dict]], tag: str) -> list[list[dict]]:
-    """``prompts`` each led by a system turn naming ``tag`` (a round and variant): a prefix no
-    other round's prompts have (``--cache cold``)."""
-    return [[{"role": "system", "content": f"You are a helpful assistant (run {tag})."}, *m] for m in prompts]
+def cold_prompts(prompts: list[list[dict]], round_: int, variant: int) -> list[list[dict]]:
+    """``prompts`` each led by a system turn naming the round and the variant (by number, in six
+    digits: the same length in tokens for every variant): a prefix no other round's prompts have
+    (``--cache cold``)."""
+    return [[{"role": "system", "content": f"You are a helpful assistant (run {round_:03d}{variant:03d})."}, *m]
+            for m in prompts]
 
 
 def work(requests: list[dict]) -> dict:
@@ -267,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         for send, every in variants.values():  # untimed: first-request effects (grammar compiler) out of the way
             run_round(send, prompts[: args.streams], args, every)
         for r in range(args.rounds):
-            for v, (send, every) in variants.items():
-                batch = cold_prompts(prompts, f"{r}-{v}") if args.cache == "cold" else prompts
+            for i, (v, (send, every)) in enumerate(variants.items()):
+                batch = cold_prompts(prompts, r, i) if args.cache == "cold" else prompts
                 if args.cache == "warm":
                     run_round(send, batch, args, every, prime=True)
                 time.sleep(0.5)

@@ -53,11 +53,26 @@ def test_tools_and_their_text_do_the_same_work_from_a_warm_cache(tiny_ckpt, tmp_
 
 def test_cold_prompts_share_no_prefix_across_rounds_and_variants():
     chats = bench.chats(4)
-    a, b, c = bench.cold_prompts(chats, "0-http"), bench.cold_prompts(chats, "1-http"), \
-        bench.cold_prompts(chats, "0-http-half-tools")
+    a, b, c = bench.cold_prompts(chats, 0, 0), bench.cold_prompts(chats, 1, 0), bench.cold_prompts(chats, 0, 1)
     for batch in (a, b, c):
         assert [m[1:] for m in batch] == chats and all(m[0]["role"] == "system" for m in batch)
     assert len({m[0]["content"] for m in a + b + c}) == 3  # one system turn per round and variant
+
+
+def test_cold_rounds_find_no_prompt_cached_and_tools_match_their_text_token_for_token(tiny_ckpt, tmp_path):
+    out = tmp_path / "b.json"
+    assert bench.main(["--checkpoint", str(tiny_ckpt), "--slots", "4", "--streams", "4", "--requests", "4",
+                       "--max-tokens", "24", "--max-len", "512", "--rounds", "2", "--cache", "cold",
+                       "--variants", "http-half-tools,http-half-tools-text", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    for r in range(2):
+        tools, text = (results[v][r]["requests"] for v in ("http-half-tools", "http-half-tools-text"))
+        assert [x["prompt"] for x in tools] == [x["prompt"] for x in text]
+        for x in tools + text:
+            # Each request shares with the others of its round at most their common start (the
+            # round's system turn, and the tools): never its whole prompt.
+            assert x["cached"] < x["prompt"] - 1, x
+        assert min(x["cached"] for x in tools + text) < 40  # a first request found its round's prefix new
 
 
 def test_the_issue_25_line_compares_tools_with_their_text_and_says_when_the_work_differs():
