@@ -1,16 +1,20 @@
 """Structured output: the tokens a constrained request may take next, from llguidance.
 
 A ``Constraint`` (JSON schema, any JSON object, regular expression, or a choice among strings) is
-compiled once per request, at the edge, into an ``llguidance.LLMatcher``; a bad schema or regex
-is an ``InvalidRequestError`` there. While the request runs, the orchestrator asks its matcher for
-the bitmask of allowed tokens before each step (``mask``), the engine applies it on the device
-inside the step, and the matcher consumes each sampled token (``advance``). When the grammar is
-complete (the JSON object closed, the regex matched as far as it can go) the request ends with
-finish reason ``stop``. Unconstrained requests carry no matcher and cost nothing here.
+compiled at the edge into an ``llguidance.LLMatcher``; a bad schema or regex is an
+``InvalidRequestError`` there. Compiled matchers are kept (the last ``Grammars.CACHED`` distinct
+constraints): a request whose constraint was seen before (an agent resends the same tools every
+turn) gets a copy of the kept one, in microseconds instead of the milliseconds a compile takes.
+While the request runs, the orchestrator asks its matcher for the bitmask of allowed tokens
+before each step (``mask``), the engine applies it on the device inside the step, and the matcher
+consumes each sampled token (``advance``). When the grammar is complete (the JSON object closed,
+the regex matched as far as it can go) the request ends with finish reason ``stop``.
+Unconstrained requests carry no matcher and cost nothing here.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import threading
@@ -67,7 +71,10 @@ class Constraint:
 
 
 class Grammars:
-    """Compiles constraints into matchers over one tokenizer (built once, on first use)."""
+    """Compiles constraints into matchers over one tokenizer (built once, on first use), keeping
+    the ``CACHED`` most recently used ones compiled: each request gets its own copy."""
+
+    CACHED = 32
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]):
         self._source = tokenizer
@@ -76,6 +83,8 @@ class Grammars:
         self._eos = eos_token_ids
         self._tok = None
         self._lock = threading.Lock()
+        self._compiled: collections.OrderedDict[Constraint, Any] = collections.OrderedDict()  # never advanced
+        self.compiles = 0  # constraints compiled (the others were copied)
 
     def _tokenizer(self):
         with self._lock:
@@ -86,15 +95,34 @@ class Grammars:
             return self._tok
 
     def matcher(self, constraint: Constraint):
-        """A fresh matcher for ``constraint``; ``InvalidRequestError`` if it does not compile."""
+        """A fresh matcher for ``constraint`` (a copy of the compiled one when it was compiled
+        before); ``InvalidRequestError`` if it does not compile (such a constraint is not kept)."""
+        if not isinstance(constraint.value, (str, tuple)):  # unhashable (a list of choices): not kept
+            return self._compile(constraint)
+        with self._lock:
+            kept = self._compiled.get(constraint)
+            if kept is not None:
+                self._compiled.move_to_end(constraint)
+                return kept.deep_copy()
+        m = self._compile(constraint)
+        with self._lock:
+            self._compiled[constraint] = m
+            self._compiled.move_to_end(constraint)
+            while len(self._compiled) > self.CACHED:
+                self._compiled.popitem(last=False)
+            return m.deep_copy()
+
+    def _compile(self, constraint: Constraint):
         from llguidance import LLMatcher
 
         grammar = constraint.grammar()
-        m = LLMatcher(self._tokenizer(), grammar, log_level=0)
+        tok = self._tokenizer()
+        m = LLMatcher(tok, grammar, log_level=0)
         if m.is_error():
             raise InvalidRequestError(f"the {constraint.kind} constraint is invalid: {m.get_error()}")
+        with self._lock:
+            self.compiles += 1
         return m
-
 
 
 def fill_mask(matcher, out: np.ndarray) -> None:

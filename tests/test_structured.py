@@ -83,3 +83,61 @@ def test_constrained_answers_parse_and_validate_amid_unconstrained_ones_that_sta
 def test_a_bad_constraint_is_refused_at_submission(tiny_llm, constraint, message):
     with pytest.raises(InvalidRequestError, match=re.escape(message)):
         tiny_llm.submit([1, 2, 3], SamplingParams(max_tokens=5, constraint=constraint))
+
+
+def _allowed(matcher, words: int) -> set[int]:
+    from jserve.structured import fill_mask
+
+    mask = np.zeros(words, np.int32)
+    fill_mask(matcher, mask)
+    bits = np.unpackbits(mask.view(np.uint8), bitorder="little")
+    return set(np.flatnonzero(bits).tolist())
+
+
+def test_a_constraint_seen_before_is_copied_not_compiled_and_each_copy_is_its_own(real_ckpt):
+    from jserve.checkpoint import load_tokenizer
+    from jserve.structured import Grammars, advance
+
+    tok = load_tokenizer(real_ckpt)
+    g = Grammars(tok, tok.vocab_size, tok.eos_token_ids)
+    person = Constraint("json_schema", json.dumps(PERSON))
+    first, second = g.matcher(person), g.matcher(Constraint("json_schema", json.dumps(PERSON)))
+    assert g.compiles == 1
+    # The reference: a matcher compiled by another Grammars, never copied.
+    fresh = Grammars(tok, tok.vocab_size, tok.eos_token_ids).matcher(person)
+    start = _allowed(fresh, g.words)
+    answer = tok.encode('{"name":"Ada","age":36,"city":"Rome"}')  # compact: the grammar allows no spaces
+    for t in answer[:-1]:
+        assert advance(first, t) is None
+    # Advancing one copy moves neither the other nor the kept one: both still start afresh.
+    assert _allowed(second, g.words) == start != _allowed(first, g.words)
+    third = g.matcher(person)
+    assert g.compiles == 1 and _allowed(third, g.words) == start
+    assert advance(first, answer[-1]) == "stop" and first.is_accepting()
+    for t in answer:
+        advance(third, t)
+    assert third.is_accepting() and not second.is_stopped()
+
+
+def test_the_compiled_constraints_kept_are_bounded_and_a_bad_one_is_never_kept(real_ckpt):
+    from jserve.checkpoint import load_tokenizer
+    from jserve.structured import Grammars
+
+    tok = load_tokenizer(real_ckpt)
+    g = Grammars(tok, tok.vocab_size, tok.eos_token_ids)
+    g.CACHED = 2
+    a, b, c = (Constraint("regex", r) for r in ("[0-9]+", "[a-z]+", "(yes|no)"))
+    for constraint in (a, b, a, c):  # a is used again before c arrives: b is the one let go
+        g.matcher(constraint)
+    assert g.compiles == 3
+    g.matcher(a)
+    assert g.compiles == 3
+    g.matcher(b)
+    assert g.compiles == 4
+    for _ in range(2):
+        with pytest.raises(InvalidRequestError, match="the regex constraint is invalid"):
+            g.matcher(Constraint("regex", "[a-"))
+    assert g.compiles == 4
+    g.matcher(Constraint("choice", ["x", "y"]))  # a list (unhashable): compiled each time, not kept
+    g.matcher(Constraint("choice", ["x", "y"]))
+    assert g.compiles == 6
