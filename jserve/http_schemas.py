@@ -24,7 +24,10 @@ REJECTED = {edge.http: edge.rejected for edge in rq.ERRORS.values() if edge.reje
 
 # ---- request bodies ------------------------------------------------------------------------------
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Strict, as the request layer's ``check_types``: a boolean is not a number, ``"5"`` is not an
+    integer, and an integer is a number (OpenAI takes ``temperature: 1``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ChatMessage(_Body):
@@ -211,6 +214,8 @@ _FIELDS = frozenset(ChatCompletionRequest.model_fields) | frozenset(CompletionRe
 
 def param_of(message: str) -> str | None:
     """The request field an error message names first (``"temperature must be ..."``, ``"message 3: ..."``)."""
+    if message.startswith("stop["):  # an item of stop: "stop[1] must be a string, ..."
+        return message.split(" ", 1)[0]
     for prefix, name in (("stop token", "stop_token_ids"), ("stop", "stop"), ("tool_choice", "tool_choice"),
                          ("parallel_tool_calls", "parallel_tool_calls"), ("tools", "tools"), ("message", "messages")):
         if message.startswith(prefix):

@@ -148,6 +148,28 @@ def _field_path(loc: Sequence[Any]) -> str:
     return out
 
 
+# What an item of a field (by the field's name) is, where "an object" alone would not say which.
+_ITEM_WORDS = {"content": "a content part"}
+
+
+def _item_error(branches: Sequence[dict[str, Any]], n: int, value: Any) -> tuple[str, str] | None:
+    """When the value sent is a list (or an object) and only one of the field's types is one, the
+    error of the item inside it (``messages[0].content[0] must be an object ...``), else None."""
+    kind = "list[" if isinstance(value, list) else "dict[" if isinstance(value, dict) else None
+    tags = {e["loc"][n] for e in branches if kind is not None and str(e["loc"][n]).startswith(kind)}
+    if len(tags) != 1:
+        return None
+    inner = next((e for e in branches if e["loc"][n] in tags and len(e["loc"]) > n + 1), None)
+    expected = _PYDANTIC_EXPECTED.get(inner.get("type", "")) if inner is not None else None
+    if expected is None:
+        return None
+    loc = inner["loc"][:n] + inner["loc"][n + 1:]
+    item = _ITEM_WORDS.get(str(inner["loc"][n - 1]))
+    if item is not None and expected == "an object":
+        expected = f"an object ({item})"
+    return wrong_type(_field_path(loc), expected, inner.get("input")), _field_path(loc)
+
+
 def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
     """A JSON body's validation errors (pydantic's) as one message and the field it names, worded
     as ``wrong_type`` words them: which field, the type it takes, what was sent."""
@@ -165,7 +187,8 @@ def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
         words = list(dict.fromkeys(_branch_words(t) for t in tags))
         expected = " or ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " or " + words[-1]
         value = next((e.get("input") for e in branches if len(e["loc"]) == n + 1), first.get("input"))
-        return wrong_type(field, expected, value), field
+        inner = _item_error(branches, n, value)
+        return inner if inner is not None else (wrong_type(field, expected, value), field)
     field = _field_path(loc)
     if first.get("type") == "missing":
         return f"{field} is required", field

@@ -350,6 +350,13 @@ TYPE_ERRORS = [
     ("ignore_eos", "sure", 'ignore_eos must be a boolean, got a string: "sure"'),
     ("stop", 5, "stop must be a string or a list of strings, got an integer: 5"),
     ("stop", ["a", 2], "stop[1] must be a string, got an integer: 2"),
+    # JSON booleans are not numbers, nor numeric strings numbers (as OpenAI's API refuses them)
+    ("max_tokens", True, "max_tokens must be an integer, got a boolean: true"),
+    ("max_tokens", "5", 'max_tokens must be an integer, got a string: "5"'),
+    ("temperature", True, "temperature must be a number, got a boolean: true"),
+    ("temperature", "0.5", 'temperature must be a number, got a string: "0.5"'),
+    ("seed", False, "seed must be an integer, got a boolean: false"),
+    ("ignore_eos", 1, "ignore_eos must be a boolean, got an integer: 1"),
 ]
 
 
@@ -361,8 +368,36 @@ def test_a_field_of_the_wrong_type_is_named_with_the_type_it_takes_and_what_was_
     assert fronts.llm_answer("hello", fields) == ("error", ErrorKind.INVALID, message)
     assert fronts.script_answer("hello", fields) == ("error", message)
     r = fronts.httpx.post("/v1/completions", json={"model": "mock", "prompt": "hello", **fields})
+    assert r.status_code == 400 and r.json()["error"] == {  # param: the field, or the item of it, named first
+        "message": message, "type": "invalid_request_error", "param": message.split(" ", 1)[0], "code": None}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n", True, "n must be an integer, got a boolean: true"),
+    ("stream", 1, "stream must be a boolean, got an integer: 1"),
+    ("logprobs", "true", 'logprobs must be a boolean, got a string: "true"'),
+    ("top_logprobs", "2", 'top_logprobs must be an integer, got a string: "2"'),
+    ("stream_options", {"include_usage": 1}, "stream_options.include_usage must be a boolean, got an integer: 1"),
+    ("messages", [{"role": "user", "content": [5]}],
+     "messages[0].content[0] must be an object (a content part), got an integer: 5"),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}],
+     'messages[0].content[1] must be an object (a content part), got a string: "b"'),
+    ("messages", [{"role": "user", "content": 5}], "messages[0].content must be a string or a list, got an integer: 5"),
+])
+def test_http_chat_fields_are_strictly_typed_naming_the_bad_item(fronts, field, value, message):
+    body = {"model": "mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value}
+    r = fronts.httpx.post("/v1/chat/completions", json=body)
     assert r.status_code == 400 and r.json()["error"] == {
-        "message": message, "type": "invalid_request_error", "param": field, "code": None}
+        "message": message, "type": "invalid_request_error", "param": message.split(" ", 1)[0], "code": None}
+
+
+def test_an_integer_is_a_number_where_a_float_is_expected(fronts):
+    """OpenAI takes ``temperature: 1``; so does every front end here (the request layer's rule)."""
+    fields = {"temperature": 0, "top_p": 1, "max_tokens": 2}
+    got = fronts.llm_answer([4, 5], fields)
+    r = fronts.httpx.post("/v1/completions", json={"model": "mock", "prompt": [4, 5], **fields})
+    assert r.status_code == 200, r.text
+    assert got[0] == [6, 7] and r.json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_http_names_a_field_of_the_wrong_type_inside_the_body():
