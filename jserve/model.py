@@ -219,7 +219,7 @@ def _attend_step(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, spec
     s = jnp.where(mask[:, None, None], _cap(s, spec.softcap), -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
     out = jnp.sum(p[..., None] * v[:, :, None].astype(jnp.float32), axis=3)  # [S, K, G, H]
-    return out.astype(v.dtype)
+    return out.astype(q.dtype)
 
 
 def attention_block(cache_len: int) -> int:
@@ -270,7 +270,7 @@ def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arra
             jnp.zeros((s_, kh, g, h), jnp.float32))
     first = _first_block(jnp.min(positions), spec.window, b)
     _, denom, acc = jax.lax.fori_loop(first, n_blocks, fold, init)
-    return (acc / jnp.where(denom > 0, denom, 1.0)[..., None]).astype(v.dtype)
+    return (acc / jnp.where(denom > 0, denom, 1.0)[..., None]).astype(q.dtype)
 
 
 def pairwise_sum(x: jax.Array) -> jax.Array:
@@ -326,7 +326,7 @@ def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, p
             jnp.zeros((r, kh, g * c, h), jnp.float32))
     _, denom, acc = jax.lax.fori_loop(_first_block(first_pos, spec.window, b), n_blocks, fold, init)
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [R, K, GC, H]
-    return out.reshape(r, kh, g, c, h).transpose(0, 3, 1, 2, 4).astype(v.dtype)
+    return out.reshape(r, kh, g, c, h).transpose(0, 3, 1, 2, 4).astype(q.dtype)
 
 
 def embed_tokens(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
