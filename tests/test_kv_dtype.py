@@ -41,6 +41,19 @@ def test_kv_dtype_defaults_to_the_weights_dtype_and_bad_names_are_refused(tiny_c
         load_engine(tiny_ckpt, EngineConfig(slots=2, max_len=64, kv_dtype="int4"), warmup=False)
 
 
+def test_kv_dtype_flag_reaches_the_servers_engine_config():
+    from jserve import server
+
+    args = server.build_parser().parse_args(["--kv-dtype", "float16"])
+    assert server.engine_config(args).kv_dtype == "float16"
+    assert server.engine_config(server.build_parser().parse_args([])).kv_dtype == EngineConfig().kv_dtype
+    ap = argparse.ArgumentParser()
+    add_engine_flags(ap)
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--kv-dtype", "int4"])
+    assert set(KV_DTYPES) == {"float32", "bfloat16", "float16"}
+
+
 def _forward_with(params, cfg, seq, attend):
     t = len(seq)
     pos = jnp.broadcast_to(jnp.arange(t), (1, t))
