@@ -12,7 +12,7 @@ import pytest
 
 from jserve import model
 from jserve.config import tiny_config
-from jserve.kv_cache import KVCache, cache_bytes
+from jserve.kv_cache import KVCache, cache_bytes, storage
 from jserve.serving_config import KV_DTYPES, EngineConfig, add_engine_flags
 
 from .test_model import _chunks, _run_chunks
@@ -25,7 +25,7 @@ def test_engine_state_holds_the_cache_in_kv_dtype_and_its_bytes_follow(tiny_ckpt
     eng = load_engine(tiny_ckpt, EngineConfig(slots=3, max_len=96, kv_dtype=kv_dtype), warmup=False).engine
     cache = eng._state_shape.cache
     cfg = eng.cfg
-    assert {x.dtype for x in cache.k + cache.v} == {jnp.dtype(kv_dtype)}
+    assert {x.dtype for x in cache.k + cache.v} == {storage(kv_dtype)}  # bfloat16 as uint16 bits
     assert len(cache.k) == len(cache.v) == cfg.n_layers
     counted = sum(x.size * x.dtype.itemsize for x in cache.k + cache.v)
     assert counted == 2 * cfg.n_layers * 3 * eng.cache_len * cfg.n_kv_heads * cfg.head_dim * itemsize
@@ -71,7 +71,7 @@ def test_a_low_precision_cache_gives_the_forward_with_rounded_keys_and_values(kv
     seq = np.random.default_rng(5).integers(0, cfg.vocab_size, size=150)
     # Prompt chunks through extend, then one decode step per remaining token, all through a cache of kv_dtype.
     hidden, cache = _run_chunks(params, cfg, seq, [[c] for c in _chunks(130)], rows=2, cache_dtype=kv_dtype)
-    assert {x.dtype for x in cache.k + cache.v} == {jnp.dtype(kv_dtype)}
+    assert cache.dtype == jnp.dtype(kv_dtype)
     got = [np.asarray(model.unembed(params, cfg, jnp.asarray(hidden)))]
     step = jax.jit(model.decode_step, static_argnums=1)
     for pos in range(130, len(seq)):
@@ -109,5 +109,34 @@ def test_a_low_precision_cache_stays_bitwise_the_same_wherever_chunks_are_cut(kv
                          filler_seed=0, cache_dtype=kv_dtype)
     assert np.array_equal(h1, h0)
     for a, b in zip(c1.k + c1.v, c0.k + c0.v):
-        assert a.dtype == jnp.dtype(kv_dtype)
+        assert a.dtype == storage(kv_dtype)
         assert np.array_equal(np.asarray(a)[1, :, :200], np.asarray(b)[1, :, :200])
+
+
+def test_loading_the_default_model_leaves_only_its_blocks_and_norms_live(real_ckpt):
+    """No float32 copy of a block matrix (nor any other array) stays live after the load and the
+    engine build: the live device bytes grow by exactly the params' bytes, which are the GGUF's
+    blocks and the float norms (and the engine's all-tokens-allowed masks); the state's KV cache is
+    allocated in ``kv_dtype``."""
+    import gc
+
+    from jserve import checkpoint
+    from jserve.engine import JaxEngine
+    from jserve.quant import weight_bytes
+
+    gc.collect()
+    before = {id(x) for x in jax.live_arrays()}
+    cfg, params, _ = checkpoint.load(real_ckpt)
+    eng = JaxEngine(cfg.for_context(128), params, slots=2, max_len=128, cache_dtype=jnp.bfloat16)
+    gc.collect()
+    new = [x for x in jax.live_arrays() if id(x) not in before]
+    _, w = checkpoint.load_weights(real_ckpt)
+    stored = sum(w[k].nbytes for k in w if k in checkpoint.block_keys(w) or k[-2:] in ("_d", "_m"))
+    norms = sum(w[k].nbytes for k in ("attn_norm", "mlp_norm", "final_norm"))
+    masks = sum(m.nbytes for m in (*eng._no_masks.values(), *eng._no_mask_rows.values()))  # all-allowed masks
+    assert sum(x.nbytes for x in new) - masks == weight_bytes(eng.params) == stored + norms
+    assert not any(x.dtype == jnp.float32 and x.size >= cfg.dim * cfg.dim for x in new)
+    state = eng.init_state()
+    kv = cache_bytes(eng.cfg, 2, eng.cache_len, jnp.bfloat16)
+    assert sum(x.nbytes for x in state.cache.k + state.cache.v) == kv
+    assert state.cache.dtype == jnp.bfloat16 and state.cache.k[0].dtype == jnp.uint16
