@@ -32,11 +32,12 @@ def test_engine_state_holds_the_cache_in_kv_dtype_and_its_bytes_follow(tiny_ckpt
     assert counted == cache_bytes(cfg, 3, eng.cache_len, eng.cache_dtype)
 
 
-def test_kv_dtype_defaults_to_the_weights_dtype_and_bad_names_are_refused(tiny_ckpt):
+def test_kv_dtype_defaults_to_bfloat16_none_follows_dtype_and_bad_names_are_refused(tiny_ckpt):
     from jserve.llm import load_engine
 
-    eng = load_engine(tiny_ckpt, EngineConfig(slots=2, max_len=64, dtype="bfloat16"), warmup=False).engine
-    assert eng.cache_dtype == jnp.bfloat16
+    assert load_engine(tiny_ckpt, EngineConfig(slots=2, max_len=64), warmup=False).engine.cache_dtype == jnp.bfloat16
+    eng = load_engine(tiny_ckpt, EngineConfig(slots=2, max_len=64, kv_dtype=None), warmup=False).engine
+    assert eng.cache_dtype == jnp.float32
     with pytest.raises(ValueError, match="kv_dtype must be one of float32, bfloat16, float16, got 'int4'"):
         load_engine(tiny_ckpt, EngineConfig(slots=2, max_len=64, kv_dtype="int4"), warmup=False)
 
