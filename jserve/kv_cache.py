@@ -21,7 +21,6 @@ from flax import struct
 
 from jserve.config import ModelConfig
 
-
 BITS = jnp.uint16  # how a bfloat16 cache is stored
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import os
 import pathlib
 import re
@@ -163,9 +164,12 @@ def phases_view(args: argparse.Namespace) -> None:
     from jserve.serving_config import EngineConfig
 
     mark("import jserve.llm (orchestrator, tokenizer, ...)", "jserve + libraries")
-    heavy = sorted(m for m in ("torch", "transformers", "tensorstore", "orbax", "tokenizers", "grpc") if m in sys.modules)
+    heavy = sorted(m for m in ("torch", "transformers", "tensorstore", "orbax", "tokenizers", "grpc")
+                   if m in sys.modules)
     print(f"          heavy modules loaded so far: {heavy}")
-    engine_cfg = EngineConfig(slots=args.slots, max_len=args.max_len, kv_dtype=args.kv_dtype)
+    engine_cfg = EngineConfig(slots=args.slots, max_len=args.max_len)
+    if args.kv_dtype:
+        engine_cfg = dataclasses.replace(engine_cfg, kv_dtype=args.kv_dtype)
     loaded = llm_mod.load_engine(None, engine_cfg, compile_cache=llm_mod.DEFAULT_COMPILE_CACHE, warmup=False)
     libc.malloc_trim(0)
     mark("checkpoint load + engine build, malloc_trim", "checkpoint (weights, tokenizer, orbax)")

@@ -12,7 +12,7 @@ import pytest
 
 from jserve import model
 from jserve.config import tiny_config
-from jserve.kv_cache import KVCache, cache_bytes, storage
+from jserve.kv_cache import cache_bytes, storage
 from jserve.serving_config import KV_DTYPES, EngineConfig, add_engine_flags
 
 from .test_model import _chunks, _run_chunks
