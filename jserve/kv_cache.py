@@ -6,6 +6,11 @@ the same memory as one ``[L, S, K, T, H]`` array, but each layer's update is a
 heads lead, so a decode step's attention reads each (slot, head)'s ``[T, H]`` block as it lies:
 on XLA:CPU this layout with multiply-reduce attention measured 3-4x faster than ``[S, T, K, H]``
 with ``einsum`` (``model._attend_step``).
+
+The elements are float32, float16 or bfloat16 (``--kv-dtype``); a bfloat16 cache is stored as its
+bits, ``uint16`` arrays: XLA:CPU widens a bfloat16 buffer around every slice and scatter of it
+(a decode step at 900 positions measured 2-3x slower than float32), while integers are sliced
+and updated in place; attention widens each block it reads (``model.widen``: a shift).
 """
 
 from __future__ import annotations
@@ -16,13 +21,38 @@ from flax import struct
 
 from jserve.config import ModelConfig
 
+BITS = jnp.uint16  # how a bfloat16 cache is stored
+
+
+def storage(dtype: jnp.dtype) -> jnp.dtype:
+    """The arrays' type for a cache of ``dtype`` elements."""
+    return jnp.dtype(BITS) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def element_type(buf: jax.Array) -> jnp.dtype:
+    """The elements a cache array holds (bfloat16 for ``uint16`` bits)."""
+    return jnp.dtype(jnp.bfloat16) if buf.dtype == BITS else buf.dtype
+
+
+def to_stored(new: jax.Array, buf: jax.Array) -> jax.Array:
+    """``new`` (keys or values) rounded to ``buf``'s elements, as ``buf`` stores them."""
+    if buf.dtype == BITS:
+        return jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), BITS)
+    return new.astype(buf.dtype)
+
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of every slot. ``k[l]``, ``v[l]``: ``[S, K, T, H]``."""
+    """Keys and values of every slot. ``k[l]``, ``v[l]``: ``[S, K, T, H]`` (``uint16`` bits for
+    a bfloat16 cache: see ``dtype``)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The elements' type: float32, float16 or bfloat16."""
+        return element_type(self.k[0])
 
     @property
     def slots(self) -> int:
@@ -34,10 +64,10 @@ class KVCache:
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, slots: int, max_len: int, dtype: jnp.dtype) -> KVCache:
-        shape = (slots, cfg.n_kv_heads, max_len, cfg.head_dim)
+        shape, store = (slots, cfg.n_kv_heads, max_len, cfg.head_dim), storage(dtype)
         return cls(
-            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+            k=tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)),
+            v=tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)),
         )
 
 
@@ -53,7 +83,7 @@ def write_prefix(cache: KVCache, prefix_k: tuple[jax.Array, ...], prefix_v: tupl
     zero = jnp.zeros((), jnp.int32)
 
     def put(buf: jax.Array, pre: jax.Array) -> jax.Array:
-        block = jnp.swapaxes(pre, 0, 1)[None].astype(buf.dtype)  # [1, K, P, H]
+        block = to_stored(jnp.swapaxes(pre, 0, 1)[None], buf)  # [1, K, P, H]
         return jax.lax.dynamic_update_slice(buf, block, (slot, zero, zero, zero))
 
     return KVCache(k=tuple(map(put, cache.k, prefix_k)), v=tuple(map(put, cache.v, prefix_v)))
@@ -65,13 +95,13 @@ def write_step(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Arra
     Positions at or past ``T`` (inactive slots) are dropped rather than clamped.
     """
     slots = jnp.arange(buf.shape[0])
-    return buf.at[slots, :, positions].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[slots, :, positions].set(to_stored(new, buf), mode="drop")
 
 
 def write_chunks(buf: jax.Array, new: jax.Array, slots: jax.Array, positions: jax.Array) -> jax.Array:
     """Write rows of positions: ``buf [S, K, T, H]``, ``new [R, C, K, H]``, ``slots [R]``,
     ``positions [R, C]``. Positions at or past ``T`` (padding) are dropped."""
-    return buf.at[slots[:, None], :, positions].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[slots[:, None], :, positions].set(to_stored(new, buf), mode="drop")
 
 
 def copy_prefix(cache: KVCache, src: jax.Array, dst: jax.Array, n: jax.Array, block: int) -> KVCache:

@@ -28,7 +28,7 @@ from jserve.errors import ErrorKind, InvalidRequestError, RequestError
 from jserve.orchestrator import Orchestrator, QueueFullError, ShuttingDownError, Stream, StreamOutput
 from jserve.request import FinishReason, GenerateRequest, Limits, PromptInput, normalize_chat
 from jserve.sampling import SamplingParams
-from jserve.serving_config import EngineConfig, SchedulerConfig, split_settings
+from jserve.serving_config import KV_DTYPES, EngineConfig, SchedulerConfig, split_settings
 from jserve.tokenizer import ChatTemplateError
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,9 @@ def load_engine(checkpoint: str | os.PathLike | None = None, config: EngineConfi
         check_mode(c.quantize)
     if c.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {c.dtype!r}")
+    kv_dtype = c.dtype if c.kv_dtype is None else c.kv_dtype
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     enable_compile_cache(compile_cache)
     path = pathlib.Path(checkpoint) if checkpoint is not None else ensure_default_checkpoint(DEFAULT_CHECKPOINT)
     mesh, speculate = c.mesh, c.speculate
@@ -180,7 +183,7 @@ def load_engine(checkpoint: str | os.PathLike | None = None, config: EngineConfi
              model_config.n_layers, model_config.dim, model_config.vocab_size, mode or c.dtype, nbytes / 2**20,
              time.perf_counter() - t0)
     engine = JaxEngine(model_config, params, slots=c.slots, max_len=c.max_len, max_prompt_len=c.max_prompt_len,
-                       cache_dtype=getattr(jnp, c.dtype), top_logprobs=c.top_logprobs, plan=plan,
+                       cache_dtype=getattr(jnp, kv_dtype), top_logprobs=c.top_logprobs, plan=plan,
                        speculate=speculate)
     seconds = engine.warmup() if warmup else 0.0
     if warmup:

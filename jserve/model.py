@@ -215,11 +215,19 @@ def _attend_step(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, spec
     ``mask [S, T]`` → ``[S, K, G, H]``. Its cost follows ``T``; serving uses ``_attend_blocks``,
     and this dense form stays as the reference the tests hold the blocked one to."""
     qf = q.astype(jnp.float32)[:, :, :, None, :]  # [S, K, G, 1, H]
-    s = jnp.sum(qf * k[:, :, None].astype(jnp.float32), axis=-1) * spec.scale  # [S, K, G, T]
+    s = jnp.sum(qf * widen(k[:, :, None]), axis=-1) * spec.scale  # [S, K, G, T]
     s = jnp.where(mask[:, None, None], _cap(s, spec.softcap), -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
-    out = jnp.sum(p[..., None] * v[:, :, None].astype(jnp.float32), axis=3)  # [S, K, G, H]
-    return out.astype(v.dtype)
+    out = jnp.sum(p[..., None] * widen(v[:, :, None]), axis=3)  # [S, K, G, H]
+    return out.astype(q.dtype)
+
+
+def widen(x: jax.Array) -> jax.Array:
+    """Keys or values read from the cache as float32, exactly: a bfloat16 cache's ``uint16`` bits
+    (``kv_cache.storage``) are the top half of their float32, shifted into place."""
+    if x.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
+    return x.astype(jnp.float32)
 
 
 def attention_block(cache_len: int) -> int:
@@ -253,8 +261,8 @@ def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arra
     def fold(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]):
         m, denom, acc = carry
         start = i * b
-        kb = jax.lax.dynamic_slice_in_dim(k, start, b, axis=2).astype(jnp.float32)  # [S, K, B, H]
-        vb = jax.lax.dynamic_slice_in_dim(v, start, b, axis=2).astype(jnp.float32)
+        kb = widen(jax.lax.dynamic_slice_in_dim(k, start, b, axis=2))  # [S, K, B, H]
+        vb = widen(jax.lax.dynamic_slice_in_dim(v, start, b, axis=2))
         s = _cap(jnp.sum(qf[:, :, :, None, :] * kb[:, :, None], axis=-1), spec.softcap)  # [S, K, G, B]
         valid = _in_window((start + offsets)[None, :], positions[:, None], spec.window)  # [S, B]
         s = jnp.where(valid[:, None, None], s, -jnp.inf)
@@ -270,7 +278,7 @@ def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arra
             jnp.zeros((s_, kh, g, h), jnp.float32))
     first = _first_block(jnp.min(positions), spec.window, b)
     _, denom, acc = jax.lax.fori_loop(first, n_blocks, fold, init)
-    return (acc / jnp.where(denom > 0, denom, 1.0)[..., None]).astype(v.dtype)
+    return (acc / jnp.where(denom > 0, denom, 1.0)[..., None]).astype(q.dtype)
 
 
 def pairwise_sum(x: jax.Array) -> jax.Array:
@@ -306,8 +314,8 @@ def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, p
     def fold(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]):
         m, denom, acc = carry
         start = i * b
-        kb = jnp.take(jax.lax.dynamic_slice_in_dim(k, start, b, axis=2), slots, axis=0).astype(jnp.float32)
-        vb = jnp.take(jax.lax.dynamic_slice_in_dim(v, start, b, axis=2), slots, axis=0).astype(jnp.float32)
+        kb = widen(jnp.take(jax.lax.dynamic_slice_in_dim(k, start, b, axis=2), slots, axis=0))
+        vb = widen(jnp.take(jax.lax.dynamic_slice_in_dim(v, start, b, axis=2), slots, axis=0))
         # Products and fixed-order sums, not dots: XLA:CPU's dot changed a query's bits with the
         # number of rows and queries per row; these are the same for any shape.
         s = _cap(pairwise_sum(qf[:, :, :, None, :] * kb[:, :, None]), spec.softcap)  # [R, K, GC, B]
@@ -326,7 +334,7 @@ def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, p
             jnp.zeros((r, kh, g * c, h), jnp.float32))
     _, denom, acc = jax.lax.fori_loop(_first_block(first_pos, spec.window, b), n_blocks, fold, init)
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [R, K, GC, H]
-    return out.reshape(r, kh, g, c, h).transpose(0, 3, 1, 2, 4).astype(v.dtype)
+    return out.reshape(r, kh, g, c, h).transpose(0, 3, 1, 2, 4).astype(q.dtype)
 
 
 def embed_tokens(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:

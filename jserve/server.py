@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """What every process of a run loads identically."""
     return EngineConfig(slots=args.slots, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
-                        quantize=args.quantize, dtype=args.dtype, top_logprobs=args.max_logprobs, mesh=args.mesh,
-                        indivisible=args.indivisible, speculate=args.speculate)
+                        quantize=args.quantize, dtype=args.dtype, kv_dtype=args.kv_dtype,
+                        top_logprobs=args.max_logprobs, mesh=args.mesh, indivisible=args.indivisible,
+                        speculate=args.speculate)
 
 
 def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:

@@ -7,7 +7,12 @@ For float32, bfloat16, int8 (weight-only) and int8-dynamic (weights and activati
   tokens equal float32's, the mean fraction of matching tokens before the first divergence,
   and where each diverging prompt first differs; also agreement with HF's own tokens.
 
-    python scripts/eval_quality.py [--checkpoint DIR] [--json out.json]
+And for each KV cache type (``--kv-dtype``: float32, bfloat16, float16) on the stored weights:
+KV bytes per token, perplexity with every key and value read back from a cache of that type
+(``quality.perplexity_cached``: the same windows, run in 64-position chunks as serving runs
+prompts) and greedy agreement with the float32 cache and with HF.
+
+    python scripts/eval_quality.py [--checkpoint DIR] [--json out.json] [--only weights|kv]
 
 Prints a markdown table and writes the full result as JSON.
 """
@@ -42,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", type=pathlib.Path, default=ROOT / "tests/data/reference_smollm2.json")
     ap.add_argument("--text", type=pathlib.Path, default=ROOT / "tests/data/public_domain_english.txt")
     ap.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
+    ap.add_argument("--only", choices=("weights", "kv"), default=None, help="one of the two tables")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -59,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     sp = SamplingParams(temperature=0.0, max_tokens=len(cases[0]["greedy_ids"]), ignore_eos=True)
 
     results, greedy = [], {}
-    for name, dtype, quant in MODES:
+    if args.only != "weights":
+        kv = kv_table(ckpt, cfg, weights, ids, cases, sp)
+        if args.only == "kv":
+            if args.json:
+                args.json.write_text(json.dumps(kv, indent=1))
+            return 0
+    for name, dtype, quant in MODES if args.only != "kv" else ():
         t0 = time.perf_counter()
         params = checkpoint.to_params(cfg, weights, getattr(jnp, dtype), quant)
         nbytes = weight_bytes(params)
@@ -96,6 +108,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
+
+
+def kv_table(ckpt, cfg, weights, ids: list[int], cases: list[dict], sp) -> list[dict]:
+    """Perplexity and greedy agreement per KV cache type, on the stored weights; prints a table."""
+    import jax.numpy as jnp
+
+    from jserve import LLM, checkpoint, model
+    from jserve.quality import perplexity_cached
+    from jserve.serving_config import KV_DTYPES
+
+    params = model.for_cpu_kernels(checkpoint.to_params(cfg, weights, jnp.float32, None))
+    rows, greedy = [], {}
+    for kv in KV_DTYPES:
+        t0 = time.perf_counter()
+        ppl = perplexity_cached(params, cfg, ids, getattr(jnp, kv))
+        with LLM(ckpt, slots=4, max_len=128, max_prompt_len=64, kv_dtype=kv) as llm:
+            greedy[kv] = [r.token_ids for r in llm.generate([c["prompt_ids"] for c in cases], sp)]
+        per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(kv).itemsize
+        rows.append({"kv_dtype": kv, "bytes_per_token": per_token, "perplexity": ppl,
+                     "seconds": time.perf_counter() - t0})
+        print(f"kv {kv}: perplexity {ppl:.4f}", file=sys.stderr)
+    base = greedy["float32"]
+    n = len(base[0])
+    print(f"| KV cache | bytes/token | 8 x 1024 (MiB) | perplexity | vs f32 KV | greedy = f32 KV (of {len(cases)}) "
+          "| greedy = HF | tokens before divergence |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        out = greedy[r["kv_dtype"]]
+        div = [first_divergence(o, b) for o, b in zip(out, base)]
+        r["same_as_f32"] = sum(d == n for d in div)
+        r["same_as_hf"] = sum(o == c["greedy_ids"] for o, c in zip(out, cases))
+        r["mean_prefix_agreement"] = sum(div) / (n * len(div))
+        r["perplexity_vs_f32"] = r["perplexity"] / rows[0]["perplexity"]
+        print(f"| {r['kv_dtype']} | {r['bytes_per_token']} | {r['bytes_per_token'] * 8 * 1024 / 2**20:.0f} "
+              f"| {r['perplexity']:.4f} | {r['perplexity_vs_f32']:.5f} | {r['same_as_f32']} | {r['same_as_hf']} "
+              f"| {100 * r['mean_prefix_agreement']:.0f}% |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ def test_greedy_through_the_continuous_batching_engine_equals_transformers(conve
     blocked decode attention; the first token of each 40-token sequence has transformers'
     log-probability. Nothing compiles while serving."""
     ref = _reference(name)
-    llm = LLM(converted[name], slots=2, max_len=96, max_prompt_len=48, top_logprobs=1, compile_cache=None)
+    llm = LLM(converted[name], slots=2, max_len=96, max_prompt_len=48, top_logprobs=1, kv_dtype="float32",
+              compile_cache=None)  # float32 KV: log-probabilities compared with transformers' to 1e-4
     llm.engine.wait_ready()  # the larger prompt-chunk calls are compiled in the background
     try:
         prompts = [ref["prompt"].tolist()] + [row.tolist() for row in ref["ids"]]
@@ -131,7 +132,7 @@ def test_a_converted_family_is_served_over_grpc(converted):
 
     ref = _reference("gemma3")
     s = ServerProcess(converted["gemma3"], "--slots", "2", "--max-len", "96", "--max-prompt-len", "48",
-                      "--speculate", "0")
+                      "--speculate", "0", "--kv-dtype", "float32")
     try:
         with Client(s.address) as c:
             assert c.model_info().architecture == "gemma3_text"

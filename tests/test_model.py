@@ -165,11 +165,11 @@ def test_decode_with_blocked_attention_follows_the_dense_step():
     np.testing.assert_allclose(np.asarray(blocked)[:2], np.asarray(dense)[:2], atol=1e-4, rtol=1e-4)
 
 
-def _run_chunks(params, cfg, seq, calls, rows, slots=3, slot=1, t=256, filler_seed=None):
+def _run_chunks(params, cfg, seq, calls, rows, slots=3, slot=1, t=256, filler_seed=None, cache_dtype=jnp.float32):
     """Run ``seq`` into ``slot`` by ``model.extend``: ``calls`` is a list of calls, each a list of
     ``(start, n)`` chunks (of at most 32). Returns hidden states ``[len(seq), D]`` and the cache."""
     ext = jax.jit(model.extend, static_argnums=1)
-    cache = KVCache.zeros(cfg, slots, t, jnp.float32)
+    cache = KVCache.zeros(cfg, slots, t, cache_dtype)
     rng = np.random.default_rng(filler_seed)
     hidden = {}
     for call in calls:
