@@ -285,3 +285,23 @@ def test_copy_is_compiled_quickly_before_serving_then_optimized_in_the_backgroun
     k0 = np.asarray(outs[1].cache.k[0])
     assert np.array_equal(k0[1, :, :40], k0[0, :, :40]) and np.any(k0[0, :, :40] != 0)  # and a real copy
     eng.close()
+
+
+def test_the_first_state_is_made_during_warmup_and_is_fresh(tiny_ckpt):
+    import jax
+    import numpy as np
+
+    from jserve import checkpoint
+
+    cfg, params, _ = checkpoint.load(tiny_ckpt)
+    eng = JaxEngine(cfg, params, slots=2, max_len=64)
+    eng.warmup(background=False)
+    spare = eng._spare
+    assert spare is not None
+    with CompileWatch() as watch:
+        first, second = eng.init_state(), eng.init_state()
+    watch.assert_nothing_traced()
+    assert first is spare and second is not first and eng._spare is None  # handed out once
+    fresh = jax.tree.leaves(eng._zeros())
+    for state in (first, second):  # untouched by warm-up's calls: what a new state is
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(state), fresh))
