@@ -47,6 +47,7 @@ import logging
 import pathlib
 import shutil
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -421,6 +422,7 @@ def load(directory: pathlib.Path, dtype: jnp.dtype = jnp.float32, quantize: str 
     if plan is not None:
         cfg, params = load_sharded(directory, plan, dtype, quantize)
         return cfg, params, load_tokenizer(directory)
+    t0 = time.perf_counter()
     cfg, weights = load_weights(directory)
     keep = blocks.multiplied_in_place()
     if quantize is None and block_keys(weights):
@@ -429,4 +431,10 @@ def load(directory: pathlib.Path, dtype: jnp.dtype = jnp.float32, quantize: str 
         else:
             log.warning("block weights dequantized to %s at load: no CPU kernels here, and XLA:CPU would "
                         "dequantize them in every step (~15x slower than float)", jnp.dtype(dtype).name)
-    return cfg, to_params(cfg, weights, dtype, quantize, keep_blocks=keep), load_tokenizer(directory)
+    t1 = time.perf_counter()
+    params = to_params(cfg, weights, dtype, quantize, keep_blocks=keep)
+    t2 = time.perf_counter()
+    tokenizer = load_tokenizer(directory)
+    log.info("checkpoint read in %.2f s: weights %.2f s, device params %.2f s, tokenizer %.2f s",
+             time.perf_counter() - t0, t1 - t0, t2 - t1, time.perf_counter() - t2)
+    return cfg, params, tokenizer

@@ -371,6 +371,11 @@ class JaxEngine(Warmup):
         return self.chunk_rows[-1]
 
     def init_state(self) -> DecodeState:
+        """A fresh state (every slot free, the cache zeros): the first after ``warmup`` was made
+        during it (``Warmup._spare``), the others now."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            return spare
         init = self._compiled.get(("init", 0))
         return init() if init is not None else self._init()
 

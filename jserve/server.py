@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(e))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    log.info("started: imports done")  # the first of the start-up's timestamps (scripts/bench_startup.py)
     if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
         from jserve import multihost
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import jax
@@ -36,6 +38,9 @@ class Warmup:
 
     def _init_warmup(self) -> None:
         self._compiled: dict[tuple, jax.stages.Compiled] = {}
+        self._spare: DecodeState | None = None  # a fresh state made by warmup: ``init_state``'s first answer
+        self.background_keys: tuple[tuple, ...] = ()  # what the last warmup left to its background phase, in order
+        self.compile_seconds: dict[tuple, tuple[float, float, float]] = {}  # key: trace, lower, compile (or load)
         self._warmed = False  # before warmup every call compiles on first use, as a plain jit does
         self._background: threading.Thread | None = None
         self._stop = threading.Event()
@@ -81,10 +86,32 @@ class Warmup:
         calls[("release", 0)] = ((), dict(slot=i32))
         return calls
 
-    def _compile(self, key: tuple, args: tuple, kwargs: dict) -> jax.stages.Compiled:
+    def _compile(self, key: tuple, args: tuple, kwargs: dict, quick: bool = False) -> jax.stages.Compiled:
+        """Trace, lower and compile (or, with the persistent cache, load) the call ``key``; its
+        seconds in each go to ``compile_seconds``. ``quick``: with LLVM's optimizations off
+        (``QUICK``: same bits, compiled in a fraction of the time, runs slower)."""
         jitted = {"begin": self._begin, "copy": self._copy, "extend": self._extend, "generate": self._generate,
                   "verify": self._verify, "release": self._release}[key[0]]
-        return jitted.lower(*args, state=self._state_shape, **kwargs).compile()
+        t0 = time.perf_counter()
+        traced = jitted.trace(*args, state=self._state_shape, **kwargs)
+        t1 = time.perf_counter()
+        lowered = traced.lower()
+        t2 = time.perf_counter()
+        compiled = lowered.compile(QUICK_OPTIONS) if quick else lowered.compile()
+        self.compile_seconds[key] = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+        return compiled
+
+    def _compile_now(self, keys: list[tuple], calls: dict[tuple, tuple[tuple, dict]],
+                     quick: set[tuple]) -> dict[tuple, jax.stages.Compiled]:
+        """``_compile`` each of ``keys`` (those in ``quick`` quickly) on up to ``compile_threads()``
+        threads (XLA compiles, and loads from the persistent cache, without holding the GIL: one
+        call traces while another compiles), the first keys first; returned in ``keys``' order."""
+        workers = min(compile_threads(), len(keys)) if jax.process_count() == 1 else 1
+        if workers <= 1:
+            return {key: self._compile(key, *calls[key], quick=key in quick) for key in keys}
+        with ThreadPoolExecutor(workers, thread_name_prefix="jserve-compile") as pool:
+            futures = {key: pool.submit(self._compile, key, *calls[key], quick=key in quick) for key in keys}
+        return {key: f.result() for key, f in futures.items()}
 
     @staticmethod
     def _run_once(fn: jax.stages.Compiled, args: tuple, kwargs: dict, state: DecodeState) -> DecodeState:
@@ -102,42 +129,58 @@ class Warmup:
         not by the first request that needs that call, nor by the speculation policy's timings.
 
         ``background`` (with one process): only what any request needs is done before returning
-        (init, begin, copy, the smallest ``extend`` bucket, generate, release); the larger
-        buckets, then the ``verify`` shapes, are compiled and run once by a background thread, in
-        that order, each usable (``is_ready``) only when done. Until then prompts run in calls of
-        the smallest bucket and no step verifies. ``close`` stops that thread; ``wait_ready``
-        waits for it. With several processes every process must run the same calls in the same
-        order, so everything is done here, in this order, on each.
+        (init, begin, copy, the smallest ``extend`` bucket, the decode step over every slot,
+        release), compiled on ``compile_threads()`` threads; the decode steps over fewer slots,
+        the larger buckets, then the ``verify`` shapes, are compiled and run once by a background
+        thread, in that order, each usable (``is_ready``) only when done. Until then prompts run
+        in calls of the smallest bucket, decode steps compute every slot's row, and no step
+        verifies. ``close`` stops that thread; ``wait_ready`` waits for it. With several processes
+        every process must run the same calls in the same order, so everything is done here, in
+        this order, on each (one thread).
         """
         self.close()  # a previous warm-up's background phase
         t0 = time.perf_counter()
         calls = self._warmup_calls()
-        now = {("begin", 0), ("copy", 0), ("extend", self.chunk_rows[0]), ("generate", 1), ("generate", self.slots),
-               ("release", 0)}
+        # Any request is served by these: its first token from the smallest extend bucket, then the
+        # decode step over every slot (``decode_bucket``'s fallback until the smaller ones are ready).
+        # Heaviest first, so that the threads of ``_compile_now`` finish together.
+        now = [("generate", self.decode_rows[-1]), ("extend", self.chunk_rows[0]), ("copy", 0), ("begin", 0),
+               ("release", 0)]
         if not background or jax.process_count() > 1:
-            now = set(calls)
-        later = {key: call for key, call in calls.items() if key not in now}
+            now = list(calls)
+        quick = {key for key in now if key[0] in QUICK} if background and jax.process_count() == 1 else set()
+        later = {key: call for key, call in _background_order(calls).items() if key not in now or key in quick}
         init = self._init.lower().compile()  # the orchestrator's first state, and recovery's
-        compiled = {key: self._compile(key, *call) for key, call in calls.items() if key in now}
+        # Both states a start needs, zeroed while the calls compile (dispatch is asynchronous): the
+        # warm-up's throwaway one and the first one ``init_state`` hands out (3 GiB at 16 x 4096:
+        # seconds the first request would otherwise wait for).
+        self._spare = None
+        state, spare = init(), init()
+        compiled = self._compile_now(now, calls, quick)
+        compiled = {key: compiled[key] for key in calls if key in compiled}  # run once in the calls' order
         tc = time.perf_counter() - t0
         # Each executable once, on a state that is then dropped (or handed to the background phase).
         # Not through the public methods: warm-up is not serving.
         tr = time.perf_counter()
-        state = init()
         for key, fn in compiled.items():
             state = self._run_once(fn, *calls[key], state)
         if not self.row_invariant:  # generate's rows of the live slots (``generate``), taken once here
             key = ("generate", self.slots)
             state, packed = compiled[key](*calls[key][0], state=state, **calls[key][1])
             self._take(packed, np.zeros((self.slots,), np.int32))
-        jax.block_until_ready(state)
+        jax.block_until_ready((state, spare))
+        self._spare = spare
         self._compiled[("init", 0)] = init
         self._compiled.update(compiled)
         self._warmed = True
         seconds = time.perf_counter() - t0
-        log.info("SERVING-ready calls compiled in %.1f s (%d calls; run once in %.1f s); compiling %d more in the "
-                 "background%s", tc, len(compiled) + 1, time.perf_counter() - tr, len(later),
-                 f": {', '.join(_key_name(k) for k in later)}" if later else "")
+        log.info("SERVING-ready calls compiled in %.1f s (%d calls on %d threads; run once in %.1f s); compiling %d "
+                 "more in the background%s", tc, len(compiled) + 1,
+                 min(compile_threads(), len(now)) if jax.process_count() == 1 else 1,
+                 time.perf_counter() - tr, len(later), f": {', '.join(_key_name(k) for k in later)}" if later else "")
+        log.info("SERVING-ready calls, seconds to trace + lower + compile (or load) each: %s",
+                 self.describe_compile_seconds(now))
+        self.background_keys = tuple(later)
         if later:
             self._stop.clear()
             self._background = threading.Thread(target=self._compile_rest, args=(later, state),
@@ -148,7 +191,8 @@ class Warmup:
 
     def _compile_rest(self, calls: dict[tuple, tuple[tuple, dict]], state: DecodeState) -> None:
         """The background phase of ``warmup``: each call compiled, run once on ``state`` (the
-        warm-up's throwaway one), then published in ``_compiled``, until done or ``close``."""
+        warm-up's throwaway one), then published in ``_compiled`` (in place of its quick
+        compilation, for a ``QUICK`` call), until done or ``close``."""
         t0, done = time.perf_counter(), 0
         try:
             for key, call in calls.items():
@@ -166,8 +210,14 @@ class Warmup:
         finally:
             del state
             atexit.unregister(self.close)
-        log.info("background compilation %s: %d of %d calls ready in %.1f s", "stopped" if done < len(calls) else
-                 "done", done, len(calls), time.perf_counter() - t0)
+        log.info("background compilation %s: %d of %d calls ready in %.1f s (trace + lower + compile each: %s)",
+                 "stopped" if done < len(calls) else "done", done, len(calls), time.perf_counter() - t0,
+                 self.describe_compile_seconds(list(calls)))
+
+    def describe_compile_seconds(self, keys: list[tuple]) -> str:
+        """``generate 8 0.52+0.41+1.20, ...``: each call's seconds to trace, lower and compile."""
+        return ", ".join(f"{_key_name(k)} {'+'.join(f'{x:.2f}' for x in self.compile_seconds[k])}"
+                         for k in keys if k in self.compile_seconds)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait for ``warmup``'s background phase; True when no call is left to compile."""
@@ -184,6 +234,33 @@ class Warmup:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._background = None
+
+
+def compile_threads() -> int:
+    """Threads compiling the SERVING-ready calls: ``JSERVE_COMPILE_THREADS``, default the CPU count
+    (at most 4); 1 compiles them one after another."""
+    value = os.environ.get("JSERVE_COMPILE_THREADS", "")
+    if not value:
+        return min(os.cpu_count() or 1, 4)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"JSERVE_COMPILE_THREADS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+# Calls compiled before SERVING with LLVM's optimizations off, then again (optimized) in the
+# background, which replaces them when ready: ``copy`` (slot to slot, whole blocks: the same bits
+# either way, tests/test_warmup.py) compiled in 0.53 s instead of 6.1 s and ran 2-4x slower
+# (1,000 positions: 97-168 ms against 22-72 ms), on XLA:CPU at the defaults (8 x 1024), 2 busy cores.
+QUICK = frozenset({"copy"})
+QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def _background_order(calls: dict[tuple, tuple[tuple, dict]]) -> dict[tuple, tuple[tuple, dict]]:
+    """The background phase's order: the decode steps over fewer slots first (one stream's step),
+    ``copy`` optimized (``QUICK``), the larger ``extend`` buckets, then ``verify``'s shapes
+    (``calls``' order within each)."""
+    rank = {"generate": 0, "copy": 1, "extend": 2}
+    return dict(sorted(calls.items(), key=lambda kv: rank.get(kv[0][0], 3)))
 
 
 def _key_name(key: tuple) -> str:

@@ -35,13 +35,13 @@ class Hold:
         self.free = False
         real = JaxEngine._compile
 
-        def held(engine, key, args, kwargs):
+        def held(engine, key, args, kwargs, **kw):
             if threading.current_thread().name == WARMUP_THREAD:
                 with self._cv:
                     self.started += 1
                     self._cv.notify_all()
                     self._cv.wait_for(lambda: self.free or self.started <= self.allowed)
-            return real(engine, key, args, kwargs)
+            return real(engine, key, args, kwargs, **kw)
 
         monkeypatch.setattr(JaxEngine, "_compile", held)
 
@@ -83,7 +83,12 @@ class Calls:
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.extend: list[int] = []
         self.verify: list[tuple[int, int]] = []
-        extend, verify = JaxEngine.extend, JaxEngine.verify
+        self.generate: list[int] = []  # rows bucket of each decode step
+        extend, verify, bucket = JaxEngine.extend, JaxEngine.verify, JaxEngine.decode_bucket
+
+        def dec(engine, n):
+            self.generate.append(bucket(engine, n))
+            return self.generate[-1]
 
         def ext(engine, state, rows, masks=None):
             self.extend.append(len(rows))
@@ -95,10 +100,12 @@ class Calls:
 
         monkeypatch.setattr(JaxEngine, "extend", ext)
         monkeypatch.setattr(JaxEngine, "verify", ver)
+        monkeypatch.setattr(JaxEngine, "decode_bucket", dec)
 
     def clear(self) -> None:
         self.extend.clear()
         self.verify.clear()
+        self.generate.clear()
 
 
 LONG = [1] + [(37 * i) % 900 + 20 for i in range(149)]  # 150 tokens: 10 rows of 16
@@ -133,9 +140,13 @@ def test_requests_are_served_before_the_background_phase_with_ready_calls_only(t
         assert e.verify_rows == (1, 2, 4) and e.decode_rows == ((1, 2, 4) if e.row_invariant else (4,))
         small = e.chunk_rows[0]
         assert e.ready_rows() == small and all(e.ready_widths(r) == () for r in e.verify_rows)
-        assert e.is_ready(("generate", 1)) and e.is_ready(("generate", 4))  # one live slot, and all
+        # The step over every slot is ready; over one slot (where rows are invariant) it comes first
+        # in the background, and until then one stream's steps compute every slot's row.
+        assert e.is_ready(("generate", 4)) and e.is_ready(("generate", 1)) != e.row_invariant
+        assert e.background_keys[0] == ("generate", 1) or not e.row_invariant
         pending = [k for k in e._warmup_calls() if not e.is_ready(k)]
-        before_verify = sum(k[0] != "verify" for k in pending)  # the other buckets come first
+        assert set(pending) <= set(e.background_keys)
+        before_verify = sum(k[0] != "verify" for k in e.background_keys)  # the other calls come first
         prompts = [LONG] + REPETITIVE
 
         # Nothing but the SERVING-ready calls: a long prompt in calls of the smallest bucket, no verify.
@@ -144,6 +155,7 @@ def test_requests_are_served_before_the_background_phase_with_ready_calls_only(t
         assert calls.extend[0] == small and sum(calls.extend[:-(-10 // small)]) == 10 and max(calls.extend) == small
         assert calls.verify == [] and events["spec_drafted"] == 0
         assert all(len(t) == GREEDY.max_tokens for t in first)
+        assert set(calls.generate) == {4}  # one stream's steps compute every slot's row until generate 1 is ready
 
         # The larger extend buckets ready, verify not yet: a long prompt takes one call, still no verify.
         hold.allow(before_verify)
@@ -165,6 +177,7 @@ def test_requests_are_served_before_the_background_phase_with_ready_calls_only(t
         watch.assert_nothing_traced()
         assert calls.verify and all(e.is_ready(("verify", r, w)) for r, w in calls.verify)
         assert events["spec_drafted"] > 0
+        assert e.decode_bucket(1) == (1 if e.row_invariant else 4)  # one stream's plain step: one row now
         assert third == first  # verify keeps exactly the tokens plain decoding draws
     finally:
         llm.close(drain=False)
@@ -190,7 +203,8 @@ def test_closing_the_llm_while_the_background_phase_compiles_stops_it(tiny_ckpt,
     llm = LLM(tiny_ckpt, slots=2, max_len=64, speculate=4, compile_cache=None)
     e = llm.engine
     thread = e._background
-    pending = [k for k in e._warmup_calls() if not e.is_ready(k)]
+    before = dict(e._compiled)
+    pending = list(e.background_keys)
     assert thread is not None and thread.is_alive() and len(pending) > 2
     hold.allow(1)
     hold.wait_started(2)  # the first background call is done (or past its stop check); held at the second
@@ -200,7 +214,8 @@ def test_closing_the_llm_while_the_background_phase_compiles_stops_it(tiny_ckpt,
     hold.release()  # the held call compiles, then the thread sees the stop and ends
     closer.join(300)
     assert not closer.is_alive() and not thread.is_alive()
-    assert [k for k in pending if e.is_ready(k)] == pending[:1]  # stopped: the held call was never published
+    published = [k for k in pending if e._compiled.get(k) is not before.get(k)]
+    assert published == pending[:1]  # stopped: the held call was never published
 
 
 EXIT_SCRIPT = """
@@ -211,10 +226,10 @@ from jserve.engine import JaxEngine
 logging.basicConfig(level=logging.INFO, force=True)
 gate = threading.Event()
 real = JaxEngine._compile
-def held(engine, key, args, kwargs):
+def held(engine, key, args, kwargs, **kw):
     if threading.current_thread().name == "jserve-warmup":
         gate.wait()
-    return real(engine, key, args, kwargs)
+    return real(engine, key, args, kwargs, **kw)
 JaxEngine._compile = held
 
 ckpt = pathlib.Path(sys.argv[1])
@@ -235,3 +250,58 @@ def test_interpreter_exit_during_the_background_phase_is_clean(tiny_ckpt):
     assert "EXITING" in proc.stdout
     assert proc.stderr.count("background compilation stopped") == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Fatal" not in proc.stderr
+
+
+def test_copy_is_compiled_quickly_before_serving_then_optimized_in_the_background(tiny_ckpt, monkeypatch):
+    import jax
+    import numpy as np
+
+    from jserve import checkpoint
+
+    record = []
+    real = JaxEngine._compile
+
+    def spy(engine, key, args, kwargs, quick=False):
+        record.append((key, quick, threading.current_thread().name == WARMUP_THREAD))
+        return real(engine, key, args, kwargs, quick=quick)
+
+    monkeypatch.setattr(JaxEngine, "_compile", spy)
+    cfg, params, _ = checkpoint.load(tiny_ckpt)
+    eng = JaxEngine(cfg, params, slots=2, max_len=64)
+    eng.warmup()
+    quick = eng._compiled[("copy", 0)]
+    assert eng.wait_ready(600)
+    optimized = eng._compiled[("copy", 0)]
+    # Quick (LLVM unoptimized) before serving, on the warm-up's own threads; then optimized in the
+    # background, replacing it. Nothing else is compiled quickly.
+    assert [r for r in record if r[0] == ("copy", 0)] == [(("copy", 0), True, False), (("copy", 0), False, True)]
+    assert [r for r in record if r[1]] == [(("copy", 0), True, False)] and optimized is not quick
+    state = eng.init_state()
+    state, _ = eng.prefill(state, 0, LONG[:40], SamplingParams(temperature=0.0), 0)
+    outs = [fn(state=jax.tree.map(lambda a: a.copy(), state), src=np.int32(0), dst=np.int32(1), n=np.int32(40))
+            for fn in (quick, optimized)]
+    leaves = [jax.tree.leaves(o.cache) for o in outs]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*leaves))  # the same bits
+    k0 = np.asarray(outs[1].cache.k[0])
+    assert np.array_equal(k0[1, :, :40], k0[0, :, :40]) and np.any(k0[0, :, :40] != 0)  # and a real copy
+    eng.close()
+
+
+def test_the_first_state_is_made_during_warmup_and_is_fresh(tiny_ckpt):
+    import jax
+    import numpy as np
+
+    from jserve import checkpoint
+
+    cfg, params, _ = checkpoint.load(tiny_ckpt)
+    eng = JaxEngine(cfg, params, slots=2, max_len=64)
+    eng.warmup(background=False)
+    spare = eng._spare
+    assert spare is not None
+    with CompileWatch() as watch:
+        first, second = eng.init_state(), eng.init_state()
+    watch.assert_nothing_traced()
+    assert first is spare and second is not first and eng._spare is None  # handed out once
+    fresh = jax.tree.leaves(eng._zeros())
+    for state in (first, second):  # untouched by warm-up's calls: what a new state is
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(state), fresh))
