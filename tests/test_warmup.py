@@ -305,3 +305,16 @@ def test_the_first_state_is_made_during_warmup_and_is_fresh(tiny_ckpt):
     fresh = jax.tree.leaves(eng._zeros())
     for state in (first, second):  # untouched by warm-up's calls: what a new state is
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(state), fresh))
+
+
+def test_freed_compiler_memory_is_handed_back_after_each_compile_phase(tiny_ckpt, monkeypatch):
+    from jserve import checkpoint, warmup
+
+    trims = []
+    monkeypatch.setattr(warmup, "release_freed_memory", lambda: trims.append(1) or True)
+    cfg, params, _ = checkpoint.load(tiny_ckpt)
+    eng = JaxEngine(cfg, params, slots=2, max_len=64)
+    eng.warmup(background=True)
+    assert eng.wait_ready(300)
+    # Once after the SERVING-ready calls, then once per call the background phase compiled.
+    assert len(trims) == 1 + len(eng.background_keys) and eng.background_keys
