@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jserve.config import ModelConfig
+from jserve.kv_cache import read_pages
 
 # Cache positions per decode-attention block (``_attend_blocks``): measured on XLA:CPU at
 # 16 slots x ~1,000 live positions, 64 and 128 were fastest, 256 1.4x and 512 2.4x slower.
@@ -93,7 +94,7 @@ def padded_cache_len(max_len: int) -> int:
 
 
 def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                   n_blocks: jax.Array, spec: AttnSpec) -> jax.Array:
+                   n_blocks: jax.Array, spec: AttnSpec, table: jax.Array | None = None) -> jax.Array:
     """One query per slot against the first ``n_blocks`` blocks of the cache, with an online softmax.
 
     ``q [S, K, G, H]``, ``k/v [S, K, T, H]``, ``positions [S]`` (slot s attends to ``0..positions[s]``,
@@ -102,18 +103,23 @@ def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arra
     it starts at the first block inside the earliest live slot's window. Blocks have a fixed size
     and are folded in one after another, and a block wholly outside a slot's view adds exact zeros
     (its scores are -inf, the running max and sum are multiplied by exactly 1): a slot's result is
-    bitwise the same however many blocks its neighbours need.
+    bitwise the same however many blocks its neighbours need. With ``table [S, M]`` the cache is a
+    page pool ``k/v [P, K, B, H]`` and slot s's block i is page ``table[s, i]`` (``kv_cache``).
     """
     s_, kh, g, h = q.shape
-    b = attention_block(k.shape[2])
+    b = k.shape[2] if table is not None else attention_block(k.shape[2])
     qf = q.astype(jnp.float32) * spec.scale
     offsets = jnp.arange(b)
 
     def fold(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]):
         m, denom, acc = carry
         start = i * b
-        kb = widen(jax.lax.dynamic_slice_in_dim(k, start, b, axis=2))  # [S, K, B, H]
-        vb = widen(jax.lax.dynamic_slice_in_dim(v, start, b, axis=2))
+        if table is None:
+            kb = widen(jax.lax.dynamic_slice_in_dim(k, start, b, axis=2))  # [S, K, B, H]
+            vb = widen(jax.lax.dynamic_slice_in_dim(v, start, b, axis=2))
+        else:
+            pages = table[:, jnp.minimum(i, table.shape[1] - 1)]
+            kb, vb = widen(read_pages(k, pages)), widen(read_pages(v, pages))
         s = _cap(jnp.sum(qf[:, :, :, None, :] * kb[:, :, None], axis=-1), spec.softcap)  # [S, K, G, B]
         valid = _in_window((start + offsets)[None, :], positions[:, None], spec.window)  # [S, B]
         s = jnp.where(valid[:, None, None], s, -jnp.inf)
@@ -146,7 +152,8 @@ def pairwise_sum(x: jax.Array) -> jax.Array:
 
 
 def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, positions: jax.Array,
-                   n_blocks: jax.Array, first_pos: jax.Array, spec: AttnSpec) -> jax.Array:
+                   n_blocks: jax.Array, first_pos: jax.Array, spec: AttnSpec,
+                   table: jax.Array | None = None) -> jax.Array:
     """Rows of queries against their slots' caches, block by block with an online softmax.
 
     ``q [R, C, K, G, H]`` (row r: ``C`` consecutive positions of slot ``slots[r]``), ``k/v [S, K, T, H]``,
@@ -154,10 +161,11 @@ def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, p
     ``n_blocks`` a traced scalar covering every row, ``first_pos`` the least position of a real
     query (with a window, blocks wholly before its window are not read) → ``[R, C, K, G, H]``. As in
     ``_attend_blocks``, a block outside a query's view adds exact zeros, so a query's result does not
-    depend on which blocks the call reads.
+    depend on which blocks the call reads. With ``table [S, M]`` the cache is a page pool
+    ``k/v [P, K, B, H]``: row r's block i is page ``table[slots[r], i]`` (``_attend_blocks``).
     """
     r, c, kh, g, h = q.shape
-    b = attention_block(k.shape[2])
+    b = k.shape[2] if table is not None else attention_block(k.shape[2])
     qf = (q.astype(jnp.float32) * spec.scale).transpose(0, 2, 3, 1, 4).reshape(r, kh, g * c, h)
     qpos = jnp.broadcast_to(positions[:, None, :], (r, g, c)).reshape(r, g * c)  # [R, GC]
     offsets = jnp.arange(b)
@@ -165,8 +173,12 @@ def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, p
     def fold(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]):
         m, denom, acc = carry
         start = i * b
-        kb = widen(jnp.take(jax.lax.dynamic_slice_in_dim(k, start, b, axis=2), slots, axis=0))
-        vb = widen(jnp.take(jax.lax.dynamic_slice_in_dim(v, start, b, axis=2), slots, axis=0))
+        if table is None:
+            kb = widen(jnp.take(jax.lax.dynamic_slice_in_dim(k, start, b, axis=2), slots, axis=0))
+            vb = widen(jnp.take(jax.lax.dynamic_slice_in_dim(v, start, b, axis=2), slots, axis=0))
+        else:  # [R, K, B, H]: each row's page of block i
+            pages = table[slots, jnp.minimum(i, table.shape[1] - 1)]
+            kb, vb = widen(read_pages(k, pages)), widen(read_pages(v, pages))
         # Products and fixed-order sums, not dots: XLA:CPU's dot changed a query's bits with the
         # number of rows and queries per row; these are the same for any shape.
         s = _cap(pairwise_sum(qf[:, :, :, None, :] * kb[:, :, None]), spec.softcap)  # [R, K, GC, B]

@@ -1,5 +1,13 @@
 """The preallocated KV cache: fixed shapes, written in place through donated buffers.
 
+Two layouts. ``KVCache``, one ``[S, K, T, H]`` array per slot axis (below), is the reference the
+model's functions and tests use directly. ``PagedKVCache``, what the engine serves from, is a pool
+of ``P`` pages ``[P, K, B, H]`` per layer (``B`` positions a page: the attention block) with a page
+table ``[S, M]`` int32 saying where each slot's block ``i`` lives (``jserve.kv_pages`` decides it on
+the host); a table entry of ``P`` or more (``kv_pages.NO_PAGE`` as ``PagePool.table_for_writes``
+hands it over) is no page: writes there are dropped, and reads are clamped to a real page whose
+positions the attention masks, so a block past a sequence's end adds exact zeros as before.
+
 One ``[S, K, T, H]`` array for keys and one for values per layer (a tuple over layers):
 the same memory as one ``[L, S, K, T, H]`` array, but each layer's update is a
 ``dynamic_update_slice`` / scatter on its own buffer, which XLA keeps in place. Slots and KV
@@ -119,3 +127,77 @@ def copy_prefix(cache: KVCache, src: jax.Array, dst: jax.Array, n: jax.Array, bl
 
     k, v = jax.lax.fori_loop(0, (n + block - 1) // block, body, (cache.k, cache.v))
     return KVCache(k=k, v=v)
+
+
+@struct.dataclass
+class PagedKVCache:
+    """Keys and values in pages: ``k[l]``, ``v[l]``: ``[P, K, B, H]`` (``uint16`` bits for bfloat16)."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return element_type(self.k[0])
+
+    @property
+    def pages(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[2]
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, pages: int, page_size: int, dtype: jnp.dtype) -> PagedKVCache:
+        shape, store = (pages, cfg.n_kv_heads, page_size, cfg.head_dim), storage(dtype)
+        return cls(
+            k=tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)),
+            v=tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)),
+        )
+
+
+def page_at(table: jax.Array, slots: jax.Array, positions: jax.Array, pages: int, page_size: int) -> jax.Array:
+    """The page holding each of ``positions`` of ``slots`` (broadcast together) in ``table [S, M]``;
+    ``pages`` (no page: writes there are dropped) for positions at or past ``M * page_size``."""
+    m = table.shape[1]
+    block = positions // page_size
+    page = table[slots, jnp.clip(block, 0, m - 1)]
+    return jnp.where((block >= 0) & (block < m), page, pages)
+
+
+def read_pages(buf: jax.Array, pages: jax.Array) -> jax.Array:
+    """``buf [P, K, B, H]`` at ``pages [R]`` → ``[R, K, B, H]``; a page index past the pool (no page)
+    reads the last page, which the caller masks."""
+    return jnp.take(buf, jnp.minimum(pages, buf.shape[0] - 1), axis=0, mode="clip")
+
+
+def write_paged(buf: jax.Array, new: jax.Array, table: jax.Array, slots: jax.Array,
+                positions: jax.Array) -> jax.Array:
+    """Write ``new [..., K, H]`` at ``positions [...]`` of ``slots [...]`` (broadcast) through
+    ``table``: page ``table[s, p // B]``, offset ``p % B``. No page, or a position past the table
+    (padding, inactive slots), writes nothing."""
+    p, b = buf.shape[0], buf.shape[2]
+    page = page_at(table, slots, positions, p, b)
+    return buf.at[page, :, positions % b].set(to_stored(new, buf), mode="drop")
+
+
+def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array, n: jax.Array) -> PagedKVCache:
+    """Copy page ``src[i]`` onto page ``dst[i]`` for ``i < n`` (every layer's keys and values);
+    a ``dst`` past the pool is skipped. The work follows ``n``."""
+    zero = jnp.zeros((), jnp.int32)
+
+    def body(i: jax.Array, bufs: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]):
+        def one(buf: jax.Array) -> jax.Array:
+            s = jnp.minimum(src[i], buf.shape[0] - 1)
+            page = jax.lax.dynamic_slice(buf, (s, zero, zero, zero), (1,) + buf.shape[1:])
+            d = dst[i]
+            keep = jax.lax.dynamic_slice(buf, (jnp.minimum(d, buf.shape[0] - 1), zero, zero, zero),
+                                         (1,) + buf.shape[1:])
+            page = jnp.where(d < buf.shape[0], page, keep)
+            return jax.lax.dynamic_update_slice(buf, page, (jnp.minimum(d, buf.shape[0] - 1), zero, zero, zero))
+
+        return tuple(map(one, bufs[0])), tuple(map(one, bufs[1]))
+
+    k, v = jax.lax.fori_loop(0, n, body, (cache.k, cache.v))
+    return PagedKVCache(k=k, v=v)

@@ -43,7 +43,7 @@ from jserve.attention import (  # noqa: F401 (re-exported: callers name them mod
 )
 from jserve.blocks import BlockArray, float_for_kernels, kernels_loaded
 from jserve.config import ModelConfig
-from jserve.kv_cache import KVCache, write_chunks, write_step
+from jserve.kv_cache import KVCache, PagedKVCache, write_chunks, write_paged, write_step
 from jserve.quant import QuantArray, dense, dense_experts, take_rows
 
 Weight = jax.Array | QuantArray | BlockArray
@@ -314,8 +314,15 @@ def _attend_step_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec,
                        aux: tuple, cfg: ModelConfig):
     """``decode_step``'s attention: ``q [S, 1, N, H]``, ``k/v [S, 1, K, H]`` at ``aux = (positions [S],
     n_blocks)``. Written before attending: reading the donated cache first would make XLA copy it."""
-    positions, n_blocks = aux
+    positions, n_blocks, table = aux
     s_, t = q.shape[0], ck.shape[2]
+    if table is not None:  # a page pool (``kv_cache.PagedKVCache``)
+        slots = jnp.arange(s_)
+        ck = write_paged(ck, k[:, 0], table, slots, positions)
+        cv = write_paged(cv, v[:, 0], table, slots, positions)
+        q = q.reshape(s_, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+        o = _attend_blocks(q, ck, cv, positions, n_blocks, spec, table)
+        return o.reshape(s_, 1, cfg.n_heads * cfg.head_dim), (ck, cv)
     ck = write_step(ck, k[:, 0], positions)
     cv = write_step(cv, v[:, 0], positions)
     q = q.reshape(s_, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
@@ -328,44 +335,48 @@ def _attend_step_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec,
 
 
 def decode_step(
-    params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-    n_blocks: jax.Array | None = None,
-) -> tuple[jax.Array, KVCache]:
+    params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache | PagedKVCache,
+    n_blocks: jax.Array | None = None, table: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | PagedKVCache]:
     """One token for every slot: ``tokens [S]`` at ``positions [S]``.
 
     Writes each slot's new key/value at its own position, attends to positions
     ``0..position`` of that slot, and returns float32 logits ``[S, V]`` and the cache.
     Slots whose position is ``>= T`` (inactive) write nothing. With ``n_blocks`` (a traced
     scalar: how many attention blocks cover the longest live sequence) attention reads only
-    those blocks; without it, the whole cache, masked (the reference form).
+    those blocks; without it, the whole cache, masked (the reference form). With ``table [S, M]``
+    (and ``n_blocks``) ``cache`` is a ``PagedKVCache`` read and written through that page table.
     """
     x = embed_tokens(params, cfg, tokens[:, None])  # [S, 1, D]
     new_k, new_v = [], []
     for i in range(len(params.layers)):
         x, (ck, cv) = _run_layer(params, cfg, i, x, positions[:, None], cache.k[i], cache.v[i],
-                                 (positions, n_blocks), _attend_step_cache)
+                                 (positions, n_blocks, table), _attend_step_cache)
         new_k.append(ck)
         new_v.append(cv)
-    return unembed(params, cfg, x[:, 0]), KVCache(k=tuple(new_k), v=tuple(new_v))
+    return unembed(params, cfg, x[:, 0]), type(cache)(k=tuple(new_k), v=tuple(new_v))
 
 
 def _attend_chunks_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, ck: jax.Array, cv: jax.Array,
                          aux: tuple, cfg: ModelConfig):
     """``extend``'s attention: ``q [M, N, H]``, ``k/v [M, K, H]`` of rows ``aux = (slots [R], pos
     [R, C], write_pos [R, C], n_blocks, first_pos)``, written into the cache, then attended."""
-    slots, pos, write_pos, n_blocks, first_pos = aux
+    slots, pos, write_pos, n_blocks, first_pos, table = aux
     r, c = pos.shape
-    ck = write_chunks(ck, k.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
-    cv = write_chunks(cv, v.reshape(r, c, cfg.n_kv_heads, cfg.head_dim), slots, write_pos)
+    k, v = (a.reshape(r, c, cfg.n_kv_heads, cfg.head_dim) for a in (k, v))
+    if table is None:
+        ck, cv = write_chunks(ck, k, slots, write_pos), write_chunks(cv, v, slots, write_pos)
+    else:
+        ck, cv = (write_paged(buf, new, table, slots[:, None], write_pos) for buf, new in ((ck, k), (cv, v)))
     q = q.reshape(r, c, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-    o = _attend_chunks(q, ck, cv, slots, pos, n_blocks, first_pos, spec)
+    o = _attend_chunks(q, ck, cv, slots, pos, n_blocks, first_pos, spec, table)
     return o.reshape(r * c, cfg.n_heads * cfg.head_dim), (ck, cv)
 
 
 def extend(
     params: Params, cfg: ModelConfig, tokens: jax.Array, slots: jax.Array, starts: jax.Array,
-    counts: jax.Array, cache: KVCache, n_blocks: jax.Array,
-) -> tuple[jax.Array, KVCache]:
+    counts: jax.Array, cache: KVCache | PagedKVCache, n_blocks: jax.Array, table: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | PagedKVCache]:
     """Run chunks of new tokens into their slots: the one primitive behind prefill.
 
     ``tokens [R, C]``: row r holds ``counts[r]`` tokens of slot ``slots[r]`` for positions
@@ -376,11 +387,12 @@ def extend(
     Returns the hidden states ``[R, C, D]`` (before the final norm) and the cache.
 
     Each token's result is computed row-wise by the same fixed-shape matmuls, so it does not
-    depend on where a chunk boundary fell or which other rows shared the call.
+    depend on where a chunk boundary fell or which other rows shared the call. With ``table [S, M]``
+    ``cache`` is a ``PagedKVCache`` read and written through that page table (``kv_cache``).
     """
     r, c = tokens.shape
     m = r * c
-    t = cache.max_len
+    t = cache.max_len if table is None else table.shape[1] * cache.page_size
     pos = starts[:, None] + jnp.arange(c)[None, :]  # [R, C]
     write_pos = jnp.where(jnp.arange(c)[None, :] < counts[:, None], pos, t)  # padding writes nothing
     first_pos = jnp.min(jnp.where(counts > 0, starts, t))
@@ -388,10 +400,10 @@ def extend(
     new_k, new_v = [], []
     for i in range(len(params.layers)):
         x, (ck, cv) = _run_layer(params, cfg, i, x, pos.reshape(m), cache.k[i], cache.v[i],
-                                 (slots, pos, write_pos, n_blocks, first_pos), _attend_chunks_cache)
+                                 (slots, pos, write_pos, n_blocks, first_pos, table), _attend_chunks_cache)
         new_k.append(ck)
         new_v.append(cv)
-    return x.reshape(r, c, -1), KVCache(k=tuple(new_k), v=tuple(new_v))
+    return x.reshape(r, c, -1), type(cache)(k=tuple(new_k), v=tuple(new_v))
 
 
 def for_cpu_kernels(params: Params) -> Params:
