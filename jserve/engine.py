@@ -14,6 +14,13 @@ state they return. Shapes never change after ``warmup``, so serving compiles not
 compiles what any request needs (the decode step and the smallest ``extend`` call) before it
 returns, and the rest (larger ``extend`` calls, ``verify``'s shapes) in the background, each used
 only once it is ready (``ready_rows``, ``ready_widths``; warmup.py).
+
+The KV cache is a pool of pages (``kv_cache.PagedKVCache``, sized by ``kv_memory``) and each call
+that reads or writes it gets a page table, ``[S, M]``, in the state (a fixed shape: nothing
+recompiles as it changes). The orchestrator places sequences in pages with its own
+``kv_pages.PagePool`` (``new_page_pool``) and passes its table (``table=``); a caller that passes
+none (scripts, tests, a sharded engine) gets each slot's fixed share of the engine's own pool,
+today's layout. ``restart`` and ``resume`` bring back a preempted request.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from flax import struct
 from jserve import engine_api, model
 from jserve.config import ModelConfig
 from jserve.engine_api import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, ChunkRow, Engine  # noqa: F401 (re-exported)
-from jserve.kv_cache import KVCache, cache_bytes, copy_prefix
+from jserve.kv_cache import PagedKVCache, copy_pages
+from jserve.kv_pages import PagePool, page_bytes, pages_for_memory
 from jserve.model import Params
 from jserve.sampling import SamplingParams, SlotSampling, apply_penalties, sample
 from jserve.sharding import Plan, state_sharding
@@ -50,7 +58,8 @@ CHUNK_ROWS_FIXED = (4, 8, 16, 32)
 class DecodeState:
     """Everything that lives on device between decode steps. ``[S]`` unless noted."""
 
-    cache: KVCache
+    cache: PagedKVCache  # pages [P, K, B, H] per layer
+    table: jax.Array  # [S, M] int32: the page of each slot's block i (``kv_pages.PagePool``; P: none)
     lengths: jax.Array  # tokens already in the cache = position of ``last_tokens``
     last_tokens: jax.Array  # the token to feed next
     steps: jax.Array  # tokens generated so far (indexes the PRNG key)
@@ -115,6 +124,11 @@ def mask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+def _cache_len(state: DecodeState) -> int:
+    """Positions a slot can address: its page-table row's pages."""
+    return state.table.shape[1] * state.cache.page_size
+
+
 def _begin(state: DecodeState, slot: jax.Array, prompt: jax.Array, n: jax.Array,
            sampling: SlotSampling) -> DecodeState:
     """Start a request in ``slot``: its sampling row and penalty tables (``prompt [T]`` padded,
@@ -122,7 +136,7 @@ def _begin(state: DecodeState, slot: jax.Array, prompt: jax.Array, n: jax.Array,
     v = state.seen.shape[1]
     seen_row = jnp.zeros((v,), bool).at[jnp.where(jnp.arange(prompt.shape[0]) < n, prompt, v)].set(True, mode="drop")
     return state.replace(
-        lengths=state.lengths.at[slot].set(state.cache.max_len),
+        lengths=state.lengths.at[slot].set(_cache_len(state)),
         steps=state.steps.at[slot].set(0),
         active=state.active.at[slot].set(False),
         sampling=state.sampling.set_row(slot, sampling),
@@ -132,7 +146,8 @@ def _begin(state: DecodeState, slot: jax.Array, prompt: jax.Array, n: jax.Array,
 
 
 def _copy(state: DecodeState, src: jax.Array, dst: jax.Array, n: jax.Array) -> DecodeState:
-    return state.replace(cache=copy_prefix(state.cache, src, dst, n, model.attention_block(state.cache.max_len)))
+    """Page ``src[i]`` onto page ``dst[i]`` for ``i < n`` (``[M]`` each; a ``dst`` of P is skipped)."""
+    return state.replace(cache=copy_pages(state.cache, src, dst, n))
 
 
 def _extend(params: Params, state: DecodeState, tokens: jax.Array, slots: jax.Array, starts: jax.Array,
@@ -145,10 +160,9 @@ def _extend(params: Params, state: DecodeState, tokens: jax.Array, slots: jax.Ar
     in; None where every op is row-invariant (the call's own rows). ``masks [out_rows or R, W]``."""
     r = tokens.shape[0]
     out_rows = out_rows or r
-    t = state.cache.max_len
     furthest = jnp.max(jnp.where(counts > 0, starts + counts - 1, 0))
-    n_blocks = furthest // model.attention_block(t) + 1
-    x, cache = model.extend(params, cfg, tokens, slots, starts, counts, state.cache, n_blocks)
+    n_blocks = furthest // state.cache.page_size + 1
+    x, cache = model.extend(params, cfg, tokens, slots, starts, counts, state.cache, n_blocks, state.table)
     last = x[jnp.arange(r), jnp.maximum(counts - 1, 0)]  # [R, D]
     pad = out_rows - r
     last = jnp.pad(last, ((0, pad), (0, 0)))
@@ -199,14 +213,14 @@ def _decode_rows(params: Params, state: DecodeState, slots: jax.Array, drafts: j
     r, k = drafts.shape
     c = k + 1
     s_, v = state.seen.shape
-    t = state.cache.max_len
+    t = _cache_len(state)
     live = live & state.active[slots]
     starts = state.lengths[slots]
     counts = jnp.where(live, 1 + n_draft, 0)
     tokens = jnp.concatenate([state.last_tokens[slots][:, None], drafts], axis=1)  # [R, C]
     furthest = jnp.max(jnp.where(live, starts + counts - 1, 0))
-    n_blocks = jnp.minimum(furthest, t - 1) // model.attention_block(t) + 1
-    x, cache = model.extend(params, cfg, tokens, slots, starts, counts, state.cache, n_blocks)
+    n_blocks = jnp.minimum(furthest, t - 1) // state.cache.page_size + 1
+    x, cache = model.extend(params, cfg, tokens, slots, starts, counts, state.cache, n_blocks, state.table)
     logits = model.unembed(params, cfg, x).reshape(r * c, v)  # position j of row r at r * C + j
     sp = jax.tree.map(lambda a: jnp.repeat(a[slots], c, axis=0), state.sampling)
     j = jnp.arange(c)
@@ -273,6 +287,20 @@ def verify_widths(speculate: int) -> tuple[int, ...]:
     return tuple(sorted({1, speculate + 1} | steps))
 
 
+def _resume(state: DecodeState, slot: jax.Array, last: jax.Array, length: jax.Array, steps: jax.Array,
+            counts: jax.Array) -> DecodeState:
+    """Make ``slot`` live again as it was when preempted, its tokens run in again by ``extend``
+    (non-final rows; ``_begin`` marked every one of them seen): ``last`` to feed at position
+    ``length``, ``steps`` tokens generated (the PRNG's step), ``counts [V]`` their occurrences."""
+    return state.replace(
+        lengths=state.lengths.at[slot].set(length),
+        last_tokens=state.last_tokens.at[slot].set(last),
+        steps=state.steps.at[slot].set(steps),
+        active=state.active.at[slot].set(True),
+        counts=state.counts.at[slot].set(counts),
+    )
+
+
 def _release(state: DecodeState, slot: jax.Array) -> DecodeState:
     return state.replace(
         active=state.active.at[slot].set(False),
@@ -296,6 +324,7 @@ class JaxEngine(Warmup):
     chunk: int = CHUNK
     chunk_rows: tuple[int, ...] | None = None  # default: CHUNK_ROWS, or CHUNK_ROWS_FIXED (see there)
     speculate: int = 0  # drafted tokens a ``verify`` call checks per slot (0: no speculative decoding)
+    kv_memory: int | None = None  # bytes of KV pages (default: ``slots x max_len`` positions' worth)
 
     def __post_init__(self) -> None:
         if self.max_prompt_len is None:
@@ -320,6 +349,7 @@ class JaxEngine(Warmup):
             r for r in self.chunk_rows if r >= need)[:1]
         self.vocab_size = self.cfg.vocab_size
         self.cache_len = model.padded_cache_len(self.max_len)
+        self._init_pages()
         top_n = self.top_logprobs
         extend = functools.partial(_extend, cfg=self.cfg, top_n=top_n,
                                    out_rows=None if self.row_invariant else self.chunk_rows[-1])
@@ -344,12 +374,14 @@ class JaxEngine(Warmup):
             result_sh = self.plan.replicated()
             self._state_shape = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                              self._state_shape, state_sh)
+        self._table_sharding = None if state_sh is None else state_sh.table
         self._init = jax.jit(self._zeros, out_shardings=state_sh)
         self._begin = jax.jit(_begin, donate_argnames=("state",), out_shardings=state_sh)
         self._copy = jax.jit(_copy, donate_argnames=("state",), out_shardings=state_sh)
         self._extend = jax.jit(extend, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
         self._generate = jax.jit(generate, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
         self._release = jax.jit(_release, donate_argnames=("state",), out_shardings=state_sh)
+        self._resume = jax.jit(_resume, donate_argnames=("state",), out_shardings=state_sh)
         self._verify = jax.jit(verify, donate_argnames=("state",), out_shardings=(state_sh, result_sh))
         self._take = jax.jit(_take_rows, out_shardings=result_sh)
         self._init_warmup()  # executables compiled and run once by ``warmup`` (warmup.py)
@@ -357,9 +389,41 @@ class JaxEngine(Warmup):
         self.mask_words = mask_words(self.vocab_size)
         self._no_masks = {r: jnp.full((r, self.mask_words), -1, jnp.int32) for r in self.decode_rows}
         self._no_mask_rows = {r: jnp.full((self._out_rows(r), self.mask_words), -1, jnp.int32) for r in self.chunk_rows}
-        log.info("engine: %d slots x %d positions, KV cache %.1f MiB, prompt chunks of %d positions in %s rows",
-                 self.slots, self.max_len, cache_bytes(self.cfg, self.slots, self.cache_len, self.cache_dtype) / 2**20,
+        log.info("engine: %d slots x %d positions, KV pool of %d pages x %d positions (%.1f MiB), prompt chunks "
+                 "of %d positions in %s rows", self.slots, self.max_len, self.pages.num_pages, self.page_size,
+                 self.pages.num_pages * page_bytes(self.cfg, np.dtype(self.cache_dtype), self.page_size) / 2**20,
                  self.chunk, self.chunk_rows)
+
+    def _init_pages(self) -> None:
+        """The KV pool's pages and the host's page table (``kv_pages.PagePool``). ``paged``: the
+        orchestrator takes and gives back pages as sequences grow and end; otherwise (sharded
+        over a mesh) each slot holds ``max_pages`` fixed pages from its first ``begin`` on."""
+        self.page_size = model.attention_block(self.cache_len)
+        self.max_pages = self.cache_len // self.page_size
+        fixed = self.slots * self.max_pages
+        self.paged = self.plan is None
+        if self.kv_memory is None or not self.paged:
+            if self.kv_memory is not None:
+                log.warning("--kv-memory is ignored when sharded over a mesh: %d slots x %d positions are "
+                            "reserved", self.slots, self.cache_len)
+            num_pages = fixed
+        else:
+            num_pages = pages_for_memory(self.kv_memory, self.cfg, np.dtype(self.cache_dtype), self.page_size)
+        self.pages = PagePool(num_pages, self.slots, self.max_pages, self.page_size)
+
+    def new_page_pool(self) -> PagePool:
+        """A page pool of this engine's shape for one decode state (the orchestrator's): its
+        table is handed to every call that reads or writes the cache (``table=``)."""
+        return PagePool(self.pages.num_pages, self.slots, self.max_pages, self.page_size)
+
+    def _with_table(self, state: DecodeState, table: np.ndarray | None) -> DecodeState:
+        """``state`` carrying a page table (``PagePool.table_for_writes``; None: the engine's own
+        pool's, slot by slot): a few KiB copied to the device per call."""
+        if table is None:
+            table = self.pages.table_for_writes()
+        if self.plan is not None:
+            table = jax.device_put(table, self._table_sharding)
+        return state.replace(table=table)
 
     def _out_rows(self, rows: int) -> int:
         """Rows of an ``extend`` call's first-token logits (``_extend``'s ``out_rows``)."""
@@ -382,7 +446,8 @@ class JaxEngine(Warmup):
     def _zeros(self) -> DecodeState:
         s, v = self.slots, self.cfg.vocab_size
         return DecodeState(
-            cache=KVCache.zeros(self.cfg, s, self.cache_len, self.cache_dtype),
+            cache=PagedKVCache.zeros(self.cfg, self.pages.num_pages, self.page_size, self.cache_dtype),
+            table=jnp.full((s, self.max_pages), self.pages.num_pages, jnp.int32),
             lengths=jnp.full((s,), self.cache_len, jnp.int32),
             last_tokens=jnp.zeros((s,), jnp.int32),
             steps=jnp.zeros((s,), jnp.int32),
@@ -397,17 +462,74 @@ class JaxEngine(Warmup):
             raise ValueError(f"prompt of {n} tokens must have 1..max_prompt_len={self.max_prompt_len} tokens")
 
     def begin(self, state: DecodeState, slot: int, prompt: list[int], params: SamplingParams,
-              seed: int) -> DecodeState:
+              seed: int, table: np.ndarray | None = None) -> DecodeState:
+        """Start a request in ``slot``. ``table``: the caller's page table, where it placed the
+        slot's pages (None: the slot takes its fixed share of the engine's own pool)."""
         self.check_prompt(len(prompt))
+        return self._start(state, slot, prompt, params, seed, table)
+
+    def restart(self, state: DecodeState, slot: int, tokens: list[int], params: SamplingParams,
+                seed: int, table: np.ndarray | None = None) -> DecodeState:
+        """``begin`` for a preempted request resuming: ``tokens`` its prompt and every token it
+        generated (marked seen); its positions are run in by non-final ``extend`` rows, then
+        ``resume`` makes it live."""
+        if not 1 <= len(tokens) <= self.max_len:
+            raise ValueError(f"a resumed sequence of {len(tokens)} tokens must have 1..max_len={self.max_len}")
+        return self._start(state, slot, tokens, params, seed, table)
+
+    def resume(self, state: DecodeState, slot: int, tokens: list[int], generated: list[int]) -> DecodeState:
+        """Make ``slot`` live again after ``restart`` and its extend rows: ``tokens`` (prompt and
+        output but the last, all run in), ``generated`` the output so far: the next step feeds the
+        last one, with the PRNG step and penalty counts it had (``_resume``)."""
+        counts = np.bincount(np.asarray(generated, np.int64), minlength=self.vocab_size).astype(np.int32)
+        fn = self._compiled.get(("resume", 0), self._resume)
+        return fn(state=state, slot=np.int32(slot), last=np.int32(generated[-1]), length=np.int32(len(tokens)),
+                  steps=np.int32(len(generated)), counts=counts[:self.vocab_size])
+
+    def _start(self, state: DecodeState, slot: int, prompt: list[int], params: SamplingParams,
+               seed: int, table: np.ndarray | None) -> DecodeState:
+        if table is None:
+            self._hold_pages(slot)
         padded = np.zeros((self.cache_len,), np.int32)
         padded[:len(prompt)] = prompt
         fn = self._compiled.get(("begin", 0), self._begin)
-        return fn(state=state, slot=np.int32(slot), prompt=padded, n=np.int32(len(prompt)),
+        return fn(state=self._with_table(state, table), slot=np.int32(slot), prompt=padded, n=np.int32(len(prompt)),
                   sampling=SlotSampling.from_params(params, seed))
 
+    def _hold_pages(self, slot: int) -> None:
+        """A slot the caller placed no sequence in (``pages.admit``) takes its fixed share of the
+        pool, ``max_pages`` pages, and keeps it: the layout of an engine driven slot by slot."""
+        if self.pages.holds(slot):
+            return
+        self.pages.admit(slot, [])
+        if not self.pages.ensure(slot, self.cache_len):
+            self.pages.release(slot)
+            raise RuntimeError(f"the KV pool ({self.pages.num_pages} pages) has no {self.max_pages} pages "
+                               f"free for slot {slot}")
+
     def copy(self, state: DecodeState, src: int, dst: int, n: int) -> DecodeState:
+        """Copy positions ``0..n-1`` of slot ``src`` into slot ``dst`` (whole pages; pages the two
+        share are left as they are)."""
+        self._hold_pages(src)
+        self._hold_pages(dst)
+        nb = -(-n // self.page_size)
+        table = self.pages.table
+        return self.copy_pages(state, [(int(a), int(b)) for a, b in zip(table[src, :nb], table[dst, :nb]) if a != b])
+
+    def copy_pages(self, state: DecodeState, pairs: list[tuple[int, int]]) -> DecodeState:
+        """Copy page ``a`` onto page ``b`` for each ``(a, b)`` of ``pairs`` (at most ``max_pages``)."""
+        if not pairs:
+            return state
+        if len(pairs) > self.max_pages:
+            raise ValueError(f"{len(pairs)} page copies exceed one call's {self.max_pages}")
+        src = np.zeros((self.max_pages,), np.int32)
+        dst = np.full((self.max_pages,), self.pages.num_pages, np.int32)
+        for i, (a, b) in enumerate(pairs):
+            if not (0 <= a < self.pages.num_pages and 0 <= b < self.pages.num_pages):
+                raise ValueError(f"page copy {a} -> {b} outside the pool of {self.pages.num_pages} pages")
+            src[i], dst[i] = a, b
         fn = self._compiled.get(("copy", 0), self._copy)
-        return fn(state=state, src=np.int32(src), dst=np.int32(dst), n=np.int32(n))
+        return fn(state=state, src=src, dst=dst, n=np.int32(len(pairs)))
 
     def rows_bucket(self, n: int) -> int:
         """The row count an ``extend`` call of ``n`` rows is padded to: the smallest ready bucket
@@ -417,8 +539,8 @@ class JaxEngine(Warmup):
             raise ValueError(f"{n} rows exceed the largest extend call ({self.max_rows} rows)")
         return next((r for r in fits if self.is_ready(("extend", r))), fits[0])
 
-    def extend(self, state: DecodeState, rows: list[ChunkRow],
-               masks: np.ndarray | None = None) -> engine_api.Step[DecodeState]:
+    def extend(self, state: DecodeState, rows: list[ChunkRow], masks: np.ndarray | None = None,
+               table: np.ndarray | None = None) -> engine_api.Step[DecodeState]:
         """Run ``rows`` (at most ``max_rows``); the packed result's row r is ``rows[r]``'s first
         token when it is final (``ACTIVE`` set), else zeros. ``masks [max_rows, mask_words]``:
         allowed first tokens per row (``apply_bitmask``), None for all."""
@@ -433,6 +555,7 @@ class JaxEngine(Warmup):
             tokens[i, :n] = row.tokens
             slots[i], starts[i], counts[i], finals[i] = row.slot, row.start, n, row.final
         fn = self._compiled.get(("extend", r), self._extend)
+        state = self._with_table(state, table)
         out = fn(self.params, state=state, tokens=tokens, slots=slots, starts=starts, counts=counts, finals=finals,
                  masks=self._no_mask_rows[r] if masks is None else masks[:self._out_rows(r)])
         return engine_api.step(out)
@@ -460,7 +583,7 @@ class JaxEngine(Warmup):
         return next((r for r in fits if self.is_ready(("generate", r))), fits[-1])
 
     def generate(self, state: DecodeState, mask: np.ndarray | None = None,
-                 slots: list[int] | None = None) -> engine_api.Step[DecodeState]:
+                 slots: list[int] | None = None, table: np.ndarray | None = None) -> engine_api.Step[DecodeState]:
         """One token for each live slot of ``slots`` (default: every slot), in a call of
         ``decode_bucket(len(slots))`` rows: the packed result's row i is ``slots[i]``'s (``ACTIVE``
         clear for an inactive slot and for the padding rows after them). ``mask [slots, mask_words]``:
@@ -468,7 +591,7 @@ class JaxEngine(Warmup):
         are the same in any bucket and beside any other slots. Where rows are not invariant
         (``row_invariant`` false) every step computes every slot's row in its place."""
         if not self.row_invariant and slots is not None:  # every slot's row at its place: fixed shapes
-            state, result = self.generate(state, mask)
+            state, result = self.generate(state, mask, table=table)
             idx = np.zeros((self.slots,), np.int32)  # one shape whatever the live count: compiled at warm-up
             idx[:len(slots)] = slots
             return engine_api.Step(state, engine_api.StepResult(self._take(result.packed, idx)))
@@ -484,6 +607,7 @@ class JaxEngine(Warmup):
             masks = np.full((r, self.mask_words), -1, np.int32)
             masks[:n] = np.asarray(mask)[rows]
         fn = self._compiled.get(("generate", r), self._generate)
+        state = self._with_table(state, table)
         return engine_api.step(fn(self.params, state=state, slots=slot_arr, live=live, masks=masks))
 
     def verify_bucket(self, n: int) -> int:
@@ -507,7 +631,7 @@ class JaxEngine(Warmup):
         return w
 
     def verify(self, state: DecodeState, rows: list[tuple[int, list[int]]],
-               width: int | None = None) -> engine_api.Step[DecodeState]:
+               width: int | None = None, table: np.ndarray | None = None) -> engine_api.Step[DecodeState]:
         """A decode step with drafts (``_verify``): ``rows`` lists every live slot with its drafted
         tokens (at most ``speculate``, maybe none), and the packed result's row i (``[width, cols]``,
         ``ACTIVE`` on the tokens kept) is ``rows[i]``'s. ``width``: positions per row, one of
@@ -530,6 +654,7 @@ class JaxEngine(Warmup):
             slots[i], n_draft[i], live[i] = slot, len(draft), True
             drafts[i, :len(draft)] = draft
         fn = self._compiled.get(("verify", r, width), self._verify)
+        state = self._with_table(state, table)
         return engine_api.step(fn(self.params, state=state, slots=slots, drafts=drafts, n_draft=n_draft, live=live))
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:

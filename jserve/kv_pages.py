@@ -17,6 +17,13 @@ then the least recently used cached page is evicted. A sequence releases its pag
 a chain's later pages are evicted before its earlier ones and a cached page's parent is always
 cached too.
 
+A sequence's last, partly filled page is kept too when it ends (``release`` with its tokens): a
+*tail*, keyed by its parent page's key, evicted like any cached page. A later sequence whose
+tokens run on into a tail takes the tail page over and overwrites it past what it shares
+(``admit_reusing``); or it copies the partial page of a live sequence it shares more with. So a
+prompt reuses every cached token, not only whole pages, and always computes its last token in a
+page it owns.
+
 Axis letters: S slots, M pages per slot, P pages in the pool.
 """
 
@@ -124,6 +131,18 @@ class PoolStats:
         return self.in_use / self.pages
 
 
+def shared_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of two token sequences, at most ``limit``."""
+    n = max(0, min(limit, len(a), len(b)))
+    x, y = np.asarray(a[:n], np.int64), np.asarray(b[:n], np.int64)
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if diff.size else n
+
+
+def _tail_key(parent: bytes, tokens: Sequence[int]) -> bytes:
+    return chain_key(b"tail:" + parent, tokens)
+
+
 class _Slot:
     __slots__ = ("pages", "committed", "last_key")
 
@@ -154,6 +173,8 @@ class PagePool:
         self._key_of: dict[int, bytes] = {}  # registered page -> its chain key
         self._page_of: dict[bytes, int] = {}  # chain key -> registered page
         self._slots: list[_Slot | None] = [None] * slots
+        self._tails: dict[bytes, dict[int, np.ndarray]] = {}  # parent key -> {tail page: its tokens}
+        self._tail_parent: dict[int, bytes] = {}  # tail page -> its parent key
         self._evictions = 0
         self._hit_tokens = 0
 
@@ -162,6 +183,14 @@ class PagePool:
     @property
     def slots(self) -> int:
         return self.table.shape[0]
+
+    def holds(self, slot: int) -> bool:
+        """Whether ``slot`` holds a sequence (``admit`` without ``release`` since)."""
+        return self._slots[slot] is not None
+
+    def committed(self, slot: int) -> int:
+        """Leading pages of ``slot`` registered in (or found in) the prefix cache."""
+        return self._live(slot).committed
 
     def pages_of(self, slot: int) -> list[int]:
         return list(self._live(slot).pages)
@@ -205,7 +234,64 @@ class PagePool:
             pages.append(page)
         return pages
 
+    def match(self, tokens: Sequence[int], live: dict[int, Sequence[int]] | None = None) -> int:
+        """Positions of ``tokens`` that ``admit_reusing`` would take from the pool now (whole
+        cached pages, then a tail or a live sequence's partial page), taking nothing."""
+        pages = self.lookup(tokens)
+        return len(pages) * self.page_size + self._partial(tokens, pages, live or {})[1]
+
+    def _partial(self, tokens: Sequence[int], pages: list[int],
+                 live: dict[int, Sequence[int]]) -> tuple[tuple[str, int] | None, int]:
+        """After the cached ``pages``, the best source of the next page's shared positions: a tail
+        ``("tail", page)`` or a live sequence's page ``("live", page)``, with the positions shared."""
+        base = len(pages) * self.page_size
+        limit = min(len(tokens) - 1 - base, self.page_size)
+        if limit <= 0 or len(pages) >= self.max_pages:
+            return None, 0
+        key = self._key_of[pages[-1]] if pages else ROOT_KEY
+        best, shared = None, 0
+        rest = tokens[base:]
+        for page, toks in self._tails.get(key, {}).items():
+            n = shared_prefix(toks, rest, limit)
+            if n > shared:
+                best, shared = ("tail", page), n
+        k = len(pages)
+        for slot, toks in live.items():
+            state = self._slots[slot]
+            if state is None or len(state.pages) <= k or len(toks) <= base:
+                continue
+            n = shared_prefix(toks, tokens, base + limit) - base
+            if n > shared:
+                best, shared = ("live", state.pages[k]), n
+        return best, shared
+
     # ----- a sequence's life
+
+    def admit_reusing(self, slot: int, tokens: Sequence[int],
+                      live: dict[int, Sequence[int]] | None = None) -> tuple[int, list[tuple[int, int]]]:
+        """``admit``, then also the positions shared with a tail (taken over: the sequence owns
+        that page and overwrites it past them) or with the partial page of a ``live`` sequence
+        (slot -> the tokens its pages hold), copied into a new page. Returns the positions reused
+        (less than ``len(tokens)``) and the page copies ``(from, to)`` the device must make before
+        the sequence's next call."""
+        cached = self.admit(slot, tokens)
+        state = self._slots[slot]
+        source, shared = self._partial(tokens, state.pages, live or {})
+        copies: list[tuple[int, int]] = []
+        if source is not None and source[0] == "tail":
+            page = source[1]
+            self._hold(page)
+            self._unregister(page)
+        elif source is not None and self.available() > 0:
+            page = self._take()
+            copies.append((source[1], page))
+        else:
+            return cached, copies
+        self.table[slot, len(state.pages)] = page
+        state.pages.append(page)
+        self._hit_tokens += shared
+        return cached + shared, copies
+
 
     def admit(self, slot: int, tokens: Sequence[int]) -> int:
         """Start a sequence of prompt ``tokens`` in ``slot``: take by reference the cached pages
@@ -268,11 +354,24 @@ class PagePool:
             state.committed = i + 1
         return added
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int, tokens: Sequence[int] | None = None) -> None:
         """End ``slot``'s sequence: drop its hold on each page, last page first. A page nobody
         holds any more stays cached if registered (most recently used, so evicted last), and is
-        free otherwise."""
+        free otherwise. With ``tokens`` (those at positions ``0..n-1``, whose KV is written) its
+        full pages are committed first and its partly filled last page is kept as a tail."""
         state = self._live(slot)
+        if tokens is not None and len(tokens):
+            self.commit(slot, tokens)
+            full = len(tokens) // self.page_size
+            rest = tokens[full * self.page_size:]
+            if len(rest) and full < len(state.pages) and full == state.committed:
+                page = state.pages[full]
+                key = _tail_key(state.last_key, rest)
+                if self._refs[page] == 1 and page not in self._key_of and key not in self._page_of:
+                    self._page_of[key] = page
+                    self._key_of[page] = key
+                    self._tail_parent[page] = state.last_key
+                    self._tails.setdefault(state.last_key, {})[page] = np.asarray(rest, np.int64)
         for page in reversed(state.pages):
             if self._refs[page] <= 0:
                 raise RuntimeError(f"page {page} released with refcount {self._refs[page]}")
@@ -284,6 +383,10 @@ class PagePool:
                     self._free.append(page)
         self.table[slot] = NO_PAGE
         self._slots[slot] = None
+
+    def reset(self) -> None:
+        """Every page free, no sequence, nothing cached (the device's pool was rebuilt)."""
+        self.__init__(self.num_pages, self.slots, self.max_pages, self.page_size)
 
     def clear_cache(self) -> int:
         """Forget every cached page nobody holds (e.g. after the weights change). Returns how many."""
@@ -321,3 +424,9 @@ class PagePool:
 
     def _unregister(self, page: int) -> None:
         del self._page_of[self._key_of.pop(page)]
+        parent = self._tail_parent.pop(page, None)
+        if parent is not None:
+            tails = self._tails[parent]
+            del tails[page]
+            if not tails:
+                del self._tails[parent]

@@ -25,6 +25,7 @@ from typing import Any
 
 from jserve import request as rq
 from jserve.errors import ErrorKind, InvalidRequestError, RequestError
+from jserve.kv_pages import parse_memory_size
 from jserve.orchestrator import Orchestrator, QueueFullError, ShuttingDownError, Stream, StreamOutput
 from jserve.request import FinishReason, GenerateRequest, Limits, PromptInput, normalize_chat
 from jserve.sampling import SamplingParams
@@ -159,6 +160,7 @@ def load_engine(checkpoint: str | os.PathLike | None = None, config: EngineConfi
     kv_dtype = c.dtype if c.kv_dtype is None else c.kv_dtype
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    kv_memory = parse_memory_size(c.kv_memory) if isinstance(c.kv_memory, str) else c.kv_memory
     enable_compile_cache(compile_cache)
     path = pathlib.Path(checkpoint) if checkpoint is not None else ensure_default_checkpoint(DEFAULT_CHECKPOINT)
     mesh, speculate = c.mesh, c.speculate
@@ -184,7 +186,7 @@ def load_engine(checkpoint: str | os.PathLike | None = None, config: EngineConfi
              time.perf_counter() - t0)
     engine = JaxEngine(model_config, params, slots=c.slots, max_len=c.max_len, max_prompt_len=c.max_prompt_len,
                        cache_dtype=getattr(jnp, kv_dtype), top_logprobs=c.top_logprobs, plan=plan,
-                       speculate=speculate)
+                       speculate=speculate, kv_memory=kv_memory)
     seconds = engine.warmup() if warmup else 0.0
     if warmup:
         log.info("warm-up: ready to serve in %.1fs (the other call shapes compile in the background)", seconds)
@@ -259,7 +261,9 @@ class LLM:
         tok = self.tokenizer
         self.limits = Limits(vocab_size=self.config.vocab_size, max_len=self.engine.max_len,
                              max_prompt_len=self.engine.max_prompt_len, max_logprobs=self.engine.top_logprobs,
-                             max_token_bytes=tok.max_token_bytes if tok is not None else None)
+                             max_token_bytes=tok.max_token_bytes if tok is not None else None,
+                             kv_positions=(self.engine.pages.num_pages * self.engine.page_size
+                                           if getattr(self.engine, "paged", False) else None))
         _OPEN.add(self)
 
     # ---- the request layer's checks, then tokenizing ---------------------------------------------

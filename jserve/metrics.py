@@ -4,9 +4,10 @@ Besides jserve's own names, the gauges a cluster router reads are served under v
 defaults of the Gateway API Inference Extension's endpoint picker (used by llm-d and GKE Inference
 Gateway): ``vllm:num_requests_waiting`` (queued requests), ``vllm:num_requests_running`` (requests
 holding a slot, prefilling or decoding) and ``vllm:kv_cache_usage_perc`` (0..1), with
-``vllm:gpu_cache_usage_perc``, its older name, beside it. The KV cache is preallocated per slot
-(``[S, K, T, H]`` per layer), and a request holds its slot's whole ``T`` positions until it ends
-(no other request can use the rest), so the cache in use is the fraction of slots held.
+``vllm:gpu_cache_usage_perc``, its older name, beside it. With a KV page pool (``bind_pages``) the
+cache in use is the fraction of its pages held by requests (cached pages, kept for the prefix cache
+and given up when needed, are not in use), with the pages free, cached and in use, and the
+preemptions; without one (a sharded engine: each slot holds its positions) the fraction of slots held.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ class ServingMetrics:
                                registry=r)
         self.router_kv_old = Gauge("vllm:gpu_cache_usage_perc", "KV-cache usage, 0..1: the older name of "
                                    "vllm:kv_cache_usage_perc", registry=r)
+        self.kv_pages = Gauge("jserve_kv_pages", "KV page pool's pages: free, cached (prefix cache, evictable) "
+                              "or in use by requests", ["state"], registry=r)
+        self.kv_pages_total = Gauge("jserve_kv_pages_total", "Pages in the KV page pool", registry=r)
+        self.kv_evictions = Gauge("jserve_kv_cache_evictions", "Cached KV pages given up for new ones, ever",
+                                  registry=r)
+        self.preemptions = Counter("jserve_preemptions", "Running requests that gave back their KV pages for "
+                                   "lack of them (resumed later)", registry=r)
         self._last_token: dict[int, float] = {}
         self._lock = threading.Lock()
 
@@ -85,6 +93,16 @@ class ServingMetrics:
             gauge.set_function(usage)
         self.router_waiting.set_function(waiting)
         self.router_running.set_function(running)
+
+    def bind_pages(self, stats: Callable[[], Any]) -> None:
+        """Read the KV page pool's state from ``stats()`` (a ``kv_pages.PoolStats``): usage is then
+        the fraction of pages in use."""
+        self.kv_pages_total.set_function(lambda: stats().pages)
+        for name in ("free", "cached", "in_use"):
+            self.kv_pages.labels(name).set_function(lambda name=name: getattr(stats(), name))
+        self.kv_evictions.set_function(lambda: stats().evictions)
+        for gauge in (self.kv_usage, self.router_kv, self.router_kv_old):
+            gauge.set_function(lambda: stats().usage)
 
     def on_event(self, kind: str, req: Any, value: float) -> None:
         """The orchestrator's callback: ``first_token``, ``token``, ``finished:<reason>``, ``rejected``."""
@@ -111,6 +129,8 @@ class ServingMetrics:
         elif kind == "prefix_lookup":
             self.prefix_lookups.inc()
             self.prefix_hit_tokens.inc(value)
+        elif kind == "preempted":
+            self.preemptions.inc()
         elif kind == "spec_drafted":
             self.spec_drafted.inc(value)
         elif kind == "spec_accepted":

@@ -12,10 +12,20 @@ on the device has that one extra token dropped; its slot is released before the 
 
 The waiting queue is ``jserve.waiting``'s; slot and prefix placement ``jserve.placement``'s; which
 steps check drafts ``jserve.speculative``'s; requests, streams and finish reasons ``jserve.streams``'.
+
+With a paged engine (``engine.paged``: its KV cache a pool of pages, ``jserve.kv_pages``) a slot
+holds no memory: a request takes pages for its prompt when admitted (reusing cached pages and
+partial pages of the prefix cache, ``PagePool.admit_reusing``), one more as it grows, and gives them
+back when it ends, its written pages kept in the prefix cache. When the pool cannot hold a
+request's prompt it waits (first in line); when a running request cannot grow, the youngest
+request holding pages is preempted (``_preempt``): its pages go back to the prefix cache, and it
+resumes first in line, its tokens run in again (mostly from that cache) and its sampling state
+restored, so it produces the tokens it would have produced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -90,6 +100,10 @@ class Orchestrator:
         self._on_event = on_event or (lambda kind, req, value: None)
         self._waiting = WaitingQueue(max_waiting)
         self._slots = Slots(engine.slots)  # free slots, and what idle slots' caches hold
+        # With a paged engine, this loop's page pool (``kv_pages.PagePool``) for its decode state.
+        self.pages = engine.new_page_pool() if getattr(engine, "paged", False) else None
+        self._preempted: list[Running] = []  # preempted runs to resume, oldest first (they hold no slot)
+        self.preemptions = 0
         self._running: dict[int, Running] = {}  # slot -> run: live on device, or its last chunk dispatched
         self._prefilling: dict[int, Running] = {}  # slot -> run whose prompt is still being run in (FIFO)
         self._seeds = np.random.default_rng()
@@ -114,7 +128,7 @@ class Orchestrator:
 
     @property
     def num_running(self) -> int:
-        return len(self._running) + len(self._prefilling)
+        return len(self._running) + len(self._prefilling) + len(self._preempted)
 
     @property
     def slots_in_use(self) -> int:
@@ -174,9 +188,12 @@ class Orchestrator:
 
     def _fail_running(self, message: str) -> None:
         """End every request holding a slot with an error (each once, whatever its sink does)."""
-        runs = list(self._held().values())
+        runs = list(self._held().values()) + self._preempted
         self._running.clear()
         self._prefilling.clear()
+        self._preempted = []
+        if self.pages is not None:
+            self.pages.reset()  # the device's pool is rebuilt empty
         for run in runs:
             try:
                 self._finish(run, ERROR, error=message)
@@ -186,7 +203,7 @@ class Orchestrator:
     def _serve(self) -> None:
         state = self.engine.init_state()
         in_flight: _Turn | None = None  # the turn whose tokens are not yet handled
-        while self._waiting.wait_for_work(lambda: bool(self._running or self._prefilling)):
+        while self._waiting.wait_for_work(lambda: bool(self._running or self._prefilling or self._preempted)):
             try:
                 state = self._end_cancelled_and_expired(state)
                 spec = self._drafting()
@@ -220,18 +237,22 @@ class Orchestrator:
         """Dispatch the next decode step: ``verify`` with the live runs' drafts when ``spec`` and
         the policy expects more tokens per second from it, else ``generate``. In a ``spec`` turn
         (synchronous anyway) the call is waited for and timed, for the policy."""
+        if self.pages is not None:
+            state, spec = self._grow(state, spec)
+            if not self._running:
+                return state, _Turn(None, {}, None, {})
         runs = [(s, r.spec, r.draft_room(self.spec_tokens, self.engine.max_len)) for s, r in self._running.items()]
         plan = plan_verify(self.engine, self.policy, runs) if spec else None  # (if verifying is expected to pay)
         t0 = time.perf_counter()
         if plan is not None:
-            state, result = self.engine.verify(state, plan.rows, plan.width)
+            state, result = self.engine.verify(state, plan.rows, plan.width, **self._table())
             owners = {i: self._running[row.slot] for i, row in enumerate(plan.rows)}
             kind = self.policy.kind(self.engine.verify_bucket(len(plan.rows)), plan.width)
         else:
             live = sorted(self._running)  # the step computes these rows only (bucketed)
             matchers = {s: run.req.matcher for s, run in self._running.items()}
             masks = allowed_masks(matchers, self.engine.slots, self.engine.mask_words)
-            state, result = self.engine.generate(state, masks, live)
+            state, result = self.engine.generate(state, masks, live, **self._table())
             owners, kind = {i: self._running[slot] for i, slot in enumerate(live)}, GENERATE
         self.steps += 1
         for run in self._running.values():
@@ -261,6 +282,11 @@ class Orchestrator:
             if reason:
                 state = self._release(state, run)
                 self._finish(run, reason)
+        for run in list(self._preempted):
+            reason = SHUTDOWN if self._waiting.aborting else run.req.ended(now)
+            if reason:
+                self._preempted.remove(run)
+                self._finish(run, reason)
         for req, reason in self._waiting.take_ended(now):
             self._end_unstarted(req, reason)
         return state
@@ -275,6 +301,8 @@ class Orchestrator:
         of each prompt is run by ``_extend``. A prompt that shares half a chunk more with one still
         being prefilled than with any slot waits for that prefix and copies it (a burst sharing a
         system prompt computes it once); requests behind it are not held up."""
+        if self.pages is not None:
+            return self._admit_paged(state)
         skipped = 0
         while self._slots.free:
             req, skipped = self._waiting.take(skipped, self._wait_for_prefix, self.engine.slots)
@@ -311,6 +339,10 @@ class Orchestrator:
         if not self.prefix_cache or not self._prefilling:
             return False
         pending = [np.asarray(run.req.prompt_ids, np.int64) for run in self._prefilling.values()]
+        if self.pages is not None:
+            held = self.pages.match(req.prompt_ids, self._live_tokens())
+            least = max(1, self.engine.chunk // 2)
+            return worth_waiting(req.prompt_ids, pending, [np.asarray(req.prompt_ids[:held], np.int64)], least)
         busy = (run.cache_tokens() for run in self._held().values())
         least = max(1, self.engine.chunk // 2)  # worth a wait: half a chunk (a chat template's system prompt)
         return worth_waiting(req.prompt_ids, pending, self._slots.cached(busy), least)
@@ -326,18 +358,28 @@ class Orchestrator:
             # their pace: this call holds them up by at most ``prefill_budget`` tokens. Streams that
             # went live after it arrived (the rest of a burst it came in with) do not make it wait.
             rows_max = max(1, min(rows_max, self.prefill_budget // e.chunk))
-        prompts = [(slot, run.req.prompt_ids, run.prompt_done) for slot, run in self._prefilling.items()]
+        prompts = [(slot, run.fed, run.prompt_done) for slot, run in self._prefilling.items()]
         rows = prompt_chunks(prompts, rows_max, e.chunk)
         owners: dict[int, Running] = {}
+        resumed: list[Running] = []
         for i, row in enumerate(rows):
             run = self._prefilling[row.slot]
             run.prompt_done = row.start + len(row.tokens)
-            if row.final:
+            if row.final and run.refeed is not None:  # a preempted run: its state is restored, not sampled
+                rows[i] = dataclasses.replace(row, final=False)
+                resumed.append(run)
+            elif row.final:
                 owners[i] = run
+            if row.final:
                 del self._prefilling[row.slot]
                 self._running[row.slot] = run
         masks = allowed_masks({i: run.req.matcher for i, run in owners.items()}, e.max_rows, e.mask_words)
-        state, result = e.extend(state, rows, masks)
+        state, result = e.extend(state, rows, masks, **self._table())
+        for run in resumed:
+            state = e.resume(state, run.slot, run.refeed, run.output.token_ids)
+            run.refeed = None
+        for run in self._held().values():
+            self._commit(run)
         return state, result, owners
 
     def _handle_step(self, state, turn: _Turn):
@@ -373,6 +415,8 @@ class Orchestrator:
             return state
         if reason is not None:
             state = self._release(state, run)
+        else:
+            self._commit(run)
         now = time.monotonic()
         if run.generated == 1:
             run.live_since = now
@@ -390,7 +434,148 @@ class Orchestrator:
                 # the loop's recovery ends it with its one final (error) message.
                 state = self.engine.release(state, run.slot)
                 del table[run.slot]
+                if self.pages is not None:  # its written pages stay in the prefix cache
+                    self.pages.release(run.slot, run.cache_tokens() if self.prefix_cache else None)
                 self._slots.release(run.slot, run.cache_tokens(), time.monotonic())
+        return state
+
+    # ---- paged KV (engine.paged) ----------------------------------------------------------
+    def _table(self) -> dict[str, Any]:
+        """The page table to hand a paged engine's call (none for an engine without pages)."""
+        return {} if self.pages is None else {"table": self.pages.table_for_writes()}
+
+    def _live_tokens(self) -> dict[int, np.ndarray]:
+        """The tokens each slot in use has in its pages (partial pages a new prompt may copy)."""
+        return {s: run.cache_tokens() for s, run in self._held().items()} if self.prefix_cache else {}
+
+    def _commit(self, run: Running) -> None:
+        """Register ``run``'s newly filled pages in the prefix cache (their KV is written, or
+        dispatched before any call that could read them)."""
+        pool = self.pages
+        if pool is None or not self.prefix_cache:
+            return
+        if run.written() // pool.page_size > pool.committed(run.slot):
+            pool.commit(run.slot, run.cache_tokens())
+
+    def _admit_paged(self, state):
+        """``_admit`` over a page pool: preempted runs first (oldest first), then waiting requests;
+        each takes a free slot and pages for its prompt (reusing the prefix cache's), or waits,
+        first in line, until the pool has them."""
+        pool = self.pages
+        skipped = 0
+        while self._slots.free:
+            run = self._preempted[0] if self._preempted else None
+            if run is None:
+                req, skipped = self._waiting.take(skipped, self._wait_for_prefix, self.engine.slots)
+                if req is None:
+                    break
+                reason = req.ended(time.monotonic())
+                if reason:  # cancelled or expired while waiting: never reaches the device
+                    self._end_unstarted(req, reason)
+                    continue
+                tokens = req.prompt_ids
+            else:
+                req, tokens = run.req, run.refeed
+            if pool.pages_needed(min(len(tokens) + 1, self.engine.max_len)) > pool.num_pages:
+                message = (f"{len(tokens)} tokens need more KV pages than the pool's {pool.num_pages} of "
+                           f"{pool.page_size} positions (--kv-memory)")
+                if run is None:
+                    self._end_unstarted(req, ERROR, error=message)
+                else:
+                    self._preempted.pop(0)
+                    self._finish(run, ERROR, error=message)
+                continue
+            slot = self._slots.take(tokens, {}, False).slot
+            if self.prefix_cache:
+                reuse, copies = pool.admit_reusing(slot, tokens, self._live_tokens())
+            else:
+                pool.admit(slot, [])
+                reuse, copies = 0, []
+            # Its prompt (a resumed run: its tokens) and the next step's positions (``_grow``).
+            if not pool.ensure(slot, min(len(tokens) + (1 if run is None else 2), self.engine.max_len)):
+                # Not now: back as it was, first in line; nothing behind it overtakes it.
+                keep = reuse - (reuse % pool.page_size if copies else 0)
+                pool.release(slot, tokens[:keep] if self.prefix_cache and keep else None)
+                self._slots.untake(slot)
+                if run is None:
+                    self._waiting.put_front(req)
+                break
+            try:
+                if run is None:
+                    seed = req.params.seed if req.params.seed is not None else int(self._seeds.integers(2**63))
+                    wants = req.params.speculate if req.params.speculate is not None else self.speculate
+                    run = Running.start(req, slot, reuse, self.tokenizer, self.eos_token_ids, self.engine.top_logprobs,
+                                        speculate=bool(self.spec_tokens and wants and req.matcher is None))
+                    run.seed = seed
+                    state = self.engine.begin(state, slot, req.prompt_ids, req.params, seed, **self._table())
+                else:
+                    self._preempted.pop(0)
+                    run.slot, run.prompt_done = slot, reuse
+                    state = self.engine.restart(state, slot, tokens + run.output.token_ids[-1:], req.params, run.seed,
+                                                **self._table())
+            except Exception as e:
+                log.exception("could not start %s", req.request_id)
+                pool.release(slot)
+                self._slots.untake(slot)
+                if run is not None and run.refeed is not None:
+                    self._finish(run, ERROR, error=f"could not resume the request: {e}")
+                else:
+                    self._end_unstarted(req, ERROR, error=f"could not start the request: {e}")
+                if consumed(state):  # the donated state is gone: the loop rebuilds it
+                    raise
+                continue
+            self._prefilling[slot] = run  # from here the loop's recovery ends it if a call below fails
+            if copies:
+                state = self.engine.copy_pages(state, copies)
+            self._slots.overwrite(slot)
+            if self.prefix_cache and run.refeed is None:
+                self._on_event(Event.PREFIX_LOOKUP, req, float(reuse))
+        return state
+
+    def _grow(self, state, spec: bool) -> tuple[Any, bool]:
+        """Pages for every live run's next step, oldest run first; a run that cannot get one
+        preempts the youngest run holding pages (maybe itself). With ``spec`` also room for the
+        drafts, where the pool has it without preempting (else no drafts this turn)."""
+        pool = self.pages
+        for run in sorted(self._running.values(), key=lambda r: r.req.arrival):
+            if self._running.get(run.slot) is not run:
+                continue  # preempted for an older one
+            # Positions after this step: the prompt, the tokens handled, one maybe in flight, this one.
+            need = min(len(run.req.prompt_ids) + run.generated + 1, self.engine.max_len)
+            while not pool.ensure(run.slot, need):
+                victim = max(self._held().values(), key=lambda r: r.req.arrival)
+                state = self._preempt(state, victim)
+                if victim is run:
+                    break
+        if spec:
+            for run in self._running.values():
+                need = min(len(run.req.prompt_ids) + run.generated + 1 + self.spec_tokens, self.engine.max_len)
+                spec = spec and pool.ensure(run.slot, need)
+        return state, spec
+
+    def _preempt(self, state, run: Running):
+        """Give back ``run``'s pages (its written pages stay in the prefix cache) and queue it to
+        resume first: a run with output keeps it (``refeed``: its tokens to run in again), one
+        without starts again as the request it was."""
+        tokens = run.cache_tokens()
+        for table in (self._running, self._prefilling):
+            if table.get(run.slot) is run:
+                state = self.engine.release(state, run.slot)
+                del table[run.slot]
+        self.pages.release(run.slot, tokens if self.prefix_cache else None)
+        self._slots.release(run.slot, tokens, time.monotonic())
+        self.preemptions += 1
+        self._on_event(Event.PREEMPTED, run.req, 0.0)
+        log.info("preempted %s (%d tokens) for KV pages", run.req.request_id, len(tokens))
+        if run.generated == 0:  # nothing delivered: it starts again from the queue's head
+            self._waiting.put_front(run.req)
+            return state
+        # All it had fed (maybe more than ``tokens``, when preempted again while running them in).
+        run.refeed, run.prompt_done = list(run.req.prompt_ids) + run.output.token_ids[:-1], 0
+        if run.spec is not None:
+            run.spec.drafted = 0
+        self._preempted.append(run)
+        self._preempted.sort(key=lambda r: r.req.arrival)
         return state
 
     def _finish(self, run: Running, reason: FinishReason, error: str | None = None) -> None:

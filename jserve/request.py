@@ -48,6 +48,7 @@ class Limits:
     max_prompt_len: int
     max_logprobs: int
     max_token_bytes: int | None  # the longest token's bytes; None without a tokenizer
+    kv_positions: int | None = None  # positions the KV page pool holds in all (--kv-memory); None: no pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,13 +354,26 @@ def fit(ids: Sequence[int], params: SamplingParams, limits: Limits) -> SamplingP
         raise InvalidRequestError(f"the prompt has {len(ids)} tokens; this server accepts at most "
                                   f"{limits.max_prompt_len}")
     room = limits.max_len - len(ids)
+    if limits.kv_positions is not None and len(ids) + 1 > limits.kv_positions:
+        raise InvalidRequestError(f"the prompt has {len(ids)} tokens; the KV cache holds at most "
+                                  f"{limits.kv_positions} positions in all (--kv-memory)")
     if params.max_tokens is None:
-        return dataclasses.replace(params, max_tokens=room)
+        return dataclasses.replace(params, max_tokens=min(room, _pool_room(ids, limits)))
     if params.max_tokens > room:
         raise InvalidRequestError(
             f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
             f"{limits.max_len} tokens; lower max_tokens to at most {room}")
+    if params.max_tokens > _pool_room(ids, limits):
+        raise InvalidRequestError(
+            f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more than the "
+            f"{limits.kv_positions} positions the KV cache holds in all (--kv-memory); lower max_tokens to "
+            f"at most {_pool_room(ids, limits)}")
     return params
+
+
+def _pool_room(ids: Sequence[int], limits: Limits) -> int:
+    """Output tokens a request with prompt ``ids`` can have in the KV page pool when it runs alone."""
+    return limits.max_len if limits.kv_positions is None else limits.kv_positions - len(ids)
 
 
 def finish_error(reason: str | None, request_id: str, completion_tokens: int, error: str | None,

@@ -124,7 +124,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(slots=args.slots, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
                         quantize=args.quantize, dtype=args.dtype, kv_dtype=args.kv_dtype,
                         top_logprobs=args.max_logprobs, mesh=args.mesh, indivisible=args.indivisible,
-                        speculate=args.speculate)
+                        speculate=args.speculate, kv_memory=args.kv_memory)
 
 
 def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
@@ -255,6 +255,8 @@ async def serve(args: argparse.Namespace) -> int:
         return 1
     o = llm.orchestrator
     metrics.bind(llm.engine.slots, lambda: o.num_waiting, lambda: o.num_running, lambda: o.slots_in_use)
+    if o.pages is not None:
+        metrics.bind_pages(o.pages.stats)
     if cfg.metrics_port is not None:
         metrics.serve(cfg.metrics_port, addr=cfg.host if cfg.host not in ("[::]", "0.0.0.0") else "")
         log.info("metrics on port %d", cfg.metrics_port)

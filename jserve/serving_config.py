@@ -35,7 +35,9 @@ class EngineConfig:
     cache with HF's greedy tokens (scripts/eval_quality.py --only kv). ``top_logprobs``: most alternatives
     a request may ask for (0 saves a top-k per step). ``mesh``: ``"tp=4"``, ``"dp=2,tp=4"`` (None:
     one device). ``speculate``: drafted tokens a decode step may check per slot (0 = off, which
-    also saves compiling the checking step)."""
+    also saves compiling the checking step). ``kv_memory``: the KV page pool's size, bytes or a size
+    such as ``"512MiB"`` (None: what ``slots x max_len`` positions take, ``kv_pages.default_kv_memory``);
+    slots take pages as their sequences grow, so ``slots`` and ``max_len`` reserve no memory."""
 
     slots: int = 8
     max_len: int = 1024
@@ -47,6 +49,7 @@ class EngineConfig:
     mesh: str | None = None
     indivisible: str = "replicate"
     speculate: int = 0
+    kv_memory: int | str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,3 +122,7 @@ def add_engine_flags(ap: argparse.ArgumentParser, unit: str = "a request") -> No
     ap.add_argument("--kv-dtype", choices=KV_DTYPES, default=e.kv_dtype,
                     help=f"the KV cache's elements (default {e.kv_dtype}: half of float32's memory, float32's "
                          "range; attention still computes in float32); float32 to compare")
+    ap.add_argument("--kv-memory", default=e.kv_memory, metavar="SIZE",
+                    help="memory of the KV cache's page pool, e.g. 512MiB or 4GiB (default: what --slots x "
+                         "--max-len positions take); requests take pages as they grow and wait, or are "
+                         "preempted and resumed, when it is full, so --slots and --max-len reserve nothing")

@@ -54,6 +54,7 @@ class Event(enum.StrEnum):
     FIRST_TOKEN = "first_token"
     TOKEN = "token"
     PREFIX_LOOKUP = "prefix_lookup"  # value: prompt tokens reused from the prefix cache
+    PREEMPTED = "preempted"  # a running request gave back its KV pages (resumed later); value 0
     SPEC_DRAFTED = "spec_drafted"  # value: tokens drafted and checked by a verify step
     SPEC_ACCEPTED = "spec_accepted"  # value: drafted tokens kept
     FINISHED_STOP = "finished:stop"
@@ -138,6 +139,8 @@ class Running:
     prompt_done: int = 0  # prompt tokens whose keys/values are in the slot (reused or dispatched)
     live_since: float = float("inf")  # when its first token was handled (it streams from then on)
     spec: Drafting | None = None  # speculative decoding: this run drafts (``jserve.speculative``)
+    seed: int = 0  # its sampling seed (kept for a resumption after preemption)
+    refeed: list[int] | None = None  # preempted: the tokens to run in again (prompt and output but the last)
 
     @classmethod
     def start(cls, req: Request, slot: int, reused: int, tokenizer: TextTokenizer | None,
@@ -172,9 +175,21 @@ class Running:
         """Token ids whose keys/values this run has put in its slot (the last output token has
         not been fed to a step yet)."""
         prompt = self.req.prompt_ids
-        if self.prompt_done < len(prompt):
-            return np.asarray(prompt[:self.prompt_done], np.int64)
+        fed = self.fed
+        if self.prompt_done < len(fed):
+            return np.asarray(fed[:self.prompt_done], np.int64)
         return np.asarray(prompt + self.output.token_ids[:-1], np.int64)
+
+    @property
+    def fed(self) -> list[int]:
+        """The tokens its prefill runs in: the prompt, or after a preemption ``refeed``."""
+        return self.req.prompt_ids if self.refeed is None else self.refeed
+
+    def written(self) -> int:
+        """Positions whose keys/values it has put in its pages (``len(cache_tokens())``)."""
+        if self.prompt_done < len(self.fed):
+            return self.prompt_done
+        return len(self.req.prompt_ids) + max(self.generated - 1, 0)
 
 
 class Stream:

@@ -47,6 +47,13 @@ class WaitingQueue:
             self._q.append(req)
             self._cv.notify_all()
 
+    def put_front(self, req: Request) -> None:
+        """Put back a request taken but not started (its KV pages are not there yet): first in line
+        again, whatever the queue's bound."""
+        with self._cv:
+            self._q.appendleft(req)
+            self._cv.notify_all()
+
     def withdraw(self, req: Request) -> bool:
         """Mark ``req`` cancelled and take it out of the queue; True if it was waiting."""
         with self._cv:

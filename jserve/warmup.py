@@ -70,7 +70,8 @@ class Warmup:
         calls: dict[tuple, tuple[tuple, dict]] = {
             ("begin", 0): ((), dict(slot=i32, prompt=np.zeros((self.cache_len,), np.int32), n=np.int32(1),
                                     sampling=SlotSampling.from_params(SamplingParams(), 0))),
-            ("copy", 0): ((), dict(src=i32, dst=i32, n=i32)),
+            ("copy", 0): ((), dict(src=np.zeros((self.max_pages,), np.int32), dst=np.zeros((self.max_pages,), np.int32),
+                                   n=i32)),
         }
         for r in self.decode_rows:
             calls[("generate", r)] = ((self.params,), dict(slots=np.zeros((r,), np.int32), live=np.zeros((r,), bool),
@@ -80,6 +81,8 @@ class Warmup:
             calls[("extend", r)] = ((self.params,), dict(tokens=np.zeros((r, self.chunk), np.int32), slots=z, starts=z,
                                                          counts=z, finals=np.zeros((r,), bool),
                                                          masks=self._no_mask_rows[r]))
+        calls[("resume", 0)] = ((), dict(slot=i32, last=i32, length=np.int32(1), steps=np.int32(1),
+                                         counts=np.zeros((self.vocab_size,), np.int32)))
         for r in self.verify_rows if self.speculate else ():
             for w in self.widths_for(r):
                 z = np.zeros((r,), np.int32)
@@ -93,7 +96,7 @@ class Warmup:
         seconds in each go to ``compile_seconds``. ``quick``: with LLVM's optimizations off
         (``QUICK``: same bits, compiled in a fraction of the time, runs slower)."""
         jitted = {"begin": self._begin, "copy": self._copy, "extend": self._extend, "generate": self._generate,
-                  "verify": self._verify, "release": self._release}[key[0]]
+                  "verify": self._verify, "release": self._release, "resume": self._resume}[key[0]]
         t0 = time.perf_counter()
         traced = jitted.trace(*args, state=self._state_shape, **kwargs)
         t1 = time.perf_counter()

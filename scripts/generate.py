@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = src.read().splitlines()
     engine = EngineConfig(slots=args.slots, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
                           dtype=args.dtype, kv_dtype=args.kv_dtype, quantize=args.quantize,
-                          speculate=args.speculate)
+                          speculate=args.speculate, kv_memory=args.kv_memory)
     llm = LLM(args.checkpoint, engine=engine,
               compile_cache=DEFAULT_COMPILE_CACHE)  # this process is ours: JAX's persistent cache on
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")

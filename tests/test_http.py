@@ -256,11 +256,11 @@ import sys
 import jserve.engine as e
 calls = {"generate": 0}
 generate = e.JaxEngine.generate
-def generate_failing_once(self, state, mask=None, slots=None):
+def generate_failing_once(self, state, mask=None, slots=None, **kw):
     calls["generate"] += 1
     if calls["generate"] == 3:
         raise RuntimeError("injected device fault")
-    return generate(self, state, mask, slots)
+    return generate(self, state, mask, slots, **kw)
 e.JaxEngine.generate = generate_failing_once
 from jserve.server import main
 sys.exit(main(sys.argv[1:]))

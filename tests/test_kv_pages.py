@@ -389,3 +389,48 @@ def test_table_for_writes_sends_missing_pages_out_of_bounds_so_a_dropping_scatte
     wrapped = buf.at[pool.table[:, 5 // B], 5 % B].set(1.0, mode="drop")
     assert wrapped[2, 5 % B] == 1.0  # why: with the raw table, -1 wraps round onto the last page
 
+
+
+def test_a_sequences_partial_last_page_is_kept_as_a_tail_and_taken_over_in_place():
+    pool = PagePool(4, 2, 3, page_size=4)
+    pool.admit(0, [])
+    pool.ensure(0, 7)
+    first = pool.pages_of(0)
+    pool.release(0, [1, 2, 3, 4, 5, 6, 7])  # one full page committed, three positions of the next kept
+    assert pool.stats().cached == 2 and pool.stats().free == 2
+    reused, copies = pool.admit_reusing(1, [1, 2, 3, 4, 5, 6, 9, 9])
+    # The full page by reference, then the tail's two shared positions: its page, taken over, no copy.
+    assert (reused, copies) == (6, []) and pool.pages_of(1) == first
+    assert pool.match([1, 2, 3, 4, 5, 6, 7, 8]) == 4  # the tail is no longer cached: it is being overwritten
+    pool.release(1, [1, 2, 3, 4, 5, 6, 9])
+    assert pool.match([1, 2, 3, 4, 5, 6, 9, 1]) == 7
+
+
+def test_a_live_sequences_partial_page_is_copied_into_a_page_of_its_own():
+    pool = PagePool(4, 2, 3, page_size=4)
+    pool.admit(0, [])
+    pool.ensure(0, 6)
+    live = {0: [1, 2, 3, 4, 5, 6]}
+    reused, copies = pool.admit_reusing(1, [1, 2, 3, 4, 5, 7], live)
+    # Nothing committed yet: the live sequence's first page is copied (one page at most per admission).
+    assert reused == 4 and copies == [(pool.pages_of(0)[0], pool.pages_of(1)[0])]
+    pool.release(1)
+    pool.commit(0, [1, 2, 3, 4, 5, 6])
+    reused, copies = pool.admit_reusing(1, [1, 2, 3, 4, 5, 7], live)
+    assert reused == 5
+    assert pool.pages_of(1)[0] == pool.pages_of(0)[0] and copies == [(pool.pages_of(0)[1], pool.pages_of(1)[1])]
+    assert pool.refcount(pool.pages_of(0)[1]) == 1  # copied, not shared: both write their own
+
+
+def test_tails_are_evicted_like_cached_pages_and_reset_empties_the_pool():
+    pool = PagePool(2, 2, 2, page_size=4)
+    for tokens in ([1, 2], [3, 4]):
+        pool.admit(0, [])
+        pool.ensure(0, 2)
+        pool.release(0, tokens)
+    assert pool.stats().cached == 2
+    pool.admit(1, [])
+    assert pool.ensure(1, 4)  # the oldest tail is evicted
+    assert pool.match([1, 2, 9]) == 0 and pool.match([3, 4, 9]) == 2
+    pool.reset()
+    assert pool.stats().free == 2 and not pool.holds(1)

@@ -223,10 +223,10 @@ def test_error_in_one_request_ends_only_that_request(tiny_llm, monkeypatch):
     engine = tiny_llm.engine
     real_begin = engine.begin
 
-    def flaky(state, slot, tokens, params, seed):
+    def flaky(state, slot, tokens, params, seed, **kw):
         if tokens[0] == 4242:
             raise RuntimeError("injected failure")
-        return real_begin(state, slot, tokens, params, seed)
+        return real_begin(state, slot, tokens, params, seed, **kw)
 
     monkeypatch.setattr(engine, "begin", flaky)
     sp = SamplingParams(max_tokens=10, **GREEDY)
@@ -318,9 +318,9 @@ class _GatedEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def begin(self, *args):
+    def begin(self, *args, **kwargs):
         self.gate.wait(30)
-        return self._engine.begin(*args)
+        return self._engine.begin(*args, **kwargs)
 
 
 def test_cancelled_waiting_requests_leave_the_queue_at_once(tiny_llm):
@@ -392,7 +392,8 @@ def _final_pieces(stream, timeout: float = 60.0):
     return pieces
 
 
-@pytest.mark.parametrize("fail, after", [("generate", 3), ("extend", 1), ("begin", 2), ("copy", 0),
+# ``copy_pages``: a paged engine's prefix copy (a live request's partial page), ``copy`` a slot's.
+@pytest.mark.parametrize("fail, after", [("generate", 3), ("extend", 1), ("begin", 2), ("copy_pages", 0),
                                          ("release", 0)])
 def test_an_engine_fault_ends_each_request_once_and_serving_goes_on(tiny_llm, fail, after):
     engine = _FaultyEngine(tiny_llm.engine, fail, after)

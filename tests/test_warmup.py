@@ -90,13 +90,13 @@ class Calls:
             self.generate.append(bucket(engine, n))
             return self.generate[-1]
 
-        def ext(engine, state, rows, masks=None):
+        def ext(engine, state, rows, masks=None, **kw):
             self.extend.append(len(rows))
-            return extend(engine, state, rows, masks)
+            return extend(engine, state, rows, masks, **kw)
 
-        def ver(engine, state, rows, width=None):
+        def ver(engine, state, rows, width=None, **kw):
             self.verify.append((engine.verify_bucket(len(rows)), width))
-            return verify(engine, state, rows, width)
+            return verify(engine, state, rows, width, **kw)
 
         monkeypatch.setattr(JaxEngine, "extend", ext)
         monkeypatch.setattr(JaxEngine, "verify", ver)

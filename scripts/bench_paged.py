@@ -1,0 +1,153 @@
+"""Decode step time of two jserve trees at equal occupancy, as a ratio from one run.
+
+Each tree (a directory holding a ``jserve`` package, e.g. this checkout and an export of an older
+commit) runs in its own worker process: an engine of ``--slots`` x ``--max-len`` with every slot
+holding a prompt of ``--context`` tokens, then timed decode steps over every slot. The workers
+take turns, ``--rounds`` rounds of ``--steps`` steps each, so a shared machine's noise hits both
+alike; the median step time of each is reported, and their ratio.
+
+    python scripts/bench_paged.py --trees /tmp/base-paged . [--slots 8 --max-len 1024 --context 500]
+
+``--serve A B``: instead, each tree serves the same ``--requests`` chats (prompts of 50-400 random
+tokens, ``--max-tokens`` greedy tokens each, all submitted at once) through ``LLM`` built with the
+engine settings ``A`` (first tree) and ``B`` (second), e.g. ``"slots=8,max_len=1024"`` and
+``"slots=32,max_len=4096,kv_memory=188743680"``, after warm-up finished; reports the median wall
+time of a batch, output tokens/s, their ratio, each process's peak RSS, and whether the two trees'
+greedy outputs are equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+WORKER = r"""
+import json, sys, time
+import numpy as np
+import jax.numpy as jnp
+from jserve import checkpoint
+from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+from jserve.engine import JaxEngine
+from jserve.sampling import SamplingParams
+slots, max_len, context, steps = (int(x) for x in sys.argv[1:5])
+cfg, params, _ = checkpoint.load(ensure_default_checkpoint(DEFAULT_CHECKPOINT), jnp.float32)
+eng = JaxEngine(cfg, params, slots=slots, max_len=max_len, max_prompt_len=context, cache_dtype=jnp.bfloat16)
+state = eng.init_state()
+rng = np.random.default_rng(0)
+for s in range(slots):
+    state, _ = eng.prefill(state, s, rng.integers(100, 40000, context).tolist(), SamplingParams(temperature=0.0), s)
+for _ in range(3):
+    state, out = eng.generate(state)
+    np.asarray(out)
+print("ready", flush=True)
+for line in sys.stdin:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, out = eng.generate(state)
+        np.asarray(out)
+    print(json.dumps((time.perf_counter() - t0) / steps), flush=True)
+"""
+
+
+SERVE_WORKER = r"""
+import hashlib, json, sys, time
+import numpy as np
+from jserve import LLM, SamplingParams
+from jserve.llm import collect
+settings = dict(kv.split("=") for kv in sys.argv[1].split(","))
+settings = {k: (int(v) if v.isdigit() else v) for k, v in settings.items()}
+n, max_tokens = int(sys.argv[2]), int(sys.argv[3])
+llm = LLM(top_logprobs=0, speculate=0, **settings)
+llm.engine.wait_ready()
+rng = np.random.default_rng(0)
+prompts = [rng.integers(100, 40000, int(k)).tolist() for k in rng.integers(50, 401, n)]
+sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+print("ready", flush=True)
+for line in sys.stdin:
+    t0 = time.perf_counter()
+    streams = [llm.submit(p, sp) for p in prompts]
+    results = [collect(list(s)) for s in streams]
+    dt = time.perf_counter() - t0
+    digest = hashlib.sha256(json.dumps([r.token_ids for r in results]).encode()).hexdigest()[:16]
+    assert all(r.completion_tokens == max_tokens for r in results), [r.error for r in results if r.error]
+    print(json.dumps([dt, digest, hwm()]), flush=True)
+llm.close()
+"""
+
+
+def serve(args) -> int:
+    workers = []
+    for tree, settings in zip(args.trees, args.serve):
+        env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+        workers.append(subprocess.Popen([sys.executable, "-c", SERVE_WORKER, settings, str(args.requests),
+                                         str(args.max_tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, env=env))
+    for p in workers:
+        assert p.stdout.readline().strip() == "ready"
+    runs: list[list] = [[], []]
+    for _ in range(args.rounds):
+        for i, p in enumerate(workers):
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            runs[i].append(json.loads(p.stdout.readline()))
+    for p in workers:
+        p.stdin.close()
+        p.wait()
+    tokens = args.requests * args.max_tokens
+    med = [statistics.median(r[0] for r in run) for run in runs]
+    for tree, settings, run, m in zip(args.trees, args.serve, runs, med):
+        print(f"{tree} [{settings}]: {m:.1f} s a batch, {tokens / m:.1f} output tokens/s, peak RSS "
+              f"{max(r[2] for r in run):.0f} MiB, outputs {sorted({r[1] for r in run})}")
+    print(f"throughput ratio (second / first): {med[0] / med[1]:.2f}; same greedy outputs: "
+          f"{runs[0][0][1] == runs[1][0][1]}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trees", nargs=2, required=True, help="baseline tree, then the tree to compare")
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--context", type=int, default=500, help="prompt tokens in every slot")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--serve", nargs=2, metavar=("A", "B"), help="engine settings per tree: serve chats instead")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    args = ap.parse_args(argv)
+    if args.serve:
+        return serve(args)
+    workers = []
+    for tree in args.trees:
+        env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+        p = subprocess.Popen([sys.executable, "-c", WORKER, str(args.slots), str(args.max_len), str(args.context),
+                              str(args.steps)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        workers.append(p)
+    for p in workers:
+        assert p.stdout.readline().strip() == "ready"
+    times: list[list[float]] = [[], []]
+    for _ in range(args.rounds):
+        for i, p in enumerate(workers):
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            times[i].append(json.loads(p.stdout.readline()))
+    for p in workers:
+        p.stdin.close()
+        p.wait()
+    base, new = (statistics.median(t) for t in times)
+    print(f"{args.slots} slots x {args.max_len}, {args.context} positions each, median of {args.rounds} rounds of "
+          f"{args.steps} steps: {args.trees[0]} {1000 * base:.1f} ms, {args.trees[1]} {1000 * new:.1f} ms; "
+          f"ratio {new / base:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
