@@ -278,12 +278,14 @@ def test_copy_is_compiled_quickly_before_serving_then_optimized_in_the_backgroun
     assert [r for r in record if r[1]] == [(("copy", 0), True, False)] and optimized is not quick
     state = eng.init_state()
     state, _ = eng.prefill(state, 0, LONG[:40], SamplingParams(temperature=0.0), 0)
-    outs = [fn(state=jax.tree.map(lambda a: a.copy(), state), src=np.int32(0), dst=np.int32(1), n=np.int32(40))
-            for fn in (quick, optimized)]
+    src = eng.pages.pages_of(0)[0]  # slot 0's page onto the pool's other one
+    dst = 1 - src
+    outs = [fn(state=jax.tree.map(lambda a: a.copy(), state), src=np.full((eng.max_pages,), src, np.int32),
+               dst=np.full((eng.max_pages,), dst, np.int32), n=np.int32(1)) for fn in (quick, optimized)]
     leaves = [jax.tree.leaves(o.cache) for o in outs]
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*leaves))  # the same bits
     k0 = np.asarray(outs[1].cache.k[0])
-    assert np.array_equal(k0[1, :, :40], k0[0, :, :40]) and np.any(k0[0, :, :40] != 0)  # and a real copy
+    assert np.array_equal(k0[dst, :, :40], k0[src, :, :40]) and np.any(k0[src, :, :40] != 0)  # and a real copy
     eng.close()
 
 
