@@ -101,6 +101,47 @@ def test_sigterm_during_warmup_exits_without_waiting_for_compilation(tiny_ckpt, 
         s.stop()
 
 
+# A server whose background compilation (warm-up's second phase) is held inside a call until a
+# release file appears: a stand-in for an XLA compile of many seconds.
+HELD_COMPILE_SERVER = """
+import os, pathlib, sys, threading, time
+import jserve.engine as e
+release = pathlib.Path(os.environ["JSERVE_TEST_RELEASE"])
+compile_ = e.JaxEngine._compile
+def held(self, key, *args, **kwargs):
+    if threading.current_thread().name == "jserve-warmup":
+        os.write(1, b"BACKGROUND COMPILE HELD\\n")
+        give_up = time.monotonic() + 120
+        while not release.exists() and time.monotonic() < give_up:
+            time.sleep(0.01)
+        os.write(1, b"BACKGROUND COMPILE RELEASED\\n")
+    return compile_(self, key, *args, **kwargs)
+e.JaxEngine._compile = held
+from jserve.server import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_the_background_compilation_exits_without_waiting_for_it(tiny_ckpt, tmp_path, monkeypatch):
+    release = tmp_path / "release"
+    monkeypatch.setenv("JSERVE_TEST_RELEASE", str(release))
+    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "128", "--speculate", "4", "--log-level", "INFO",
+                      launch=("-c", HELD_COMPILE_SERVER))
+    try:
+        wait_until(lambda: "BACKGROUND COMPILE HELD" in s.lines, "the background phase is inside a compile")
+        with Client(s.address) as c:  # serving goes on meanwhile
+            assert c.complete([1, 2, 3], max_tokens=4, timeout=60, **GREEDY).completion_tokens == 4
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(60) == 0
+        assert "stopped (all requests finished)" in s.stderr_tail()  # (waits for stderr to be read)
+        # It exited while the compile was still held: not after it, nor after the phase's end.
+        assert "BACKGROUND COMPILE RELEASED" not in s.lines
+        assert not any("background compilation" in line for line in s.err)
+    finally:
+        release.touch()
+        s.stop()
+
+
 def test_a_second_signal_while_draining_exits_at_once(tiny_ckpt, tmp_path):
     s = HoldableServer(tiny_ckpt, tmp_path / "hold", "--slots", "2", "--max-len", "1024", "--max-prompt-len", "16",
                        "--drain-timeout", "600")
