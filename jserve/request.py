@@ -25,7 +25,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from jserve.errors import ErrorKind, InvalidRequestError, RequestError
+from jserve.errors import INVALID_TYPE, INVALID_VALUE, MISSING, ErrorKind, InvalidRequestError, RequestError
 from jserve.streams import FinishReason  # why a request ended: the orchestrator's enum
 
 if TYPE_CHECKING:
@@ -72,10 +72,10 @@ def parse_stop(stop: Any) -> tuple[str, ...]:
     if isinstance(stop, str):
         return (stop,)
     if not isinstance(stop, (list, tuple)):
-        raise InvalidRequestError(wrong_type("stop", "a string or a list of strings", stop))
+        raise InvalidRequestError(wrong_type("stop", "a string or a list of strings", stop), INVALID_TYPE)
     for i, s in enumerate(stop):
         if not isinstance(s, str):
-            raise InvalidRequestError(wrong_type(f"stop[{i}]", "a string", s))
+            raise InvalidRequestError(wrong_type(f"stop[{i}]", "a string", s), INVALID_TYPE)
     return tuple(stop)
 
 
@@ -119,7 +119,7 @@ def check_types(fields: dict[str, Any]) -> None:
         if want is not bool and isinstance(value, bool):
             ok = False
         if not ok:
-            raise InvalidRequestError(wrong_type(name, TYPE_WORDS[want], value))
+            raise InvalidRequestError(wrong_type(name, TYPE_WORDS[want], value), INVALID_TYPE)
 
 
 # pydantic's error types (a JSON body) in the words of ``TYPE_WORDS``.
@@ -170,12 +170,13 @@ def _item_error(branches: Sequence[dict[str, Any]], n: int, value: Any) -> tuple
     return wrong_type(_field_path(loc), expected, inner.get("input")), _field_path(loc)
 
 
-def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
-    """A JSON body's validation errors (pydantic's) as one message and the field it names, worded
+def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None, str | None]:
+    """A JSON body's validation errors (pydantic's) as one message, the field it names and
+    OpenAI's error code for it (``INVALID_TYPE``, ``MISSING``, ``INVALID_VALUE`` or None), worded
     as ``wrong_type`` words them: which field, the type it takes, what was sent."""
     errors = [{**e, "loc": tuple(x for x in e.get("loc", ()) if x != "body")} for e in errors]
     if not errors:
-        return "invalid request body", None
+        return "invalid request body", None, None
     first = errors[0]
     loc = first["loc"]
     # A field of several types (``prompt``: a string or lists): one error per type, tagged by the type.
@@ -188,14 +189,16 @@ def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
         expected = " or ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " or " + words[-1]
         value = next((e.get("input") for e in branches if len(e["loc"]) == n + 1), first.get("input"))
         inner = _item_error(branches, n, value)
-        return inner if inner is not None else (wrong_type(field, expected, value), field)
+        message, where = inner if inner is not None else (wrong_type(field, expected, value), field)
+        return message, where, INVALID_TYPE
     field = _field_path(loc)
     if first.get("type") == "missing":
-        return f"{field} is required", field
+        return f"{field} is required", field, MISSING
     expected = _PYDANTIC_EXPECTED.get(first.get("type", ""))
     if expected is not None:
-        return wrong_type(field, expected, first.get("input")), field
-    return "; ".join(f"{_field_path(e['loc'])}: {e.get('msg')}" for e in errors[:5]), field or None
+        return wrong_type(field, expected, first.get("input")), field, INVALID_TYPE
+    return ("; ".join(f"{_field_path(e['loc'])}: {e.get('msg')}" for e in errors[:5]), field or None,
+            INVALID_VALUE if first.get("type") in ("literal_error", "enum") else None)
 
 
 def sampling_params(*, stop: Any = None, logit_bias: Any = None, stop_token_ids: Any = None,
@@ -218,16 +221,17 @@ def _content_text(i: int, content: Any) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise InvalidRequestError(f"message {i}: content must be a string, a list of text parts or null")
+        raise InvalidRequestError(f"message {i}: content must be a string, a list of text parts or null", INVALID_TYPE)
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         key = "refusal" if kind == "refusal" else "text"
         if kind not in ("text", "refusal"):
             raise InvalidRequestError(f"message {i}: content part {j} has type {kind!r}; this server reads "
-                                      f"text parts only (\"type\": \"text\")")
+                                      f"text parts only (\"type\": \"text\")", INVALID_VALUE)
         if not isinstance(part.get(key), str):
-            raise InvalidRequestError(f"message {i}: content part {j} needs a string {key!r}")
+            raise InvalidRequestError(f"message {i}: content part {j} needs a string {key!r}",
+                                      MISSING if part.get(key) is None else INVALID_TYPE)
         texts.append(part[key])
     return "".join(texts)
 
@@ -245,11 +249,12 @@ def normalize_chat(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise InvalidRequestError(f"message {i} must be an object")
+            raise InvalidRequestError(f"message {i} must be an object", INVALID_TYPE)
         role, content = m.get("role"), m.get("content")
         if role not in CHAT_ROLES:
             raise InvalidRequestError(
-                f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
+                f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})",
+                MISSING if role is None else INVALID_VALUE)
         extra = set(m) - CHAT_FIELDS
         if extra:
             raise InvalidRequestError(f"message {i}: unknown fields {sorted(extra)}")
@@ -263,14 +268,16 @@ def normalize_chat(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 raise InvalidRequestError(f"message {i}: tool_calls must be a list of {{\"id\", \"type\": "
                                           f"\"function\", \"function\": {{\"name\", \"arguments\"}}}}")
         if role == "tool" and not isinstance(m.get("tool_call_id"), str):
-            raise InvalidRequestError(f"message {i}: a tool message needs the tool_call_id it answers")
+            raise InvalidRequestError(f"message {i}: a tool message needs the tool_call_id it answers",
+                                      MISSING if m.get("tool_call_id") is None else INVALID_TYPE)
         for key in ("name", "tool_call_id", "reasoning_content"):
             if m.get(key) is not None and not isinstance(m[key], str):
-                raise InvalidRequestError(f"message {i}: {key} must be a string")
+                raise InvalidRequestError(f"message {i}: {key} must be a string", INVALID_TYPE)
         msg = {k: v for k, v in m.items() if v is not None}
         if content is None:
             if role != "assistant":
-                raise InvalidRequestError(f"message {i}: content is required (null only on an assistant message)")
+                raise InvalidRequestError(f"message {i}: content is required (null only on an assistant message)",
+                                          MISSING)
             msg["content"] = None
         else:
             msg["content"] = _content_text(i, content)

@@ -14,6 +14,7 @@ import re
 import string
 from typing import Any
 
+from jserve.errors import INVALID_TYPE, INVALID_VALUE
 from jserve.sampling import InvalidRequestError
 
 MAX_TOOLS = 128
@@ -99,7 +100,7 @@ def parse_tools(tools: Any) -> tuple[Tool, ...]:
     if tools is None:
         return ()
     if not isinstance(tools, list):
-        raise InvalidRequestError(f"tools must be a list, not {type(tools).__name__}")
+        raise InvalidRequestError(f"tools must be a list, not {type(tools).__name__}", INVALID_TYPE)
     if len(tools) > MAX_TOOLS:
         raise InvalidRequestError(f"tools has {len(tools)} entries; at most {MAX_TOOLS} are accepted")
     out: list[Tool] = []
@@ -136,7 +137,7 @@ def parse_tool_choice(choice: Any, tools: tuple[Tool, ...]) -> ToolChoice:
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
             raise InvalidRequestError(f"tool_choice must be \"none\", \"auto\", \"required\" or a named "
-                                      f"function, not {json.dumps(choice)}")
+                                      f"function, not {json.dumps(choice)}", INVALID_VALUE)
         if choice == "required" and not tools:
             raise InvalidRequestError("tool_choice \"required\" needs at least one tool in tools")
         return ToolChoice(choice)
