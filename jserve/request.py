@@ -152,18 +152,35 @@ def _field_path(loc: Sequence[Any]) -> str:
 _ITEM_WORDS = {"content": "a content part"}
 
 
+def _one_of(words: Sequence[str]) -> str:
+    """``a string``, ``a string or a list``, ``an integer, a string or a list``."""
+    words = list(dict.fromkeys(words))
+    return " or ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
 def _item_error(branches: Sequence[dict[str, Any]], n: int, value: Any) -> tuple[str, str] | None:
-    """When the value sent is a list (or an object) and only one of the field's types is one, the
-    error of the item inside it (``messages[0].content[0] must be an object ...``), else None."""
+    """When the value sent is a list (or an object), the error of the item inside it, by the
+    field's type of list (or object) that gets furthest into it: the only one
+    (``messages[0].content[0] must be an object ...``), or of several (``prompt``: ``prompt[1]
+    must be an integer ...`` for ``[1, "a"]``, ``prompt[1][1] ...`` for ``[[1, 2], [3, "a"]]``);
+    where they tie, the item and each type it could take. None when no item is at fault."""
     kind = "list[" if isinstance(value, list) else "dict[" if isinstance(value, dict) else None
-    tags = {e["loc"][n] for e in branches if kind is not None and str(e["loc"][n]).startswith(kind)}
-    if len(tags) != 1:
+    first: dict[str, dict[str, Any]] = {}  # each such type's first error inside the value
+    for e in branches:
+        if kind is not None and str(e["loc"][n]).startswith(kind) and len(e["loc"]) > n + 1:
+            first.setdefault(e["loc"][n], e)
+    if not first:
         return None
-    inner = next((e for e in branches if e["loc"][n] in tags and len(e["loc"]) > n + 1), None)
-    expected = _PYDANTIC_EXPECTED.get(inner.get("type", "")) if inner is not None else None
-    if expected is None:
+    if len(first) > 1 and not all(isinstance(x, int) for e in first.values() for x in e["loc"][n + 1:]):
         return None
+    at = max(tuple(e["loc"][n + 1:]) for e in first.values())  # the furthest into the value
+    best = [e for e in first.values() if tuple(e["loc"][n + 1:]) == at]
+    words = [_PYDANTIC_EXPECTED.get(e.get("type", "")) for e in best]
+    if None in words or (len(best) > 1 and any(len(e["loc"]) != n + 2 for e in best)):
+        return None
+    inner = best[0]
     loc = inner["loc"][:n] + inner["loc"][n + 1:]
+    expected = _one_of(words)
     item = _ITEM_WORDS.get(str(inner["loc"][n - 1]))
     if item is not None and expected == "an object":
         expected = f"an object ({item})"
@@ -185,8 +202,7 @@ def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None, str |
     tags = list(dict.fromkeys(e["loc"][n] for e in branches))
     if n >= 1 and len(tags) > 1:
         field = _field_path(loc[:n])
-        words = list(dict.fromkeys(_branch_words(t) for t in tags))
-        expected = " or ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " or " + words[-1]
+        expected = _one_of([_branch_words(t) for t in tags])
         value = next((e.get("input") for e in branches if len(e["loc"]) == n + 1), first.get("input"))
         inner = _item_error(branches, n, value)
         message, where = inner if inner is not None else (wrong_type(field, expected, value), field)

@@ -393,6 +393,24 @@ def test_http_chat_fields_are_strictly_typed_naming_the_bad_item(fronts, field, 
         "code": "invalid_type"}
 
 
+@pytest.mark.parametrize("prompt, message", [
+    (["hello", 5], "prompt[1] must be a string, got an integer: 5"),  # a list of strings
+    ([4, 5, "x"], 'prompt[2] must be an integer, got a string: "x"'),  # token ids
+    ([4, 5, 6.5], "prompt[2] must be an integer, got a number: 6.5"),
+    ([[4, 5], [6, 7, True]], "prompt[1][2] must be an integer, got a boolean: true"),  # lists of token ids
+    ([[4, 5], 6], "prompt[1] must be a list, got an integer: 6"),
+    ([[4, [5]]], "prompt[0][1] must be an integer, got a list: [5]"),
+    ([{"text": "hi"}], 'prompt[0] must be an integer, a string or a list, got an object: {"text": "hi"}'),
+    (5, "prompt must be a string, a list of integers, a list of strings or a list of lists of integers, "
+        "got an integer: 5"),  # the field itself
+])
+def test_http_completions_name_the_bad_item_of_the_prompt(fronts, prompt, message):
+    r = fronts.httpx.post("/v1/completions", json={"model": "mock", "prompt": prompt, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": message, "type": "invalid_request_error", "param": message.split(" ", 1)[0],
+        "code": "invalid_type"}
+
+
 def test_an_integer_is_a_number_where_a_float_is_expected(fronts):
     """OpenAI takes ``temperature: 1``; so does every front end here (the request layer's rule)."""
     fields = {"temperature": 0, "top_p": 1, "max_tokens": 2}
