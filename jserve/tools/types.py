@@ -7,11 +7,13 @@ the tool at fault. They run at the edge, before anything is tokenized.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import random
 import re
 import string
+import threading
 from typing import Any
 
 from jserve.errors import INVALID_TYPE, INVALID_VALUE
@@ -85,12 +87,43 @@ def _check_schema(name: str, schema: Any) -> str:
     text = json.dumps(schema)
     if len(text) > MAX_SCHEMA_CHARS:
         raise InvalidRequestError(f"{where} has {len(text)} characters; at most {MAX_SCHEMA_CHARS} are accepted")
-    from llguidance import LLMatcher
-
-    error = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema))
+    error = _schema_error(schema)
     if error:
         raise InvalidRequestError(f"{where} is not a usable JSON schema: {error}")
     return text
+
+
+class _SchemaVerdicts:
+    """llguidance's verdict on each tool schema (its error, or None: usable), kept for the last
+    ``CACHED`` distinct schemas by their canonical JSON: an agent resends the same tools every
+    turn, and compiling a schema to check it costs ~0.24 ms each (as ``structured.Grammars``
+    keeps compiled constraints). ``compiles`` counts the schemas compiled."""
+
+    CACHED = 32
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: collections.OrderedDict[str, str | None] = collections.OrderedDict()
+        self.compiles = 0
+
+    def __call__(self, schema: dict[str, Any]) -> str | None:
+        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        with self._lock:
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                return self._kept[key]
+        from llguidance import LLMatcher
+
+        error = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema)) or None
+        with self._lock:
+            self.compiles += 1
+            self._kept[key] = error
+            while len(self._kept) > self.CACHED:
+                self._kept.popitem(last=False)
+        return error
+
+
+_schema_error = _SchemaVerdicts()
 
 
 def parse_tools(tools: Any) -> tuple[Tool, ...]:
