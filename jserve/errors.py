@@ -21,16 +21,24 @@ class ErrorKind(str, enum.Enum):
     INTERNAL = "internal"  # the engine failed under the request
 
 
-class RequestError(ValueError):
-    """A request refused or ended by the serving edge; ``kind`` says which way, the message why."""
+# OpenAI's error ``code`` for a field refused at the edge (``RequestError.code``; None where OpenAI
+# gives none, e.g. a value out of range in our words, an unknown field).
+INVALID_TYPE = "invalid_type"  # a value of another JSON type than the field takes
+MISSING = "missing_required_parameter"  # a required field not given
+INVALID_VALUE = "invalid_value"  # a value that is none of the field's known ones (a role, a tool_choice)
 
-    def __init__(self, kind: ErrorKind, message: str):
+
+class RequestError(ValueError):
+    """A request refused or ended by the serving edge; ``kind`` says which way, the message why;
+    ``code``: the OpenAI error code it has, if more precise than its kind's."""
+
+    def __init__(self, kind: ErrorKind, message: str, code: str | None = None):
         super().__init__(message)
-        self.kind, self.message = ErrorKind(kind), message
+        self.kind, self.message, self.code = ErrorKind(kind), message, code
 
 
 class InvalidRequestError(RequestError):
     """A request that can never be served as given; the message says exactly why."""
 
-    def __init__(self, message: str):
-        super().__init__(ErrorKind.INVALID, message)
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(ErrorKind.INVALID, message, code)

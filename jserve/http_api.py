@@ -168,9 +168,9 @@ class HttpFrontEnd(ChoicesMixin):
 
         @app.exception_handler(RequestValidationError)
         async def invalid_body(_request: Request, e: RequestValidationError):
-            message, field = rq.body_error(e.errors())  # which field, the type it takes, what was sent
+            message, field, code = rq.body_error(e.errors())  # which field, the type it takes, what was sent
             self._rejected("invalid_argument")
-            return JSONResponse(ApiError(400, message, param=field).body(), status_code=400)
+            return JSONResponse(ApiError(400, message, param=field, code=code).body(), status_code=400)
 
         @app.middleware("http")
         async def size_limit(request: Request, call_next):

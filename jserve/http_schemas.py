@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from jserve import request as rq
-from jserve.errors import RequestError
+from jserve.errors import MISSING, RequestError
 
 if TYPE_CHECKING:
     from jserve.orchestrator import StreamOutput
@@ -69,7 +69,8 @@ class ResponseFormat(_Body):
             return Constraint("json_object")
         if self.type == "json_schema":
             if self.json_schema is None:
-                raise ApiError(400, "response_format json_schema needs its json_schema.schema", param="response_format")
+                raise ApiError(400, "response_format json_schema needs its json_schema.schema", param="response_format",
+                               code=MISSING)
             return Constraint("json_schema", json.dumps(self.json_schema.schema_))
         return None
 
@@ -203,7 +204,7 @@ class ApiError(Exception):
         default the first word of its message when that is a request field."""
         edge = rq.ERRORS[e.kind]
         return cls(edge.http, e.message, edge.openai_type, param=param or param_of(e.message),
-                   code=edge.openai_code, refusal=refusal)
+                   code=e.code or edge.openai_code, refusal=refusal)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}

@@ -78,6 +78,15 @@ class _Turn(NamedTuple):
     extend: StepResult | None
     extend_owners: dict[int, Running]
 
+    def constrained_first(self) -> tuple[_Turn, _Turn]:
+        """The turn's rows of constrained runs (structured output), and the others'."""
+        parts = []
+        for pick in (True, False):
+            step = {i: run for i, run in self.step_owners.items() if (run.req.matcher is not None) == pick}
+            ext = {i: run for i, run in self.extend_owners.items() if (run.req.matcher is not None) == pick}
+            parts.append(_Turn(self.step, step, self.extend, ext))
+        return parts[0], parts[1]
+
 
 class Orchestrator(PagedScheduling):
     """Continuous batching over an ``Engine``'s fixed slots. Thread-safe ``submit``/``cancel``."""
@@ -208,10 +217,15 @@ class Orchestrator(PagedScheduling):
             try:
                 state = self._end_cancelled_and_expired(state)
                 spec = self._drafting()
-                if in_flight is not None and (self._constrained() or spec):
-                    # A constrained request's next mask, and a draft, depend on the last token: no overlap now.
+                if in_flight is not None and spec:  # a draft depends on the last token: no overlap now
                     state = self._handle_step(state, in_flight)
                     in_flight = None
+                    state = self._end_cancelled_and_expired(state)
+                elif in_flight is not None and self._constrained():
+                    # A constrained request's next mask depends on its last token: its rows are
+                    # handled now, the others' after the next step is dispatched, as usual.
+                    now, in_flight = in_flight.constrained_first()
+                    state = self._handle_step(state, now)
                     state = self._end_cancelled_and_expired(state)
                 dispatched = None
                 if self._running:  # step n+1 goes to the device before step n's tokens are handled

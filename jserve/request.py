@@ -25,7 +25,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from jserve.errors import ErrorKind, InvalidRequestError, RequestError
+from jserve.errors import INVALID_TYPE, INVALID_VALUE, MISSING, ErrorKind, InvalidRequestError, RequestError
 from jserve.streams import FinishReason  # why a request ended: the orchestrator's enum
 
 if TYPE_CHECKING:
@@ -73,10 +73,10 @@ def parse_stop(stop: Any) -> tuple[str, ...]:
     if isinstance(stop, str):
         return (stop,)
     if not isinstance(stop, (list, tuple)):
-        raise InvalidRequestError(wrong_type("stop", "a string or a list of strings", stop))
+        raise InvalidRequestError(wrong_type("stop", "a string or a list of strings", stop), INVALID_TYPE)
     for i, s in enumerate(stop):
         if not isinstance(s, str):
-            raise InvalidRequestError(wrong_type(f"stop[{i}]", "a string", s))
+            raise InvalidRequestError(wrong_type(f"stop[{i}]", "a string", s), INVALID_TYPE)
     return tuple(stop)
 
 
@@ -120,7 +120,7 @@ def check_types(fields: dict[str, Any]) -> None:
         if want is not bool and isinstance(value, bool):
             ok = False
         if not ok:
-            raise InvalidRequestError(wrong_type(name, TYPE_WORDS[want], value))
+            raise InvalidRequestError(wrong_type(name, TYPE_WORDS[want], value), INVALID_TYPE)
 
 
 # pydantic's error types (a JSON body) in the words of ``TYPE_WORDS``.
@@ -153,30 +153,48 @@ def _field_path(loc: Sequence[Any]) -> str:
 _ITEM_WORDS = {"content": "a content part"}
 
 
+def _one_of(words: Sequence[str]) -> str:
+    """``a string``, ``a string or a list``, ``an integer, a string or a list``."""
+    words = list(dict.fromkeys(words))
+    return " or ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
 def _item_error(branches: Sequence[dict[str, Any]], n: int, value: Any) -> tuple[str, str] | None:
-    """When the value sent is a list (or an object) and only one of the field's types is one, the
-    error of the item inside it (``messages[0].content[0] must be an object ...``), else None."""
+    """When the value sent is a list (or an object), the error of the item inside it, by the
+    field's type of list (or object) that gets furthest into it: the only one
+    (``messages[0].content[0] must be an object ...``), or of several (``prompt``: ``prompt[1]
+    must be an integer ...`` for ``[1, "a"]``, ``prompt[1][1] ...`` for ``[[1, 2], [3, "a"]]``);
+    where they tie, the item and each type it could take. None when no item is at fault."""
     kind = "list[" if isinstance(value, list) else "dict[" if isinstance(value, dict) else None
-    tags = {e["loc"][n] for e in branches if kind is not None and str(e["loc"][n]).startswith(kind)}
-    if len(tags) != 1:
+    first: dict[str, dict[str, Any]] = {}  # each such type's first error inside the value
+    for e in branches:
+        if kind is not None and str(e["loc"][n]).startswith(kind) and len(e["loc"]) > n + 1:
+            first.setdefault(e["loc"][n], e)
+    if not first:
         return None
-    inner = next((e for e in branches if e["loc"][n] in tags and len(e["loc"]) > n + 1), None)
-    expected = _PYDANTIC_EXPECTED.get(inner.get("type", "")) if inner is not None else None
-    if expected is None:
+    if len(first) > 1 and not all(isinstance(x, int) for e in first.values() for x in e["loc"][n + 1:]):
         return None
+    at = max(tuple(e["loc"][n + 1:]) for e in first.values())  # the furthest into the value
+    best = [e for e in first.values() if tuple(e["loc"][n + 1:]) == at]
+    words = [_PYDANTIC_EXPECTED.get(e.get("type", "")) for e in best]
+    if None in words or (len(best) > 1 and any(len(e["loc"]) != n + 2 for e in best)):
+        return None
+    inner = best[0]
     loc = inner["loc"][:n] + inner["loc"][n + 1:]
+    expected = _one_of(words)
     item = _ITEM_WORDS.get(str(inner["loc"][n - 1]))
     if item is not None and expected == "an object":
         expected = f"an object ({item})"
     return wrong_type(_field_path(loc), expected, inner.get("input")), _field_path(loc)
 
 
-def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
-    """A JSON body's validation errors (pydantic's) as one message and the field it names, worded
+def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None, str | None]:
+    """A JSON body's validation errors (pydantic's) as one message, the field it names and
+    OpenAI's error code for it (``INVALID_TYPE``, ``MISSING``, ``INVALID_VALUE`` or None), worded
     as ``wrong_type`` words them: which field, the type it takes, what was sent."""
     errors = [{**e, "loc": tuple(x for x in e.get("loc", ()) if x != "body")} for e in errors]
     if not errors:
-        return "invalid request body", None
+        return "invalid request body", None, None
     first = errors[0]
     loc = first["loc"]
     # A field of several types (``prompt``: a string or lists): one error per type, tagged by the type.
@@ -185,18 +203,19 @@ def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
     tags = list(dict.fromkeys(e["loc"][n] for e in branches))
     if n >= 1 and len(tags) > 1:
         field = _field_path(loc[:n])
-        words = list(dict.fromkeys(_branch_words(t) for t in tags))
-        expected = " or ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " or " + words[-1]
+        expected = _one_of([_branch_words(t) for t in tags])
         value = next((e.get("input") for e in branches if len(e["loc"]) == n + 1), first.get("input"))
         inner = _item_error(branches, n, value)
-        return inner if inner is not None else (wrong_type(field, expected, value), field)
+        message, where = inner if inner is not None else (wrong_type(field, expected, value), field)
+        return message, where, INVALID_TYPE
     field = _field_path(loc)
     if first.get("type") == "missing":
-        return f"{field} is required", field
+        return f"{field} is required", field, MISSING
     expected = _PYDANTIC_EXPECTED.get(first.get("type", ""))
     if expected is not None:
-        return wrong_type(field, expected, first.get("input")), field
-    return "; ".join(f"{_field_path(e['loc'])}: {e.get('msg')}" for e in errors[:5]), field or None
+        return wrong_type(field, expected, first.get("input")), field, INVALID_TYPE
+    return ("; ".join(f"{_field_path(e['loc'])}: {e.get('msg')}" for e in errors[:5]), field or None,
+            INVALID_VALUE if first.get("type") in ("literal_error", "enum") else None)
 
 
 def sampling_params(*, stop: Any = None, logit_bias: Any = None, stop_token_ids: Any = None,
@@ -219,16 +238,17 @@ def _content_text(i: int, content: Any) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise InvalidRequestError(f"message {i}: content must be a string, a list of text parts or null")
+        raise InvalidRequestError(f"message {i}: content must be a string, a list of text parts or null", INVALID_TYPE)
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         key = "refusal" if kind == "refusal" else "text"
         if kind not in ("text", "refusal"):
             raise InvalidRequestError(f"message {i}: content part {j} has type {kind!r}; this server reads "
-                                      f"text parts only (\"type\": \"text\")")
+                                      f"text parts only (\"type\": \"text\")", INVALID_VALUE)
         if not isinstance(part.get(key), str):
-            raise InvalidRequestError(f"message {i}: content part {j} needs a string {key!r}")
+            raise InvalidRequestError(f"message {i}: content part {j} needs a string {key!r}",
+                                      MISSING if part.get(key) is None else INVALID_TYPE)
         texts.append(part[key])
     return "".join(texts)
 
@@ -246,11 +266,12 @@ def normalize_chat(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise InvalidRequestError(f"message {i} must be an object")
+            raise InvalidRequestError(f"message {i} must be an object", INVALID_TYPE)
         role, content = m.get("role"), m.get("content")
         if role not in CHAT_ROLES:
             raise InvalidRequestError(
-                f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
+                f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})",
+                MISSING if role is None else INVALID_VALUE)
         extra = set(m) - CHAT_FIELDS
         if extra:
             raise InvalidRequestError(f"message {i}: unknown fields {sorted(extra)}")
@@ -264,14 +285,16 @@ def normalize_chat(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 raise InvalidRequestError(f"message {i}: tool_calls must be a list of {{\"id\", \"type\": "
                                           f"\"function\", \"function\": {{\"name\", \"arguments\"}}}}")
         if role == "tool" and not isinstance(m.get("tool_call_id"), str):
-            raise InvalidRequestError(f"message {i}: a tool message needs the tool_call_id it answers")
+            raise InvalidRequestError(f"message {i}: a tool message needs the tool_call_id it answers",
+                                      MISSING if m.get("tool_call_id") is None else INVALID_TYPE)
         for key in ("name", "tool_call_id", "reasoning_content"):
             if m.get(key) is not None and not isinstance(m[key], str):
-                raise InvalidRequestError(f"message {i}: {key} must be a string")
+                raise InvalidRequestError(f"message {i}: {key} must be a string", INVALID_TYPE)
         msg = {k: v for k, v in m.items() if v is not None}
         if content is None:
             if role != "assistant":
-                raise InvalidRequestError(f"message {i}: content is required (null only on an assistant message)")
+                raise InvalidRequestError(f"message {i}: content is required (null only on an assistant message)",
+                                          MISSING)
             msg["content"] = None
         else:
             msg["content"] = _content_text(i, content)

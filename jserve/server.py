@@ -43,6 +43,7 @@ from jserve.server_tools import ToolSetup
 from jserve.serving_config import EngineConfig, SchedulerConfig, ServerConfig, add_engine_flags
 from jserve.tools import FORMATS
 from jserve.v1 import jserve_pb2_grpc as pb_grpc
+from jserve.warmup import WARMUP_THREAD
 
 log = logging.getLogger("jserve.server")
 
@@ -317,12 +318,19 @@ def main(argv: list[str] | None = None) -> int:
             multihost.follow(loaded.engine)
             return 0
     code = asyncio.run(serve(args))
-    if code == STOPPED_DURING_STARTUP:
-        # The load thread may be deep in XLA compilation; leave without waiting for it.
+    if code == STOPPED_DURING_STARTUP or _compiling_in_background():
+        # The load thread, or warm-up's background phase (stopped, but inside the call it was
+        # compiling), may be deep in XLA compilation; leave without waiting for it (interpreter
+        # exit would: see ``Warmup._stop_and_wait``).
         logging.shutdown()
         sys.stdout.flush()
-        os._exit(0)
+        sys.stderr.flush()
+        os._exit(0 if code == STOPPED_DURING_STARTUP else code)
     return code
+
+
+def _compiling_in_background() -> bool:
+    return any(t.name == WARMUP_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 if __name__ == "__main__":

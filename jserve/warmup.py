@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from jserve.engine import DecodeState
 
 log = logging.getLogger("jserve.engine")  # the engine's log: warm-up is its phase (scripts set its level)
+WARMUP_THREAD = "jserve-warmup"  # the background phase's thread
 
 
 class Warmup:
@@ -188,24 +189,25 @@ class Warmup:
                  self.describe_compile_seconds(now))
         self.background_keys = tuple(later)
         if later:
-            self._stop.clear()
-            self._background = threading.Thread(target=self._compile_rest, args=(later, state),
-                                                 name="jserve-warmup", daemon=True)
-            atexit.register(self.close)  # a daemon thread inside XLA must not outlive the interpreter
+            self._stop = threading.Event()  # this phase's own: one abandoned by ``close`` may still be compiling
+            self._background = threading.Thread(target=self._compile_rest, args=(later, state, self._stop),
+                                                 name=WARMUP_THREAD, daemon=True)
+            atexit.register(self._stop_and_wait)  # a daemon thread inside XLA must not outlive the interpreter
             self._background.start()
         return seconds
 
-    def _compile_rest(self, calls: dict[tuple, tuple[tuple, dict]], state: DecodeState) -> None:
+    def _compile_rest(self, calls: dict[tuple, tuple[tuple, dict]], state: DecodeState,
+                      stop: threading.Event) -> None:
         """The background phase of ``warmup``: each call compiled, run once on ``state`` (the
         warm-up's throwaway one), then published in ``_compiled`` (in place of its quick
-        compilation, for a ``QUICK`` call), until done or ``close``."""
+        compilation, for a ``QUICK`` call), until done or ``stop`` (``close``)."""
         t0, done = time.perf_counter(), 0
         try:
             for key, call in calls.items():
-                if self._stop.is_set():
+                if stop.is_set():
                     break
                 fn = self._compile(key, *call)
-                if self._stop.is_set():
+                if stop.is_set():
                     break
                 state = self._run_once(fn, *call, state)
                 jax.block_until_ready(state)
@@ -216,7 +218,7 @@ class Warmup:
             log.exception("background compilation failed after %d of %d calls", done, len(calls))
         finally:
             del state
-            atexit.unregister(self.close)
+            atexit.unregister(self._stop_and_wait)
         log.info("background compilation %s: %d of %d calls ready in %.1f s (trace + lower + compile each: %s)",
                  "stopped" if done < len(calls) else "done", done, len(calls), time.perf_counter() - t0,
                  self.describe_compile_seconds(list(calls)))
@@ -234,13 +236,19 @@ class Warmup:
         return thread is None or not thread.is_alive()
 
     def close(self) -> None:
-        """Stop ``warmup``'s background phase (after the call it is compiling); serving goes on
-        with what is ready. ``LLM.close`` calls this, and so does interpreter exit."""
+        """Stop ``warmup``'s background phase, without waiting: the call it is compiling (seconds,
+        inside XLA) is abandoned, and nothing more is published; serving goes on with what is
+        ready. ``LLM.close`` calls this. (While the abandoned call compiles, interpreter exit
+        waits for it: the server leaves with ``os._exit`` instead.)"""
+        self._stop.set()
+
+    def _stop_and_wait(self) -> None:
+        """At interpreter exit: stop the background phase and wait for the call it is compiling,
+        so that XLA's compiler is not running when JAX tears its backends down."""
         self._stop.set()
         thread = self._background
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        self._background = None
 
 
 _LIBC = None

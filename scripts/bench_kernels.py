@@ -177,7 +177,7 @@ def _synthetic(shapes: list[str], formats: list[str], rows: list[int]) -> int:
         for m in rows:
             x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
             t_xla = _time(xla, x, wt)[0]
-            times = {f: _time(lambda x_, f=f: kernel(x_, f, *ops[f]), x)[0] for f in ops}
+            times = {f: _time(lambda x_, f=f, w=w: kernel(x_, f, *w), x)[0] for f, w in ops.items()}
             for f in formats:
                 if f not in times:
                     print(f"| {n}x{k} | {m} | {f} | n/a (K not a multiple of 256) | | | |")

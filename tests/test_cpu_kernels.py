@@ -220,10 +220,12 @@ def random_kquant(fmt: str, n: int, k: int, seed: int = 0) -> tuple[tuple[np.nda
 
 
 def test_kquant_split_is_exact_and_documented_widths():
-    for fmt, (_, size) in KQ.items():
+    for fmt, (qtype, size) in KQ.items():
+        assert gguf.GGML_QUANT_SIZES[qtype] == (256, size)  # the block bytes are gguf's own
         raw = random_kquant_raw(fmt, 3, 512, seed=1)
         parts = ck.split_gguf_blocks(raw, fmt)
         assert parts[0].shape == (3, 2, ck.KQ_WIDTH[fmt]) and parts[1].shape == (3, 2)
+        assert sum(part[0, 0].nbytes for part in parts) == size  # one block's parts: its bytes, each once
         assert len(parts) == (3 if fmt in ck.WITH_M else 2)
         # the parts hold every byte of the block once: reassembled in ggml's order they are the file's bytes
         halves = [p[..., None].view(np.uint8) for p in parts[1:]]

@@ -8,6 +8,8 @@ exactly, so a wrong placement or reuse fails the request instead of passing unse
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import dataclasses
 import threading
 import time
@@ -379,6 +381,53 @@ def _contract() -> tuple[set[str], set[str]]:
     data = {n for n in Engine.__annotations__ if not n.startswith("_")}
     calls = {n for n, v in vars(Engine).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
     return data, calls
+
+
+class _AllowAll:
+    """A structured-output matcher (the calls ``jserve.structured`` makes) that allows every token
+    and records, at each mask, how many tokens it had consumed."""
+
+    def __init__(self):
+        self.consumed, self.at_mask = 0, []
+
+    def unsafe_compute_mask_ptr(self, ptr: int, nbytes: int) -> None:
+        self.at_mask.append(self.consumed)
+        ctypes.memset(ptr, 0xFF, nbytes)
+
+    def consume_token(self, token: int) -> None:
+        self.consumed += 1
+
+    def is_error(self) -> bool:
+        return False
+
+    def is_stopped(self) -> bool:
+        return False
+
+
+def test_a_constrained_row_gets_its_mask_after_its_last_token_while_the_others_stay_overlapped():
+    """The step after n is dispatched once the constrained request's token of step n is handled
+    (its mask depends on it), but before the plain request's is: the plain row's host work still
+    overlaps the device. Both get the rule's tokens."""
+    with _Run(slots=2) as r:
+        matcher = _AllowAll()
+        seen: list[tuple[int, int]] = []  # at each decode step's dispatch: tokens handled (plain, constrained)
+        generate = r.engine.generate
+
+        def counted(state, mask=None, slots=None):
+            handled = collections.Counter(rid for e, rid, _ in r.events if e in (Event.FIRST_TOKEN, Event.TOKEN))
+            seen.append((handled["plain"], handled["constrained"]))
+            return generate(state, mask, slots)
+
+        r.engine.generate = counted
+        plain = r.submit([3, 9], _params(6), request_id="plain")
+        constrained = r.orch.submit([5, 7], _params(6), Stream(), request_id="constrained", matcher=matcher)
+        r.go()
+        outs = [collect(list(plain)), collect(list(constrained))]
+    assert [o.token_ids for o in outs] == [continuation([3, 9], 6, V), continuation([5, 7], 6, V)]
+    # Both first tokens come from one extend call; decode step k (1-based) is dispatched with the
+    # constrained request's k tokens handled, the plain one's k - 1.
+    assert seen[:5] == [(k - 1, k) for k in range(1, 6)]
+    assert matcher.at_mask[1:6] == [1, 2, 3, 4, 5]  # (the first: the extend call's, before any token)
 
 
 def test_the_mock_and_the_jax_engine_offer_every_call_of_the_contract():

@@ -8,6 +8,7 @@ import json
 import signal
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -30,9 +31,23 @@ def _health(address: str) -> int:
         return check(health_pb2.HealthCheckRequest(service="jserve.v1.Generation"), timeout=5).status
 
 
+def _held_server(tiny_ckpt, tmp_path, *args: str, **kwargs) -> HoldableServer:
+    return HoldableServer(tiny_ckpt, tmp_path / "hold", "--slots", "2", "--max-len", "1024", *args, **kwargs)
+
+
+def _sigterm_while_streaming(s: HoldableServer, c: Client) -> tuple[Iterator[pb.GenerateResponse], float]:
+    """Inside ``with s.hold``: a long stream held in a decode step when SIGTERM comes (on any
+    device); returns the call and when the signal went, once the server is draining."""
+    call = c.stream([1, 2, 3], max_tokens=1000, **GREEDY)
+    wait_until(lambda: s.said("STEP HELD"), "the request reached a decode step")
+    signalled = time.monotonic()
+    s.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: _health(s.address) == health_pb2.HealthCheckResponse.NOT_SERVING, "draining")
+    return call, signalled
+
+
 def test_health_is_not_serving_during_warmup_and_sigterm_drains_then_exits_0(tiny_ckpt, tmp_path):
-    s = HoldableServer(tiny_ckpt, tmp_path / "hold", "--slots", "2", "--max-len", "1024", "--max-prompt-len", "128",
-                       wait_serving=False)
+    s = _held_server(tiny_ckpt, tmp_path, "--max-prompt-len", "128", wait_serving=False)
     try:
         channel = grpc.insecure_channel(s.address)
         health = health_pb2_grpc.HealthStub(channel)
@@ -49,10 +64,7 @@ def test_health_is_not_serving_during_warmup_and_sigterm_drains_then_exits_0(tin
 
         with Client(s.address) as c:
             with s.hold:  # the request is running (held in a step) when the signal comes, on any device
-                call = c.stream([1, 2, 3], max_tokens=1000, **GREEDY)
-                wait_until(lambda: s.said("STEP HELD"), "the request reached a decode step")
-                s.proc.send_signal(signal.SIGTERM)
-                wait_until(lambda: _health(s.address) == health_pb2.HealthCheckResponse.NOT_SERVING, "draining")
+                call, _ = _sigterm_while_streaming(s, c)
                 with pytest.raises(grpc.RpcError) as e:  # while draining, new work is refused
                     list(c.stream("new work", max_tokens=2))
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
@@ -65,16 +77,11 @@ def test_health_is_not_serving_during_warmup_and_sigterm_drains_then_exits_0(tin
 
 
 def test_a_drain_that_runs_out_of_time_ends_streams_with_unavailable(tiny_ckpt, tmp_path):
-    s = HoldableServer(tiny_ckpt, tmp_path / "hold", "--slots", "2", "--max-len", "1024", "--max-prompt-len", "16",
-                       "--drain-timeout", "0.1")
+    s = _held_server(tiny_ckpt, tmp_path, "--max-prompt-len", "16", "--drain-timeout", "0.1")
     try:
         with Client(s.address) as c:
             with s.hold:  # still running when the 0.1 s drain ends, on any device
-                call = c.stream([1, 2, 3], max_tokens=1000, **GREEDY)
-                wait_until(lambda: s.said("STEP HELD"), "the request reached a decode step")
-                signalled = time.monotonic()
-                s.proc.send_signal(signal.SIGTERM)
-                wait_until(lambda: _health(s.address) == health_pb2.HealthCheckResponse.NOT_SERVING, "draining")
+                call, signalled = _sigterm_while_streaming(s, c)
                 # The drain gives up 0.1 s after it starts, then waits 5 s for the loop to cut the
                 # request: the steps go on between the two.
                 wait_until(lambda: time.monotonic() > signalled + 1.5, "the drain ran out")
@@ -101,15 +108,52 @@ def test_sigterm_during_warmup_exits_without_waiting_for_compilation(tiny_ckpt, 
         s.stop()
 
 
+# A server whose background compilation (warm-up's second phase) is held inside a call until a
+# release file appears: a stand-in for an XLA compile of many seconds.
+HELD_COMPILE_SERVER = """
+import os, pathlib, sys, threading, time
+import jserve.engine as e
+release = pathlib.Path(os.environ["JSERVE_TEST_RELEASE"])
+compile_ = e.JaxEngine._compile
+def held(self, key, *args, **kwargs):
+    if threading.current_thread().name == "jserve-warmup":
+        os.write(1, b"BACKGROUND COMPILE HELD\\n")
+        give_up = time.monotonic() + 120
+        while not release.exists() and time.monotonic() < give_up:
+            time.sleep(0.01)
+        os.write(1, b"BACKGROUND COMPILE RELEASED\\n")
+    return compile_(self, key, *args, **kwargs)
+e.JaxEngine._compile = held
+from jserve.server import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_the_background_compilation_exits_without_waiting_for_it(tiny_ckpt, tmp_path, monkeypatch):
+    release = tmp_path / "release"
+    monkeypatch.setenv("JSERVE_TEST_RELEASE", str(release))
+    s = ServerProcess(tiny_ckpt, "--slots", "2", "--max-len", "128", "--speculate", "4", "--log-level", "INFO",
+                      launch=("-c", HELD_COMPILE_SERVER))
+    try:
+        wait_until(lambda: "BACKGROUND COMPILE HELD" in s.lines, "the background phase is inside a compile")
+        with Client(s.address) as c:  # serving goes on meanwhile
+            assert c.complete([1, 2, 3], max_tokens=4, timeout=60, **GREEDY).completion_tokens == 4
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(60) == 0
+        assert "stopped (all requests finished)" in s.stderr_tail()  # (waits for stderr to be read)
+        # It exited while the compile was still held: not after it, nor after the phase's end.
+        assert "BACKGROUND COMPILE RELEASED" not in s.lines
+        assert not any("background compilation" in line for line in s.err)
+    finally:
+        release.touch()
+        s.stop()
+
+
 def test_a_second_signal_while_draining_exits_at_once(tiny_ckpt, tmp_path):
-    s = HoldableServer(tiny_ckpt, tmp_path / "hold", "--slots", "2", "--max-len", "1024", "--max-prompt-len", "16",
-                       "--drain-timeout", "600")
+    s = _held_server(tiny_ckpt, tmp_path, "--max-prompt-len", "16", "--drain-timeout", "600")
     try:
         with Client(s.address) as c, s.hold:  # the request cannot finish (and the drain end) on its own
-            call = c.stream([1, 2, 3], max_tokens=1000, **GREEDY)
-            wait_until(lambda: s.said("STEP HELD"), "the request reached a decode step")
-            s.proc.send_signal(signal.SIGTERM)
-            wait_until(lambda: _health(s.address) == health_pb2.HealthCheckResponse.NOT_SERVING, "draining")
+            call, _ = _sigterm_while_streaming(s, c)
             s.proc.send_signal(signal.SIGINT)
             assert s.proc.wait(60) == 1  # not after the 600 s drain: the request was still running
             with pytest.raises(grpc.RpcError):

@@ -89,6 +89,43 @@ def test_bad_tools_are_refused_with_a_message_naming_the_field(value, message):
     assert message in str(e.value)
 
 
+def test_each_distinct_tool_schema_is_compiled_once_while_kept(monkeypatch):
+    """Validating a schema compiles it with llguidance (counted here at llguidance's own entry
+    point); an agent resending the same tools (keys in any order) compiles nothing more, a bad
+    schema stays refused, and only the last ``CACHED`` distinct schemas are kept."""
+    import llguidance
+
+    from jserve.tools import types
+
+    real = llguidance.LLMatcher
+    compiled: list[str] = []
+
+    def grammar_from_json_schema(schema, *args, **kwargs):
+        compiled.append(json.dumps(schema, sort_keys=True))
+        return real.grammar_from_json_schema(schema, *args, **kwargs)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", SimpleNamespace(grammar_from_json_schema=grammar_from_json_schema,
+                                                                 validate_grammar=real.validate_grammar))
+    monkeypatch.setattr(types, "_schema_error", types._SchemaVerdicts())
+    parse_tools(TOOLS_JSON)
+    assert len(compiled) == 3
+    for _ in range(3):  # the next turns: the same tools, one with its keys reordered
+        reordered = parse_tools(TOOLS_JSON[:2] + [_fn("ping", parameters=dict(reversed(NOARGS.items())))])
+        assert [t.schema for t in parse_tools(TOOLS_JSON)] == [t.schema for t in reordered]
+    assert len(compiled) == 3
+    bad = [_fn(parameters={"type": "object", "properties": {"a": {"type": "banana"}}})]
+    for _ in range(2):
+        with pytest.raises(InvalidRequestError, match="not a usable JSON schema"):
+            parse_tools(bad)
+    assert len(compiled) == 4
+    cached = types._SchemaVerdicts.CACHED
+    for i in range(cached):  # as many new schemas as are kept: the first ones are dropped
+        parse_tools([_fn(parameters={"type": "object", "properties": {f"p{i}": {"type": "integer"}}})])
+    assert len(compiled) == 4 + cached
+    parse_tools(TOOLS_JSON)
+    assert len(compiled) == 4 + cached + 3 and types._schema_error.compiles == len(compiled)
+
+
 def test_tool_choice_defaults_and_named_functions_are_checked_against_the_tools(tools):
     assert parse_tool_choice(None, tools) == ToolChoice("auto")
     assert parse_tool_choice(None, ()) == ToolChoice("none")

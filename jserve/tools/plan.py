@@ -19,6 +19,7 @@ import random
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from jserve.errors import INVALID_TYPE
 from jserve.sampling import InvalidRequestError
 from jserve.structured import Constraint
 from jserve.tools.formats import Format, detect_format, get_format, template_renders_tools
@@ -52,7 +53,7 @@ def plan_tools(messages: list[dict[str, Any]], tools: Any, tool_choice: Any = No
     parsed = parse_tools(tools)
     choice = parse_tool_choice(tool_choice, parsed)
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
-        raise InvalidRequestError("parallel_tool_calls must be true or false")
+        raise InvalidRequestError("parallel_tool_calls must be true or false", INVALID_TYPE)
     parallel = parallel_tool_calls is not False
     fmt = get_format(format_name) if format_name else detect_format(chat_template, vocab)
     special = special_markers(fmt, vocab, frozenset(special_ids))

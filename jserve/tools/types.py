@@ -7,13 +7,16 @@ the tool at fault. They run at the edge, before anything is tokenized.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import random
 import re
 import string
+import threading
 from typing import Any
 
+from jserve.errors import INVALID_TYPE, INVALID_VALUE
 from jserve.sampling import InvalidRequestError
 
 MAX_TOOLS = 128
@@ -84,12 +87,43 @@ def _check_schema(name: str, schema: Any) -> str:
     text = json.dumps(schema)
     if len(text) > MAX_SCHEMA_CHARS:
         raise InvalidRequestError(f"{where} has {len(text)} characters; at most {MAX_SCHEMA_CHARS} are accepted")
-    from llguidance import LLMatcher
-
-    error = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema))
+    error = _schema_error(schema)
     if error:
         raise InvalidRequestError(f"{where} is not a usable JSON schema: {error}")
     return text
+
+
+class _SchemaVerdicts:
+    """llguidance's verdict on each tool schema (its error, or None: usable), kept for the last
+    ``CACHED`` distinct schemas by their canonical JSON: an agent resends the same tools every
+    turn, and compiling a schema to check it costs ~0.24 ms each (as ``structured.Grammars``
+    keeps compiled constraints). ``compiles`` counts the schemas compiled."""
+
+    CACHED = 32
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: collections.OrderedDict[str, str | None] = collections.OrderedDict()
+        self.compiles = 0
+
+    def __call__(self, schema: dict[str, Any]) -> str | None:
+        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        with self._lock:
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                return self._kept[key]
+        from llguidance import LLMatcher
+
+        error = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema)) or None
+        with self._lock:
+            self.compiles += 1
+            self._kept[key] = error
+            while len(self._kept) > self.CACHED:
+                self._kept.popitem(last=False)
+        return error
+
+
+_schema_error = _SchemaVerdicts()
 
 
 def parse_tools(tools: Any) -> tuple[Tool, ...]:
@@ -99,7 +133,7 @@ def parse_tools(tools: Any) -> tuple[Tool, ...]:
     if tools is None:
         return ()
     if not isinstance(tools, list):
-        raise InvalidRequestError(f"tools must be a list, not {type(tools).__name__}")
+        raise InvalidRequestError(f"tools must be a list, not {type(tools).__name__}", INVALID_TYPE)
     if len(tools) > MAX_TOOLS:
         raise InvalidRequestError(f"tools has {len(tools)} entries; at most {MAX_TOOLS} are accepted")
     out: list[Tool] = []
@@ -136,7 +170,7 @@ def parse_tool_choice(choice: Any, tools: tuple[Tool, ...]) -> ToolChoice:
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
             raise InvalidRequestError(f"tool_choice must be \"none\", \"auto\", \"required\" or a named "
-                                      f"function, not {json.dumps(choice)}")
+                                      f"function, not {json.dumps(choice)}", INVALID_VALUE)
         if choice == "required" and not tools:
             raise InvalidRequestError("tool_choice \"required\" needs at least one tool in tools")
         return ToolChoice(choice)
