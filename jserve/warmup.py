@@ -153,25 +153,21 @@ class Warmup:
         quick = {key for key in now if key[0] in QUICK} if background and jax.process_count() == 1 else set()
         later = {key: call for key, call in _background_order(calls).items() if key not in now or key in quick}
         init = self._init.lower().compile()  # the orchestrator's first state, and recovery's
-        # Both states a start needs, zeroed while the calls compile (dispatch is asynchronous): the
-        # warm-up's throwaway one and the first one ``init_state`` hands out (3 GiB at 16 x 4096:
-        # seconds the first request would otherwise wait for).
+        # The first state ``init_state`` hands out, zeroed while the calls compile (dispatch is
+        # asynchronous; 3 GiB at 16 x 4096: seconds the first request would otherwise wait for).
         self._spare = None
-        state, spare = init(), init()
+        spare = init()
         compiled = self._compile_now(now, calls, quick)
         release_freed_memory()
         compiled = {key: compiled[key] for key in calls if key in compiled}  # run once in the calls' order
         tc = time.perf_counter() - t0
-        # Each executable once, on a state that is then dropped (or handed to the background phase).
-        # Not through the public methods: warm-up is not serving.
+        # Each executable once, on a throwaway state made only now (not resident while the calls
+        # compile: the compiler's scratch and it would add up) and dropped after. Not through the
+        # public methods: warm-up is not serving.
         tr = time.perf_counter()
-        for key, fn in compiled.items():
-            state = self._run_once(fn, *calls[key], state)
-        if not self.row_invariant:  # generate's rows of the live slots (``generate``), taken once here
-            key = ("generate", self.slots)
-            state, packed = compiled[key](*calls[key][0], state=state, **calls[key][1])
-            self._take(packed, np.zeros((self.slots,), np.int32))
-        jax.block_until_ready((state, spare))
+        self._run_each_once(init, compiled, calls)
+        jax.block_until_ready(spare)
+        release_freed_memory()
         self._spare = spare
         self._compiled[("init", 0)] = init
         self._compiled.update(compiled)
@@ -186,16 +182,30 @@ class Warmup:
         self.background_keys = tuple(later)
         if later:
             self._stop.clear()
-            self._background = threading.Thread(target=self._compile_rest, args=(later, state),
+            self._background = threading.Thread(target=self._compile_rest, args=(later, init),
                                                  name="jserve-warmup", daemon=True)
             atexit.register(self.close)  # a daemon thread inside XLA must not outlive the interpreter
             self._background.start()
         return seconds
 
-    def _compile_rest(self, calls: dict[tuple, tuple[tuple, dict]], state: DecodeState) -> None:
-        """The background phase of ``warmup``: each call compiled, run once on ``state`` (the
-        warm-up's throwaway one), then published in ``_compiled`` (in place of its quick
-        compilation, for a ``QUICK`` call), until done or ``close``."""
+    def _run_each_once(self, init: jax.stages.Compiled, compiled: dict[tuple, jax.stages.Compiled],
+                       calls: dict[tuple, tuple[tuple, dict]]) -> None:
+        """Run each of ``compiled`` once, in its order, on a fresh throwaway state (``init``) that
+        is dropped when they are done: an executable's first run carries a one-off cost, paid here."""
+        state = init()
+        for key, fn in compiled.items():
+            state = self._run_once(fn, *calls[key], state)
+        if not self.row_invariant and ("generate", self.slots) in compiled:  # and ``generate``'s ``_take``
+            key = ("generate", self.slots)
+            state, packed = compiled[key](*calls[key][0], state=state, **calls[key][1])
+            self._take(packed, np.zeros((self.slots,), np.int32))
+        jax.block_until_ready(state)
+
+    def _compile_rest(self, calls: dict[tuple, tuple[tuple, dict]], init: jax.stages.Compiled) -> None:
+        """The background phase of ``warmup``: each call compiled, run once on a throwaway state
+        made for that run (``_run_each_once``: none is resident while the next call compiles), then
+        published in ``_compiled`` (in place of its quick compilation, for a ``QUICK`` call), until
+        done or ``close``."""
         t0, done = time.perf_counter(), 0
         try:
             for key, call in calls.items():
@@ -204,15 +214,13 @@ class Warmup:
                 fn = self._compile(key, *call)
                 if self._stop.is_set():
                     break
-                state = self._run_once(fn, *call, state)
-                jax.block_until_ready(state)
+                self._run_each_once(init, {key: fn}, {key: call})
                 self._compiled[key] = fn
                 done += 1
                 release_freed_memory()
         except Exception:  # serving goes on with what is ready
             log.exception("background compilation failed after %d of %d calls", done, len(calls))
         finally:
-            del state
             atexit.unregister(self.close)
         log.info("background compilation %s: %d of %d calls ready in %.1f s (trace + lower + compile each: %s)",
                  "stopped" if done < len(calls) else "done", done, len(calls), time.perf_counter() - t0,

@@ -8,6 +8,7 @@ requests are served is decided by the test, not by timing."""
 from __future__ import annotations
 
 import collections
+import gc
 import subprocess
 import sys
 import textwrap
@@ -316,5 +317,36 @@ def test_freed_compiler_memory_is_handed_back_after_each_compile_phase(tiny_ckpt
     eng = JaxEngine(cfg, params, slots=2, max_len=64)
     eng.warmup(background=True)
     assert eng.wait_ready(300)
-    # Once after the SERVING-ready calls, then once per call the background phase compiled.
-    assert len(trims) == 1 + len(eng.background_keys) and eng.background_keys
+    # After the SERVING-ready calls compile and after their throwaway state is dropped, then once
+    # per call the background phase compiled.
+    assert len(trims) == 2 + len(eng.background_keys) and eng.background_keys
+
+
+def test_no_throwaway_state_is_resident_while_the_background_phase_compiles(tiny_ckpt, hold):
+    """Warm-up runs each call once on a throwaway state; that state exists only for the runs, so
+    while a background call compiles the only decode state alive is the one handed out to serve."""
+    import jax
+
+    from jserve import checkpoint
+
+    cfg, params, _ = checkpoint.load(tiny_ckpt)
+    eng = JaxEngine(cfg, params, slots=2, max_len=64)
+    seen = eng._state_shape.seen  # [S, V] bool: one per decode state
+
+    def states() -> int:  # decode states alive (an earlier test's may be, too: counted before)
+        gc.collect()
+        return sum(a.shape == seen.shape and a.dtype == seen.dtype for a in jax.live_arrays())
+
+    before = states()
+    eng.warmup(background=True)
+    assert len(eng.background_keys) >= 2
+    try:
+        assert states() - before == 1  # ``_spare``, for the first ``init_state``
+        hold.wait_started(1)  # held before compiling the first background call
+        assert states() - before == 1
+        hold.allow(1)
+        hold.wait_started(2)  # the first one compiled and run once; held before the second
+        assert states() - before == 1 and eng.is_ready(eng.background_keys[0])
+    finally:
+        hold.release()
+        eng.close()
