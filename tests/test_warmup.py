@@ -137,7 +137,7 @@ def test_requests_are_served_before_the_background_phase_with_ready_calls_only(t
         llm.orchestrator.policy = AlwaysVerify()
         calls = Calls(monkeypatch)
         # Any number of rows where every op is row-invariant (the CPU kernels), else >= 64 positions.
-        assert e.chunk_rows == ((1, 2, 4, 8, 16, 32) if e.row_invariant else (4, 8, 16, 32))
+        assert e.chunk_rows == ((1, 2, 4, 8) if e.row_invariant else (4, 8, 16, 32))
         assert e.verify_rows == (1, 2, 4) and e.decode_rows == ((1, 2, 4) if e.row_invariant else (4,))
         small = e.chunk_rows[0]
         assert e.ready_rows() == small and all(e.ready_widths(r) == () for r in e.verify_rows)
@@ -158,15 +158,17 @@ def test_requests_are_served_before_the_background_phase_with_ready_calls_only(t
         assert all(len(t) == GREEDY.max_tokens for t in first)
         assert set(calls.generate) == {4}  # one stream's steps compute every slot's row until generate 1 is ready
 
-        # The larger extend buckets ready, verify not yet: a long prompt takes one call, still no verify.
+        # The larger extend buckets ready, verify not yet: a long prompt takes calls of the largest,
+        # still no verify.
         hold.allow(before_verify)
-        _wait_until(lambda: e.is_ready(("extend", 32)))
+        _wait_until(lambda: e.is_ready(("extend", e.max_rows)))
         hold.wait_started(before_verify + 1)  # held at the first verify shape: it traces nothing now
-        assert e.ready_rows() == 32 and all(e.ready_widths(r) == () for r in e.verify_rows)
+        assert e.ready_rows() == e.max_rows > small and all(e.ready_widths(r) == () for r in e.verify_rows)
         calls.clear()
         second, watch = _serve(llm, prompts)
         watch.assert_nothing_traced()
-        assert calls.extend[0] == 10 and calls.verify == [] and events["spec_drafted"] == 0
+        assert calls.extend[0] == min(10, e.max_rows) and sum(calls.extend[:-(-10 // e.max_rows)]) == 10
+        assert calls.verify == [] and events["spec_drafted"] == 0
         assert second == first
 
         # Everything ready: speculation verifies, at the shapes warm-up ran, and still nothing compiles.
