@@ -1,9 +1,9 @@
 """Ahead-of-time warm-up of an engine's calls, and what is ready to serve.
 
-``Warmup`` is the half of ``JaxEngine`` that compiles: ``warmup`` compiles (ahead of time) and
-runs once every call serving uses, the ones any request needs before it returns and the rest on a
-background thread, each published (``is_ready``) only once it has run, so serving never traces or
-compiles. The engine gives it its calls' arguments (``_warmup_calls``, built from the engine's
+``Warmup`` is the half of ``JaxEngine`` that compiles: ``warmup`` compiles (ahead of time) every
+call serving uses, the ones any request needs before it returns (and runs them once) and the rest
+on a background thread, each published (``is_ready``) only once compiled, so serving never traces
+or compiles. The engine gives it its calls' arguments (``_warmup_calls``, built from the engine's
 buckets) and its jitted functions; the engine's methods look up ``_compiled`` and call what is
 there.
 """
@@ -34,9 +34,10 @@ log = logging.getLogger("jserve.engine")  # the engine's log: warm-up is its pha
 class Warmup:
     """Compiled executables and the background phase of ``warmup`` (a base of ``JaxEngine``).
 
-    ``_compiled`` holds the executables compiled and run once, keyed ("extend", rows), ("verify",
-    rows, width), (name, 0): only these serve requests. Written by the background thread, read by
-    the serving one (single dict operations, atomic in CPython: never iterated while it may grow)."""
+    ``_compiled`` holds the executables compiled (those before SERVING also run once), keyed
+    ("extend", rows), ("verify", rows, width), (name, 0): only these serve requests. Written by the
+    background thread, read by the serving one (single dict operations, atomic in CPython: never
+    iterated while it may grow)."""
 
     def _init_warmup(self) -> None:
         self._compiled: dict[tuple, jax.stages.Compiled] = {}
@@ -49,8 +50,8 @@ class Warmup:
 
     def is_ready(self, key: tuple) -> bool:
         """Whether the call ``key`` (``("extend", rows)``, ``("verify", rows, width)``, ...) serves
-        without compiling: compiled and run once by ``warmup`` (or, before warmup, always: every
-        call then compiles on first use)."""
+        without compiling: compiled by ``warmup`` (or, before warmup, always: every call then
+        compiles on first use)."""
         return not self._warmed or key in self._compiled
 
     def ready_rows(self) -> int:
@@ -121,24 +122,25 @@ class Warmup:
         return out[0] if isinstance(out, tuple) else out
 
     def warmup(self, background: bool = True) -> float:
-        """Compile (ahead of time) and run once, on a throwaway state, every call serving uses:
-        the initial state, begin, copy, every ``extend`` row bucket, generate, every ``verify``
-        shape, release. Returns seconds taken until the engine can serve any request.
+        """Compile (ahead of time) every call serving uses: the initial state, begin, copy, every
+        ``extend`` row bucket, generate, every ``verify`` shape, release. Returns seconds taken
+        until the engine can serve any request.
 
         The compiled executables are kept and called directly, so serving never traces or
-        compiles, and with JAX's persistent cache a restart only traces and loads. An executable's
-        first run carries a one-off cost (measured ~0.3 s each on XLA:CPU for SmolLM2): paid here,
-        not by the first request that needs that call, nor by the speculation policy's timings.
+        compiles, and with JAX's persistent cache a restart only traces and loads. Those compiled
+        before returning are also run once, on a throwaway state: an executable's first run
+        carries a one-off cost (0.01-0.2 s on XLA:CPU for SmolLM2 at the defaults), paid here,
+        not by the first request; the background phase's are not (see ``_compile_rest``).
 
         ``background`` (with one process): only what any request needs is done before returning
         (init, begin, copy, the smallest ``extend`` bucket, the decode step over every slot,
         release), compiled on ``compile_threads()`` threads; the decode steps over fewer slots,
-        the larger buckets, then the ``verify`` shapes, are compiled and run once by a background
-        thread, in that order, each usable (``is_ready``) only when done. Until then prompts run
-        in calls of the smallest bucket, decode steps compute every slot's row, and no step
-        verifies. ``close`` stops that thread; ``wait_ready`` waits for it. With several processes
-        every process must run the same calls in the same order, so everything is done here, in
-        this order, on each (one thread).
+        the larger buckets, then the ``verify`` shapes, are compiled by a background thread, in
+        that order, each usable (``is_ready``) only when done. Until then prompts run in calls of
+        the smallest bucket, decode steps compute every slot's row, and no step verifies.
+        ``close`` stops that thread; ``wait_ready`` waits for it. With several processes every
+        process must run the same calls in the same order, so everything is done here, in this
+        order, on each (one thread).
         """
         self.close()  # a previous warm-up's background phase
         t0 = time.perf_counter()
@@ -182,7 +184,7 @@ class Warmup:
         self.background_keys = tuple(later)
         if later:
             self._stop.clear()
-            self._background = threading.Thread(target=self._compile_rest, args=(later, init),
+            self._background = threading.Thread(target=self._compile_rest, args=(later,),
                                                  name="jserve-warmup", daemon=True)
             atexit.register(self.close)  # a daemon thread inside XLA must not outlive the interpreter
             self._background.start()
@@ -201,11 +203,14 @@ class Warmup:
             self._take(packed, np.zeros((self.slots,), np.int32))
         jax.block_until_ready(state)
 
-    def _compile_rest(self, calls: dict[tuple, tuple[tuple, dict]], init: jax.stages.Compiled) -> None:
-        """The background phase of ``warmup``: each call compiled, run once on a throwaway state
-        made for that run (``_run_each_once``: none is resident while the next call compiles), then
-        published in ``_compiled`` (in place of its quick compilation, for a ``QUICK`` call), until
-        done or ``close``."""
+    def _compile_rest(self, calls: dict[tuple, tuple[tuple, dict]]) -> None:
+        """The background phase of ``warmup``: each call compiled, then published in ``_compiled``
+        (in place of its quick compilation, for a ``QUICK`` call), until done or ``close``.
+
+        Not run once here: that would need a throwaway decode state beside the serving one (180 MiB
+        at the defaults, at the top of the server's peak memory, ``scripts/bench_memory.py``), and
+        a call's first run costs little more than its next (0.01-0.2 s more, on XLA:CPU for SmolLM2
+        at the defaults, cached or freshly compiled), paid once by the first step that uses it."""
         t0, done = time.perf_counter(), 0
         try:
             for key, call in calls.items():
@@ -214,7 +219,6 @@ class Warmup:
                 fn = self._compile(key, *call)
                 if self._stop.is_set():
                     break
-                self._run_each_once(init, {key: fn}, {key: call})
                 self._compiled[key] = fn
                 done += 1
                 release_freed_memory()
