@@ -49,8 +49,12 @@ log = logging.getLogger(__name__)
 CHUNK = 16  # prompt positions per row of an ``extend`` call
 # The row counts ``extend`` is compiled for (calls pad to the next one): any number of rows where
 # every matmul is row-invariant (``model.row_invariant``), else at least 64 positions a call
-# (XLA:CPU's matmul gives a row the same bits only from 48 rows up).
-CHUNK_ROWS = (1, 2, 4, 8, 16, 32)
+# (XLA:CPU's matmul gives a row the same bits only from 48 rows up). Up to 8 rows with the CPU
+# kernels: a row costs the same in a call of 8, 16 or 32 (32 rows as 4 calls of 8 took 0.86x the
+# seconds of one call of 32, median of 5 interleaved rounds, SmolLM2 Q4_1 at the defaults), and
+# each compiled call holds ~80 MiB of XLA's (its 30 layers' HLO and buffer assignment), so the
+# 16- and 32-row calls cost ~160 MiB of resident memory for nothing (scripts/bench_memory.py).
+CHUNK_ROWS = (1, 2, 4, 8)
 CHUNK_ROWS_FIXED = (4, 8, 16, 32)
 
 

@@ -1,9 +1,9 @@
 """Ahead-of-time warm-up of an engine's calls, and what is ready to serve.
 
-``Warmup`` is the half of ``JaxEngine`` that compiles: ``warmup`` compiles (ahead of time) and
-runs once every call serving uses, the ones any request needs before it returns and the rest on a
-background thread, each published (``is_ready``) only once it has run, so serving never traces or
-compiles. The engine gives it its calls' arguments (``_warmup_calls``, built from the engine's
+``Warmup`` is the half of ``JaxEngine`` that compiles: ``warmup`` compiles (ahead of time) every
+call serving uses, the ones any request needs before it returns (and runs them once) and the rest
+on a background thread, each published (``is_ready``) only once compiled, so serving never traces
+or compiles. The engine gives it its calls' arguments (``_warmup_calls``, built from the engine's
 buckets) and its jitted functions; the engine's methods look up ``_compiled`` and call what is
 there.
 """
@@ -35,9 +35,10 @@ WARMUP_THREAD = "jserve-warmup"  # the background phase's thread
 class Warmup:
     """Compiled executables and the background phase of ``warmup`` (a base of ``JaxEngine``).
 
-    ``_compiled`` holds the executables compiled and run once, keyed ("extend", rows), ("verify",
-    rows, width), (name, 0): only these serve requests. Written by the background thread, read by
-    the serving one (single dict operations, atomic in CPython: never iterated while it may grow)."""
+    ``_compiled`` holds the executables compiled (those before SERVING also run once), keyed
+    ("extend", rows), ("verify", rows, width), (name, 0): only these serve requests. Written by the
+    background thread, read by the serving one (single dict operations, atomic in CPython: never
+    iterated while it may grow)."""
 
     def _init_warmup(self) -> None:
         self._compiled: dict[tuple, jax.stages.Compiled] = {}
@@ -50,8 +51,8 @@ class Warmup:
 
     def is_ready(self, key: tuple) -> bool:
         """Whether the call ``key`` (``("extend", rows)``, ``("verify", rows, width)``, ...) serves
-        without compiling: compiled and run once by ``warmup`` (or, before warmup, always: every
-        call then compiles on first use)."""
+        without compiling: compiled by ``warmup`` (or, before warmup, always: every call then
+        compiles on first use)."""
         return not self._warmed or key in self._compiled
 
     def ready_rows(self) -> int:
@@ -125,24 +126,25 @@ class Warmup:
         return out[0] if isinstance(out, tuple) else out
 
     def warmup(self, background: bool = True) -> float:
-        """Compile (ahead of time) and run once, on a throwaway state, every call serving uses:
-        the initial state, begin, copy, every ``extend`` row bucket, generate, every ``verify``
-        shape, release. Returns seconds taken until the engine can serve any request.
+        """Compile (ahead of time) every call serving uses: the initial state, begin, copy, every
+        ``extend`` row bucket, generate, every ``verify`` shape, release. Returns seconds taken
+        until the engine can serve any request.
 
         The compiled executables are kept and called directly, so serving never traces or
-        compiles, and with JAX's persistent cache a restart only traces and loads. An executable's
-        first run carries a one-off cost (measured ~0.3 s each on XLA:CPU for SmolLM2): paid here,
-        not by the first request that needs that call, nor by the speculation policy's timings.
+        compiles, and with JAX's persistent cache a restart only traces and loads. Those compiled
+        before returning are also run once, on a throwaway state: an executable's first run
+        carries a one-off cost (0.01-0.2 s on XLA:CPU for SmolLM2 at the defaults), paid here,
+        not by the first request; the background phase's are not (see ``_compile_rest``).
 
         ``background`` (with one process): only what any request needs is done before returning
         (init, begin, copy, the smallest ``extend`` bucket, the decode step over every slot,
         release), compiled on ``compile_threads()`` threads; the decode steps over fewer slots,
-        the larger buckets, then the ``verify`` shapes, are compiled and run once by a background
-        thread, in that order, each usable (``is_ready``) only when done. Until then prompts run
-        in calls of the smallest bucket, decode steps compute every slot's row, and no step
-        verifies. ``close`` stops that thread; ``wait_ready`` waits for it. With several processes
-        every process must run the same calls in the same order, so everything is done here, in
-        this order, on each (one thread).
+        the larger buckets, then the ``verify`` shapes, are compiled by a background thread, in
+        that order, each usable (``is_ready``) only when done. Until then prompts run in calls of
+        the smallest bucket, decode steps compute every slot's row, and no step verifies.
+        ``close`` stops that thread; ``wait_ready`` waits for it. With several processes every
+        process must run the same calls in the same order, so everything is done here, in this
+        order, on each (one thread).
         """
         self.close()  # a previous warm-up's background phase
         t0 = time.perf_counter()
@@ -157,25 +159,21 @@ class Warmup:
         quick = {key for key in now if key[0] in QUICK} if background and jax.process_count() == 1 else set()
         later = {key: call for key, call in _background_order(calls).items() if key not in now or key in quick}
         init = self._init.lower().compile()  # the orchestrator's first state, and recovery's
-        # Both states a start needs, zeroed while the calls compile (dispatch is asynchronous): the
-        # warm-up's throwaway one and the first one ``init_state`` hands out (3 GiB at 16 x 4096:
-        # seconds the first request would otherwise wait for).
+        # The first state ``init_state`` hands out, zeroed while the calls compile (dispatch is
+        # asynchronous; 3 GiB at 16 x 4096: seconds the first request would otherwise wait for).
         self._spare = None
-        state, spare = init(), init()
+        spare = init()
         compiled = self._compile_now(now, calls, quick)
         release_freed_memory()
         compiled = {key: compiled[key] for key in calls if key in compiled}  # run once in the calls' order
         tc = time.perf_counter() - t0
-        # Each executable once, on a state that is then dropped (or handed to the background phase).
-        # Not through the public methods: warm-up is not serving.
+        # Each executable once, on a throwaway state made only now (not resident while the calls
+        # compile: the compiler's scratch and it would add up) and dropped after. Not through the
+        # public methods: warm-up is not serving.
         tr = time.perf_counter()
-        for key, fn in compiled.items():
-            state = self._run_once(fn, *calls[key], state)
-        if not self.row_invariant:  # generate's rows of the live slots (``generate``), taken once here
-            key = ("generate", self.slots)
-            state, packed = compiled[key](*calls[key][0], state=state, **calls[key][1])
-            self._take(packed, np.zeros((self.slots,), np.int32))
-        jax.block_until_ready((state, spare))
+        self._run_each_once(init, compiled, calls)
+        jax.block_until_ready(spare)
+        release_freed_memory()
         self._spare = spare
         self._compiled[("init", 0)] = init
         self._compiled.update(compiled)
@@ -190,17 +188,33 @@ class Warmup:
         self.background_keys = tuple(later)
         if later:
             self._stop = threading.Event()  # this phase's own: one abandoned by ``close`` may still be compiling
-            self._background = threading.Thread(target=self._compile_rest, args=(later, state, self._stop),
+            self._background = threading.Thread(target=self._compile_rest, args=(later, self._stop),
                                                  name=WARMUP_THREAD, daemon=True)
             atexit.register(self._stop_and_wait)  # a daemon thread inside XLA must not outlive the interpreter
             self._background.start()
         return seconds
 
-    def _compile_rest(self, calls: dict[tuple, tuple[tuple, dict]], state: DecodeState,
-                      stop: threading.Event) -> None:
-        """The background phase of ``warmup``: each call compiled, run once on ``state`` (the
-        warm-up's throwaway one), then published in ``_compiled`` (in place of its quick
-        compilation, for a ``QUICK`` call), until done or ``stop`` (``close``)."""
+    def _run_each_once(self, init: jax.stages.Compiled, compiled: dict[tuple, jax.stages.Compiled],
+                       calls: dict[tuple, tuple[tuple, dict]]) -> None:
+        """Run each of ``compiled`` once, in its order, on a fresh throwaway state (``init``) that
+        is dropped when they are done: an executable's first run carries a one-off cost, paid here."""
+        state = init()
+        for key, fn in compiled.items():
+            state = self._run_once(fn, *calls[key], state)
+        if not self.row_invariant and ("generate", self.slots) in compiled:  # and ``generate``'s ``_take``
+            key = ("generate", self.slots)
+            state, packed = compiled[key](*calls[key][0], state=state, **calls[key][1])
+            self._take(packed, np.zeros((self.slots,), np.int32))
+        jax.block_until_ready(state)
+
+    def _compile_rest(self, calls: dict[tuple, tuple[tuple, dict]], stop: threading.Event) -> None:
+        """The background phase of ``warmup``: each call compiled, then published in ``_compiled``
+        (in place of its quick compilation, for a ``QUICK`` call), until done or ``stop`` (``close``).
+
+        Not run once here: that would need a throwaway decode state beside the serving one (180 MiB
+        at the defaults, at the top of the server's peak memory, ``scripts/bench_memory.py``), and
+        a call's first run costs little more than its next (0.01-0.2 s more, on XLA:CPU for SmolLM2
+        at the defaults, cached or freshly compiled), paid once by the first step that uses it."""
         t0, done = time.perf_counter(), 0
         try:
             for key, call in calls.items():
@@ -209,15 +223,12 @@ class Warmup:
                 fn = self._compile(key, *call)
                 if stop.is_set():
                     break
-                state = self._run_once(fn, *call, state)
-                jax.block_until_ready(state)
                 self._compiled[key] = fn
                 done += 1
                 release_freed_memory()
         except Exception:  # serving goes on with what is ready
             log.exception("background compilation failed after %d of %d calls", done, len(calls))
         finally:
-            del state
             atexit.unregister(self._stop_and_wait)
         log.info("background compilation %s: %d of %d calls ready in %.1f s (trace + lower + compile each: %s)",
                  "stopped" if done < len(calls) else "done", done, len(calls), time.perf_counter() - t0,
