@@ -210,19 +210,29 @@ def describe() -> str:
     return _report().reason
 
 
+PRE = {None: 0, "rms_norm": 1, "silu": 2, "gelu": 3}  # what the call does to x first (csrc/ffi.cc)
+
+
 def matmul(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None,
-           m: jax.Array | None = None) -> jax.Array:
+           m: jax.Array | None = None, **fused) -> jax.Array:
     """y [..., N] = x [..., K] @ W^T, W [N, K] in `fmt` (see the module docstring); float32.
 
     Works eagerly and under `jax.jit` (CPU only). The path follows `JSERVE_CPU_KERNEL_ISA`
-    (auto | generic | avx2), read when the call is traced.
+    (auto | generic | avx2), read when the call is traced. ``fused`` (see `matmul_isa`) folds a
+    layer's elementwise neighbours into the call.
     """
-    return matmul_isa(x, fmt, qs, d, m, isa=_env_isa())
+    return matmul_isa(x, fmt, qs, d, m, isa=_env_isa(), **fused)
 
 
 def matmul_isa(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None,
-               m: jax.Array | None = None, *, isa: str = "auto") -> jax.Array:
-    """`matmul` on an explicit path: isa is "auto", "generic" or "avx2" (an error where absent)."""
+               m: jax.Array | None = None, *, isa: str = "auto", norm: jax.Array | None = None,
+               eps: float = 0.0, act: str | None = None, residual: jax.Array | None = None) -> jax.Array:
+    """`matmul` on an explicit path: isa is "auto", "generic" or "avx2" (an error where absent).
+
+    Fused into the call, row by row (so rows stay invariant): ``norm [K]`` first replaces each row of
+    x by ``norm * (x / sqrt(mean(x^2) + eps))`` (RMSNorm, its sum of squares in a fixed order);
+    ``act`` ("silu" or "gelu", the tanh form) takes x ``[..., 2K]`` as ``[gate, up]`` and multiplies
+    ``act(gate) * up``; ``residual [..., N]`` is added to the product (``residual + y``)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -238,18 +248,34 @@ def matmul_isa(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None
         raise RuntimeError("isa='avx2' asked for on a CPU without AVX2+FMA+F16C")
     if isa == "auto" and not state.has_avx2:
         isa = "generic"
+    if act not in (None, "silu", "gelu"):
+        raise ValueError(f"act {act!r}: expected None, 'silu' or 'gelu'")
+    if norm is not None and act is not None:
+        raise ValueError("matmul fuses a norm or an activation, not both")
     x = jnp.asarray(x)
     if x.dtype != jnp.float32:
         x = x.astype(jnp.float32)
-    *lead, K = x.shape
+    *lead, xk = x.shape
+    K = xk // 2 if act else xk
+    if act and xk % 2:
+        raise ValueError(f"act={act!r} needs x [..., 2K], got width {xk}")
     N = qs.shape[0]
     _check(fmt, K, qs, d, m)
+    if norm is not None and tuple(norm.shape) != (K,):
+        raise ValueError(f"norm must be [{K}], got {tuple(norm.shape)}")
+    if residual is not None and tuple(residual.shape) != (*lead, N):
+        raise ValueError(f"residual must be {(*lead, N)}, got {tuple(residual.shape)}")
     rows = math.prod(lead)
     if rows == 0 or N == 0:
         return jnp.zeros((*lead, N), jnp.float32)
-    args = [x.reshape(rows, K), qs] + ([] if fmt == "f32" else [d]) + ([m] if fmt in WITH_M else [])
+    empty = jnp.zeros((0,), jnp.float32)
+    g = empty if norm is None else jnp.asarray(norm, jnp.float32)
+    res = empty if residual is None else jnp.asarray(residual, jnp.float32).reshape(rows, N)
+    args = [x.reshape(rows, xk), g, res, qs] + ([] if fmt == "f32" else [d]) + ([m] if fmt in WITH_M else [])
     call = jax.ffi.ffi_call(_TARGETS[fmt], jax.ShapeDtypeStruct((rows, N), jnp.float32))
-    return call(*args, isa=np.int32(_ISA_CODE[isa])).reshape(*lead, N)
+    pre = PRE["rms_norm" if norm is not None else act]
+    return call(*args, isa=np.int32(_ISA_CODE[isa]), pre=np.int32(pre),
+                eps=np.float32(eps)).reshape(*lead, N)
 
 
 def _check(fmt: str, K: int, qs: jax.Array, d: jax.Array | None, m: jax.Array | None) -> None:
