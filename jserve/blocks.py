@@ -263,8 +263,8 @@ def fuses(x: jax.Array, w: object) -> bool:
 
 def matmul_fused(x: jax.Array, w: BlockArray, **fused) -> jax.Array:
     """``matmul`` with a layer's elementwise neighbours folded into the kernel call (``fuses`` must
-    hold): ``norm``/``eps`` (an RMSNorm of x first), ``act`` (x is ``[gate, up]``: ``act(gate) * up``
-    first), ``residual`` (added to the product); see ``cpu_kernels.matmul_isa``."""
+    hold): ``norm``/``eps`` (an RMSNorm of x first), ``residual`` (added to the product); see
+    ``cpu_kernels.matmul_isa``."""
     return _kernels().matmul(x, w.fmt, w.qs, w.d, w.m, **fused)
 
 

@@ -210,7 +210,7 @@ def describe() -> str:
     return _report().reason
 
 
-PRE = {None: 0, "rms_norm": 1, "silu": 2, "gelu": 3}  # what the call does to x first (csrc/ffi.cc)
+PRE_NONE, PRE_RMS_NORM = 0, 1  # what the call does to x first (csrc/ffi.cc)
 
 
 def matmul(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None,
@@ -226,13 +226,12 @@ def matmul(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None,
 
 def matmul_isa(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None,
                m: jax.Array | None = None, *, isa: str = "auto", norm: jax.Array | None = None,
-               eps: float = 0.0, act: str | None = None, residual: jax.Array | None = None) -> jax.Array:
+               eps: float = 0.0, residual: jax.Array | None = None) -> jax.Array:
     """`matmul` on an explicit path: isa is "auto", "generic" or "avx2" (an error where absent).
 
     Fused into the call, row by row (so rows stay invariant): ``norm [K]`` first replaces each row of
-    x by ``norm * (x / sqrt(mean(x^2) + eps))`` (RMSNorm, its sum of squares in a fixed order);
-    ``act`` ("silu" or "gelu", the tanh form) takes x ``[..., 2K]`` as ``[gate, up]`` and multiplies
-    ``act(gate) * up``; ``residual [..., N]`` is added to the product (``residual + y``)."""
+    x by ``norm * (x * (1 / sqrt(mean(x^2) + eps)))`` (RMSNorm, its sum of squares in a fixed order);
+    ``residual [..., N]`` is added to the product (``residual + y``, the bits of adding it apart)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -248,17 +247,10 @@ def matmul_isa(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None
         raise RuntimeError("isa='avx2' asked for on a CPU without AVX2+FMA+F16C")
     if isa == "auto" and not state.has_avx2:
         isa = "generic"
-    if act not in (None, "silu", "gelu"):
-        raise ValueError(f"act {act!r}: expected None, 'silu' or 'gelu'")
-    if norm is not None and act is not None:
-        raise ValueError("matmul fuses a norm or an activation, not both")
     x = jnp.asarray(x)
     if x.dtype != jnp.float32:
         x = x.astype(jnp.float32)
-    *lead, xk = x.shape
-    K = xk // 2 if act else xk
-    if act and xk % 2:
-        raise ValueError(f"act={act!r} needs x [..., 2K], got width {xk}")
+    *lead, K = x.shape
     N = qs.shape[0]
     _check(fmt, K, qs, d, m)
     if norm is not None and tuple(norm.shape) != (K,):
@@ -271,9 +263,9 @@ def matmul_isa(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None
     empty = jnp.zeros((0,), jnp.float32)
     g = empty if norm is None else jnp.asarray(norm, jnp.float32)
     res = empty if residual is None else jnp.asarray(residual, jnp.float32).reshape(rows, N)
-    args = [x.reshape(rows, xk), g, res, qs] + ([] if fmt == "f32" else [d]) + ([m] if fmt in WITH_M else [])
+    args = [x.reshape(rows, K), g, res, qs] + ([] if fmt == "f32" else [d]) + ([m] if fmt in WITH_M else [])
     call = jax.ffi.ffi_call(_TARGETS[fmt], jax.ShapeDtypeStruct((rows, N), jnp.float32))
-    pre = PRE["rms_norm" if norm is not None else act]
+    pre = PRE_NONE if norm is None else PRE_RMS_NORM
     return call(*args, isa=np.int32(_ISA_CODE[isa]), pre=np.int32(pre),
                 eps=np.float32(eps)).reshape(*lead, N)
 

@@ -49,10 +49,9 @@ std::atomic<int64_t> g_helper_chunks{0};  // chunks computed by pool threads (di
 // instructions whatever M, like the product):
 //  - kRmsNorm: x <- g * (x * (1 / sqrt(sum(x^2) / K + eps))), the sum over 8 lanes (k mod 8) in
 //    increasing k, then ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7));
-//  - kSilu / kGelu: x [M, 2K] = [gate, up] -> act(gate) * up [M, K] (silu: g / (1 + exp(-g)); gelu:
-//    the tanh form, 0.5 g (1 + tanh(0.7978845608 (g + 0.044715 g^3))));
-//  - residual (any kind): y <- res + y.
-enum Pre : int32_t { kNone = 0, kRmsNorm = 1, kSilu = 2, kGelu = 3 };
+//  - residual: y <- res + y.
+// (SiLU(gate) * up before down was tried too: scalar exp made it slower than XLA's vector op at 8-16 rows.)
+enum Pre : int32_t { kNone = 0, kRmsNorm = 1 };
 
 struct Extra {
   int32_t pre = kNone;
@@ -61,34 +60,17 @@ struct Extra {
   const float* res = nullptr;  // [M, N] or null
 };
 
-void prologue(const Extra& e, const float* x, int64_t M, int64_t K, float* out) {
+void rms_norm_rows(const Extra& e, const float* x, int64_t M, int64_t K, float* out) {
   for (int64_t r = 0; r < M; ++r) {
+    const float* xr = x + r * K;
     float* o = out + r * K;
-    if (e.pre == kRmsNorm) {
-      const float* xr = x + r * K;
-      float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int64_t k = 0; k < K; ++k) l[k & 7] += xr[k] * xr[k];
-      const float ss = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-      const float inv = 1.0f / std::sqrt(ss / (float)K + e.eps);
-      for (int64_t k = 0; k < K; ++k) o[k] = e.g[k] * (xr[k] * inv);
-    } else {
-      const float* gate = x + r * 2 * K;
-      const float* up = gate + K;
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = gate[k];
-        float a;
-        if (e.pre == kSilu) {
-          a = v / (1.0f + std::exp(-v));
-        } else {
-          const float inner = 0.7978845608028654f * (v + 0.044715f * (v * v * v));
-          a = 0.5f * v * (1.0f + std::tanh(inner));
-        }
-        o[k] = a * up[k];
-      }
-    }
+    float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t k = 0; k < K; ++k) l[k & 7] += xr[k] * xr[k];
+    const float ss = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+    const float inv = 1.0f / std::sqrt(ss / (float)K + e.eps);
+    for (int64_t k = 0; k < K; ++k) o[k] = e.g[k] * (xr[k] * inv);
   }
 }
-  // chunks computed by pool threads (diagnostics)
 
 struct Job {
   Problem p;
@@ -125,7 +107,7 @@ ffi::Error run(ffi::ThreadPool& pool, Problem p, int32_t isa, const Extra& extra
   std::vector<float> xin;
   if (extra.pre != kNone) {
     xin.resize(p.M * p.K + 1);
-    prologue(extra, p.x, p.M, p.K, xin.data());
+    rms_norm_rows(extra, p.x, p.M, p.K, xin.data());
     p.x = xin.data();
   }
   std::vector<float> sx;
@@ -165,18 +147,14 @@ ffi::Error run(ffi::ThreadPool& pool, Problem p, int32_t isa, const Extra& extra
 template <typename B>
 int64_t dim(const B& b, int i) { return b.dimensions()[i]; }
 
-// The prologue/epilogue operands: g (kRmsNorm: [K], else empty), res ([M, N] or empty), and the
-// width x must have (2K for the gated kinds).
+// The prologue/epilogue operands: g (kRmsNorm: [K], else empty), res ([M, N] or empty).
 ffi::Error extras(int32_t pre, float eps, const ffi::Buffer<ffi::F32>& g, const ffi::Buffer<ffi::F32>& res,
-                  int64_t M, int64_t xk, int64_t N, int64_t* K, Extra* e) {
-  if (pre < kNone || pre > kGelu) return ffi::Error::InvalidArgument("jserve matmul: unknown prologue");
-  const bool gated = pre == kSilu || pre == kGelu;
-  if (gated && xk % 2) return ffi::Error::InvalidArgument("jserve matmul: gated input needs an even width");
-  *K = gated ? xk / 2 : xk;
+                  int64_t M, int64_t K, int64_t N, Extra* e) {
+  if (pre != kNone && pre != kRmsNorm) return ffi::Error::InvalidArgument("jserve matmul: unknown prologue");
   e->pre = pre;
   e->eps = eps;
   if (pre == kRmsNorm) {
-    if (g.element_count() != static_cast<size_t>(*K)) return ffi::Error::InvalidArgument("jserve matmul: norm weight must be [K]");
+    if (g.element_count() != static_cast<size_t>(K)) return ffi::Error::InvalidArgument("jserve matmul: norm weight must be [K]");
     e->g = g.typed_data();
   }
   if (res.element_count() != 0) {
@@ -196,10 +174,9 @@ ffi::Error mm_f32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
                   ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int32_t isa, int32_t pre, float eps) {
   if (x.dimensions().size() != 2 || w.dimensions().size() != 2 || y->dimensions().size() != 2)
     return ffi::Error::InvalidArgument("jserve matmul: bad operand ranks");
-  const int64_t M = dim(x, 0), N = dim(w, 0);
-  int64_t K = 0;
+  const int64_t M = dim(x, 0), K = dim(x, 1), N = dim(w, 0);
   Extra e;
-  ffi::Error err = extras(pre, eps, g, res, M, dim(x, 1), N, &K, &e);
+  ffi::Error err = extras(pre, eps, g, res, M, K, N, &e);
   if (err.failure()) return err;
   if (dim(w, 1) != K || dim(*y, 0) != M || dim(*y, 1) != N)
     return ffi::Error::InvalidArgument("jserve matmul: shapes do not agree");
@@ -214,10 +191,9 @@ ffi::Error mm_blocks(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const bool ranks = x.dimensions().size() == 2 && qs.dimensions().size() == 3 && d.dimensions().size() == 2 &&
                      y->dimensions().size() == 2;
   if (!ranks) return ffi::Error::InvalidArgument("jserve matmul: bad operand ranks");
-  const int64_t M = dim(x, 0), N = dim(qs, 0), nb = dim(qs, 1);
-  int64_t K = 0;
+  const int64_t M = dim(x, 0), K = dim(x, 1), N = dim(qs, 0), nb = dim(qs, 1);
   Extra ex;
-  ffi::Error err = extras(pre, eps, g, res, M, dim(x, 1), N, &K, &ex);
+  ffi::Error err = extras(pre, eps, g, res, M, K, N, &ex);
   if (err.failure()) return err;
   const int64_t per_block = is_kquant(FMT) ? kq_width(FMT) : FMT == kQ8_0 ? 32 : 16;
   if (dim(qs, 2) != per_block || dim(d, 0) != N || dim(d, 1) != nb)
