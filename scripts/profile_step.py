@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import statistics
 import sys
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--context", type=int, default=300, help="tokens in each live slot's cache")
     ap.add_argument("--parts", action="store_true", help="also time the parts")
+    ap.add_argument("--compare-unfused", action="store_true",
+                    help="also time this tree's step with the kernels fusing nothing (norms, residual adds apart)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -86,31 +89,41 @@ def main(argv: list[str] | None = None) -> int:
     cfg, weights = checkpoint.load_weights(ckpt)
     params = checkpoint.to_params(cfg, weights, jnp.float32, None)
     slots = max(args.rows)
-    eng = JaxEngine(cfg, params, slots=slots, max_len=1024, max_prompt_len=1000)
-    params = eng.params
     sp_req = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_tokens=10_000)
-    state = eng.init_state()
-    rng = np.random.default_rng(0)
-    for s in range(slots):
-        prompt = [int(t) for t in rng.integers(100, 40000, args.context)]
-        state, _ = eng.prefill(state, s, prompt, sp_req, s)
     result = {"rows": {}}
     timers = {}
-    for r in args.rows:
-        fn = eng._compiled.get(("generate", r), eng._generate)
-        slot_arr = np.arange(r, dtype=np.int32)
-        live = np.ones((r,), bool)
-        masks = eng._no_masks[r]
-        lowered = eng._generate.lower(params, state=state, slots=slot_arr, live=live, masks=masks)
-        result["rows"][r] = count_ops(lowered.compile().as_text())
+    real_fuses = getattr(model, "fuses", None)
+    variants = [""] + (["apart"] if args.compare_unfused else [])
+    for variant in variants:
+        eng = JaxEngine(cfg, params, slots=slots, max_len=1024, max_prompt_len=1000, cache_dtype=jnp.bfloat16)
+        state = eng.init_state()
+        rng = np.random.default_rng(0)
+        for s in range(slots):
+            prompt = [int(t) for t in rng.integers(100, 40000, args.context)]
+            state, _ = eng.prefill(state, s, prompt, sp_req, s)
         holder = {"state": state}
+        if variant:  # this tree's step with every op apart, as before the kernels fused any (traced now;
+            # unrolled layers: the same program, and no reuse of the fused layer's cached trace)
+            model.fuses = lambda x, w: False
+            os.environ["JSERVE_UNROLLED_LAYERS"] = "1"
+        for r in args.rows:
+            fn = eng._compiled.get(("generate", r), eng._generate)
+            slot_arr = np.arange(r, dtype=np.int32)
+            live = np.ones((r,), bool)
+            masks = eng._no_masks[r]
+            lowered = eng._generate.lower(eng.params, state=holder["state"], slots=slot_arr, live=live, masks=masks)
+            result["rows"][(variant, r)] = count_ops(lowered.compile().as_text())
 
-        def step(fn=fn, slot_arr=slot_arr, live=live, masks=masks):
-            holder["state"], out = fn(params, state=holder["state"], slots=slot_arr, live=live, masks=masks)
-            return out
-        timers[("generate", r)] = (step, ())
-        # keep each live slot's length roughly fixed: ~reps x rounds tokens of drift only
-    state = None
+            def step(fn=fn, slot_arr=slot_arr, live=live, masks=masks, holder=holder, p=eng.params):
+                holder["state"], out = fn(p, state=holder["state"], slots=slot_arr, live=live, masks=masks)
+                return out
+            step()  # traced (and compiled) here, under this variant
+            timers[(f"generate {variant}".strip(), r)] = (step, ())
+        if real_fuses is not None:
+            model.fuses = real_fuses
+        os.environ.pop("JSERVE_UNROLLED_LAYERS", None)
+    params = eng.params
+    rng = np.random.default_rng(1)
 
     if args.parts:
         d = cfg.dim
@@ -190,11 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         c = 1000 * statistics.median(t[1] for t in ts)
         out.append({"part": name, "rows": r, "ms": w, "cpu_ms": c})
         print(f"| {name} | {r} | {w:.2f} | {c:.2f} |")
-    for r, ops in result["rows"].items():
-        print(f"generate x {r} rows: {ops}")
+    for (variant, r), ops in result["rows"].items():
+        print(f"generate {variant} x {r} rows: {ops}".replace("  ", " "))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"parts": out, "ops": result["rows"]}, f, indent=1)
+            json.dump({"parts": out, "ops": {f"{v} {r}": o for (v, r), o in result["rows"].items()}}, f, indent=1)
     return 0
 
 
