@@ -254,6 +254,20 @@ def matmul(x: jax.Array, w: BlockArray) -> jax.Array:
     return jax.lax.dot_general(x, wf, (((x.ndim - 1,), (1,)), ((), ())))
 
 
+def fuses(x: jax.Array, w: object) -> bool:
+    """Whether ``matmul_fused`` runs ``w``'s product with its neighbours inside one kernel call here:
+    a ``BlockArray`` through the CPU kernels and float32 activations. Else callers run them apart."""
+    return (isinstance(w, BlockArray) and w.kernel and x.dtype == jnp.float32 and w.qs.ndim in (2, 3)
+            and _kernels() is not None)
+
+
+def matmul_fused(x: jax.Array, w: BlockArray, **fused) -> jax.Array:
+    """``matmul`` with a layer's elementwise neighbours folded into the kernel call (``fuses`` must
+    hold): ``norm``/``eps`` (an RMSNorm of x first), ``residual`` (added to the product); see
+    ``cpu_kernels.matmul_isa``."""
+    return _kernels().matmul(x, w.fmt, w.qs, w.d, w.m, **fused)
+
+
 def float_for_kernels(w: jax.Array, transpose: bool = True) -> jax.Array | BlockArray:
     """A float32 matrix ``w [K, N]`` (``[N, K]`` with ``transpose=False``) as an ``f32`` ``BlockArray``
     ``qs [N, K]``, so ``matmul`` multiplies it through the row-invariant CPU kernels; anything else

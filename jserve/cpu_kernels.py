@@ -210,19 +210,28 @@ def describe() -> str:
     return _report().reason
 
 
+PRE_NONE, PRE_RMS_NORM = 0, 1  # what the call does to x first (csrc/ffi.cc)
+
+
 def matmul(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None,
-           m: jax.Array | None = None) -> jax.Array:
+           m: jax.Array | None = None, **fused) -> jax.Array:
     """y [..., N] = x [..., K] @ W^T, W [N, K] in `fmt` (see the module docstring); float32.
 
     Works eagerly and under `jax.jit` (CPU only). The path follows `JSERVE_CPU_KERNEL_ISA`
-    (auto | generic | avx2), read when the call is traced.
+    (auto | generic | avx2), read when the call is traced. ``fused`` (see `matmul_isa`) folds a
+    layer's elementwise neighbours into the call.
     """
-    return matmul_isa(x, fmt, qs, d, m, isa=_env_isa())
+    return matmul_isa(x, fmt, qs, d, m, isa=_env_isa(), **fused)
 
 
 def matmul_isa(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None,
-               m: jax.Array | None = None, *, isa: str = "auto") -> jax.Array:
-    """`matmul` on an explicit path: isa is "auto", "generic" or "avx2" (an error where absent)."""
+               m: jax.Array | None = None, *, isa: str = "auto", norm: jax.Array | None = None,
+               eps: float = 0.0, residual: jax.Array | None = None) -> jax.Array:
+    """`matmul` on an explicit path: isa is "auto", "generic" or "avx2" (an error where absent).
+
+    Fused into the call, row by row (so rows stay invariant): ``norm [K]`` first replaces each row of
+    x by ``norm * (x * (1 / sqrt(mean(x^2) + eps)))`` (RMSNorm, its sum of squares in a fixed order);
+    ``residual [..., N]`` is added to the product (``residual + y``, the bits of adding it apart)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -244,12 +253,21 @@ def matmul_isa(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None
     *lead, K = x.shape
     N = qs.shape[0]
     _check(fmt, K, qs, d, m)
+    if norm is not None and tuple(norm.shape) != (K,):
+        raise ValueError(f"norm must be [{K}], got {tuple(norm.shape)}")
+    if residual is not None and tuple(residual.shape) != (*lead, N):
+        raise ValueError(f"residual must be {(*lead, N)}, got {tuple(residual.shape)}")
     rows = math.prod(lead)
     if rows == 0 or N == 0:
         return jnp.zeros((*lead, N), jnp.float32)
-    args = [x.reshape(rows, K), qs] + ([] if fmt == "f32" else [d]) + ([m] if fmt in WITH_M else [])
+    empty = jnp.zeros((0,), jnp.float32)
+    g = empty if norm is None else jnp.asarray(norm, jnp.float32)
+    res = empty if residual is None else jnp.asarray(residual, jnp.float32).reshape(rows, N)
+    args = [x.reshape(rows, K), g, res, qs] + ([] if fmt == "f32" else [d]) + ([m] if fmt in WITH_M else [])
     call = jax.ffi.ffi_call(_TARGETS[fmt], jax.ShapeDtypeStruct((rows, N), jnp.float32))
-    return call(*args, isa=np.int32(_ISA_CODE[isa])).reshape(*lead, N)
+    pre = PRE_NONE if norm is None else PRE_RMS_NORM
+    return call(*args, isa=np.int32(_ISA_CODE[isa]), pre=np.int32(pre),
+                eps=np.float32(eps)).reshape(*lead, N)
 
 
 def _check(fmt: str, K: int, qs: jax.Array, d: jax.Array | None, m: jax.Array | None) -> None:

@@ -41,7 +41,7 @@ from jserve.attention import (  # noqa: F401 (re-exported: callers name them mod
     pairwise_sum,
     widen,
 )
-from jserve.blocks import BlockArray, float_for_kernels, kernels_loaded
+from jserve.blocks import BlockArray, float_for_kernels, fuses, kernels_loaded, matmul_fused
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache, PagedKVCache, write_chunks, write_paged, write_step
 from jserve.quant import QuantArray, dense, dense_experts, take_rows
@@ -161,6 +161,29 @@ def _mlp(cfg: ModelConfig, layer: LayerParams, x: jax.Array, groups: int) -> jax
     return dense(_gated(cfg, dense(x, layer.w_gate_up), groups), layer.w_down)
 
 
+def normed_dense(x: jax.Array, norm: jax.Array, eps: float, w: Weight) -> jax.Array:
+    """``dense(rms_norm(x, norm, eps), w)``: one kernel call where the kernels fuse it (the norm
+    computed inside, row by row), else the two apart."""
+    if fuses(x, w) and norm.dtype == jnp.float32:
+        return matmul_fused(x, w, norm=norm, eps=eps)
+    return dense(rms_norm(x, norm, eps), w)
+
+
+def _residual_dense(x: jax.Array, h: jax.Array, w: Weight) -> jax.Array:
+    """``x + dense(h, w)``, the add inside the kernel call where it fuses (the same bits)."""
+    if fuses(h, w) and x.dtype == jnp.float32:
+        return matmul_fused(h, w, residual=x)
+    return x + dense(h, w)
+
+
+def _mlp_residual(cfg: ModelConfig, layer: LayerParams, x: jax.Array, groups: int) -> jax.Array:
+    """``x + _mlp(rms_norm(x))``: the norm fused into the gate/up call and the residual add into the
+    down call, where the kernels fuse them. (The activation stays an XLA op: fused into the down
+    call with a scalar exp it measured slower at 8-16 rows.)"""
+    gu = normed_dense(x, layer.mlp_norm, cfg.norm_eps, layer.w_gate_up)
+    return _residual_dense(x, _gated(cfg, gu, groups), layer.w_down)
+
+
 def _moe(cfg: ModelConfig, layer: LayerParams, x: jax.Array, groups: int) -> jax.Array:
     """A mixture of experts in place of the MLP: each token's output is the sum of its top
     ``experts_per_token`` experts' MLPs, weighted by the router's softmax probabilities (rescaled
@@ -189,11 +212,15 @@ def embed_tokens(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Arr
 
 def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Final norm and output projection: ``[..., D]`` → float32 logits ``[..., V]``."""
-    x = rms_norm(x, params.final_norm, cfg.norm_eps)
-    if params.lm_head is None:
-        logits = dense(x, params.embed, transpose=True).astype(jnp.float32)
+    head = params.embed if params.lm_head is None else params.lm_head
+    if fuses(x, head) and params.final_norm.dtype == jnp.float32:
+        logits = matmul_fused(x, head, norm=params.final_norm, eps=cfg.norm_eps)
     else:
-        logits = dense(x, params.lm_head).astype(jnp.float32)
+        x = rms_norm(x, params.final_norm, cfg.norm_eps)
+        if params.lm_head is None:
+            logits = dense(x, params.embed, transpose=True).astype(jnp.float32)
+        else:
+            logits = dense(x, params.lm_head).astype(jnp.float32)
     return _cap(logits, cfg.final_softcap)
 
 
@@ -219,8 +246,7 @@ def _layer(layer: LayerParams, x: jax.Array, positions: jax.Array, ck: jax.Array
     cache, attend to it) and returns the attention output ``[..., N·H]`` and the layer's
     keys/values as that entry point keeps them."""
     inv_freq = rope_inv_freq(cfg, rep)
-    h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
-    qkv = dense(h, layer.wqkv)
+    qkv = normed_dense(x, layer.attn_norm, cfg.norm_eps, layer.wqkv)
     if layer.bqkv is not None:
         qkv = qkv + layer.bqkv.astype(qkv.dtype)
     q, k, v = _split_qkv(cfg, qkv, groups[0])
@@ -229,10 +255,12 @@ def _layer(layer: LayerParams, x: jax.Array, positions: jax.Array, ck: jax.Array
     scale = rope_scale(cfg, rep)
     q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
     o, kv = attend(q, k, v, attn_spec(cfg, rep), ck, cv, aux, cfg)
-    o = dense(o, layer.wo)
-    if layer.post_attn_norm is not None:
-        o = rms_norm(o, layer.post_attn_norm, cfg.norm_eps)
-    x = x + o
+    if layer.post_attn_norm is None:
+        x = _residual_dense(x, o, layer.wo)
+    else:
+        x = x + rms_norm(dense(o, layer.wo), layer.post_attn_norm, cfg.norm_eps)
+    if layer.router is None and layer.post_mlp_norm is None:
+        return _mlp_residual(cfg, layer, x, groups[1]), kv
     h = rms_norm(x, layer.mlp_norm, cfg.norm_eps)
     m = _mlp(cfg, layer, h, groups[1]) if layer.router is None else _moe(cfg, layer, h, groups[2])
     if layer.post_mlp_norm is not None:

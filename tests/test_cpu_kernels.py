@@ -282,3 +282,53 @@ def test_kquant_rows_invariant_under_jit(fmt):
         x = rng.standard_normal((m, 256)).astype(np.float32)
         x[m // 2] = needle
         assert np.array_equal(np.asarray(f(jnp.asarray(x), *ops_j))[m // 2], alone)
+
+
+
+def _fused_reference(x: np.ndarray, w64: np.ndarray, g: np.ndarray | None, res: np.ndarray | None,
+                     eps: float = 1e-5) -> np.ndarray:
+    """The fused call's meaning in float64 numpy: RMSNorm (when ``g``), the product, the residual."""
+    x = x.astype(np.float64)
+    if g is not None:
+        x = g * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+    y = x @ w64.T
+    return y if res is None else y + res
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("fmt", ["f32", "q4_1", "q8_0"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_fused_norm_and_residual_match_numpy_and_stay_row_invariant(fmt, norm, isa):
+    k, n = 64, 70
+    ops, w64 = quantized(fmt, n, k, seed=11)
+    rng = np.random.default_rng(12)
+    g = rng.standard_normal(k).astype(np.float32)
+    fused = {"norm": jnp.asarray(g), "eps": 1e-5} if norm else {}
+    needle, needle_res = rng.standard_normal((1, k)).astype(np.float32), rng.standard_normal((1, n)).astype(np.float32)
+
+    def call(x, res=None):
+        return np.asarray(ck.matmul_isa(jnp.asarray(x), fmt, *(jnp.asarray(a) for a in ops), isa=isa,
+                                        residual=None if res is None else jnp.asarray(res), **fused))
+
+    alone = call(needle, needle_res)[0]
+    for m in (1, 3, 16, 33):
+        x = rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.1, 10)
+        res = rng.standard_normal((m, n)).astype(np.float32)
+        at = int(rng.integers(m))
+        x[at], res[at] = needle[0], needle_res[0]
+        y = call(x, res)
+        assert np.array_equal(y[at], alone), f"M={m}: row {at} differs from the row alone"
+        assert_close(y, _fused_reference(x, w64, g.astype(np.float64) if norm else None, res))
+    # The residual inside the call gives the bits of adding it apart.
+    assert np.array_equal(alone, needle_res[0] + call(needle)[0])
+
+
+@needs_kernels
+def test_fused_operands_refused_with_a_message():
+    ops, _ = quantized("q4_1", 8, 64)
+    x = jnp.ones((2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="norm must be"):
+        ck.matmul(x, "q4_1", *ops, norm=jnp.ones((32,), jnp.float32))
+    with pytest.raises(ValueError, match="residual must be"):
+        ck.matmul(x, "q4_1", *ops, residual=jnp.ones((2, 9), jnp.float32))
