@@ -26,7 +26,7 @@ import numpy as np
 from jserve.sampling import SamplingParams, SlotSampling
 
 if TYPE_CHECKING:
-    from jserve.engine import DecodeState
+    from jserve.engine_steps import DecodeState
 
 log = logging.getLogger("jserve.engine")  # the engine's log: warm-up is its phase (scripts set its level)
 WARMUP_THREAD = "jserve-warmup"  # the background phase's thread
