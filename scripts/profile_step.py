@@ -129,13 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         d = cfg.dim
         L = params.layers
         h = cfg.head_dim
+        inv = model.rope_inv_freq(cfg, 0)
+        eps = cfg.norm_eps
+        fused = hasattr(model, "normed_dense")  # this tree folds norms etc. into the kernel calls
         for r in args.rows:
             x = jnp.asarray(rng.standard_normal((r, d)), jnp.float32)
             xo = jnp.asarray(rng.standard_normal((r, cfg.n_heads * h)), jnp.float32)
-
-            inv = model.rope_inv_freq(cfg, 0)
-            eps = cfg.norm_eps
-            fused = hasattr(model, "normed_dense")  # this tree folds norms etc. into the kernel calls
 
             def attn_in(ls, z):  # attention norm + q/k/v projection, 30 layers
                 outs = [model.normed_dense(z, lay.attn_norm, eps, lay.wqkv) if fused
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             timers[("unembed", r)] = (jax.jit(lambda p, z: model.unembed(p, cfg, z)), (params, x))
             v = cfg.vocab_size
             logits = jnp.asarray(rng.standard_normal((r, v)) * 3, jnp.float32)
-            sp = jax.tree.map(lambda a: jnp.repeat(jnp.asarray(a), r, axis=0), SlotSampling.from_params(sp_req, 1))
+            sp = jax.tree.map(lambda a, r=r: jnp.repeat(jnp.asarray(a), r, axis=0), SlotSampling.from_params(sp_req, 1))
             steps = jnp.arange(r, dtype=jnp.int32)
             timers[("sample", r)] = (jax.jit(sample), (logits, sp, steps))
             seen = jnp.zeros((r, v), bool)
