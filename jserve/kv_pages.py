@@ -20,7 +20,8 @@ cached too.
 A sequence's last, partly filled page is kept too when it ends (``release`` with its tokens): a
 *tail*, keyed by its parent page's key, evicted like any cached page. A later sequence whose
 tokens run on into a tail takes the tail page over and overwrites it past what it shares
-(``admit_reusing``); or it copies the partial page of a live sequence it shares more with. So a
+(``admit_reusing``); or it copies the page of a live sequence, or a cached full page after the
+same parent (e.g. a system prompt's last page, filled up by a question), it shares more with. So a
 prompt reuses every cached token, not only whole pages, and always computes its last token in a
 page it owns.
 
@@ -175,6 +176,8 @@ class PagePool:
         self._slots: list[_Slot | None] = [None] * slots
         self._tails: dict[bytes, dict[int, np.ndarray]] = {}  # parent key -> {tail page: its tokens}
         self._tail_parent: dict[int, bytes] = {}  # tail page -> its parent key
+        self._children: dict[bytes, dict[int, np.ndarray]] = {}  # parent key -> {full page: its tokens}
+        self._child_parent: dict[int, bytes] = {}  # registered full page -> its parent key
         self._evictions = 0
         self._hit_tokens = 0
 
@@ -255,6 +258,10 @@ class PagePool:
             n = shared_prefix(toks, rest, limit)
             if n > shared:
                 best, shared = ("tail", page), n
+        for page, toks in self._children.get(key, {}).items():  # a cached full page, in part
+            n = shared_prefix(toks, rest, limit)
+            if n > shared:
+                best, shared = ("full", page), n
         k = len(pages)
         for slot, toks in live.items():
             state = self._slots[slot]
@@ -270,8 +277,9 @@ class PagePool:
     def admit_reusing(self, slot: int, tokens: Sequence[int],
                       live: dict[int, Sequence[int]] | None = None) -> tuple[int, list[tuple[int, int]]]:
         """``admit``, then also the positions shared with a tail (taken over: the sequence owns
-        that page and overwrites it past them) or with the partial page of a ``live`` sequence
-        (slot -> the tokens its pages hold), copied into a new page. Returns the positions reused
+        that page and overwrites it past them), with the partial page of a ``live`` sequence
+        (slot -> the tokens its pages hold) or with the first positions of a cached full page,
+        copied into a new page. Returns the positions reused
         (less than ``len(tokens)``) and the page copies ``(from, to)`` the device must make before
         the sequence's next call."""
         cached = self.admit(slot, tokens)
@@ -282,9 +290,18 @@ class PagePool:
             page = source[1]
             self._hold(page)
             self._unregister(page)
-        elif source is not None and self.available() > 0:
+        elif source is not None:
+            src = source[1]
+            pinned = self._refs[src] == 0  # a cached page nobody holds: not evicted for its own copy
+            if self.available() <= int(pinned):
+                return cached, copies
+            if pinned:
+                self._hold(src)
             page = self._take()
-            copies.append((source[1], page))
+            if pinned:
+                self._refs[src] -= 1
+                self._evictable[src] = None
+            copies.append((src, page))
         else:
             return cached, copies
         self.table[slot, len(state.pages)] = page
@@ -349,6 +366,9 @@ class PagePool:
             if key not in self._page_of:
                 self._page_of[key] = page
                 self._key_of[page] = key
+                self._child_parent[page] = state.last_key
+                self._children.setdefault(state.last_key, {})[page] = np.asarray(
+                    tokens[i * self.page_size:(i + 1) * self.page_size], np.int64)
                 added += 1
             state.last_key = key
             state.committed = i + 1
@@ -424,6 +444,12 @@ class PagePool:
 
     def _unregister(self, page: int) -> None:
         del self._page_of[self._key_of.pop(page)]
+        parent = self._child_parent.pop(page, None)
+        if parent is not None:
+            children = self._children[parent]
+            del children[page]
+            if not children:
+                del self._children[parent]
         parent = self._tail_parent.pop(page, None)
         if parent is not None:
             tails = self._tails[parent]

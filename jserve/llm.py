@@ -198,7 +198,7 @@ class LLM:
 
     Built from ``engine`` (``EngineConfig``: slots, max_len, max_prompt_len, quantize, dtype,
     top_logprobs, mesh, indivisible, speculate) and ``scheduler`` (``SchedulerConfig``:
-    max_waiting, prefill_budget, prefix_cache, speculate_default, max_undelivered, pipeline), the
+    max_waiting, prefill_budget, prefix_cache, speculate_default, max_undelivered, pipeline, kv_headroom), the
     same dataclasses the server's command line and ``scripts/generate.py`` are built from, so
     their defaults are one (``jserve.serving_config`` documents each). Any of their fields may
     also be given by name: ``LLM(ckpt, slots=4, max_len=256, speculate=4)``.
@@ -257,7 +257,7 @@ class LLM:
                                          max_waiting=s.max_waiting, prefill_budget=s.prefill_budget,
                                          on_event=on_event, pipeline=s.pipeline, on_fatal=on_fatal,
                                          max_undelivered=s.max_undelivered, prefix_cache=s.prefix_cache,
-                                         speculate=s.speculate_default)
+                                         speculate=s.speculate_default, kv_headroom=s.kv_headroom)
         tok = self.tokenizer
         self.limits = Limits(vocab_size=self.config.vocab_size, max_len=self.engine.max_len,
                              max_prompt_len=self.engine.max_prompt_len, max_logprobs=self.engine.top_logprobs,

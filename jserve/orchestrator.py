@@ -95,8 +95,11 @@ class Orchestrator(PagedScheduling):
                  max_waiting: int = 256, prefill_budget: int = 64,
                  on_event: Callable[[Event, Request, float], None] | None = None, pipeline: bool = True,
                  on_fatal: Callable[[str], None] | None = None, max_undelivered: int = 1024,
-                 prefix_cache: bool = True, speculate: bool = True):
+                 prefix_cache: bool = True, speculate: bool = True, kv_headroom: int = 1):
         self.engine = engine
+        if kv_headroom < 0:
+            raise ValueError(f"kv_headroom must be a number of pages >= 0, got {kv_headroom}")
+        self.kv_headroom = kv_headroom  # pages admission keeps free per running request (paged pool)
         self.spec_tokens = engine.speculate  # drafts a verify step checks per row (0: no speculation)
         self.speculate = speculate  # the default for requests that do not say (``SamplingParams.speculate``)
         self.policy = SpecPolicy()  # when a step checks drafts (replaceable, e.g. by tests)

@@ -22,6 +22,10 @@ log = logging.getLogger("jserve.orchestrator")
 
 
 class PagedScheduling:
+    # Pages of headroom admission keeps for each run holding a slot (see ``_headroom``); the
+    # orchestrator's ``kv_headroom``. 0: admit whenever the prompt fits (preemption absorbs growth).
+    kv_headroom = 1
+
     # ---- paged KV (engine.paged) ----------------------------------------------------------
     def _table(self) -> dict[str, Any]:
         """The page table to hand a paged engine's call (none for an engine without pages)."""
@@ -68,14 +72,20 @@ class PagedScheduling:
                     self._preempted.pop(0)
                     self._finish(run, ERROR, error=message)
                 continue
+            length = min(len(tokens) + (1 if run is None else 2), self.engine.max_len)
+            if not self._headroom(req, tokens, length):
+                if run is None:
+                    self._waiting.put_front(req)
+                break  # not now, first in line (the check below, after taking, is exact)
             slot = self._slots.take(tokens, {}, False).slot
             if self.prefix_cache:
                 reuse, copies = pool.admit_reusing(slot, tokens, self._live_tokens())
             else:
                 pool.admit(slot, [])
                 reuse, copies = 0, []
-            # Its prompt (a resumed run: its tokens) and the next step's positions (``_grow``).
-            if not pool.ensure(slot, min(len(tokens) + (1 if run is None else 2), self.engine.max_len)):
+            # Its prompt (a resumed run: its tokens) and the next step's positions (``_grow``); then
+            # headroom: pages left for every run holding a slot, this one too, to grow for a while.
+            if not pool.ensure(slot, length) or not self._headroom(req, tokens, length, slot):
                 # Not now: back as it was, first in line; nothing behind it overtakes it.
                 keep = reuse - (reuse % pool.page_size if copies else 0)
                 pool.release(slot, tokens[:keep] if self.prefix_cache and keep else None)
@@ -114,6 +124,28 @@ class PagedScheduling:
             if self.prefix_cache and run.refeed is None:
                 self._on_event(Event.PREFIX_LOOKUP, req, float(reuse))
         return state
+
+    def _reserve(self, req, pages: int) -> int:
+        """Pages ``req``, holding ``pages``, may still take soon: those to its last position (its
+        prompt and ``max_tokens``), at most ``kv_headroom``."""
+        budget = req.params.max_tokens if req.params.max_tokens is not None else self.engine.max_len
+        final = min(len(req.prompt_ids) + budget, self.engine.max_len)
+        return max(0, min(self.pages.pages_needed(final) - pages, self.kv_headroom))
+
+    def _headroom(self, req, tokens, length: int, slot: int | None = None) -> bool:
+        """Whether, with ``req`` given pages for ``length`` positions of ``tokens`` (in ``slot``,
+        once it has them; before, counting its cached prefix as taken), the pool still has the
+        pages every run holding a slot, ``req`` included, may take soon (``_reserve``), so that
+        admitting it preempts nobody. A request alone in the pool needs no headroom (else it
+        could wait for ever)."""
+        held = self._held()
+        if not held or self.kv_headroom <= 0:
+            return True
+        pool = self.pages
+        need = sum(self._reserve(run.req, pool.capacity(s) // pool.page_size) for s, run in held.items())
+        if slot is None:  # before taking pages: also those it would take (cached ones count too)
+            need += pool.pages_needed(length) - len(pool.lookup(tokens))
+        return pool.available() >= need + self._reserve(req, pool.pages_needed(length))
 
     def _grow(self, state, spec: bool) -> tuple[Any, bool]:
         """Pages for every live run's next step, oldest run first; a run that cannot get one

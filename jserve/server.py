@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt tokens run between two decode steps while streams are live, in chunks of 16 "
                          f"(default {SCHEDULER.prefill_budget}): a long prompt is run a chunk at a time, so live "
                          "streams keep their pace; with no live stream each call takes up to 512")
+    ap.add_argument("--kv-headroom", type=int, default=SCHEDULER.kv_headroom,
+                    help="with a paged KV pool (--kv-memory): KV pages admission keeps free for each running "
+                         "request to grow into, so growth rarely preempts; 0 admits whenever a prompt fits "
+                         f"(default {SCHEDULER.kv_headroom})")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="compute every prompt in full (default: reuse the keys/values of a prompt prefix "
                          "already held by some slot, e.g. a shared system prompt or the earlier turns of a chat)")
@@ -131,7 +135,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(max_waiting=args.max_waiting, prefill_budget=args.prefill_budget,
                            prefix_cache=not args.no_prefix_cache, speculate_default=args.speculate_default == "on",
-                           max_undelivered=args.max_undelivered)
+                           max_undelivered=args.max_undelivered, kv_headroom=args.kv_headroom)
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:

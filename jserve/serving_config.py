@@ -58,7 +58,9 @@ class SchedulerConfig:
     decode step while streams are live. ``prefix_cache``: reuse the keys/values of prompt prefixes
     already held by some slot. ``speculate_default``: whether requests that do not say use
     speculative decoding. ``max_undelivered``: pieces a consumer may leave unread before its
-    request ends (``slow_reader``). ``pipeline``: dispatch each step before handling the last."""
+    request ends (``slow_reader``). ``pipeline``: dispatch each step before handling the last.
+    ``kv_headroom``: with a paged KV pool, pages admission keeps free for each running request's
+    growth (at most what it needs to its end); 0 admits whenever a prompt fits."""
 
     max_waiting: int = 256
     prefill_budget: int = 64
@@ -66,6 +68,7 @@ class SchedulerConfig:
     speculate_default: bool = True
     max_undelivered: int = 1024
     pipeline: bool = True
+    kv_headroom: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

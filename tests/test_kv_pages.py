@@ -434,3 +434,23 @@ def test_tails_are_evicted_like_cached_pages_and_reset_empties_the_pool():
     assert pool.match([1, 2, 9]) == 0 and pool.match([3, 4, 9]) == 2
     pool.reset()
     assert pool.stats().free == 2 and not pool.holds(1)
+
+
+def test_a_cached_full_pages_first_positions_are_copied_and_the_page_is_not_evicted_for_it():
+    pool = PagePool(3, 2, 3, page_size=4)
+    pool.admit(0, [])
+    pool.ensure(0, 6)
+    pool.release(0, [1, 2, 3, 7, 8])  # a full page [1, 2, 3, 7] cached, and a tail after it
+    assert pool.stats().cached == 2 and pool.stats().free == 1
+    source = pool.lookup([1, 2, 3, 7, 0])[0]
+    # A prompt sharing three positions of that page (a system prompt, then another question).
+    reused, copies = pool.admit_reusing(1, [1, 2, 3, 9, 9])
+    assert reused == 3 and copies == [(source, pool.pages_of(1)[0])] and pool.pages_of(1)[0] != source
+    assert pool.refcount(source) == 0 and pool.match([1, 2, 3, 7, 0]) == 4  # still cached, not shared
+    pool.release(1)
+    # The pool's only evictable page is the source (the tail is evicted for another sequence):
+    # a copy would need another page, and never takes its own source, so nothing is copied.
+    pool.admit(0, [])
+    assert pool.ensure(0, 8) and pool.stats().evictions == 1 and pool.available() == 1
+    assert pool.admit_reusing(1, [1, 2, 3, 9, 9]) == (0, [])
+    assert pool.lookup([1, 2, 3, 7, 0]) == [source] and pool.refcount(source) == 0

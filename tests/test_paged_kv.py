@@ -79,13 +79,53 @@ def test_a_pool_too_small_for_all_waits_preempts_and_resumes_with_the_same_token
     else:
         params = [SamplingParams(temperature=0.9, top_p=0.9, repetition_penalty=1.2, presence_penalty=0.3,
                                  seed=7 + i, max_tokens=90, ignore_eos=True, logprobs=1) for i in range(3)]
-    together, preemptions, stats = _run_all(engine, prompts, params)
+    # No headroom: admission takes whatever prompt fits, so growth must preempt.
+    together, preemptions, stats = _run_all(engine, prompts, params, kv_headroom=0)
     # Three sequences of 190-210 positions need six pages; the pool has four.
     assert preemptions >= 1
     assert all(r.completion_tokens == 90 and r.error is None for r in together)
     assert stats.in_use == 0 and stats.free + stats.cached == 4
     alone = [_run_all(engine, [p], [sp])[0][0] for p, sp in zip(prompts, params)]
     assert [_fp(r) for r in together] == [_fp(r) for r in alone]
+
+
+def test_admission_keeps_headroom_so_a_tight_pool_does_not_preempt(engine):
+    """Many chats through a pool that holds two of them grown: without headroom admission
+    over-commits the pool and growth preempts; with a page of headroom per running request it
+    admits only what can grow, preempts nobody, and every output equals the request run alone."""
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(70, 120, 8)
+    prompts = [rng.integers(3, 500, int(n)).tolist() for n in lengths]
+    params = [SamplingParams(temperature=0.0, max_tokens=int(t), ignore_eos=True, logprobs=1)
+              for t in rng.integers(60, 110, 8)]
+    # Each sequence ends on its second page (129-229 positions): four pages hold two at once.
+    assert all(128 < n + sp.max_tokens <= 256 for n, sp in zip(lengths, params))
+    over, over_preemptions, _ = _run_all(engine, prompts, params, kv_headroom=0)
+    kept, preemptions, stats = _run_all(engine, prompts, params)
+    assert over_preemptions >= 2 and preemptions == 0
+    assert all(r.completion_tokens == sp.max_tokens and r.error is None for r, sp in zip(kept, params))
+    assert stats.in_use == 0
+    alone = [_run_all(engine, [p], [sp])[0][0] for p, sp in zip(prompts, params)]
+    assert [_fp(r) for r in kept] == [_fp(r) for r in alone] == [_fp(r) for r in over]
+
+
+def test_tenants_system_prompts_stay_warm_and_equal_computing_them(engine):
+    """Two tenants' system prompts, each asked twice in turn: the second time takes the whole
+    system prompt from the pool (copied out of the first ask's full page; the other tenant's pages
+    stayed cached meanwhile), and its output is bitwise what computing the whole prompt gives."""
+    rng = np.random.default_rng(5)
+    # Each system prompt ends inside its first page, which the first ask's question fills up.
+    systems = [rng.integers(3, 500, 120).tolist() for _ in range(2)]
+    prompts = [systems[t] + rng.integers(3, 500, 6).tolist() for t in (0, 1, 0, 1)]
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=1)
+    orch = Orchestrator(engine, None, max_waiting=8)
+    try:
+        warm = [collect(list(orch.submit(p, sp, Stream()))) for p in prompts]  # one at a time
+    finally:
+        orch.shutdown(drain=False, timeout=30)
+    assert [r.cached_tokens for r in warm] == [0, 0, 120, 120]
+    cold = _run_all(engine, prompts[2:], [sp, sp], prefix_cache=False)[0]
+    assert [_fp(r) for r in warm[2:]] == [_fp(r) for r in cold]
 
 
 def test_recomputed_keys_equal_the_decode_steps(engine):
