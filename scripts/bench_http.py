@@ -101,6 +101,8 @@ class Server:
                "--max-len", str(args.max_len)]
         if args.checkpoint is not None:
             cmd += ["--checkpoint", str(args.checkpoint)]
+        if args.kv_memory is not None:
+            cmd += ["--kv-memory", args.kv_memory]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         grpc_addr = http_addr = None
         for line in self.proc.stdout:
@@ -243,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--kv-memory", default=None,
+                    help="the server's KV page pool (e.g. 512MiB; default: the server's, slots x max-len); "
+                         "--cache warm compares variants fairly only while the pool holds every variant's prompts")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)

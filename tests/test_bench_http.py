@@ -28,6 +28,9 @@ def test_tools_and_their_text_do_the_same_work_from_a_warm_cache(tiny_ckpt, tmp_
     out = tmp_path / "b.json"
     rc = bench.main(["--checkpoint", str(tiny_ckpt), "--slots", "4", "--streams", "4", "--requests", "4",
                      "--max-tokens", str(MAX_TOKENS), "--max-len", "512", "--rounds", "1",
+                     # a pool holding both variants' prompts, so no eviction decides what a
+                     # variant finds cached (the default pool is 4 x 512 positions)
+                     "--kv-memory", "32MiB",
                      "--variants", "http-half-tools,http-half-tools-text", "--json", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
