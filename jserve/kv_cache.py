@@ -49,6 +49,13 @@ def to_stored(new: jax.Array, buf: jax.Array) -> jax.Array:
     return new.astype(buf.dtype)
 
 
+def _zero_layers(cfg: ModelConfig, shape: tuple[int, ...], dtype: jnp.dtype) -> tuple[tuple, tuple]:
+    """Zeroed keys and values, one ``shape`` array each per layer, stored as ``dtype`` is."""
+    store = storage(dtype)
+    return (tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)),
+            tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)))
+
+
 @struct.dataclass
 class KVCache:
     """Keys and values of every slot. ``k[l]``, ``v[l]``: ``[S, K, T, H]`` (``uint16`` bits for
@@ -72,11 +79,7 @@ class KVCache:
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, slots: int, max_len: int, dtype: jnp.dtype) -> KVCache:
-        shape, store = (slots, cfg.n_kv_heads, max_len, cfg.head_dim), storage(dtype)
-        return cls(
-            k=tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)),
-            v=tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)),
-        )
+        return cls(*_zero_layers(cfg, (slots, cfg.n_kv_heads, max_len, cfg.head_dim), dtype))
 
 
 def cache_bytes(cfg: ModelConfig, slots: int, max_len: int, dtype: jnp.dtype) -> int:
@@ -150,11 +153,7 @@ class PagedKVCache:
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, pages: int, page_size: int, dtype: jnp.dtype) -> PagedKVCache:
-        shape, store = (pages, cfg.n_kv_heads, page_size, cfg.head_dim), storage(dtype)
-        return cls(
-            k=tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)),
-            v=tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)),
-        )
+        return cls(*_zero_layers(cfg, (pages, cfg.n_kv_heads, page_size, cfg.head_dim), dtype))
 
 
 def page_at(table: jax.Array, slots: jax.Array, positions: jax.Array, pages: int, page_size: int) -> jax.Array:

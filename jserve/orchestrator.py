@@ -323,13 +323,9 @@ class Orchestrator(PagedScheduling):
             return self._admit_paged(state)
         skipped = 0
         while self._slots.free:
-            req, skipped = self._waiting.take(skipped, self._wait_for_prefix, self.engine.slots)
+            req, skipped = self._next_waiting(skipped)
             if req is None:
                 break
-            reason = req.ended(time.monotonic())
-            if reason:  # cancelled or expired while waiting: never reaches the device
-                self._end_unstarted(req, reason)
-                continue
             busy = {s: run.cache_tokens() for s, run in self._held().items()} if self.prefix_cache else {}
             slot, src, reuse = self._slots.take(req.prompt_ids, busy, self.prefix_cache)
             seed = req.params.seed if req.params.seed is not None else int(self._seeds.integers(2**63))
@@ -352,6 +348,18 @@ class Orchestrator(PagedScheduling):
             if self.prefix_cache:
                 self._on_event(Event.PREFIX_LOOKUP, req, float(reuse))
         return state
+
+    def _next_waiting(self, skipped: int) -> tuple[Request | None, int]:
+        """The next waiting request to start (``WaitingQueue.take``), or None; one cancelled or
+        expired while waiting is finished here and never reaches the device."""
+        while True:
+            req, skipped = self._waiting.take(skipped, self._wait_for_prefix, self.engine.slots)
+            if req is None:
+                return None, skipped
+            reason = req.ended(time.monotonic())
+            if not reason:
+                return req, skipped
+            self._end_unstarted(req, reason)
 
     def _wait_for_prefix(self, req: Request) -> bool:
         if not self.prefix_cache or not self._prefilling:

@@ -53,13 +53,9 @@ class PagedScheduling:
         while self._slots.free:
             run = self._preempted[0] if self._preempted else None
             if run is None:
-                req, skipped = self._waiting.take(skipped, self._wait_for_prefix, self.engine.slots)
+                req, skipped = self._next_waiting(skipped)
                 if req is None:
                     break
-                reason = req.ended(time.monotonic())
-                if reason:  # cancelled or expired while waiting: never reaches the device
-                    self._end_unstarted(req, reason)
-                    continue
                 tokens = req.prompt_ids
             else:
                 req, tokens = run.req, run.refeed
