@@ -131,3 +131,24 @@ def mock_llm(engine, metrics=None, tokenizer=None, **settings):
                          ffn_dim=8, eos_token_ids=tok.eos_token_ids, arch="mock")
     model = LoadedModel(pathlib.Path("mock"), config, tok, engine, None, 0, 0.0)
     return LLM.over(model, on_event=metrics.on_event if metrics is not None else None, **settings)
+
+
+# The mock's shape for the front-end tests (tests/test_frontends_mock.py, tests/test_frontends_errors.py).
+MOCK_SHAPE = dict(slots=2, max_len=64, vocab_size=32, top_logprobs=3, max_prompt_len=32)
+
+
+def start_mock(max_waiting: int = 16, tokenizer=None, **engine_kw) -> Frontends:
+    """Every front end over a ``MockEngine`` of ``MOCK_SHAPE`` (``engine_kw`` overrides it), its
+    metrics in a registry of their own and bound to the orchestrator's gauges."""
+    from prometheus_client import CollectorRegistry
+
+    from jserve.metrics import ServingMetrics
+
+    from .mock_engine import MockEngine
+
+    metrics = ServingMetrics(CollectorRegistry())
+    llm = mock_llm(MockEngine(**(MOCK_SHAPE | engine_kw)), metrics, tokenizer, max_waiting=max_waiting,
+                   prefill_budget=64)
+    o = llm.orchestrator
+    metrics.bind(llm.engine.slots, lambda: o.num_waiting, lambda: o.num_running, lambda: o.slots_in_use)
+    return Frontends(llm, metrics)

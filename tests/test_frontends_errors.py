@@ -1,0 +1,152 @@
+"""The front ends' refusals exactly, over ``MockEngine`` (tests/frontends.py's ``start_mock``): a
+field of the wrong type, a missing one, an unknown value, named the same way by the ``LLM``, the
+offline script and HTTP, with the ``param`` (the field, or the item of it) and OpenAI's error
+``code`` a real ``openai`` client sees. The answers themselves: tests/test_frontends_mock.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from jserve.errors import ErrorKind
+
+from .frontends import start_mock
+
+
+@pytest.fixture(scope="module")
+def fronts():
+    f = start_mock()
+    yield f
+    f.close()
+    f.llm.close(drain=False)
+
+
+TYPE_ERRORS = [
+    ("max_tokens", "ten", 'max_tokens must be an integer, got a string: "ten"'),
+    ("max_tokens", 2.5, "max_tokens must be an integer, got a number: 2.5"),
+    ("temperature", "hot", 'temperature must be a number, got a string: "hot"'),
+    ("seed", [1], "seed must be an integer, got a list: [1]"),
+    ("ignore_eos", "sure", 'ignore_eos must be a boolean, got a string: "sure"'),
+    ("stop", 5, "stop must be a string or a list of strings, got an integer: 5"),
+    ("stop", ["a", 2], "stop[1] must be a string, got an integer: 2"),
+    # JSON booleans are not numbers, nor numeric strings numbers (as OpenAI's API refuses them)
+    ("max_tokens", True, "max_tokens must be an integer, got a boolean: true"),
+    ("max_tokens", "5", 'max_tokens must be an integer, got a string: "5"'),
+    ("temperature", True, "temperature must be a number, got a boolean: true"),
+    ("temperature", "0.5", 'temperature must be a number, got a string: "0.5"'),
+    ("seed", False, "seed must be an integer, got a boolean: false"),
+    ("ignore_eos", 1, "ignore_eos must be a boolean, got an integer: 1"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", TYPE_ERRORS, ids=[f"{t[0]}-{t[1]!r}" for t in TYPE_ERRORS])
+def test_a_field_of_the_wrong_type_is_named_with_the_type_it_takes_and_what_was_sent(fronts, field, value, message):
+    """The same words from the LLM, the script and HTTP (OpenAI's error body naming the field);
+    gRPC's fields are typed by the protocol, so its stub cannot send these."""
+    fields = {field: value}
+    assert fronts.llm_answer("hello", fields) == ("error", ErrorKind.INVALID, message)
+    assert fronts.script_answer("hello", fields) == ("error", message)
+    r = fronts.httpx.post("/v1/completions", json={"model": "mock", "prompt": "hello", **fields})
+    assert r.status_code == 400 and r.json()["error"] == {  # param: the field, or the item of it, named first
+        "message": message, "type": "invalid_request_error", "param": message.split(" ", 1)[0],
+        "code": "invalid_type"}  # OpenAI's code for a value of the wrong type
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n", True, "n must be an integer, got a boolean: true"),
+    ("stream", 1, "stream must be a boolean, got an integer: 1"),
+    ("logprobs", "true", 'logprobs must be a boolean, got a string: "true"'),
+    ("top_logprobs", "2", 'top_logprobs must be an integer, got a string: "2"'),
+    ("stream_options", {"include_usage": 1}, "stream_options.include_usage must be a boolean, got an integer: 1"),
+    ("messages", [{"role": "user", "content": [5]}],
+     "messages[0].content[0] must be an object (a content part), got an integer: 5"),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}],
+     'messages[0].content[1] must be an object (a content part), got a string: "b"'),
+    ("messages", [{"role": "user", "content": 5}], "messages[0].content must be a string or a list, got an integer: 5"),
+])
+def test_http_chat_fields_are_strictly_typed_naming_the_bad_item(fronts, field, value, message):
+    body = {"model": "mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value}
+    r = fronts.httpx.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": message, "type": "invalid_request_error", "param": message.split(" ", 1)[0],
+        "code": "invalid_type"}
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (["hello", 5], "prompt[1] must be a string, got an integer: 5"),  # a list of strings
+    ([4, 5, "x"], 'prompt[2] must be an integer, got a string: "x"'),  # token ids
+    ([4, 5, 6.5], "prompt[2] must be an integer, got a number: 6.5"),
+    ([[4, 5], [6, 7, True]], "prompt[1][2] must be an integer, got a boolean: true"),  # lists of token ids
+    ([[4, 5], 6], "prompt[1] must be a list, got an integer: 6"),
+    ([[4, [5]]], "prompt[0][1] must be an integer, got a list: [5]"),
+    ([{"text": "hi"}], 'prompt[0] must be an integer, a string or a list, got an object: {"text": "hi"}'),
+    (5, "prompt must be a string, a list of integers, a list of strings or a list of lists of integers, "
+        "got an integer: 5"),  # the field itself
+])
+def test_http_completions_name_the_bad_item_of_the_prompt(fronts, prompt, message):
+    r = fronts.httpx.post("/v1/completions", json={"model": "mock", "prompt": prompt, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": message, "type": "invalid_request_error", "param": message.split(" ", 1)[0],
+        "code": "invalid_type"}
+
+
+def test_an_integer_is_a_number_where_a_float_is_expected(fronts):
+    """OpenAI takes ``temperature: 1``; so does every front end here (the request layer's rule)."""
+    fields = {"temperature": 0, "top_p": 1, "max_tokens": 2}
+    got = fronts.llm_answer([4, 5], fields)
+    r = fronts.httpx.post("/v1/completions", json={"model": "mock", "prompt": [4, 5], **fields})
+    assert r.status_code == 200, r.text
+    assert got[0] == [6, 7] and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_http_names_a_field_of_the_wrong_type_inside_the_body():
+    from jserve.request import body_error
+
+    # pydantic's errors for {"prompt": 5} (one per type the field takes) and for a message's content.
+    union = [{"type": "string_type", "loc": ("body", "prompt", "str"), "input": 5}] + [
+        {"type": "list_type", "loc": ("body", "prompt", t), "input": 5} for t in ("list[int]", "list[str]")]
+    assert body_error(union) == ("prompt must be a string, a list of integers or a list of strings, got an "
+                                 "integer: 5", "prompt", "invalid_type")
+    nested = [{"type": "string_type", "loc": ("body", "messages", 0, "content", "str"), "input": 5},
+              {"type": "list_type", "loc": ("body", "messages", 0, "content", "list[TextPart]"), "input": 5}]
+    assert body_error(nested) == ("messages[0].content must be a string or a list, got an integer: 5",
+                                  "messages[0].content", "invalid_type")
+    assert body_error([{"type": "missing", "loc": ("body", "prompt"), "input": {}}]) == (
+        "prompt is required", "prompt", "missing_required_parameter")
+
+
+# OpenAI's error codes (its API's answers, as clients see them): "invalid_type" for a value of the
+# wrong type, "missing_required_parameter" for a required field not given, "invalid_value" for a
+# value that is none of the field's known ones; the status and type stay 400 invalid_request_error.
+CODES = [
+    ("/v1/completions", {"prompt": "hello", "max_tokens": "ten"}, "max_tokens", "invalid_type"),
+    ("/v1/completions", {"prompt": "hello", "stop": 5}, "stop", "invalid_type"),
+    ("/v1/completions", {"max_tokens": 2}, "prompt", "missing_required_parameter"),
+    ("/v1/chat/completions", {"max_tokens": 2}, "messages", "missing_required_parameter"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages", "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "4"}]}, "messages",
+     "missing_required_parameter"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
+     "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
+     "response_format.type", "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "sometimes"},
+     "tool_choice", "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": "yes"},
+     "parallel_tool_calls", "invalid_type"),
+]
+
+
+@pytest.mark.parametrize("path, fields, param, code", CODES, ids=[f"{c[2]}-{c[3]}" for c in CODES])
+def test_http_errors_carry_openais_code_for_wrong_types_missing_fields_and_unknown_values(fronts, path, fields,
+                                                                                          param, code):
+    openai = pytest.importorskip("openai")
+    r = fronts.httpx.post(path, json={"model": "mock", **fields})
+    err = r.json()["error"]
+    assert (r.status_code, err["type"], err["param"], err["code"]) == (400, "invalid_request_error", param, code)
+    # The real client's view: a BadRequestError whose code is OpenAI's.
+    client = openai.OpenAI(base_url=fronts.http_url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post(path, body={"model": "mock", **fields}, cast_to=dict)
+    assert (e.value.status_code, e.value.code, e.value.param, e.value.type) == (400, code, param,
+                                                                                "invalid_request_error")
+
