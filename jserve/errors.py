@@ -30,15 +30,16 @@ INVALID_VALUE = "invalid_value"  # a value that is none of the field's known one
 
 class RequestError(ValueError):
     """A request refused or ended by the serving edge; ``kind`` says which way, the message why;
-    ``code``: the OpenAI error code it has, if more precise than its kind's."""
+    ``code``: the OpenAI error code it has, if more precise than its kind's; ``param``: the field
+    (or the item of one, ``messages[0].role``) it refuses, where the message alone does not say."""
 
-    def __init__(self, kind: ErrorKind, message: str, code: str | None = None):
+    def __init__(self, kind: ErrorKind, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
-        self.kind, self.message, self.code = ErrorKind(kind), message, code
+        self.kind, self.message, self.code, self.param = ErrorKind(kind), message, code, param
 
 
 class InvalidRequestError(RequestError):
     """A request that can never be served as given; the message says exactly why."""
 
-    def __init__(self, message: str, code: str | None = None):
-        super().__init__(ErrorKind.INVALID, message, code)
+    def __init__(self, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(ErrorKind.INVALID, message, code, param)

@@ -226,8 +226,13 @@ class HttpFrontEnd(ChoicesMixin):
             self._check_model(body.model)
             chat = body.chat_request()
             self._check(chat, chat.max_tokens, None)
-            plan, ids = await self._plan([m.raw() for m in chat.messages], chat.tools, chat.tool_choice,
-                                         chat.parallel_tool_calls)
+            try:
+                plan, ids = await self._plan([m.raw() for m in chat.messages], chat.tools, chat.tool_choice,
+                                             chat.parallel_tool_calls)
+            except ApiError as e:  # the chat made of the input: its messages are not the client's items
+                if e.param is not None and e.param.startswith("messages"):
+                    e.param = "input"
+                raise
             constraint = self._tool_constraint(plan, chat)
             started = await self._start([ids], chat, chat.max_tokens, None, constraint, self._skip_special(plan))
             return await respond_responses(self, request, body, chat, started, self._replies(plan, chat, 1))

@@ -114,13 +114,14 @@ def _text_of(i: int, content: Any) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise ApiError(400, f"input[{i}].content must be a string or a list of parts", param="input")
+        raise ApiError(400, f"input[{i}].content must be a string or a list of parts", param=f"input[{i}].content")
     texts = []
-    for part in content:
+    for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
             raise ApiError(400, f"input[{i}]: content parts of type {kind!r} are not supported (text only)",
-                           param="input")
+                           param=f"input[{i}].content[{j}].type" if kind not in ("input_text", "output_text", "text")
+                           else f"input[{i}].content[{j}].text")
         texts.append(part["text"])
     return "".join(texts)
 
@@ -131,7 +132,8 @@ def messages_from_item(messages: list[dict[str, Any]], i: int, item: Any) -> Non
     if kind == "message":
         role = item.get("role")
         if role not in ("user", "assistant", "system", "developer"):
-            raise ApiError(400, f"input[{i}].role must be user, assistant, system or developer", param="input")
+            raise ApiError(400, f"input[{i}].role must be user, assistant, system or developer",
+                           param=f"input[{i}].role")
         messages.append({"role": role, "content": _text_of(i, item.get("content"))})
     elif kind == "function_call":
         call = {"id": item.get("call_id"), "type": "function",
@@ -148,7 +150,8 @@ def messages_from_item(messages: list[dict[str, Any]], i: int, item: Any) -> Non
                          "content": output if isinstance(output, str) else json.dumps(output)})
     else:
         raise ApiError(400, f"input[{i}] has type {kind!r}; this server takes message, function_call and "
-                            "function_call_output items", param="input")
+                            "function_call_output items",
+                       param=f"input[{i}].type" if isinstance(item, dict) else f"input[{i}]")
 
 
 def chat_tool(i: int, tool: Any) -> dict[str, Any]:

@@ -201,9 +201,9 @@ class ApiError(Exception):
     @classmethod
     def of(cls, e: RequestError, param: str | None = None, refusal: bool = True) -> ApiError:
         """``e`` as OpenAI's error (``jserve.request.ERRORS``); ``param``: the field it names, by
-        default the first word of its message when that is a request field."""
+        default ``e.param``, else the first word of its message when that is a request field."""
         edge = rq.ERRORS[e.kind]
-        return cls(edge.http, e.message, edge.openai_type, param=param or param_of(e.message),
+        return cls(edge.http, e.message, edge.openai_type, param=param or e.param or param_of(e.message),
                    code=e.code or edge.openai_code, refusal=refusal)
 
     def body(self) -> dict[str, Any]:

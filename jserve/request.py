@@ -237,18 +237,20 @@ def _content_text(i: int, content: Any) -> str:
     are joined (an assistant's ``refusal`` parts count as text); other parts are refused."""
     if isinstance(content, str):
         return content
+    at = f"messages[{i}].content"
     if not isinstance(content, list):
-        raise InvalidRequestError(f"message {i}: content must be a string, a list of text parts or null", INVALID_TYPE)
+        raise InvalidRequestError(f"message {i}: content must be a string, a list of text parts or null", INVALID_TYPE,
+                                  at)
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         key = "refusal" if kind == "refusal" else "text"
         if kind not in ("text", "refusal"):
             raise InvalidRequestError(f"message {i}: content part {j} has type {kind!r}; this server reads "
-                                      f"text parts only (\"type\": \"text\")", INVALID_VALUE)
+                                      f"text parts only (\"type\": \"text\")", INVALID_VALUE, f"{at}[{j}].type")
         if not isinstance(part.get(key), str):
             raise InvalidRequestError(f"message {i}: content part {j} needs a string {key!r}",
-                                      MISSING if part.get(key) is None else INVALID_TYPE)
+                                      MISSING if part.get(key) is None else INVALID_TYPE, f"{at}[{j}].{key}")
         texts.append(part[key])
     return "".join(texts)
 
@@ -256,45 +258,50 @@ def _content_text(i: int, content: Any) -> str:
 def normalize_chat(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI chat messages checked and made renderable: content as text (None stays None on an
     assistant turn with ``tool_calls``), ``developer`` as ``system``; ``InvalidRequestError`` with
-    the message's index for anything else."""
+    the message's index for anything else, its ``param`` the item refused (``messages[0].role``)."""
     from jserve.sampling import MAX_CHAT_MESSAGES
 
     if not messages:
-        raise InvalidRequestError("the chat has no messages")
+        raise InvalidRequestError("the chat has no messages", param="messages")
     if len(messages) > MAX_CHAT_MESSAGES:
-        raise InvalidRequestError(f"a chat may have at most {MAX_CHAT_MESSAGES} messages, got {len(messages)}")
+        raise InvalidRequestError(f"a chat may have at most {MAX_CHAT_MESSAGES} messages, got {len(messages)}",
+                                  param="messages")
     out = []
     for i, m in enumerate(messages):
+        at = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise InvalidRequestError(f"message {i} must be an object", INVALID_TYPE)
+            raise InvalidRequestError(f"message {i} must be an object", INVALID_TYPE, at)
         role, content = m.get("role"), m.get("content")
         if role not in CHAT_ROLES:
             raise InvalidRequestError(
                 f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})",
-                MISSING if role is None else INVALID_VALUE)
+                MISSING if role is None else INVALID_VALUE, f"{at}.role")
         extra = set(m) - CHAT_FIELDS
         if extra:
-            raise InvalidRequestError(f"message {i}: unknown fields {sorted(extra)}")
+            raise InvalidRequestError(f"message {i}: unknown fields {sorted(extra)}", param=f"{at}.{min(extra)}")
         calls = m.get("tool_calls")
         if calls is not None:
             if role != "assistant":
-                raise InvalidRequestError(f"message {i}: only assistant messages carry tool_calls")
+                raise InvalidRequestError(f"message {i}: only assistant messages carry tool_calls",
+                                          param=f"{at}.tool_calls")
             if not isinstance(calls, list) or not all(
                     isinstance(c, dict) and isinstance(c.get("function"), dict)
                     and isinstance(c["function"].get("name"), str) for c in calls):
                 raise InvalidRequestError(f"message {i}: tool_calls must be a list of {{\"id\", \"type\": "
-                                          f"\"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+                                          f"\"function\", \"function\": {{\"name\", \"arguments\"}}}}",
+                                          param=f"{at}.tool_calls")
         if role == "tool" and not isinstance(m.get("tool_call_id"), str):
             raise InvalidRequestError(f"message {i}: a tool message needs the tool_call_id it answers",
-                                      MISSING if m.get("tool_call_id") is None else INVALID_TYPE)
+                                      MISSING if m.get("tool_call_id") is None else INVALID_TYPE,
+                                      f"{at}.tool_call_id")
         for key in ("name", "tool_call_id", "reasoning_content"):
             if m.get(key) is not None and not isinstance(m[key], str):
-                raise InvalidRequestError(f"message {i}: {key} must be a string", INVALID_TYPE)
+                raise InvalidRequestError(f"message {i}: {key} must be a string", INVALID_TYPE, f"{at}.{key}")
         msg = {k: v for k, v in m.items() if v is not None}
         if content is None:
             if role != "assistant":
                 raise InvalidRequestError(f"message {i}: content is required (null only on an assistant message)",
-                                          MISSING)
+                                          MISSING, f"{at}.content")
             msg["content"] = None
         else:
             msg["content"] = _content_text(i, content)

@@ -122,11 +122,21 @@ CODES = [
     ("/v1/completions", {"prompt": "hello", "stop": 5}, "stop", "invalid_type"),
     ("/v1/completions", {"max_tokens": 2}, "prompt", "missing_required_parameter"),
     ("/v1/chat/completions", {"max_tokens": 2}, "messages", "missing_required_parameter"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages", "invalid_value"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "4"}]}, "messages",
-     "missing_required_parameter"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
+    # A message's field is named as the item it is (OpenAI's "messages[0].role"), as a content part is.
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role",
      "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, "messages[0].role", "missing_required_parameter"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": 5, "content": "hi"}]},
+     "messages[1].role", "invalid_type"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "4"}]}, "messages[0].tool_call_id",
+     "missing_required_parameter"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content[0].type", "invalid_value"),
+    ("/v1/chat/completions",
+     {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]}]},
+     "messages[0].content[1].text", "missing_required_parameter"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "be brief"}, {"role": "user"}]},
+     "messages[1].content", "missing_required_parameter"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
      "response_format.type", "invalid_value"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "sometimes"},
@@ -150,3 +160,50 @@ def test_http_errors_carry_openais_code_for_wrong_types_missing_fields_and_unkno
     assert (e.value.status_code, e.value.code, e.value.param, e.value.type) == (400, code, param,
                                                                                 "invalid_request_error")
 
+
+CHAT_REFUSALS = [
+    ([], "messages"),
+    ([{"role": "user", "content": "hi"}] * 1025, "messages"),
+    ([{"role": "user", "content": "hi"}, 5], "messages[1]"),
+    ([{"role": "wizard", "content": "hi"}], "messages[0].role"),
+    ([{"content": "hi"}], "messages[0].role"),
+    ([{"role": "user", "content": "hi", "colour": "red"}], "messages[0].colour"),
+    ([{"role": "user", "content": "hi", "tool_calls": []}], "messages[0].tool_calls"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"function": {}}]}], "messages[0].tool_calls"),
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "4", "tool_call_id": 7}],
+     "messages[1].tool_call_id"),
+    ([{"role": "user", "content": "hi", "name": 5}], "messages[0].name"),
+    ([{"role": "user", "content": None}], "messages[0].content"),
+    ([{"role": "user", "content": 5}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"}]}],
+     "messages[0].content[1].type"),
+    ([{"role": "assistant", "content": [{"type": "refusal", "refusal": 5}]}], "messages[0].content[0].refusal"),
+]
+
+
+@pytest.mark.parametrize("messages, param", CHAT_REFUSALS, ids=[c[1] + f"-{i}" for i, c in enumerate(CHAT_REFUSALS)])
+def test_each_refused_chat_message_names_the_item_it_refuses(messages, param):
+    """The request layer's chat checks name the message's field as OpenAI does (``param``), so every
+    front end's refusal points at the item, not at ``messages`` as a whole."""
+    from jserve.errors import InvalidRequestError
+    from jserve.request import normalize_chat
+
+    with pytest.raises(InvalidRequestError) as e:
+        normalize_chat(messages)
+    assert e.value.param == param, e.value.message
+
+
+@pytest.mark.parametrize("item, param", [
+    ({"role": "wizard", "content": "hi"}, "input[1].role"),
+    ({"role": "user", "content": 5}, "input[1].content"),
+    ({"role": "user", "content": [{"type": "input_text", "text": "a"}, {"type": "input_image"}]},
+     "input[1].content[1].type"),
+    ({"type": "reasoning"}, "input[1].type"),
+    (5, "input[1]"),
+    # refused by the chat checks on the messages made of the input: named as the input, not "messages[2]"
+    ({"type": "function_call_output", "output": "4"}, "input"),
+])
+def test_the_responses_api_names_the_input_item_it_refuses(fronts, item, param):
+    body = {"model": "mock", "input": [{"role": "user", "content": "hi"}, item], "max_output_tokens": 1}
+    r = fronts.httpx.post("/v1/responses", json=body)
+    assert (r.status_code, r.json()["error"]["param"]) == (400, param), r.text
