@@ -22,10 +22,19 @@ class ErrorKind(str, enum.Enum):
 
 
 # OpenAI's error ``code`` for a field refused at the edge (``RequestError.code``; None where OpenAI
-# gives none, e.g. a value out of range in our words, an unknown field).
+# gives none or we do not know its one, e.g. an unknown field, too many stop strings); a number
+# out of range: ``range_code``.
 INVALID_TYPE = "invalid_type"  # a value of another JSON type than the field takes
 MISSING = "missing_required_parameter"  # a required field not given
 INVALID_VALUE = "invalid_value"  # a value that is none of the field's known ones (a role, a tool_choice)
+
+
+def range_code(integer: bool, below: bool) -> str:
+    """OpenAI's code for a number outside its field's range, by the field's kind (an integer field
+    or a number, "decimal", whatever JSON number was sent) and the bound it passed:
+    ``integer_below_min_value``, ``integer_above_max_value``, ``decimal_below_min_value``,
+    ``decimal_above_max_value`` (its API answers ``temperature: 200`` with the last)."""
+    return f"{'integer' if integer else 'decimal'}_{'below_min' if below else 'above_max'}_value"
 
 
 class RequestError(ValueError):

@@ -25,7 +25,15 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from jserve.errors import INVALID_TYPE, INVALID_VALUE, MISSING, ErrorKind, InvalidRequestError, RequestError
+from jserve.errors import (
+    INVALID_TYPE,
+    INVALID_VALUE,
+    MISSING,
+    ErrorKind,
+    InvalidRequestError,
+    RequestError,
+    range_code,
+)
 from jserve.streams import FinishReason  # why a request ended: the orchestrator's enum
 
 if TYPE_CHECKING:
@@ -85,6 +93,7 @@ FIELD_TYPES: dict[str, type] = {
     "max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float, "seed": int,
     "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "logprobs": int,
     "speculate": bool, "ignore_eos": bool, "skip_special_tokens": bool,
+    "n": int, "timeout": float,  # the HTTP body's own (bounds checked by pydantic)
 }
 TYPE_WORDS = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "a list",
               dict: "an object"}
@@ -130,6 +139,9 @@ _PYDANTIC_EXPECTED = {
     "string_type": "a string", "bool_type": "a boolean", "bool_parsing": "a boolean", "list_type": "a list",
     "dict_type": "an object", "model_type": "an object", "model_attributes_type": "an object",
 }
+# pydantic's bound errors: the comparison, its key in the error's ``ctx``, whether the value is below it.
+_PYDANTIC_BOUNDS = {"greater_than": (">", "gt", True), "greater_than_equal": (">=", "ge", True),
+                    "less_than": ("<", "lt", False), "less_than_equal": ("<=", "le", False)}
 _UNION_BRANCHES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
                    "list[int]": "a list of integers", "list[str]": "a list of strings",
                    "list[list[int]]": "a list of lists of integers"}
@@ -214,6 +226,12 @@ def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None, str |
     expected = _PYDANTIC_EXPECTED.get(first.get("type", ""))
     if expected is not None:
         return wrong_type(field, expected, first.get("input")), field, INVALID_TYPE
+    bound = _PYDANTIC_BOUNDS.get(first.get("type", ""))
+    if bound is not None:  # a number past a bound of the body's own (``n``, ``timeout``)
+        op, key, below = bound
+        value, limit = first.get("input"), (first.get("ctx") or {}).get(key)
+        integer = FIELD_TYPES.get(str(loc[-1]), type(value)) is int
+        return f"{field} must be {op} {limit}, got {kind_of(value)}", field, range_code(integer, below)
     return ("; ".join(f"{_field_path(e['loc'])}: {e.get('msg')}" for e in errors[:5]), field or None,
             INVALID_VALUE if first.get("type") in ("literal_error", "enum") else None)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jserve.errors import InvalidRequestError  # re-exported: defined with the edge's other errors
+from jserve.errors import INVALID_VALUE, InvalidRequestError, range_code  # InvalidRequestError: re-exported
 
 # Bounds on what a client controls (besides the prompt, bounded by the engine's max_prompt_len).
 MAX_STOP_STRINGS = 16
@@ -79,24 +79,31 @@ class SamplingParams:
         def bad(msg: str) -> None:
             raise InvalidRequestError(msg)
 
+        def outside(msg: str, integer: bool, below: bool) -> None:  # a number past one of its bounds
+            raise InvalidRequestError(msg, range_code(integer, below))
+
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            bad(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+            outside(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", True, True)
+        if not math.isfinite(self.temperature):
+            raise InvalidRequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}",
+                                      INVALID_VALUE)
+        if self.temperature < 0:
+            outside(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}", False, True)
         if self.top_k < 0:
-            bad(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            outside(f"top_k must be >= 0 (0 = off), got {self.top_k}", True, True)
         if not (0.0 < self.top_p <= 1.0):
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
+            outside(f"top_p must be in (0, 1], got {self.top_p}", False, not self.top_p > 0.0)
         if not (0.0 <= self.min_p <= 1.0):
-            bad(f"min_p must be in [0, 1], got {self.min_p}")
+            outside(f"min_p must be in [0, 1], got {self.min_p}", False, not self.min_p >= 0.0)
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+            outside(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}", False,
+                    not self.repetition_penalty > 0)
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not math.isfinite(v) or not -2.0 <= v <= 2.0:
-                bad(f"{name} must be in [-2, 2], got {v}")
+                outside(f"{name} must be in [-2, 2], got {v}", False, not v >= -2.0)
         if self.seed is not None and not 0 <= self.seed < 2**64:
-            bad(f"seed must be in [0, 2**64), got {self.seed}")
+            outside(f"seed must be in [0, 2**64), got {self.seed}", True, self.seed < 0)
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop strings must be non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -110,7 +117,8 @@ class SamplingParams:
             if not 0 <= t < vocab_size:
                 bad(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
-            bad(f"logprobs must be in [0, {max_logprobs}] on this server, got {self.logprobs}")
+            outside(f"logprobs must be in [0, {max_logprobs}] on this server, got {self.logprobs}", True,
+                    self.logprobs < 0)
         validate_logit_bias(self.logit_bias, vocab_size)
 
 
@@ -144,7 +152,8 @@ def validate_logit_bias(pairs: object, vocab_size: int) -> tuple[tuple[int, floa
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             bad(f"logit_bias values must be finite numbers, got {value!r} for token id {key}")
         if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
-            bad(f"logit_bias values must be in [-100, 100], got {value} for token id {key}")
+            raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {value} for token id {key}",
+                                      range_code(False, value < -LOGIT_BIAS_LIMIT))
         seen.add(int(key))
         out.append((int(key), float(value)))
     return tuple(out)

@@ -207,3 +207,33 @@ def test_the_responses_api_names_the_input_item_it_refuses(fronts, item, param):
     body = {"model": "mock", "input": [{"role": "user", "content": "hi"}, item], "max_output_tokens": 1}
     r = fronts.httpx.post("/v1/responses", json=body)
     assert (r.status_code, r.json()["error"]["param"]) == (400, param), r.text
+
+
+# A number outside its field's range: OpenAI's codes name the field's kind (an integer or a
+# "decimal", whatever the JSON number sent) and the bound passed, as its API answers
+# ``temperature: 200`` with "decimal_above_max_value"; the message stays the request layer's.
+RANGES = [
+    ({"max_tokens": 0}, "max_tokens", "integer_below_min_value"),
+    ({"n": 0}, "n", "integer_below_min_value"),
+    ({"n": 17}, "n", "integer_above_max_value"),
+    ({"top_k": -1}, "top_k", "integer_below_min_value"),
+    ({"seed": -1}, "seed", "integer_below_min_value"),
+    ({"seed": 2**64}, "seed", "integer_above_max_value"),
+    ({"logprobs": 4}, "logprobs", "integer_above_max_value"),
+    ({"temperature": -1}, "temperature", "decimal_below_min_value"),
+    ({"top_p": 2}, "top_p", "decimal_above_max_value"),
+    ({"top_p": 0}, "top_p", "decimal_below_min_value"),
+    ({"min_p": 1.5}, "min_p", "decimal_above_max_value"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "decimal_below_min_value"),
+    ({"presence_penalty": -2.5}, "presence_penalty", "decimal_below_min_value"),
+    ({"frequency_penalty": 3}, "frequency_penalty", "decimal_above_max_value"),
+    ({"timeout": 0}, "timeout", "decimal_below_min_value"),
+    ({"logit_bias": {"3": 101}}, "logit_bias", "decimal_above_max_value"),
+]
+
+
+@pytest.mark.parametrize("fields, param, code", RANGES, ids=[f"{p}-{c}" for _, p, c in RANGES])
+def test_http_range_errors_carry_openais_code_for_the_bound_passed(fronts, fields, param, code):
+    r = fronts.httpx.post("/v1/completions", json={"model": "mock", "prompt": "hello", "max_tokens": 1, **fields})
+    err = r.json()["error"]
+    assert (r.status_code, err["type"], err["param"], err["code"]) == (400, "invalid_request_error", param, code), err
