@@ -106,18 +106,19 @@ class HttpFrontEnd(ChoicesMixin):
 
     async def _start(self, prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
                      logprobs: int | None, constraint: Any = None,
-                     skip_special: bool = True) -> list[tuple[list[int], Stream]]:
-        """Submit every (prompt, choice): ``n`` choices of one prompt differ by seed when one is given."""
+                     skip_special: bool = True, batch: bool = False) -> list[tuple[list[int], Stream]]:
+        """Submit every (prompt, choice): ``n`` choices of one prompt differ by seed when one is given.
+        ``batch``: the prompts are a completions batch, a refusal names its item (``_batch_item``)."""
         started: list[tuple[list[int], Stream]] = []
         try:
-            for ids in prompts:
+            for i, ids in enumerate(prompts):
                 for j in range(body.n):
                     seed = None if body.seed is None else body.seed + j
                     params = body.params(max_tokens, logprobs, seed, constraint, skip_special)
                     try:
                         stream = await self.llm.submit_async(ids, params, timeout=body.timeout)
                     except RequestError as e:
-                        raise ApiError.of(e) from e
+                        raise _batch_item(ApiError.of(e), i if batch else None) from e
                     started.append((ids, stream))
         except BaseException:
             for _, s in started:
@@ -247,10 +248,16 @@ class HttpFrontEnd(ChoicesMixin):
                 raise ApiError(400, "suffix is not supported", param="suffix")
             p = body.prompt
             # One prompt (text or token ids; [] is an empty one) or a batch of them.
-            prompts_in: list[Any] = [p] if isinstance(p, str) or all(isinstance(t, int) for t in p) else list(p)
+            batch = not (isinstance(p, str) or all(isinstance(t, int) for t in p))
+            prompts_in: list[Any] = list(p) if batch else [p]
             self._check(body, body.max_tokens, body.logprobs)
-            prompts = [await self._off_loop(self.llm.tokenize_input, x) for x in prompts_in]
-            started = await self._start(prompts, body, body.max_tokens, body.logprobs)
+            prompts = []
+            for i, x in enumerate(prompts_in):
+                try:
+                    prompts.append(await self._off_loop(self.llm.tokenize_input, x))
+                except ApiError as e:
+                    raise _batch_item(e, i if batch else None) from e
+            started = await self._start(prompts, body, body.max_tokens, body.logprobs, batch=batch)
             return await self._respond(request, body, started, chat=False)
 
         async def respond(request: Request, body: _Sampling, started: list[tuple[list[int], Stream]], chat: bool,
@@ -289,6 +296,16 @@ class HttpFrontEnd(ChoicesMixin):
     def _rejected(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.reject(reason)
+
+
+def _batch_item(e: ApiError, i: int | None) -> ApiError:
+    """A refusal of a completions prompt named as the item of the batch it is (``prompt[1]``, its
+    message prefixed with it), or as ``prompt`` when it is the only one (``i`` None)."""
+    if i is None:
+        e.param = e.param or "prompt"
+    elif e.param is None or e.param == "prompt":
+        e.param, e.message = f"prompt[{i}]", f"prompt[{i}]: {e.message}"
+    return e
 
 
 def bind(host: str, port: int) -> socket.socket:

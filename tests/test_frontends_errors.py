@@ -10,6 +10,7 @@ import pytest
 from jserve.errors import ErrorKind
 
 from .frontends import start_mock
+from .waits import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +238,19 @@ def test_http_range_errors_carry_openais_code_for_the_bound_passed(fronts, field
     r = fronts.httpx.post("/v1/completions", json={"model": "mock", "prompt": "hello", "max_tokens": 1, **fields})
     err = r.json()["error"]
     assert (r.status_code, err["type"], err["param"], err["code"]) == (400, "invalid_request_error", param, code), err
+
+
+@pytest.mark.parametrize("prompt, param, message", [
+    (["hello", ""], "prompt[1]", "prompt[1]: the prompt is empty"),
+    ([[4, 5], [], [6]], "prompt[1]", "prompt[1]: the prompt is empty"),
+    ([[4, 5], [6, 99]], "prompt[1]", "prompt[1]: token id 99 at index 1 is outside the vocabulary [0, 32)"),
+    (["hello", "a" * 40], "prompt[1]", "prompt[1]: the prompt has 40 tokens; this server accepts at most 32"),
+    ("", "prompt", "the prompt is empty"),
+    ([], "prompt", "the prompt is empty"),
+    ([4, 99], "prompt", "token id 99 at index 1 is outside the vocabulary [0, 32)"),
+])
+def test_http_completions_name_the_prompt_of_a_batch_they_refuse(fronts, prompt, param, message):
+    r = fronts.httpx.post("/v1/completions", json={"model": "mock", "prompt": prompt, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": message, "type": "invalid_request_error", "param": param, "code": None}
+    wait_until(lambda: fronts.llm.orchestrator.num_running == 0, "nothing of the batch left running")
