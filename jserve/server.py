@@ -40,7 +40,16 @@ from jserve.grpc_api import SERVICE, GenerationService
 from jserve.llm import DEFAULT_COMPILE_CACHE, LLM
 from jserve.metrics import ServingMetrics
 from jserve.server_tools import ToolSetup
-from jserve.serving_config import EngineConfig, SchedulerConfig, ServerConfig, add_engine_flags
+from jserve.serving_config import (
+    PORT,
+    EngineConfig,
+    SchedulerConfig,
+    ServerConfig,
+    add_engine_flags,
+    check_engine_args,
+    int_in,
+    seconds,
+)
 from jserve.tools import FORMATS
 from jserve.v1 import jserve_pb2_grpc as pb_grpc
 from jserve.warmup import WARMUP_THREAD
@@ -61,30 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint", type=pathlib.Path, default=None,
                     help="jserve checkpoint directory (default: SmolLM2-135M-Instruct, converted on first start)")
     ap.add_argument("--host", default=SERVER.host, help=f"address to bind (default {SERVER.host}; [::] for all)")
-    ap.add_argument("--port", type=int, default=SERVER.port,
+    ap.add_argument("--port", type=PORT, default=SERVER.port,
                     help=f"gRPC port (default {SERVER.port}; 0 picks a free one)")
-    ap.add_argument("--http-port", type=int, default=SERVER.http_port,
+    ap.add_argument("--http-port", type=PORT, default=SERVER.http_port,
                     help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
                          "/v1/models, /health, /metrics) on this port (default: off; 0 picks a free one)")
     add_engine_flags(ap)
-    ap.add_argument("--max-waiting", type=int, default=SCHEDULER.max_waiting,
+    ap.add_argument("--max-waiting", type=int_in(0), default=SCHEDULER.max_waiting,
                     help="waiting-queue bound; beyond it requests get RESOURCE_EXHAUSTED "
                          f"(default {SCHEDULER.max_waiting})")
-    ap.add_argument("--max-logprobs", type=int, default=ENGINE.top_logprobs,
+    ap.add_argument("--max-logprobs", type=int_in(0), default=ENGINE.top_logprobs,
                     help=f"most top alternatives a request may ask for (default {ENGINE.top_logprobs})")
-    ap.add_argument("--max-request-bytes", type=int, default=SERVER.max_request_bytes,
+    ap.add_argument("--max-request-bytes", type=int_in(1, GRPC_RECEIVE_LIMIT), default=SERVER.max_request_bytes,
                     help=f"largest request accepted, in bytes (default {SERVER.max_request_bytes >> 20} MiB; at "
                          f"most {GRPC_RECEIVE_LIMIT >> 20} MiB, gRPC's own limit here); a larger one gets "
                          "INVALID_ARGUMENT")
-    ap.add_argument("--max-undelivered", type=int, default=SCHEDULER.max_undelivered,
+    ap.add_argument("--max-undelivered", type=int_in(1), default=SCHEDULER.max_undelivered,
                     help="responses a client may leave unread before its request is ended with RESOURCE_EXHAUSTED "
                          "(HTTP streams: an error event, code slow_reader) and its slot freed "
                          f"(default {SCHEDULER.max_undelivered})")
-    ap.add_argument("--prefill-budget", type=int, default=SCHEDULER.prefill_budget,
+    ap.add_argument("--prefill-budget", type=int_in(1), default=SCHEDULER.prefill_budget,
                     help="prompt tokens run between two decode steps while streams are live, in chunks of 16 "
                          f"(default {SCHEDULER.prefill_budget}): a long prompt is run a chunk at a time, so live "
                          "streams keep their pace; with no live stream each call takes up to 512")
-    ap.add_argument("--kv-headroom", type=int, default=SCHEDULER.kv_headroom,
+    ap.add_argument("--kv-headroom", type=int_in(0), default=SCHEDULER.kv_headroom,
                     help="with a paged KV pool (--kv-memory): KV pages admission keeps free for each running "
                          "request to grow into, so growth rarely preempts; 0 admits whenever a prompt fits "
                          f"(default {SCHEDULER.kv_headroom})")
@@ -98,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tool-call-format", choices=sorted(FORMATS), default=SERVER.tool_call_format,
                     help="how the model writes tool calls, to enforce and parse them (default: detected from the "
                          "checkpoint's chat template and vocabulary; generic when none is recognised)")
-    ap.add_argument("--metrics-port", type=int, default=SERVER.metrics_port,
+    ap.add_argument("--metrics-port", type=PORT, default=SERVER.metrics_port,
                     help="serve Prometheus metrics on this port")
-    ap.add_argument("--drain-timeout", type=float, default=SERVER.drain_timeout,
+    ap.add_argument("--drain-timeout", type=seconds, default=SERVER.drain_timeout,
                     help="seconds in-flight requests may take to finish after SIGTERM "
                          f"(default {SERVER.drain_timeout:g})")
     ap.add_argument("--compile-cache", type=pathlib.Path, default=None,
@@ -299,6 +308,7 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    check_engine_args(ap, args)
     if args.mesh is not None:
         from jserve.sharding import ShardingError, parse_mesh
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+from collections.abc import Callable
 from typing import Any
 
 QUANTIZE_MODES = ("int8", "int8-dynamic", "q8_0", "q4_0", "q4_1", "float")
@@ -98,18 +100,69 @@ def split_settings(engine: EngineConfig | None, scheduler: SchedulerConfig | Non
     return engine, scheduler
 
 
+# ---- argument types: a value out of range is refused while parsing, naming the flag --------------
+def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``lo`` (and <= ``hi``), else argparse's error naming the flag."""
+    words = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text!r}")
+        return value
+
+    parse.__name__ = words  # argparse's own messages name the type by it
+    return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse ``type``: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def memory_size(text: str) -> str:
+    """An argparse ``type``: a memory size as ``kv_pages.parse_memory_size`` reads it (``512MiB``),
+    kept as written (``EngineConfig.kv_memory`` takes the text)."""
+    from jserve.kv_pages import parse_memory_size
+
+    try:
+        parse_memory_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+PORT = int_in(0, 65535)
+
+
+def check_engine_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What no one flag's type can check: a prompt must leave room for a token in its context."""
+    if args.max_prompt_len is not None and args.max_prompt_len >= args.max_len:
+        ap.error(f"--max-prompt-len ({args.max_prompt_len}) must be below --max-len ({args.max_len}): a prompt "
+                 "leaves room for at least one generated token")
+
+
 def add_engine_flags(ap: argparse.ArgumentParser, unit: str = "a request") -> None:
     """The ``EngineConfig`` flags every entry point shares (``--slots``, ``--max-len``,
     ``--max-prompt-len``, ``--speculate``, ``--quantize``, ``--dtype``, ``--kv-dtype``), with its defaults and one
     wording; ``unit`` names what asks for tokens (a request, an input line)."""
     e = EngineConfig()
-    ap.add_argument("--slots", type=int, default=e.slots, help=f"requests decoded together (default {e.slots})")
-    ap.add_argument("--max-len", type=int, default=e.max_len,
+    ap.add_argument("--slots", type=int_in(1), default=e.slots, help=f"requests decoded together (default {e.slots})")
+    ap.add_argument("--max-len", type=int_in(2), default=e.max_len,
                     help=f"positions per slot: prompt + output (default {e.max_len}); {unit} without "
                          "max_tokens may generate up to the end of this context")
-    ap.add_argument("--max-prompt-len", type=int, default=e.max_prompt_len,
+    ap.add_argument("--max-prompt-len", type=int_in(1), default=e.max_prompt_len,
                     help="longest prompt accepted (default max-len - 1)")
-    ap.add_argument("--speculate", type=int, default=e.speculate, metavar="K",
+    ap.add_argument("--speculate", type=int_in(0), default=e.speculate, metavar="K",
                     help="speculative decoding: a decode step may check up to K tokens drafted by prompt lookup "
                          "(the request's own earlier text) per slot, and keeps those the model agrees with, so "
                          "the output is unchanged; used only while measured to pay (default "
@@ -125,7 +178,7 @@ def add_engine_flags(ap: argparse.ArgumentParser, unit: str = "a request") -> No
     ap.add_argument("--kv-dtype", choices=KV_DTYPES, default=e.kv_dtype,
                     help=f"the KV cache's elements (default {e.kv_dtype}: half of float32's memory, float32's "
                          "range; attention still computes in float32); float32 to compare")
-    ap.add_argument("--kv-memory", default=e.kv_memory, metavar="SIZE",
+    ap.add_argument("--kv-memory", type=memory_size, default=e.kv_memory, metavar="SIZE",
                     help="memory of the KV cache's page pool, e.g. 512MiB or 4GiB (default: what --slots x "
                          "--max-len positions take); requests take pages as they grow and wait, or are "
                          "preempted and resumed, when it is full, so --slots and --max-len reserve nothing")

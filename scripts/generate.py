@@ -170,7 +170,11 @@ def run(llm: Any, lines: list[str], max_line_bytes: int = 4 << 20, write: Any = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from jserve.serving_config import check_engine_args
+
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    check_engine_args(ap, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
