@@ -12,8 +12,9 @@ __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "InvalidRequestError"]
 
 if TYPE_CHECKING:
+    from jserve.errors import InvalidRequestError
     from jserve.llm import LLM
-    from jserve.sampling import InvalidRequestError, SamplingParams
+    from jserve.sampling import SamplingParams
 
 
 def __getattr__(name: str) -> Any:
@@ -21,8 +22,12 @@ def __getattr__(name: str) -> Any:
         from jserve.llm import LLM
 
         return LLM
-    if name in ("SamplingParams", "InvalidRequestError"):
-        from jserve import sampling
+    if name == "SamplingParams":
+        from jserve.sampling import SamplingParams
 
-        return getattr(sampling, name)
+        return SamplingParams
+    if name == "InvalidRequestError":  # a leaf: no JAX to load for it
+        from jserve.errors import InvalidRequestError
+
+        return InvalidRequestError
     raise AttributeError(f"module 'jserve' has no attribute {name!r}")

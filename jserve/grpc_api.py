@@ -14,11 +14,11 @@ from typing import Any
 
 import grpc
 
+from jserve.constraint import Constraint
 from jserve.errors import ErrorKind, InvalidRequestError, RequestError
 from jserve.metrics import ServingMetrics
 from jserve.request import ERRORS, FINISHES, FinishReason, finish_error, sampling_params
 from jserve.server_tools import ReplyParts, ToolSetup, chat_messages, prepare, wants_tools
-from jserve.structured import Constraint
 from jserve.v1 import jserve_pb2 as pb
 from jserve.v1 import jserve_pb2_grpc as pb_grpc
 

@@ -13,9 +13,9 @@ from jserve import request as rq
 from jserve.errors import MISSING, RequestError
 
 if TYPE_CHECKING:
+    from jserve.constraint import Constraint
     from jserve.orchestrator import StreamOutput
     from jserve.sampling import SamplingParams
-    from jserve.structured import Constraint
 
 # Refusals at the edge by status, counted in ``jserve_requests_rejected`` as gRPC counts its own
 # (a full queue, 429, is counted by the orchestrator whichever front end it came through).
@@ -63,7 +63,7 @@ class ResponseFormat(_Body):
     json_schema: JsonSchemaFormat | None = None
 
     def constraint(self) -> Constraint | None:
-        from jserve.structured import Constraint
+        from jserve.constraint import Constraint
 
         if self.type == "json_object":
             return Constraint("json_object")
@@ -122,7 +122,7 @@ class _Sampling(_Body):
             logit_bias=self.logit_bias, skip_special_tokens=skip_special)
 
     def constraint(self) -> Constraint | None:
-        from jserve.structured import Constraint
+        from jserve.constraint import Constraint
 
         json_schema = Constraint("json_schema", json.dumps(self.json_schema)) if self.json_schema is not None else None
         given = [c for c in (self.response_format.constraint() if self.response_format else None, json_schema,

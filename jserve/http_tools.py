@@ -21,8 +21,8 @@ TOOL_CALL_FORMATS = ("auto", "hermes", "llama3", "mistral", "generic")
 def plan_chat(llm: LLM, messages: list[dict[str, Any]], tools: Any, tool_choice: Any, parallel: Any,
               vocab: dict[str, int], format_name: str | None) -> tuple[ToolPlan, list[int]]:
     """The request's tool plan and its prompt's token ids (``InvalidRequestError`` if refused)."""
+    from jserve.errors import InvalidRequestError
     from jserve.llm import normalize_chat
-    from jserve.sampling import InvalidRequestError
     from jserve.tools import plan_tools
 
     tok = llm.tokenizer

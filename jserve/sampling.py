@@ -12,13 +12,13 @@ import dataclasses
 import functools
 import math
 import numbers
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jserve.constraint import Constraint
 from jserve.errors import INVALID_VALUE, InvalidRequestError, range_code  # InvalidRequestError: re-exported
 
 # Bounds on what a client controls (besides the prompt, bounded by the engine's max_prompt_len).
@@ -34,9 +34,6 @@ LOGIT_BIAS_LIMIT = 100.0
 # The token id of an unused pair: past any vocabulary, so the scatter drops it (adds nothing).
 BIAS_PAD_ID = 2**31 - 1
 
-
-if TYPE_CHECKING:
-    from jserve.structured import Constraint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +65,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
-    constraint: Constraint | None = None  # structured output (``jserve.structured``); host side only
+    constraint: Constraint | None = None  # structured output (``jserve.constraint``); host side only
     speculate: bool | None = None  # speculative decoding for this request; None: the server's default
     logit_bias: tuple[tuple[int, float], ...] = ()
     # Detokenize the output without its special tokens (True, the default) or with them: a tool

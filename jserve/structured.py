@@ -1,7 +1,7 @@
 """Structured output: the tokens a constrained request may take next, from llguidance.
 
-A ``Constraint`` (JSON schema, any JSON object, regular expression, or a choice among strings) is
-compiled at the edge into an ``llguidance.LLMatcher``; a bad schema or regex is an
+A ``Constraint`` (``jserve.constraint``: JSON schema, any JSON object, regular expression, or a
+choice among strings) is compiled at the edge into an ``llguidance.LLMatcher``; a bad schema or regex is an
 ``InvalidRequestError`` there. Compiled matchers are kept (the last ``Grammars.CACHED`` distinct
 constraints): a request whose constraint was seen before (an agent resends the same tools every
 turn) gets a copy of the kept one, in microseconds instead of the milliseconds a compile takes.
@@ -15,59 +15,15 @@ Unconstrained requests carry no matcher and cost nothing here.
 from __future__ import annotations
 
 import collections
-import dataclasses
-import json
 import threading
 from typing import Any
 
 import numpy as np
 
-from jserve.sampling import InvalidRequestError
+from jserve.constraint import KINDS, MAX_CHOICES, MAX_CONSTRAINT_CHARS, Constraint
+from jserve.errors import InvalidRequestError
 
-KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
-MAX_CONSTRAINT_CHARS = 64 * 1024
-MAX_CHOICES = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class Constraint:
-    """``kind``: one of ``KINDS``; ``value``: the schema (JSON text), the regex, the choices, or a
-    llguidance Lark grammar (built by jserve, e.g. ``jserve.tools.grammar``; not a request field)."""
-
-    kind: str
-    value: str | tuple[str, ...] = ""
-
-    def grammar(self) -> str:
-        from llguidance import LLMatcher
-
-        if self.kind not in KINDS:
-            raise InvalidRequestError(f"unknown constraint {self.kind!r} (expected one of {', '.join(KINDS)})")
-        size = len(self.value) if isinstance(self.value, str) else sum(len(c) for c in self.value)
-        if size > MAX_CONSTRAINT_CHARS:
-            raise InvalidRequestError(f"the {self.kind} constraint has {size} characters; at most "
-                                      f"{MAX_CONSTRAINT_CHARS} are accepted")
-        # Compact JSON: no free whitespace, so a model cannot pad the answer with it forever.
-        compact = {"whitespace_flexible": False}
-        if self.kind == "json_object":
-            return LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=compact)
-        if self.kind == "json_schema":
-            try:
-                schema = json.loads(self.value)
-            except json.JSONDecodeError as e:
-                raise InvalidRequestError(f"the JSON schema is not valid JSON: {e}") from e
-            if not isinstance(schema, dict):
-                raise InvalidRequestError("the JSON schema must be a JSON object")
-            return LLMatcher.grammar_from_json_schema(schema, overrides=compact)
-        if self.kind == "lark":
-            return LLMatcher.grammar_from_lark(self.value)
-        if self.kind == "regex":
-            if not self.value:
-                raise InvalidRequestError("the regex is empty")
-            return LLMatcher.grammar_from_regex(self.value)
-        choices = tuple(self.value)
-        if not choices or len(choices) > MAX_CHOICES or not all(isinstance(c, str) and c for c in choices):
-            raise InvalidRequestError(f"choice needs 1..{MAX_CHOICES} non-empty strings")
-        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+__all__ = ["KINDS", "MAX_CHOICES", "MAX_CONSTRAINT_CHARS", "Constraint", "Grammars", "advance", "fill_mask"]
 
 
 class Grammars:

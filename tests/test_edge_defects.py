@@ -433,3 +433,20 @@ print(json.dumps([before, {{n: getattr(jax.config, n) for n in names}}]))
 """)
     before, after = json.loads(out.splitlines()[-1])
     assert after == before
+
+
+def test_structured_output_and_sampling_do_not_import_each_other():
+    """``Constraint`` (what a request asks its answer to match) lives in the leaf ``jserve.constraint``:
+    sampling names it there, structured compiles it, and neither imports the other, even for types."""
+    import ast
+    import pathlib
+
+    import jserve
+
+    root = pathlib.Path(jserve.__file__).parent
+    for name, other in (("sampling", "structured"), ("structured", "sampling")):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert f"jserve.{other}" not in imported, f"jserve.{name} imports jserve.{other}"
+    assert _python("import sys, jserve.structured; print('jax' in sys.modules)") == "False"

@@ -25,7 +25,7 @@ import dataclasses
 import json
 from collections.abc import Collection
 
-from jserve.sampling import InvalidRequestError
+from jserve.errors import InvalidRequestError
 
 
 @dataclasses.dataclass(frozen=True)

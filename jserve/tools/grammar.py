@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from jserve.sampling import InvalidRequestError
-from jserve.structured import MAX_CONSTRAINT_CHARS, Constraint
+from jserve.constraint import MAX_CONSTRAINT_CHARS, Constraint
+from jserve.errors import InvalidRequestError
 from jserve.tools.formats import Format
 from jserve.tools.types import Tool, ToolChoice
 

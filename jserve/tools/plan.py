@@ -19,9 +19,8 @@ import random
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from jserve.errors import INVALID_TYPE
-from jserve.sampling import InvalidRequestError
-from jserve.structured import Constraint
+from jserve.constraint import Constraint
+from jserve.errors import INVALID_TYPE, InvalidRequestError
 from jserve.tools.formats import Format, detect_format, get_format, template_renders_tools
 from jserve.tools.generic import messages_for_template, rewrite_messages
 from jserve.tools.grammar import special_markers, tool_constraint

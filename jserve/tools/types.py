@@ -16,8 +16,7 @@ import string
 import threading
 from typing import Any
 
-from jserve.errors import INVALID_TYPE, INVALID_VALUE
-from jserve.sampling import InvalidRequestError
+from jserve.errors import INVALID_TYPE, INVALID_VALUE, InvalidRequestError
 
 MAX_TOOLS = 128
 MAX_SCHEMA_CHARS = 16 * 1024
