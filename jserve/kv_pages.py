@@ -364,11 +364,8 @@ class PagePool:
             key = chain_key(state.last_key, tokens[i * self.page_size:(i + 1) * self.page_size])
             page = state.pages[i]
             if key not in self._page_of:
-                self._page_of[key] = page
-                self._key_of[page] = key
-                self._child_parent[page] = state.last_key
-                self._children.setdefault(state.last_key, {})[page] = np.asarray(
-                    tokens[i * self.page_size:(i + 1) * self.page_size], np.int64)
+                self._register(page, key, state.last_key, tokens[i * self.page_size:(i + 1) * self.page_size],
+                               self._child_parent, self._children)
                 added += 1
             state.last_key = key
             state.committed = i + 1
@@ -388,10 +385,7 @@ class PagePool:
                 page = state.pages[full]
                 key = _tail_key(state.last_key, rest)
                 if self._refs[page] == 1 and page not in self._key_of and key not in self._page_of:
-                    self._page_of[key] = page
-                    self._key_of[page] = key
-                    self._tail_parent[page] = state.last_key
-                    self._tails.setdefault(state.last_key, {})[page] = np.asarray(rest, np.int64)
+                    self._register(page, key, state.last_key, rest, self._tail_parent, self._tails)
         for page in reversed(state.pages):
             if self._refs[page] <= 0:
                 raise RuntimeError(f"page {page} released with refcount {self._refs[page]}")
@@ -442,17 +436,21 @@ class PagePool:
         self._refs[page] = 1
         return page
 
+    def _register(self, page: int, key: bytes, parent: bytes, tokens: Sequence[int], parent_of: dict[int, bytes],
+                  index: dict[bytes, dict[int, np.ndarray]]) -> None:
+        """Cache ``page`` under ``key``, found from ``parent``'s key by its ``tokens``: a full page
+        (``_child_parent``, ``_children``) or a partly filled tail (``_tail_parent``, ``_tails``)."""
+        self._page_of[key] = page
+        self._key_of[page] = key
+        parent_of[page] = parent
+        index.setdefault(parent, {})[page] = np.asarray(tokens, np.int64)
+
     def _unregister(self, page: int) -> None:
         del self._page_of[self._key_of.pop(page)]
-        parent = self._child_parent.pop(page, None)
-        if parent is not None:
-            children = self._children[parent]
-            del children[page]
-            if not children:
-                del self._children[parent]
-        parent = self._tail_parent.pop(page, None)
-        if parent is not None:
-            tails = self._tails[parent]
-            del tails[page]
-            if not tails:
-                del self._tails[parent]
+        for parent_of, index in ((self._child_parent, self._children), (self._tail_parent, self._tails)):
+            parent = parent_of.pop(page, None)
+            if parent is not None:
+                siblings = index[parent]
+                del siblings[page]
+                if not siblings:
+                    del index[parent]
