@@ -152,3 +152,12 @@ def start_mock(max_waiting: int = 16, tokenizer=None, **engine_kw) -> Frontends:
     o = llm.orchestrator
     metrics.bind(llm.engine.slots, lambda: o.num_waiting, lambda: o.num_running, lambda: o.slots_in_use)
     return Frontends(llm, metrics)
+
+
+def serve_mock(**kw):
+    """A fixture's body: every front end over the mock (``start_mock(**kw)``) for a module's tests,
+    then the front ends closed and the ``LLM`` with them."""
+    f = start_mock(**kw)
+    yield f
+    f.close()
+    f.llm.close(drain=False)

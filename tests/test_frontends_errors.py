@@ -9,16 +9,10 @@ import pytest
 
 from jserve.errors import ErrorKind
 
-from .frontends import start_mock
+from .frontends import serve_mock
 from .waits import wait_until
 
-
-@pytest.fixture(scope="module")
-def fronts():
-    f = start_mock()
-    yield f
-    f.close()
-    f.llm.close(drain=False)
+fronts = pytest.fixture(scope="module", name="fronts")(serve_mock)
 
 
 TYPE_ERRORS = [

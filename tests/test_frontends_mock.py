@@ -26,7 +26,7 @@ from jserve.errors import ErrorKind
 from jserve.request import ERRORS, FinishReason, sampling_params
 from jserve.v1 import jserve_pb2 as pb
 
-from .frontends import MOCK_SHAPE, Frontends
+from .frontends import MOCK_SHAPE, Frontends, serve_mock
 from .frontends import start_mock as _start
 from .mock_engine import LETTERS, LOGPROB_VALUE, alternatives, continuation, letters_ids, letters_text
 from .waits import wait_until
@@ -37,12 +37,7 @@ HELLO = letters_ids("hello")
 GREEDY = dict(temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def fronts():
-    f = _start()
-    yield f
-    f.close()
-    f.llm.close(drain=False)
+fronts = pytest.fixture(scope="module", name="fronts")(serve_mock)
 
 
 def _metric(f: Frontends, name: str) -> float:
