@@ -153,24 +153,32 @@ def tenants(args) -> int:
     return 0
 
 
-def serve(args) -> int:
+def alternate(trees: list[str], commands: list[list[str]], rounds: int) -> list[list]:
+    """One worker per tree (``python -c`` each of ``commands``, the tree first on its path), started
+    together; once all are ready, ``rounds`` rounds in which each worker in turn runs once (a line
+    ``go`` in, its JSON line out), so both meet the machine's same moments. Each worker's answers."""
     workers = []
-    for tree, settings in zip(args.trees, args.serve):
+    for tree, command in zip(trees, commands):
         env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
-        workers.append(subprocess.Popen([sys.executable, "-c", SERVE_WORKER, settings, str(args.requests),
-                                         str(args.max_tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env=env))
+        workers.append(subprocess.Popen([sys.executable, "-c", *command], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env))
     for p in workers:
         assert p.stdout.readline().strip() == "ready"
-    runs: list[list] = [[], []]
-    for _ in range(args.rounds):
+    answers: list[list] = [[] for _ in workers]
+    for _ in range(rounds):
         for i, p in enumerate(workers):
             p.stdin.write("go\n")
             p.stdin.flush()
-            runs[i].append(json.loads(p.stdout.readline()))
+            answers[i].append(json.loads(p.stdout.readline()))
     for p in workers:
         p.stdin.close()
         p.wait()
+    return answers
+
+
+def serve(args) -> int:
+    runs = alternate(args.trees, [[SERVE_WORKER, settings, str(args.requests), str(args.max_tokens)]
+                                  for settings in args.serve], args.rounds)
     tokens = args.requests * args.max_tokens
     med = [statistics.median(r[0] for r in run) for run in runs]
     for tree, settings, run, m in zip(args.trees, args.serve, runs, med):
@@ -193,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve", nargs=2, metavar=("A", "B"), help="engine settings per tree: serve chats instead")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--tenants", type=int, help="instead: this many tenants' system prompts, each asked twice "
-                                                 "(shuffled, one at a time) through the first tree; TTFT first vs second time")
+    ap.add_argument("--tenants", type=int,
+                    help="instead: this many tenants' system prompts, each asked twice (shuffled, one at a time) "
+                         "through the first tree; TTFT first vs second time")
     ap.add_argument("--settings", default="slots=8,max_len=1024,kv_memory=1061683200",
                     help="engine settings for --tenants (default: 360 pages of 128 bfloat16 positions for SmolLM2: 64 "
                          "tenants x 5 pages and 8 running requests x 5)")
@@ -207,23 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--trees takes two trees (one with --tenants)")
     if args.serve:
         return serve(args)
-    workers = []
-    for tree in args.trees:
-        env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
-        p = subprocess.Popen([sys.executable, "-c", WORKER, str(args.slots), str(args.max_len), str(args.context),
-                              str(args.steps)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        workers.append(p)
-    for p in workers:
-        assert p.stdout.readline().strip() == "ready"
-    times: list[list[float]] = [[], []]
-    for _ in range(args.rounds):
-        for i, p in enumerate(workers):
-            p.stdin.write("go\n")
-            p.stdin.flush()
-            times[i].append(json.loads(p.stdout.readline()))
-    for p in workers:
-        p.stdin.close()
-        p.wait()
+    command = [WORKER, str(args.slots), str(args.max_len), str(args.context), str(args.steps)]
+    times = alternate(args.trees, [command, command], args.rounds)
     base, new = (statistics.median(t) for t in times)
     print(f"{args.slots} slots x {args.max_len}, {args.context} positions each, median of {args.rounds} rounds of "
           f"{args.steps} steps: {args.trees[0]} {1000 * base:.1f} ms, {args.trees[1]} {1000 * new:.1f} ms; "
