@@ -29,7 +29,6 @@ import argparse
 import concurrent.futures
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
@@ -38,7 +37,7 @@ import grpc
 from jserve.client import Client
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_servers import free_port  # noqa: E402
+from bench_harness import start_server  # noqa: E402
 
 ABUSE_AFTER = 20
 
@@ -99,15 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", default="", help="more server flags, e.g. '--slots 16'")
     args = ap.parse_args(argv)
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "jserve.server", "--port", str(port), *shlex.split(args.extra)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        if "SERVING" in line:
-            break
+    server = start_server(["--port", "0", *shlex.split(args.extra)])
     rows = []
     try:
-        with Client(f"127.0.0.1:{port}") as client:
+        with Client(server.grpc_address) as client:
             client.complete("warm up", max_tokens=8)
             for i in range(args.rounds):
                 alone = gaps(client, args, seed=i)
@@ -127,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                     for f in futures:
                         print("   ", outcome(f))
     finally:
-        proc.terminate()
-        proc.wait(60)
-    print(f"server: {' '.join(cmd[1:])}")
+        server.stop()
+    print(f"server: {server.mode}")
     print(f"median over {args.rounds} rounds: step {statistics.median(r[0] for r in rows) * 1e3:.1f} ms, "
           f"worst alone {statistics.median(r[1] for r in rows) * 1e3:.1f} ms, "
           f"beside an ordinary request {statistics.median(r[2] for r in rows) * 1e3:.1f} ms, "

@@ -15,39 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
-import threading
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from bench_harness import Started, start_server  # noqa: E402
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "jserve.server", "--port", "0", "--log-level", "WARNING", "--slots", str(args.slots),
-           "--max-len", str(args.max_len), "--max-prompt-len", str(args.prompt_len), "--max-logprobs", "0"]
+
+def serve(args: argparse.Namespace) -> Started:
+    flags = ["--port", "0", "--log-level", "WARNING", "--slots", str(args.slots), "--max-len", str(args.max_len),
+             "--max-prompt-len", str(args.prompt_len), "--max-logprobs", "0"]
     if args.checkpoint:
-        cmd += ["--checkpoint", str(args.checkpoint)]
+        flags += ["--checkpoint", str(args.checkpoint)]
     if args.quantize:
-        cmd += ["--quantize", args.quantize]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    address, serving = None, threading.Event()
-
-    def read() -> None:
-        nonlocal address
-        for line in proc.stdout:
-            if line.startswith("jserve listening on "):
-                address = line.split()[-1]
-            if line.startswith("jserve SERVING"):
-                serving.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not serving.wait(600):
-        proc.kill()
-        raise RuntimeError("the server did not become SERVING within 600 s")
-    return proc, address
+        flags += ["--quantize", args.quantize]
+    return start_server(flags)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(args.checkpoint, slots=args.slots, max_len=args.max_len, max_prompt_len=args.prompt_len,
               quantize=args.quantize)
     llm.generate(prompts[: args.slots], SamplingParams(**sampling))  # warm
-    server, address = start_server(args)
+    server = serve(args)
     rounds: dict[str, list[float]] = {"offline": [], "grpc": []}
     outputs: dict[str, list[list[int]]] = {}
     try:
-        with Client(address) as client:
+        with Client(server.grpc_address) as client:
             client.complete_many(prompts[: args.slots], concurrency=concurrency, **sampling)  # warm
             for r in range(args.rounds):
                 t0 = time.perf_counter()
@@ -99,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {r + 1}: offline {rounds['offline'][-1]:.1f} tok/s, gRPC {rounds['grpc'][-1]:.1f} tok/s",
                       file=sys.stderr)
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop()
         llm.close(drain=False)
     same = outputs["offline"] == outputs["grpc"]
     med = {k: statistics.median(v) for k, v in rounds.items()}

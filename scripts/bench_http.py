@@ -70,11 +70,11 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from bench_harness import start_server  # noqa: E402
 from bench_peers import chats  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": 20}},
@@ -97,26 +97,16 @@ class Done:
 
 class Server:
     def __init__(self, args: argparse.Namespace):
-        cmd = [sys.executable, "-m", "jserve.server", "--port", "0", "--http-port", "0", "--slots", str(args.slots),
-               "--max-len", str(args.max_len)]
+        flags = ["--port", "0", "--http-port", "0", "--slots", str(args.slots), "--max-len", str(args.max_len)]
         if args.checkpoint is not None:
-            cmd += ["--checkpoint", str(args.checkpoint)]
+            flags += ["--checkpoint", str(args.checkpoint)]
         if args.kv_memory is not None:
-            cmd += ["--kv-memory", args.kv_memory]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        grpc_addr = http_addr = None
-        for line in self.proc.stdout:
-            if line.startswith("jserve http listening on "):
-                http_addr = line.split()[-1]
-            elif line.startswith("jserve listening on "):
-                grpc_addr = line.split()[-1]
-            if line.startswith("jserve SERVING"):
-                break
-        else:
-            raise RuntimeError("the server exited before SERVING")
+            flags += ["--kv-memory", args.kv_memory]
+        self.started = start_server(flags)
+        grpc_addr, http_addr = self.started.grpc_address, self.started.http_address
         if grpc_addr is None or http_addr is None:
+            self.started.stop()
             raise RuntimeError(f"could not find the server's addresses (grpc {grpc_addr}, http {http_addr})")
-        threading_drain(self.proc)
         from jserve.client import Client
 
         self.client = Client(grpc_addr)
@@ -125,7 +115,7 @@ class Server:
         conn.request("GET", "/v1/models")
         self.model = json.loads(conn.getresponse().read())["data"][0]["id"]
         conn.close()
-        self.mode = " ".join(["python -m jserve.server"] + cmd[3:])
+        self.mode = self.started.mode
 
     def grpc(self, messages, args, constrained: bool, prime: bool = False) -> Done:
         kw = dict(max_tokens=1 if prime else args.max_tokens, temperature=0.0, ignore_eos=True)
@@ -178,15 +168,7 @@ class Server:
 
     def close(self) -> None:
         self.client.close()
-        self.proc.terminate()
-        self.proc.wait(60)
-
-
-def threading_drain(proc: subprocess.Popen) -> None:
-    """Keep reading the server's output so its pipe never fills."""
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+        self.started.stop()
 
 
 def run_round(send, prompts, args, constrained_every: int, prime: bool = False) -> dict:
