@@ -97,12 +97,22 @@ class HttpFrontEnd(ChoicesMixin):
         except RequestError as e:
             raise ApiError.of(e) from e
 
-    def _check(self, body: _Sampling, max_tokens: int | None, logprobs: int | None) -> None:
-        """The sampling fields, checked by the request layer before any prompt is tokenized."""
+    def _check(self, body: _Sampling, max_tokens: int | None, logprobs: int | None,
+               sent_as: dict[str, str] | None = None) -> None:
+        """The sampling fields, checked by the request layer before any prompt is tokenized;
+        ``sent_as``: the request layer's name of a field → the one the client sent it by
+        (``max_tokens`` → ``max_completion_tokens``), which the error names instead."""
         try:
             rq.check_params(body.params(max_tokens, logprobs, body.seed), self.llm.limits)
         except RequestError as e:
-            raise ApiError.of(e) from e
+            err = ApiError.of(e)
+            name = (sent_as or {}).get(err.param or "")
+            if name is not None:
+                field = err.param
+                err.param = name
+                if err.message.startswith(f"{field} "):
+                    err.message = name + err.message[len(field):]
+            raise err from e
 
     async def _start(self, prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
                      logprobs: int | None, constraint: Any = None,
@@ -213,7 +223,10 @@ class HttpFrontEnd(ChoicesMixin):
             body.check_supported()
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            self._check(body, max_tokens, logprobs)
+            sent_as = {"logprobs": "top_logprobs"}  # a chat's logprobs is a boolean: the count is top_logprobs
+            if body.max_completion_tokens is not None:
+                sent_as["max_tokens"] = "max_completion_tokens"
+            self._check(body, max_tokens, logprobs, sent_as)
             plan, ids = await self._plan([m.raw() for m in body.messages], body.tools, body.tool_choice,
                                          body.parallel_tool_calls)
             constraint = self._tool_constraint(plan, body)
@@ -226,7 +239,7 @@ class HttpFrontEnd(ChoicesMixin):
             self._ready()
             self._check_model(body.model)
             chat = body.chat_request()
-            self._check(chat, chat.max_tokens, None)
+            self._check(chat, chat.max_tokens, None, {"max_tokens": "max_output_tokens"})
             try:
                 plan, ids = await self._plan([m.raw() for m in chat.messages], chat.tools, chat.tool_choice,
                                              chat.parallel_tool_calls)
@@ -301,6 +314,8 @@ class HttpFrontEnd(ChoicesMixin):
 def _batch_item(e: ApiError, i: int | None) -> ApiError:
     """A refusal of a completions prompt named as the item of the batch it is (``prompt[1]``, its
     message prefixed with it), or as ``prompt`` when it is the only one (``i`` None)."""
+    if e.status != 400:  # a full queue, a deadline: not the prompt's fault
+        return e
     if i is None:
         e.param = e.param or "prompt"
     elif e.param is None or e.param == "prompt":

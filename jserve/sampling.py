@@ -102,14 +102,16 @@ class SamplingParams:
         if self.seed is not None and not 0 <= self.seed < 2**64:
             outside(f"seed must be in [0, 2**64), got {self.seed}", True, self.seed < 0)
         if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop strings must be non-empty strings")
+            raise InvalidRequestError("stop strings must be non-empty strings", param="stop")
         if len(self.stop) > MAX_STOP_STRINGS:
-            bad(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(self.stop)}")
+            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(self.stop)}",
+                                      param="stop")
         longest = max(map(len, self.stop), default=0)
         if longest > MAX_STOP_CHARS:
             bad(f"stop strings may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            bad(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are accepted, got {len(self.stop_token_ids)}")
+            raise InvalidRequestError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are accepted, got "
+                                      f"{len(self.stop_token_ids)}", param="stop_token_ids")
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 bad(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")

@@ -248,3 +248,34 @@ def test_http_completions_name_the_prompt_of_a_batch_they_refuse(fronts, prompt,
     assert r.status_code == 400 and r.json()["error"] == {
         "message": message, "type": "invalid_request_error", "param": param, "code": None}
     wait_until(lambda: fronts.llm.orchestrator.num_running == 0, "nothing of the batch left running")
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+ALIASES = [  # the field the client sent, not the request layer's name for it
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 50}, "top_logprobs",
+     "top_logprobs must be in [0, 3] on this server, got 50"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens",
+     "max_completion_tokens must be an integer >= 1, got 0"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a"] * 17}, "stop", "at most 16 stop strings are accepted, got 17"),
+    ("/v1/completions", {"prompt": "hi", "stop": [""]}, "stop", "stop strings must be non-empty strings"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": list(range(65))}, "stop_token_ids",
+     "at most 64 stop_token_ids are accepted, got 65"),
+]
+
+
+@pytest.mark.parametrize("path, fields, param, message", ALIASES, ids=[a[2] for a in ALIASES])
+def test_http_errors_name_the_field_as_the_client_sent_it(fronts, path, fields, param, message):
+    r = fronts.httpx.post(path, json={"model": "mock", **fields})
+    err = r.json()["error"]
+    assert (r.status_code, err["param"], err["message"]) == (400, param, message)
+
+
+def test_only_a_refused_prompt_is_named_as_an_item_of_the_batch():
+    """A batch's full queue (429) or deadline is not the prompt's fault: no ``param``, its message as is."""
+    from jserve.http_api import ApiError, _batch_item
+
+    full = _batch_item(ApiError(429, "waiting queue is full", "server_error", code="queue_full"), 2)
+    assert (full.param, full.message) == (None, "waiting queue is full")
+    assert _batch_item(ApiError(429, "waiting queue is full", "server_error", code="queue_full"), None).param is None
+    bad = _batch_item(ApiError(400, "the prompt is empty"), 2)
+    assert (bad.param, bad.message) == ("prompt[2]", "prompt[2]: the prompt is empty")
