@@ -393,6 +393,10 @@ def check_params(params: SamplingParams, limits: Limits) -> SamplingParams:
     return params
 
 
+# OpenAI's code for a prompt (with its max_tokens) longer than the model's context.
+CONTEXT_CODE = "context_length_exceeded"
+
+
 def fit(ids: Sequence[int], params: SamplingParams, limits: Limits) -> SamplingParams:
     """The checks that need the prompt's tokens; returns ``params`` with ``max_tokens`` resolved
     (not given: the rest of the context)."""
@@ -400,22 +404,22 @@ def fit(ids: Sequence[int], params: SamplingParams, limits: Limits) -> SamplingP
         raise InvalidRequestError("the prompt is empty")
     if len(ids) > limits.max_prompt_len:
         raise InvalidRequestError(f"the prompt has {len(ids)} tokens; this server accepts at most "
-                                  f"{limits.max_prompt_len}")
+                                  f"{limits.max_prompt_len}", code=CONTEXT_CODE)
     room = limits.max_len - len(ids)
     if limits.kv_positions is not None and len(ids) + 1 > limits.kv_positions:
         raise InvalidRequestError(f"the prompt has {len(ids)} tokens; the KV cache holds at most "
-                                  f"{limits.kv_positions} positions in all (--kv-memory)")
+                                  f"{limits.kv_positions} positions in all (--kv-memory)", code=CONTEXT_CODE)
     if params.max_tokens is None:
         return dataclasses.replace(params, max_tokens=min(room, _pool_room(ids, limits)))
     if params.max_tokens > room:
         raise InvalidRequestError(
             f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
-            f"{limits.max_len} tokens; lower max_tokens to at most {room}")
+            f"{limits.max_len} tokens; lower max_tokens to at most {room}", code=CONTEXT_CODE)
     if params.max_tokens > _pool_room(ids, limits):
         raise InvalidRequestError(
             f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more than the "
             f"{limits.kv_positions} positions the KV cache holds in all (--kv-memory); lower max_tokens to "
-            f"at most {_pool_room(ids, limits)}")
+            f"at most {_pool_room(ids, limits)}", code=CONTEXT_CODE)
     return params
 
 

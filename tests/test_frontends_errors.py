@@ -234,19 +234,20 @@ def test_http_range_errors_carry_openais_code_for_the_bound_passed(fronts, field
     assert (r.status_code, err["type"], err["param"], err["code"]) == (400, "invalid_request_error", param, code), err
 
 
-@pytest.mark.parametrize("prompt, param, message", [
-    (["hello", ""], "prompt[1]", "prompt[1]: the prompt is empty"),
-    ([[4, 5], [], [6]], "prompt[1]", "prompt[1]: the prompt is empty"),
-    ([[4, 5], [6, 99]], "prompt[1]", "prompt[1]: token id 99 at index 1 is outside the vocabulary [0, 32)"),
-    (["hello", "a" * 40], "prompt[1]", "prompt[1]: the prompt has 40 tokens; this server accepts at most 32"),
-    ("", "prompt", "the prompt is empty"),
-    ([], "prompt", "the prompt is empty"),
-    ([4, 99], "prompt", "token id 99 at index 1 is outside the vocabulary [0, 32)"),
+@pytest.mark.parametrize("prompt, param, message, code", [
+    (["hello", ""], "prompt[1]", "prompt[1]: the prompt is empty", None),
+    ([[4, 5], [], [6]], "prompt[1]", "prompt[1]: the prompt is empty", None),
+    ([[4, 5], [6, 99]], "prompt[1]", "prompt[1]: token id 99 at index 1 is outside the vocabulary [0, 32)", None),
+    (["hello", "a" * 40], "prompt[1]", "prompt[1]: the prompt has 40 tokens; this server accepts at most 32",
+     "context_length_exceeded"),
+    ("", "prompt", "the prompt is empty", None),
+    ([], "prompt", "the prompt is empty", None),
+    ([4, 99], "prompt", "token id 99 at index 1 is outside the vocabulary [0, 32)", None),
 ])
-def test_http_completions_name_the_prompt_of_a_batch_they_refuse(fronts, prompt, param, message):
+def test_http_completions_name_the_prompt_of_a_batch_they_refuse(fronts, prompt, param, message, code):
     r = fronts.httpx.post("/v1/completions", json={"model": "mock", "prompt": prompt, "max_tokens": 1})
     assert r.status_code == 400 and r.json()["error"] == {
-        "message": message, "type": "invalid_request_error", "param": param, "code": None}
+        "message": message, "type": "invalid_request_error", "param": param, "code": code}
     wait_until(lambda: fronts.llm.orchestrator.num_running == 0, "nothing of the batch left running")
 
 
@@ -279,3 +280,14 @@ def test_only_a_refused_prompt_is_named_as_an_item_of_the_batch():
     assert _batch_item(ApiError(429, "waiting queue is full", "server_error", code="queue_full"), None).param is None
     bad = _batch_item(ApiError(400, "the prompt is empty"), 2)
     assert (bad.param, bad.message) == ("prompt[2]", "prompt[2]: the prompt is empty")
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "hello", "max_tokens": 10_000}),
+    ("/v1/completions", {"prompt": [4] * 40, "max_tokens": 1}),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 10_000}),
+])
+def test_http_a_prompt_past_the_context_carries_openais_code(fronts, path, body):
+    r = fronts.httpx.post(path, json={"model": "mock", **body})
+    err = r.json()["error"]
+    assert (r.status_code, err["type"], err["code"]) == (400, "invalid_request_error", "context_length_exceeded"), err
