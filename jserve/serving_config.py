@@ -22,7 +22,7 @@ from typing import Any
 
 QUANTIZE_MODES = ("int8", "int8-dynamic", "q8_0", "q4_0", "q4_1", "float")
 DTYPES = ("float32", "bfloat16")
-KV_DTYPES = ("float32", "bfloat16", "float16")
+KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,14 +20,16 @@ from jserve.sampling import SamplingParams
 MAX_LEN = 384  # three pages of 128 positions per slot
 
 
-@pytest.fixture(scope="module")
-def engine():
+@pytest.fixture(scope="module", params=["bfloat16", "int8"])
+def engine(request):
+    """Every test below with a bfloat16 pool and an int8 one (int8 values and their scales in pages)."""
     cfg = tiny_config(max_position_embeddings=MAX_LEN)
     params = checkpoint.to_params(cfg, checkpoint.random_weights(cfg))
     # Three slots, four pages: one sequence's worth and a page.
     eng = JaxEngine(cfg, params, slots=3, max_len=MAX_LEN, max_prompt_len=200, top_logprobs=2,
-                    kv_memory=4 * page_bytes(cfg, "bfloat16"), cache_dtype=jnp.bfloat16)
+                    kv_memory=4 * page_bytes(cfg, request.param), cache_dtype=getattr(jnp, request.param))
     assert eng.paged and eng.pages.num_pages == 4 and eng.page_size == 128
+    assert eng.init_state().cache.dtype == jnp.dtype(request.param)
     return eng
 
 
