@@ -22,7 +22,7 @@ and updated in place; attention widens each block it reads (``attention.widen``:
 
 An int8 cache holds each (position, KV head) vector of ``H`` keys or values as ``H + 4`` int8s:
 the values quantized symmetrically, ``round(x / s)`` (to nearest, ties to even) with
-``s = max|x| / 127``, then the float32 scale ``s`` as its 4 bytes (``quantize``). The scale lives
+``s = max|x| / 127`` (as ``max|x| · float32(1/127)``), then the float32 scale ``s`` as its 4 bytes (``quantize``). The scale lives
 in the same row as its values, so every write, slice, page copy and slot copy moves it with them
 and nothing else has to know; attention's ``widen`` multiplies the values back (``dequantize``).
 Quantizing looks at one vector only, elementwise and in a fixed order, so a key's int8s do not
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jserve.config import ModelConfig
@@ -40,6 +41,9 @@ from jserve.config import ModelConfig
 BITS = jnp.uint16  # how a bfloat16 cache is stored
 QUANT = jnp.int8  # an int8 cache: values and their scale's bytes (``quantize``)
 SCALE_BYTES = 4  # one float32 scale per (position, KV head) vector of an int8 cache
+# max|x| times this is the scale: a product, because XLA turns a division by a constant into that
+# product inside a compiled call and not outside one (one ulp apart), and each call must agree.
+INV_127 = np.float32(1 / 127)
 
 
 def storage(dtype: jnp.dtype) -> jnp.dtype:
@@ -54,9 +58,10 @@ def stored_width(dtype: jnp.dtype, head_dim: int) -> int:
 
 def quantize(x: jax.Array) -> jax.Array:
     """``x [..., H]`` (keys or values) → int8 ``[..., H + 4]``: each vector's ``round(x / s)``, ties
-    to even, with ``s = max|x| / 127`` (a vector of zeros: ``s = 0``, values 0), then ``s``'s float32 bytes."""
+    to even, with ``s = max|x| · float32(1/127)`` (a vector of zeros: ``s = 0``, values 0), then
+    ``s``'s float32 bytes."""
     xf = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
+    scale = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) * INV_127
     q = jnp.round(xf / jnp.where(scale > 0, scale, 1.0))
     q = jnp.clip(q, -127, 127).astype(QUANT)
     return jnp.concatenate([q, jax.lax.bitcast_convert_type(scale, QUANT).reshape(*scale.shape[:-1], SCALE_BYTES)],
