@@ -22,11 +22,11 @@ and updated in place; attention widens each block it reads (``attention.widen``:
 
 An int8 cache holds each (position, KV head) vector of ``H`` keys or values as ``H + 4`` int8s:
 the values quantized symmetrically, ``round(x / s)`` (to nearest, ties to even) with
-``s = max|x| / 127`` (as ``max|x| · float32(1/127)``), then the float32 scale ``s`` as its 4 bytes (``quantize``). The scale lives
-in the same row as its values, so every write, slice, page copy and slot copy moves it with them
-and nothing else has to know; attention's ``widen`` multiplies the values back (``dequantize``).
-Quantizing looks at one vector only, elementwise and in a fixed order, so a key's int8s do not
-depend on the batch, the chunk or the call that wrote it.
+``s = max|x| / 127`` (computed as ``max|x| · float32(1/127)``), then the float32 scale ``s`` as
+its 4 bytes (``quantize``). The scale lives in the same row as its values, so every write, slice,
+page copy and slot copy moves it with them and nothing else has to know; attention's ``widen``
+multiplies the values back (``dequantize``). Quantizing looks at one vector only, elementwise and
+in a fixed order, so a key's int8s do not depend on the batch, the chunk or the call that wrote it.
 """
 
 from __future__ import annotations

@@ -71,7 +71,9 @@ def test_kv_dtype_flag_reaches_the_servers_engine_config():
         ap.parse_args(["--kv-dtype", "int4"])
     assert set(KV_DTYPES) == {"float32", "bfloat16", "float16", "int8"}
     assert "{float32,bfloat16,float16,int8}" in ap.format_help()  # the choices, as --help lists them
-    assert "int8" in " ".join(ap.format_help().split()).split("--kv-dtype", 1)[1].split("--kv-memory")[0]
+    text = ap.format_help()
+    kv_help = " ".join(text[text.index("\n  --kv-dtype"):text.index("\n  --kv-memory")].split())
+    assert "int8 = each key and value vector as int8 with a float32 scale" in kv_help
 
 
 def _forward_with(params, cfg, seq, attend):
