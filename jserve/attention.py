@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jserve.config import ModelConfig
-from jserve.kv_cache import read_pages
+from jserve.kv_cache import QUANT, dequantize, read_pages
 
 # Cache positions per decode-attention block (``_attend_blocks``): measured on XLA:CPU at
 # 16 slots x ~1,000 live positions, 64 and 128 were fastest, 256 1.4x and 512 2.4x slower.
@@ -76,7 +76,10 @@ def _attend_step(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, spec
 
 def widen(x: jax.Array) -> jax.Array:
     """Keys or values read from the cache as float32, exactly: a bfloat16 cache's ``uint16`` bits
-    (``kv_cache.storage``) are the top half of their float32, shifted into place."""
+    (``kv_cache.storage``) are the top half of their float32, shifted into place; an int8 cache's
+    ``[..., H + 4]`` rows are values times their scale (``kv_cache.dequantize``) → ``[..., H]``."""
+    if x.dtype == QUANT:
+        return dequantize(x)
     if x.dtype == jnp.uint16:
         return jax.lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
     return x.astype(jnp.float32)

@@ -15,26 +15,63 @@ heads lead, so a decode step's attention reads each (slot, head)'s ``[T, H]`` bl
 on XLA:CPU this layout with multiply-reduce attention measured 3-4x faster than ``[S, T, K, H]``
 with ``einsum`` (``model._attend_step``).
 
-The elements are float32, float16 or bfloat16 (``--kv-dtype``); a bfloat16 cache is stored as its
-bits, ``uint16`` arrays: XLA:CPU widens a bfloat16 buffer around every slice and scatter of it
+The elements are float32, float16, bfloat16 or int8 (``--kv-dtype``); a bfloat16 cache is stored
+as its bits, ``uint16`` arrays: XLA:CPU widens a bfloat16 buffer around every slice and scatter of it
 (a decode step at 900 positions measured 2-3x slower than float32), while integers are sliced
-and updated in place; attention widens each block it reads (``model.widen``: a shift).
+and updated in place; attention widens each block it reads (``attention.widen``: a shift).
+
+An int8 cache holds each (position, KV head) vector of ``H`` keys or values as ``H + 4`` int8s:
+the values quantized symmetrically, ``round(x / s)`` (to nearest, ties to even) with
+``s = max|x| / 127`` (computed as ``max|x| · float32(1/127)``), then the float32 scale ``s`` as
+its 4 bytes (``quantize``). The scale lives in the same row as its values, so every write, slice,
+page copy and slot copy moves it with them and nothing else has to know; attention's ``widen``
+multiplies the values back (``dequantize``). Quantizing looks at one vector only, elementwise and
+in a fixed order, so a key's int8s do not depend on the batch, the chunk or the call that wrote it.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jserve.config import ModelConfig
 
 BITS = jnp.uint16  # how a bfloat16 cache is stored
+QUANT = jnp.int8  # an int8 cache: values and their scale's bytes (``quantize``)
+SCALE_BYTES = 4  # one float32 scale per (position, KV head) vector of an int8 cache
+# max|x| times this is the scale: a product, because XLA turns a division by a constant into that
+# product inside a compiled call and not outside one (one ulp apart), and each call must agree.
+INV_127 = np.float32(1 / 127)
 
 
 def storage(dtype: jnp.dtype) -> jnp.dtype:
     """The arrays' type for a cache of ``dtype`` elements."""
     return jnp.dtype(BITS) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def stored_width(dtype: jnp.dtype, head_dim: int) -> int:
+    """The cache arrays' last axis for vectors of ``head_dim``: the scale's bytes follow an int8 cache's."""
+    return head_dim + SCALE_BYTES if jnp.dtype(dtype) == QUANT else head_dim
+
+
+def quantize(x: jax.Array) -> jax.Array:
+    """``x [..., H]`` (keys or values) → int8 ``[..., H + 4]``: each vector's ``round(x / s)``, ties
+    to even, with ``s = max|x| · float32(1/127)`` (a vector of zeros: ``s = 0``, values 0), then
+    ``s``'s float32 bytes."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) * INV_127
+    q = jnp.round(xf / jnp.where(scale > 0, scale, 1.0))
+    q = jnp.clip(q, -127, 127).astype(QUANT)
+    return jnp.concatenate([q, jax.lax.bitcast_convert_type(scale, QUANT).reshape(*scale.shape[:-1], SCALE_BYTES)],
+                           axis=-1)
+
+
+def dequantize(x: jax.Array) -> jax.Array:
+    """``quantize``'s int8 ``[..., H + 4]`` → float32 ``[..., H]``: each value times its vector's scale."""
+    scale = jax.lax.bitcast_convert_type(x[..., -SCALE_BYTES:], jnp.float32)  # [...]
+    return x[..., :-SCALE_BYTES].astype(jnp.float32) * scale[..., None]
 
 
 def element_type(buf: jax.Array) -> jnp.dtype:
@@ -46,12 +83,16 @@ def to_stored(new: jax.Array, buf: jax.Array) -> jax.Array:
     """``new`` (keys or values) rounded to ``buf``'s elements, as ``buf`` stores them."""
     if buf.dtype == BITS:
         return jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), BITS)
+    if buf.dtype == QUANT:
+        return quantize(new)
     return new.astype(buf.dtype)
 
 
 def _zero_layers(cfg: ModelConfig, shape: tuple[int, ...], dtype: jnp.dtype) -> tuple[tuple, tuple]:
-    """Zeroed keys and values, one ``shape`` array each per layer, stored as ``dtype`` is."""
+    """Zeroed keys and values, one ``shape`` array each per layer (``[..., H]``; an int8 cache's
+    rows are ``H + 4`` wide), stored as ``dtype`` is."""
     store = storage(dtype)
+    shape = (*shape[:-1], stored_width(dtype, shape[-1]))
     return (tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)),
             tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)))
 
@@ -59,14 +100,14 @@ def _zero_layers(cfg: ModelConfig, shape: tuple[int, ...], dtype: jnp.dtype) -> 
 @struct.dataclass
 class KVCache:
     """Keys and values of every slot. ``k[l]``, ``v[l]``: ``[S, K, T, H]`` (``uint16`` bits for
-    a bfloat16 cache: see ``dtype``)."""
+    a bfloat16 cache, ``[S, K, T, H + 4]`` int8s and scales for an int8 one: see ``dtype``)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
 
     @property
     def dtype(self) -> jnp.dtype:
-        """The elements' type: float32, float16 or bfloat16."""
+        """The elements' type: float32, float16, bfloat16 or int8."""
         return element_type(self.k[0])
 
     @property
@@ -83,9 +124,9 @@ class KVCache:
 
 
 def cache_bytes(cfg: ModelConfig, slots: int, max_len: int, dtype: jnp.dtype) -> int:
-    """2 · L · S · T · K · H · bytes per element."""
+    """2 · L · S · T · K · H · bytes per element (an int8 cache: ``H + 4`` bytes a vector, its scale's)."""
     itemsize = jnp.dtype(dtype).itemsize
-    return 2 * cfg.n_layers * slots * max_len * cfg.n_kv_heads * cfg.head_dim * itemsize
+    return 2 * cfg.n_layers * slots * max_len * cfg.n_kv_heads * stored_width(dtype, cfg.head_dim) * itemsize
 
 
 def write_prefix(cache: KVCache, prefix_k: tuple[jax.Array, ...], prefix_v: tuple[jax.Array, ...],
@@ -134,7 +175,8 @@ def copy_prefix(cache: KVCache, src: jax.Array, dst: jax.Array, n: jax.Array, bl
 
 @struct.dataclass
 class PagedKVCache:
-    """Keys and values in pages: ``k[l]``, ``v[l]``: ``[P, K, B, H]`` (``uint16`` bits for bfloat16)."""
+    """Keys and values in pages: ``k[l]``, ``v[l]``: ``[P, K, B, H]`` (``uint16`` bits for bfloat16,
+    ``[P, K, B, H + 4]`` int8s and scales for int8: ``quantize``)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]

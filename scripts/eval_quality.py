@@ -7,12 +7,15 @@ For float32, bfloat16, int8 (weight-only) and int8-dynamic (weights and activati
   tokens equal float32's, the mean fraction of matching tokens before the first divergence,
   and where each diverging prompt first differs; also agreement with HF's own tokens.
 
-And for each KV cache type (``--kv-dtype``: float32, bfloat16, float16) on the stored weights:
-KV bytes per token, perplexity with every key and value read back from a cache of that type
+And for each KV cache type (``--kv-dtype``: float32, bfloat16, float16, int8 with a scale per
+vector) on the stored weights: KV bytes per token (all layers, keys and values, scales included),
+perplexity with every key and value read back from a cache of that type
 (``quality.perplexity_cached``: the same windows, run in 64-position chunks as serving runs
-prompts) and greedy agreement with the float32 cache and with HF.
+prompts) and greedy agreement with the float32 cache, ``--kv-tokens`` tokens for ``--kv-prompts``
+prompts (the fixture's, then pieces of the text), and with HF's 32 tokens on the fixture's.
 
     python scripts/eval_quality.py [--checkpoint DIR] [--json out.json] [--only weights|kv]
+                                   [--kv-dtypes int8,float32] [--kv-prompts 20] [--kv-tokens 64]
 
 Prints a markdown table and writes the full result as JSON.
 """
@@ -48,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", type=pathlib.Path, default=ROOT / "tests/data/public_domain_english.txt")
     ap.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
     ap.add_argument("--only", choices=("weights", "kv"), default=None, help="one of the two tables")
+    ap.add_argument("--kv-dtypes", default=None,
+                    help="comma-separated KV cache types for the kv table (default: all; float32 is always run)")
+    ap.add_argument("--kv-prompts", type=int, default=None,
+                    help="greedy prompts for the kv table: the fixture's, then 48-token pieces of --text")
+    ap.add_argument("--kv-tokens", type=int, default=None, help="greedy tokens per prompt for the kv table")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results, greedy = [], {}
     if args.only != "weights":
-        kv = kv_table(ckpt, cfg, weights, ids, cases, sp)
+        kv = kv_table(ckpt, cfg, weights, ids, cases, sp, args)
         if args.only == "kv":
             if args.json:
                 args.json.write_text(json.dumps(kv, indent=1))
@@ -110,40 +118,59 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def kv_table(ckpt, cfg, weights, ids: list[int], cases: list[dict], sp) -> list[dict]:
+def kv_table(ckpt, cfg, weights, ids: list[int], cases: list[dict], sp, args=None) -> list[dict]:
     """Perplexity and greedy agreement per KV cache type, on the stored weights; prints a table."""
+    import dataclasses
+
     import jax.numpy as jnp
 
     from jserve import LLM, checkpoint, model
+    from jserve.kv_pages import kv_bytes_per_position
     from jserve.quality import perplexity_cached
     from jserve.serving_config import KV_DTYPES
 
+    kinds = list(KV_DTYPES)
+    if args is not None and args.kv_dtypes:
+        kinds = ["float32"] + [k for k in args.kv_dtypes.split(",") if k != "float32"]
+        if unknown := set(kinds) - set(KV_DTYPES):
+            raise SystemExit(f"--kv-dtypes: unknown {', '.join(sorted(unknown))}; "
+                             f"expected some of {', '.join(KV_DTYPES)}")
+    n_prompts = args.kv_prompts if args is not None and args.kv_prompts else len(cases)
+    n_tokens = args.kv_tokens if args is not None and args.kv_tokens else sp.max_tokens
+    prompts = [c["prompt_ids"] for c in cases][:n_prompts]
+    step = max(48, (len(ids) - 48) // max(1, n_prompts - len(prompts)))
+    prompts += [ids[a:a + 48] for a in range(0, len(ids) - 48, step)][:n_prompts - len(prompts)]
+    sp = dataclasses.replace(sp, max_tokens=n_tokens)
     params = model.for_cpu_kernels(checkpoint.to_params(cfg, weights, jnp.float32, None))
     rows, greedy = [], {}
-    for kv in KV_DTYPES:
+    for kv in kinds:
         t0 = time.perf_counter()
         ppl = perplexity_cached(params, cfg, ids, getattr(jnp, kv))
-        with LLM(ckpt, slots=4, max_len=128, max_prompt_len=64, kv_dtype=kv) as llm:
-            greedy[kv] = [r.token_ids for r in llm.generate([c["prompt_ids"] for c in cases], sp)]
-        per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(kv).itemsize
+        with LLM(ckpt, slots=4, max_len=64 + n_tokens, max_prompt_len=64, kv_dtype=kv) as llm:
+            greedy[kv] = [r.token_ids for r in llm.generate(prompts, sp)]
+        per_token = kv_bytes_per_position(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv)
         rows.append({"kv_dtype": kv, "bytes_per_token": per_token, "perplexity": ppl,
                      "seconds": time.perf_counter() - t0})
         print(f"kv {kv}: perplexity {ppl:.4f}", file=sys.stderr)
     base = greedy["float32"]
     n = len(base[0])
-    print(f"| KV cache | bytes/token | 8 x 1024 (MiB) | perplexity | vs f32 KV | greedy = f32 KV (of {len(cases)}) "
-          "| greedy = HF | tokens before divergence |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    hf = min(n, len(cases[0]["greedy_ids"]))
+    print(f"| KV cache | bytes/token | 8 x 1024 (MiB) | perplexity | vs f32 KV | greedy = f32 KV (of {len(prompts)} "
+          f"x {n}) | tokens = f32 KV's | tokens before divergence "
+          f"| first {hf} = HF (of {min(len(cases), len(prompts))}) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         out = greedy[r["kv_dtype"]]
         div = [first_divergence(o, b) for o, b in zip(out, base)]
+        r["prompts"], r["tokens"] = len(prompts), n
         r["same_as_f32"] = sum(d == n for d in div)
-        r["same_as_hf"] = sum(o == c["greedy_ids"] for o, c in zip(out, cases))
+        r["tokens_equal_f32"] = sum(x == y for o, b in zip(out, base) for x, y in zip(o, b)) / (n * len(base))
+        r["same_as_hf"] = sum(o[:hf] == c["greedy_ids"][:hf] for o, c in zip(out, cases))
         r["mean_prefix_agreement"] = sum(div) / (n * len(div))
         r["perplexity_vs_f32"] = r["perplexity"] / rows[0]["perplexity"]
         print(f"| {r['kv_dtype']} | {r['bytes_per_token']} | {r['bytes_per_token'] * 8 * 1024 / 2**20:.0f} "
-              f"| {r['perplexity']:.4f} | {r['perplexity_vs_f32']:.5f} | {r['same_as_f32']} | {r['same_as_hf']} "
-              f"| {100 * r['mean_prefix_agreement']:.0f}% |")
+              f"| {r['perplexity']:.4f} | {r['perplexity_vs_f32']:.5f} | {r['same_as_f32']} "
+              f"| {100 * r['tokens_equal_f32']:.1f}% | {100 * r['mean_prefix_agreement']:.1f}% | {r['same_as_hf']} |")
     return rows
 
 

@@ -22,12 +22,15 @@ MAX_LEN = 3 * ATTN_BLOCK
 MAX_PROMPT = MAX_LEN - 64
 
 
-@pytest.fixture(scope="module", params=[None, "int8-dynamic"], ids=["f32", "int8-dynamic"])
+@pytest.fixture(scope="module", params=[(None, "bfloat16"), ("int8-dynamic", "bfloat16"), (None, "int8")],
+                ids=["f32", "int8-dynamic", "kv-int8"])
 def llm16(tiny_ckpt, request):
+    """Float weights, int8-dynamic weights and activations, float weights with an int8 KV cache."""
     from jserve import LLM
 
+    quantize, kv_dtype = request.param
     llm = LLM(tiny_ckpt, slots=16, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT, top_logprobs=3,
-              quantize=request.param)
+              quantize=quantize, kv_dtype=kv_dtype)
     yield llm
     llm.close(drain=False)
 
@@ -38,6 +41,8 @@ def _fingerprint(r):
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
 def test_needle_alone_equals_needle_amid_15_random_neighbours(llm16, sampled):
+    if sampled and np.dtype(llm16.engine.cache_dtype) == np.int8:
+        pytest.skip("an int8 cache rounds keys the same whatever samples from them: greedy covers it, in half the time")
     rng = np.random.default_rng(7 + sampled)
     vocab = llm16.config.vocab_size
     needle_prompt = rng.integers(17, vocab, 21).tolist()

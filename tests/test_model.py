@@ -237,14 +237,17 @@ def test_extend_is_bitwise_the_same_wherever_chunks_are_cut_and_whatever_shares_
             assert np.array_equal(np.asarray(a)[1, :, :200], np.asarray(b)[1, :, :200])
 
 
-def test_copy_prefix_copies_whole_blocks_of_one_slot_only():
-    from jserve.kv_cache import copy_prefix
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])  # int8: the scales ride in each row's last 4 bytes
+def test_copy_prefix_copies_whole_blocks_of_one_slot_only(kv_dtype):
+    from jserve.kv_cache import copy_prefix, to_stored
 
     cfg, _ = _setup()
     rng = np.random.default_rng(6)
     shape = (3, cfg.n_kv_heads, 64, cfg.head_dim)
-    cache = KVCache(k=tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(cfg.n_layers)),
-                    v=tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(cfg.n_layers)))
+    empty = KVCache.zeros(cfg, 3, 64, getattr(jnp, kv_dtype))
+    cache = KVCache(k=tuple(to_stored(jnp.asarray(rng.standard_normal(shape), jnp.float32), b) for b in empty.k),
+                    v=tuple(to_stored(jnp.asarray(rng.standard_normal(shape), jnp.float32), b) for b in empty.v))
+    assert cache.dtype == jnp.dtype(kv_dtype)
     before = [np.asarray(x) for x in cache.k + cache.v]
     out = jax.jit(copy_prefix, static_argnums=4)(cache, jnp.int32(0), jnp.int32(2), jnp.int32(20), 16)
     for b, a in zip(before, out.k + out.v):

@@ -20,15 +20,26 @@ from jserve.sampling import SamplingParams
 MAX_LEN = 384  # three pages of 128 positions per slot
 
 
-@pytest.fixture(scope="module")
-def engine():
+@pytest.fixture(scope="module", params=["bfloat16", "int8"])
+def engine(request):
+    """Every test below with a bfloat16 pool and an int8 one (int8 values and their scales in pages)."""
     cfg = tiny_config(max_position_embeddings=MAX_LEN)
     params = checkpoint.to_params(cfg, checkpoint.random_weights(cfg))
     # Three slots, four pages: one sequence's worth and a page.
     eng = JaxEngine(cfg, params, slots=3, max_len=MAX_LEN, max_prompt_len=200, top_logprobs=2,
-                    kv_memory=4 * page_bytes(cfg, "bfloat16"), cache_dtype=jnp.bfloat16)
+                    kv_memory=4 * page_bytes(cfg, request.param), cache_dtype=getattr(jnp, request.param))
     assert eng.paged and eng.pages.num_pages == 4 and eng.page_size == 128
+    assert eng.init_state().cache.dtype == jnp.dtype(request.param)
     return eng
+
+
+@pytest.fixture(scope="module")
+def f32_engine():
+    """``engine``'s model and shapes with a float32 pool: the reference for the lower precisions."""
+    cfg = tiny_config(max_position_embeddings=MAX_LEN)
+    params = checkpoint.to_params(cfg, checkpoint.random_weights(cfg))
+    return JaxEngine(cfg, params, slots=3, max_len=MAX_LEN, max_prompt_len=200, top_logprobs=2,
+                     kv_memory=4 * page_bytes(cfg, "float32"), cache_dtype=jnp.float32)
 
 
 def _run_all(eng, prompts, params, **kw):
@@ -141,6 +152,27 @@ def test_recomputed_keys_equal_the_decode_steps(engine):
                      prefix_cache=False)[0][0]
     assert again.token_ids == first.token_ids[20:]
     assert np.asarray(again.logprobs, np.float32).tobytes() == np.asarray(first.logprobs[20:], np.float32).tobytes()
+
+
+def test_greedy_tokens_stay_close_to_a_float32_pools(engine, f32_engine):
+    """bfloat16 and int8 pools against a float32 one on the same model: each prompt's greedy tokens
+    agree until a near tie (a divergence only where float32's two best log-probabilities are
+    within 0.05), the chosen tokens' logprobs before it within 0.05, and most tokens agree."""
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, 500, int(n)).tolist() for n in (30, 70, 100, 130)]
+    sp = [SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=2)] * len(prompts)
+    want = _run_all(f32_engine, prompts, sp)[0]
+    got = _run_all(engine, prompts, sp)[0]
+    same = 0
+    for a, b in zip(want, got):
+        n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+        same += n
+        np.testing.assert_allclose(b.logprobs[:n], a.logprobs[:n], atol=0.05)
+        if n < len(a.token_ids):
+            top = sorted(a.top_logprobs[n].values(), reverse=True)
+            assert top[0] - top[1] < 0.05, f"diverged at {n} where float32's best led by {top[0] - top[1]}"
+    assert same >= 0.75 * 32 * len(prompts)
+    assert any(a.logprobs != b.logprobs for a, b in zip(want, got))  # the rounding is there to see
 
 
 def test_prefix_pages_are_shared_by_reference(engine):
