@@ -189,3 +189,29 @@ def test_bad_operands_are_refused_at_the_edge():
         ck.paged_attention(q, args[0], kf, kf, t, args[4], scale=1.0)
     with pytest.raises(ValueError, match="positions"):
         ck.paged_attention(q, jnp.zeros((2, 1), jnp.int32), kf[:, :2], kf[:, :2], t, args[4], scale=1.0)
+
+
+@pytest.mark.parametrize(("dtype", "per_layer"), [("float32", 1), ("bfloat16", 1), ("float16", 0)])
+def test_engine_runs_the_kernel_once_per_layer_for_float32_and_bfloat16_pools(dtype, per_layer):
+    from jserve import model
+    from jserve.config import tiny_config
+    from jserve.engine import JaxEngine
+    from jserve.sampling import SamplingParams
+
+    cfg = tiny_config()
+    params = model.for_cpu_kernels(model.init_params(cfg, jax.random.key(0)))
+    eng = JaxEngine(cfg, params, slots=2, max_len=256, max_prompt_len=200, cache_dtype=jnp.dtype(dtype))
+    state = eng.init_state()
+    before = ck.attention_calls()
+    eng.prefill(state, 0, list(range(1, 40)), SamplingParams(temperature=0.0, max_tokens=5), 0)
+    assert ck.attention_calls() - before == per_layer * cfg.n_layers
+
+
+def test_switch_keeps_the_xla_loop(monkeypatch):
+    from jserve.attention import paged_kernel
+
+    pool = jnp.zeros((2, 1, 8, 16), jnp.float32)
+    assert paged_kernel(pool)
+    assert not paged_kernel(pool.astype(jnp.int8))  # int8 pages etc. stay on XLA's path
+    monkeypatch.setenv("JSERVE_CPU_ATTENTION", "0")
+    assert not paged_kernel(pool)
