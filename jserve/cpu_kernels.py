@@ -1,4 +1,4 @@
-"""Row-invariant matmul kernels for CPU, called through XLA's FFI.
+"""Row-invariant matmul and paged-attention kernels for CPU, called through XLA's FFI.
 
 `matmul(x, fmt, qs, d, m)` computes y[..., N] = x[..., K] @ W^T for W [N, K] given as float32 or in
 a GGUF block format, multiplied in place (never dequantized to a float32 copy):
@@ -14,6 +14,11 @@ a GGUF block format, multiplied in place (never dequantized to a float32 copy):
   (scales[12] qh[32] qs[128]), 208 for q6_k (ql[128] qh[64] int8 scales[16]); ggml's formulas:
   w = d * sc * q - dmin * mn (q4_k / q5_k, 6-bit sc and mn per 32 values), w = d * sc * (q - 32)
   (q6_k, int8 sc per 16 values).
+
+`paged_attention(q, positions, k, v, table, slots, ...)` is attention over a KV page pool (float32 or
+bfloat16 bits) through a page table, each query reading only its own pages by one fixed recipe
+(``csrc/attn.h``), so a query's bits depend on its position and keys alone: ``jserve.attention``
+calls it from the decode step and ``extend`` (``JSERVE_CPU_ATTENTION=0`` keeps XLA's loops).
 
 Each output row is computed by one fixed instruction sequence whatever the number of rows M and
 whatever the other rows hold (threads split output columns, never the reduction over K), so a row's
