@@ -338,6 +338,8 @@ def paged_attention(q: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Arr
     if table.ndim != 2 or tuple(positions.shape) != (r, c) or tuple(slots.shape) != (r,):
         raise ValueError(f"paged_attention: need table [S, M], positions [{r}, {c}], slots [{r}]; got "
                          f"{tuple(table.shape)}, {tuple(positions.shape)}, {tuple(slots.shape)}")
+    if isa == "avx2" and h % 8:
+        raise ValueError(f"paged_attention: the avx2 path needs a head dim that is a multiple of 8, got {h}")
     if window is not None and window < 1:
         raise ValueError(f"paged_attention: window {window} must be positive")
     call = jax.ffi.ffi_call(_ATTN_TARGETS[k.dtype.name], jax.ShapeDtypeStruct(q.shape, jnp.float32))

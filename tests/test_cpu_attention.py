@@ -215,3 +215,20 @@ def test_switch_keeps_the_xla_loop(monkeypatch):
     assert not paged_kernel(pool.astype(jnp.int8))  # int8 pages etc. stay on XLA's path
     monkeypatch.setenv("JSERVE_CPU_ATTENTION", "0")
     assert not paged_kernel(pool)
+
+
+def test_head_dim_not_a_multiple_of_8_takes_the_generic_path():
+    rng = np.random.default_rng(5)
+    k, v = _pool(rng, 6, 1, 8, 12, False)
+    table = jnp.asarray([[2, 0, 5], [1, 3, 4]], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((2, 2, 1, 3, 12)), jnp.float32)
+    pos = jnp.asarray([[9, 10], [20, 23]], jnp.int32)
+    slots = jnp.asarray([0, 1], jnp.int32)
+    ref = _attend_chunks(q, k, v, slots, pos, jnp.int32(3), jnp.int32(9), AttnSpec(0.3, None, None), table)
+    out = ck.paged_attention(q, pos, k, v, table, slots, scale=0.3, isa="auto")
+    assert float(jnp.max(jnp.abs(out - ref))) <= 2e-6 * max(float(jnp.max(jnp.abs(ref))), 1.0)
+    assert np.array_equal(np.asarray(out), np.asarray(ck.paged_attention(q, pos, k, v, table, slots, scale=0.3,
+                                                                          isa="generic")))
+    if "avx2" in _isas():
+        with pytest.raises(ValueError, match="multiple of 8"):
+            ck.paged_attention(q, pos, k, v, table, slots, scale=0.3, isa="avx2")
