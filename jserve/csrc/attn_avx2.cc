@@ -75,6 +75,20 @@ inline __m256 scores8(const float* q, const void* kp, int64_t off, int64_t H) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// acc[0 : 8 NV] = acc * alpha + sum over seen j (increasing) of p_j v_j[0 : 8 NV], NV vectors in registers.
+template <int NV, bool BF16>
+inline void pv_block(float* a, __m256 av, const float* pr, const void* vp, int64_t off, int64_t jlo, int64_t jhi,
+                     int64_t H) {
+  __m256 c[NV];
+  for (int t = 0; t < NV; ++t) c[t] = _mm256_mul_ps(_mm256_loadu_ps(a + 8 * t), av);
+  for (int64_t j = jlo; j <= jhi; ++j) {
+    const __m256 pj = _mm256_set1_ps(pr[j]);
+    const int64_t vo = off + j * H;
+    for (int t = 0; t < NV; ++t) c[t] = _mm256_fmadd_ps(pj, load8<BF16>(vp, vo + 8 * t), c[t]);
+  }
+  for (int t = 0; t < NV; ++t) _mm256_storeu_ps(a + 8 * t, c[t]);
+}
+
 template <bool BF16>
 void items(const AttnProblem& p, int64_t i0, int64_t i1) {
   const int64_t H = p.H, G = p.G, B = p.B;
@@ -111,12 +125,20 @@ void items(const AttnProblem& p, int64_t i0, int64_t i1) {
         }
         if (p.cap != 0.0f)
           for (j = jlo; j <= jhi; ++j) s[j] = p.cap * std::tanh(s[j] / p.cap);
+        // The page's largest score (exact whatever the order): lanes, unseen keys as -inf.
+        const __m256i lo = _mm256_set1_epi32((int32_t)jlo - 1), hi = _mm256_set1_epi32((int32_t)jhi + 1);
+        __m256 mxv = _mm256_set1_ps(ninf);
+        for (int64_t j0 = jlo & ~int64_t{7}; j0 <= jhi; j0 += 8) {
+          const __m256i jv = _mm256_add_epi32(iota, _mm256_set1_epi32((int32_t)j0));
+          const __m256 seen = _mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(jv, lo), _mm256_cmpgt_epi32(hi, jv)));
+          mxv = _mm256_max_ps(mxv, _mm256_blendv_ps(_mm256_set1_ps(ninf), _mm256_loadu_ps(s.data() + j0), seen));
+        }
+        _mm256_store_ps(lanes, mxv);
         float mx = ninf;
-        for (j = jlo; j <= jhi; ++j) mx = s[j] > mx ? s[j] : mx;
+        for (int l = 0; l < 8; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
         const float mn = m[g] > mx ? m[g] : mx;
         const float alpha = m[g] == ninf ? 0.0f : exp1(m[g] - mn);
         const __m256 mv = _mm256_set1_ps(mn);
-        const __m256i lo = _mm256_set1_epi32((int32_t)jlo - 1), hi = _mm256_set1_epi32((int32_t)jhi + 1);
         __m256 sum = _mm256_setzero_ps();
         for (int64_t j0 = jlo & ~int64_t{7}; j0 <= jhi; j0 += 8) {
           const __m256i jv = _mm256_add_epi32(iota, _mm256_set1_epi32((int32_t)j0));
@@ -130,17 +152,9 @@ void items(const AttnProblem& p, int64_t i0, int64_t i1) {
         m[g] = mn;
         const __m256 av = _mm256_set1_ps(alpha);
         float* a = acc.data() + g * H;
-        for (int64_t h0 = 0; h0 < H; h0 += 64) {  // up to 8 accumulators in registers
-          const int nv = (int)std::min<int64_t>(8, (H - h0) / 8);
-          __m256 c[8];
-          for (int t = 0; t < nv; ++t) c[t] = _mm256_mul_ps(_mm256_loadu_ps(a + h0 + 8 * t), av);
-          for (j = jlo; j <= jhi; ++j) {
-            const __m256 pj = _mm256_set1_ps(pr[j]);
-            const int64_t vo = off + j * H + h0;
-            for (int t = 0; t < nv; ++t) c[t] = _mm256_fmadd_ps(pj, load8<BF16>(p.vp, vo + 8 * t), c[t]);
-          }
-          for (int t = 0; t < nv; ++t) _mm256_storeu_ps(a + h0 + 8 * t, c[t]);
-        }
+        int64_t h0 = 0;
+        for (; h0 + 64 <= H; h0 += 64) pv_block<8, BF16>(a + h0, av, pr.data(), p.vp, off + h0, jlo, jhi, H);
+        for (; h0 < H; h0 += 8) pv_block<1, BF16>(a + h0, av, pr.data(), p.vp, off + h0, jlo, jhi, H);
       }
     }
     for (int64_t g = 0; g < G; ++g) {
