@@ -4,11 +4,20 @@ step reading fixed-size cache blocks up to the longest live sequence (``_attend_
 prompt chunks written straight into their slots (``_attend_chunks``), both with sums in a fixed
 order so a row's bits do not depend on the rest of the batch. ``jserve.model`` builds the layer
 around these.
+
+With a page pool (``table`` given) on CPU, both call sites in ``jserve.model`` run
+``attend_paged_cpu`` instead where the row-invariant CPU kernels are built (``jserve.cpu_kernels``)
+and the pool holds float32 or bfloat16 bits: one FFI call per layer in place of the blockwise
+loop's ~15 XLA ops per page, each query's bits fixed by its position and its keys alone (so decode
+and extend agree bitwise). ``JSERVE_CPU_ATTENTION=0`` (read when a step is traced) keeps the XLA
+loops below, which stay the oracle the kernel is tested against and the path for the slot layout,
+other pool dtypes and machines without the kernels.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -139,6 +148,30 @@ def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arra
     first = _first_block(jnp.min(positions), spec.window, b)
     _, denom, acc = jax.lax.fori_loop(first, n_blocks, fold, init)
     return (acc / jnp.where(denom > 0, denom, 1.0)[..., None]).astype(q.dtype)
+
+
+def paged_kernel(k: jax.Array) -> bool:
+    """Whether attention over a page pool like ``k`` runs the CPU kernel here (see the module
+    docstring): kernels loaded (CPU backend), a float32 or bfloat16-bits pool, not switched off."""
+    if os.environ.get("JSERVE_CPU_ATTENTION", "1").strip() == "0":
+        return False
+    if k.dtype not in (jnp.float32, jnp.uint16):  # int8 pages etc.: the XLA path
+        return False
+    from jserve.blocks import kernels_loaded
+
+    return kernels_loaded()
+
+
+def attend_paged_cpu(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, positions: jax.Array,
+                     spec: AttnSpec, table: jax.Array) -> jax.Array:
+    """``_attend_chunks`` over a page pool through ``cpu_kernels.paged_attention`` (``paged_kernel``
+    must hold): ``q [R, C, K, G, H]``, ``positions [R, C]`` → ``[R, C, K, G, H]`` in q's dtype. A
+    query reads only its own pages, so neither ``n_blocks`` nor ``first_pos`` is needed."""
+    from jserve import cpu_kernels
+
+    out = cpu_kernels.paged_attention(q, positions, k, v, table, slots, scale=spec.scale, softcap=spec.softcap,
+                                      window=spec.window)
+    return out.astype(q.dtype)
 
 
 def pairwise_sum(x: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Row-invariant matmul kernels for CPU, called through XLA's FFI.
+"""Row-invariant matmul and paged-attention kernels for CPU, called through XLA's FFI.
 
 `matmul(x, fmt, qs, d, m)` computes y[..., N] = x[..., K] @ W^T for W [N, K] given as float32 or in
 a GGUF block format, multiplied in place (never dequantized to a float32 copy):
@@ -14,6 +14,11 @@ a GGUF block format, multiplied in place (never dequantized to a float32 copy):
   (scales[12] qh[32] qs[128]), 208 for q6_k (ql[128] qh[64] int8 scales[16]); ggml's formulas:
   w = d * sc * q - dmin * mn (q4_k / q5_k, 6-bit sc and mn per 32 values), w = d * sc * (q - 32)
   (q6_k, int8 sc per 16 values).
+
+`paged_attention(q, positions, k, v, table, slots, ...)` is attention over a KV page pool (float32 or
+bfloat16 bits) through a page table, each query reading only its own pages by one fixed recipe
+(``csrc/attn.h``), so a query's bits depend on its position and keys alone: ``jserve.attention``
+calls it from the decode step and ``extend`` (``JSERVE_CPU_ATTENTION=0`` keeps XLA's loops).
 
 Each output row is computed by one fixed instruction sequence whatever the number of rows M and
 whatever the other rows hold (threads split output columns, never the reduction over K), so a row's
@@ -56,7 +61,8 @@ _log = logging.getLogger(__name__)
 _PKG = Path(__file__).resolve().parent
 _SRC = _PKG / "csrc"
 _OUT = _PKG / "_kernels"
-_SOURCES = ("kernels.h", "kernels_generic.cc", "kernels_avx2.cc", "ffi.cc")
+_SOURCES = ("kernels.h", "kernels_generic.cc", "kernels_avx2.cc", "ffi.cc", "attn.h", "attn_generic.cc",
+            "attn_avx2.cc", "ffi_attn.cc")
 _TARGETS = {
     "f32": "JserveMatmulF32",
     "q8_0": "JserveMatmulQ8_0",
@@ -66,6 +72,7 @@ _TARGETS = {
     "q5_k": "JserveMatmulQ5_K",
     "q6_k": "JserveMatmulQ6_K",
 }
+_ATTN_TARGETS = {"float32": "JserveAttnF32", "uint16": "JserveAttnBF16"}  # pool dtype -> target
 _ISA_CODE = {"auto": 0, "generic": 1, "avx2": 2}
 _CXXFLAGS = ("-O3", "-DNDEBUG", "-std=c++17", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-Wno-attributes",
              "-Wno-return-type")
@@ -111,12 +118,14 @@ def build(force: bool = False) -> Path:
         raise RuntimeError(f"jax.ffi unavailable: {e}") from e
     if not (include / "xla" / "ffi" / "api" / "ffi.h").exists():
         raise RuntimeError(f"jaxlib ships no FFI headers under {include}")
-    units = [("kernels_generic.cc", ())]
+    units = [("kernels_generic.cc", ()), ("attn_generic.cc", ())]
     defines: tuple[str, ...] = ()
     if _is_x86_64():
         units.append(("kernels_avx2.cc", ("-mavx2", "-mfma", "-mf16c")))
+        units.append(("attn_avx2.cc", ("-mavx2", "-mfma", "-mf16c")))
         defines = ("-DJSERVE_HAVE_AVX2",)
     units.append(("ffi.cc", defines))
+    units.append(("ffi_attn.cc", defines))
     _OUT.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=_OUT) as tmp:
@@ -179,7 +188,7 @@ def _state() -> _State:
         import jax
 
         lib = ctypes.CDLL(str(lib_path))
-        for name in _TARGETS.values():
+        for name in (*_TARGETS.values(), *_ATTN_TARGETS.values()):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
         has_avx2 = bool(lib.jserve_cpu_has_avx2())
     except (RuntimeError, OSError, AttributeError, ImportError, ValueError) as e:
@@ -292,6 +301,60 @@ def _check(fmt: str, K: int, qs: jax.Array, d: jax.Array | None, m: jax.Array | 
     if fmt in WITH_M:
         need(m is not None and m.dtype == np.float16 and m.shape == qs.shape[:2],
              f"m must be float16 {qs.shape[:2]}")
+
+
+def paged_attention(q: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array, table: jax.Array,
+                    slots: jax.Array, *, scale: float, softcap: float | None = None, window: int | None = None,
+                    isa: str | None = None) -> jax.Array:
+    """Row-invariant attention over a page pool (``csrc/attn.h`` has the recipe): ``q [R, C, K, G, H]``
+    (row r: C query positions ``positions [R, C]`` of slot ``slots [R]``), pools ``k/v [P, K, B, H]``
+    float32 or bfloat16 bits (uint16), ``table [S, M]`` int32 → float32 ``[R, C, K, G, H]``.
+
+    A query at ``pos`` sees its slot's keys ``kpos <= pos`` (and ``kpos > pos - window``), reading
+    only the pages that hold them; a query at a position < 0 or >= M·B gives zeros. Its bits depend
+    on nothing else (not R, C, the other rows or the call). ``isa`` as in ``matmul_isa`` (default:
+    ``JSERVE_CPU_KERNEL_ISA``); the AVX2 path needs a head dim that is a multiple of 8 ("auto" takes
+    the generic path otherwise)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    state = _report()
+    if not state.loaded:
+        raise RuntimeError(f"jserve CPU kernels: {state.reason}")
+    isa = _env_isa() if isa is None else isa
+    if isa not in ISAS:
+        raise ValueError(f"isa {isa!r}: expected one of {ISAS}")
+    if isa == "avx2" and not state.has_avx2:
+        raise RuntimeError("isa='avx2' asked for on a CPU without AVX2+FMA+F16C")
+    if q.ndim != 5:
+        raise ValueError(f"paged_attention: q must be [R, C, K, G, H], got {tuple(q.shape)}")
+    r, c, kh, _, h = q.shape
+    if k.dtype.name not in _ATTN_TARGETS or v.dtype != k.dtype:
+        raise ValueError(f"paged_attention: pools must both be float32 or uint16 (bfloat16 bits), "
+                         f"got {k.dtype}, {v.dtype}")
+    if k.ndim != 4 or tuple(v.shape) != tuple(k.shape) or (k.shape[1], k.shape[3]) != (kh, h):
+        raise ValueError(f"paged_attention: pools must be [P, {kh}, B, {h}], got {tuple(k.shape)}, {tuple(v.shape)}")
+    if table.ndim != 2 or tuple(positions.shape) != (r, c) or tuple(slots.shape) != (r,):
+        raise ValueError(f"paged_attention: need table [S, M], positions [{r}, {c}], slots [{r}]; got "
+                         f"{tuple(table.shape)}, {tuple(positions.shape)}, {tuple(slots.shape)}")
+    if isa == "avx2" and h % 8:
+        raise ValueError(f"paged_attention: the avx2 path needs a head dim that is a multiple of 8, got {h}")
+    if window is not None and window < 1:
+        raise ValueError(f"paged_attention: window {window} must be positive")
+    call = jax.ffi.ffi_call(_ATTN_TARGETS[k.dtype.name], jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(jnp.asarray(q, jnp.float32), jnp.asarray(positions, jnp.int32), k, v, jnp.asarray(table, jnp.int32),
+                jnp.asarray(slots, jnp.int32), isa=np.int32(_ISA_CODE[isa]), scale=np.float32(scale),
+                cap=np.float32(softcap or 0.0), window=np.int32(window or 0))
+
+
+def attention_calls() -> int:
+    """How many times the attention kernel has run in this process (tests count them)."""
+    import ctypes
+
+    if not _report().loaded:
+        return 0
+    return int(ctypes.CDLL(str(library_path())).jserve_attn_calls())
 
 
 def split_gguf_blocks(raw: np.ndarray, fmt: str) -> tuple[np.ndarray, ...]:

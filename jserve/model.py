@@ -35,9 +35,11 @@ from jserve.attention import (  # noqa: F401 (re-exported: callers name them mod
     _cap,
     _first_block,
     _in_window,
+    attend_paged_cpu,
     attention_block,
     attn_spec,
     padded_cache_len,
+    paged_kernel,
     pairwise_sum,
     widen,
 )
@@ -349,7 +351,10 @@ def _attend_step_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec,
         ck = write_paged(ck, k[:, 0], table, slots, positions)
         cv = write_paged(cv, v[:, 0], table, slots, positions)
         q = q.reshape(s_, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-        o = _attend_blocks(q, ck, cv, positions, n_blocks, spec, table)
+        if paged_kernel(ck):  # the row-invariant CPU kernel, bitwise what extend gives
+            o = attend_paged_cpu(q[:, None], ck, cv, slots, positions[:, None], spec, table)
+        else:
+            o = _attend_blocks(q, ck, cv, positions, n_blocks, spec, table)
         return o.reshape(s_, 1, cfg.n_heads * cfg.head_dim), (ck, cv)
     ck = write_step(ck, k[:, 0], positions)
     cv = write_step(cv, v[:, 0], positions)
@@ -397,7 +402,10 @@ def _attend_chunks_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpe
     else:
         ck, cv = (write_paged(buf, new, table, slots[:, None], write_pos) for buf, new in ((ck, k), (cv, v)))
     q = q.reshape(r, c, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-    o = _attend_chunks(q, ck, cv, slots, pos, n_blocks, first_pos, spec, table)
+    if table is not None and paged_kernel(ck):
+        o = attend_paged_cpu(q, ck, cv, slots, pos, spec, table)
+    else:
+        o = _attend_chunks(q, ck, cv, slots, pos, n_blocks, first_pos, spec, table)
     return o.reshape(r * c, cfg.n_heads * cfg.head_dim), (ck, cv)
 
 

@@ -4,8 +4,10 @@ checkpoint, served as the server serves it: the stored blocks through the CPU ke
 
 Parts (each over all 30 layers where it is per layer, so weights are read from memory as in a
 step), each as this tree's ``model._layer`` runs it (separate ops, or folded into the kernel calls):
-``norm+qkv`` RMSNorm + the q/k/v projection; ``rope`` RoPE of q and k; ``attention`` blockwise
-attention over ``--context`` cached positions (no cache write); ``o+residual`` the output projection
+``norm+qkv`` RMSNorm + the q/k/v projection; ``rope`` RoPE of q and k; ``attention`` a decode step's attention
+over ``--context`` cached positions of a bfloat16 page pool (no cache write), as the step runs it (the
+CPU kernel where built, else the XLA loop); ``attention XLA`` the XLA loop itself (with
+``--compare-attention``); ``o+residual`` the output projection
 and residual add; ``mlp`` RMSNorm, gate/up, SiLU(gate) * up, down, residual add; ``unembed`` final
 norm + 49152 x 576;
 ``penalties`` (none set: the skipped cond); ``sample`` temperature / top-k / top-p as the request
@@ -13,7 +15,10 @@ sets; ``pack`` the result row (no logprobs asked) and ``pack_logprobs`` (logprob
 ``ops`` counts the instructions of the compiled ``generate`` (entry computation, and every
 computation it calls) as XLA:CPU runs them.
 
-    python scripts/profile_step.py [--rows 1 8 16] [--reps 30] [--context 300]
+    python scripts/profile_step.py [--rows 1 8 16] [--reps 30] [--context 300] [--parts] [--compare-attention]
+
+``--compare-attention`` also times the whole step with ``JSERVE_CPU_ATTENTION=0`` (variant ``xla-attn``:
+the paged attention on XLA's blockwise loop instead of the CPU kernel).
 
 Medians of interleaved rounds (process CPU time in parentheses, all threads).
 """
@@ -21,6 +26,7 @@ Medians of interleaved rounds (process CPU time in parentheses, all threads).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -71,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", action="store_true", help="also time the parts")
     ap.add_argument("--compare-unfused", action="store_true",
                     help="also time this tree's step with the kernels fusing nothing (norms, residual adds apart)")
+    ap.add_argument("--compare-attention", action="store_true",
+                    help="also time the step and the attention part on the XLA attention loop (JSERVE_CPU_ATTENTION=0)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"rows": {}}
     timers = {}
     real_fuses = getattr(model, "fuses", None)
-    variants = [""] + (["apart"] if args.compare_unfused else [])
+    variants = [""] + (["apart"] if args.compare_unfused else []) + (["xla-attn"] if args.compare_attention else [])
     for variant in variants:
         eng = JaxEngine(cfg, params, slots=slots, max_len=1024, max_prompt_len=1000, cache_dtype=jnp.bfloat16)
         state = eng.init_state()
@@ -102,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             prompt = [int(t) for t in rng.integers(100, 40000, args.context)]
             state, _ = eng.prefill(state, s, prompt, sp_req, s)
         holder = {"state": state}
-        if variant:  # this tree's step with every op apart, as before the kernels fused any (traced now;
+        if variant == "xla-attn":  # the XLA attention loop (traced now; unrolled: no reuse of the cached trace)
+            os.environ["JSERVE_CPU_ATTENTION"] = "0"
+            os.environ["JSERVE_UNROLLED_LAYERS"] = "1"
+        elif variant:  # this tree's step with every op apart, as before the kernels fused any (traced now;
             # unrolled layers: the same program, and no reuse of the fused layer's cached trace)
             model.fuses = lambda x, w: False
             os.environ["JSERVE_UNROLLED_LAYERS"] = "1"
@@ -122,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if real_fuses is not None:
             model.fuses = real_fuses
         os.environ.pop("JSERVE_UNROLLED_LAYERS", None)
+        os.environ.pop("JSERVE_CPU_ATTENTION", None)
     params = eng.params
     rng = np.random.default_rng(1)
 
@@ -161,18 +173,26 @@ def main(argv: list[str] | None = None) -> int:
             timers[("rope", r)] = (jax.jit(rope), (qkv_in, jnp.arange(r)[:, None] + 300))
             timers[("o+residual", r)] = (jax.jit(attn_out), (L, x, xo))
             timers[("mlp (norm, gate_up, act, down, residual)", r)] = (jax.jit(mlp), (L, x))
-            s_, t_ = slots, 1024
-            kc = jnp.asarray(rng.standard_normal((s_, cfg.n_kv_heads, t_, h)), jnp.float32)
-            from jserve.attention import _attend_chunks, attn_spec
+            s_, b_ = slots, 128
+            m_ = 1024 // b_
+            kbits = jax.lax.bitcast_convert_type(  # a bfloat16 pool, as the engine above keeps it
+                jnp.asarray(rng.standard_normal((s_ * m_, cfg.n_kv_heads, b_, h)), jnp.bfloat16), jnp.uint16)
+            table = jnp.arange(s_ * m_, dtype=jnp.int32).reshape(s_, m_)
+            from jserve.attention import _attend_blocks, attend_paged_cpu, attn_spec, paged_kernel
 
-            def attend(q, kc, vc, slots_, pos):
+            def attend(q, kc, vc, pos, table, kernel):
                 spec = attn_spec(cfg, 0)
-                nb = jnp.max(pos) // 128 + 1
-                return sum(_attend_chunks(q + i, kc, vc, slots_, pos, nb, jnp.min(pos), spec).sum()
-                           for i in range(len(L)))
-            qa = jnp.asarray(rng.standard_normal((r, 1, cfg.n_kv_heads, cfg.q_per_kv, h)), jnp.float32)
-            timers[("attention (30 layers)", r)] = (jax.jit(attend), (qa, kc, kc, jnp.arange(r, dtype=jnp.int32),
-                                                                     jnp.full((r, 1), args.context, jnp.int32)))
+                nb = jnp.max(pos) // kc.shape[2] + 1
+                if kernel:
+                    return sum(attend_paged_cpu(q[:, None] + i, kc, vc, jnp.arange(q.shape[0], dtype=jnp.int32),
+                                                pos[:, None], spec, table).sum() for i in range(len(L)))
+                return sum(_attend_blocks(q + i, kc, vc, pos, nb, spec, table).sum() for i in range(len(L)))
+            qa = jnp.asarray(rng.standard_normal((r, cfg.n_kv_heads, cfg.q_per_kv, h)), jnp.float32)
+            attn_args = (qa, kbits, kbits, jnp.full((r,), args.context, jnp.int32), table[:r])
+            on = paged_kernel(kbits)
+            timers[("attention (30 layers)", r)] = (jax.jit(functools.partial(attend, kernel=on)), attn_args)
+            if args.compare_attention and on:
+                timers[("attention XLA (30 layers)", r)] = (jax.jit(functools.partial(attend, kernel=False)), attn_args)
             timers[("unembed", r)] = (jax.jit(lambda p, z: model.unembed(p, cfg, z)), (params, x))
             v = cfg.vocab_size
             logits = jnp.asarray(rng.standard_normal((r, v)) * 3, jnp.float32)
