@@ -255,3 +255,21 @@ def test_the_engine_with_the_accelerator_layout_and_kernel_gives_the_cpu_paths_t
         err = np.max(np.abs(np.asarray(g.logprobs) - np.asarray(w.logprobs)))
         print(f"{kernel} engine: max abs logprob error {err:.2e}")
         assert err <= (TOL if NATIVE else 1e-5)
+
+
+def test_bfloat16_weights_and_kv_are_the_default_on_gpu_and_tpu(tiny_ckpt, monkeypatch):
+    """``EngineConfig.dtype`` None takes the platform's type (``default_dtype``), and the KV cache
+    follows it; CPU keeps float32 weights. Forced to the GPU's answer here, the loaded engine holds
+    bfloat16 weights and a bfloat16 pool."""
+    from jserve import llm
+    from jserve.serving_config import EngineConfig, default_dtype
+
+    assert default_dtype("gpu") == default_dtype("tpu") == "bfloat16"
+    assert default_dtype("cpu") == "float32"
+    assert EngineConfig().dtype is None
+    cpu = llm.load_engine(tiny_ckpt, EngineConfig(slots=1, max_len=64, kv_dtype=None), warmup=False)
+    assert cpu.dtype == default_dtype() and cpu.engine.params.final_norm.dtype == jnp.dtype(default_dtype())
+    monkeypatch.setattr(llm, "default_dtype", lambda: "bfloat16")
+    acc = llm.load_engine(tiny_ckpt, EngineConfig(slots=1, max_len=64, kv_dtype=None), warmup=False)
+    assert acc.dtype == "bfloat16" and acc.engine.params.final_norm.dtype == jnp.bfloat16
+    assert acc.engine.init_state().cache.dtype == jnp.bfloat16
