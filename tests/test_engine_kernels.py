@@ -200,6 +200,34 @@ def test_decode_rows_call_the_kernel_on_the_layers_it_does_and_prompt_chunks_do_
     assert cfg.window(0) is not None and cfg.window(1) is None
 
 
+def test_model_steps_on_the_kernels_pool_equal_the_cpu_pools():
+    """``extend`` (a prompt chunk, then a decode row) and ``decode_step`` on a pool laid out for the
+    GPU kernel: logits within float32 rounding of the CPU layout's, and the pages written the same."""
+    needs("pallas_gpu")
+    cfg = tiny_config(max_position_embeddings=256, tie_embeddings=False, **WINDOWED)
+    params = model.init_params(cfg, jax.random.PRNGKey(1))
+    table = jnp.array([[2, 0], [1, 3]], jnp.int32)
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(3, 500, (2, 16)), jnp.int32)
+    slots, starts = jnp.arange(2, dtype=jnp.int32), jnp.array([0, 100], jnp.int32)
+    extend = jax.jit(model.extend, static_argnums=1)
+    decode_step = jax.jit(model.decode_step, static_argnums=1)
+    outs = {}
+    for kernel in ("xla", "pallas_gpu"):
+        cache = PagedKVCache.zeros(cfg, 4, 128, jnp.float32, kernel=kernel)
+        _, cache = extend(params, cfg, tokens, slots, starts, jnp.full((2,), 16, jnp.int32), cache, jnp.int32(1),
+                          table)
+        x, cache = extend(params, cfg, tokens[:, :1], slots, starts + 16, jnp.ones((2,), jnp.int32), cache,
+                          jnp.int32(1), table)
+        step, cache = decode_step(params, cfg, tokens[:, 1], starts + 17, cache, jnp.int32(1), table)
+        k = np.asarray(cache.k[1])
+        outs[kernel] = (np.asarray(model.unembed(params, cfg, x[:, 0])), np.asarray(step),
+                        k if kernel == "xla" else k.transpose(1, 0, 2, 3))
+    for want, got in zip(outs["xla"][:2], outs["pallas_gpu"][:2]):
+        assert np.max(np.abs(want - got)) <= (TOL if NATIVE else 1e-5)
+    np.testing.assert_allclose(outs["pallas_gpu"][2], outs["xla"][2], atol=TOL if NATIVE else 1e-5, rtol=0)
+
+
 # ----- the whole engine
 
 
