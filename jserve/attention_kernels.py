@@ -31,11 +31,12 @@ The engine (``engine_kernel``, ``pool_decode``): its decode steps (``extend`` ro
 call the platform's kernel on the pool as it lies, ``[K, P, B, H]`` (``kv_cache.PagedKVCache.kernel``
 fixes the layout): ``"pallas_gpu"`` on a GPU, ``"pallas_tpu_paged"`` on a TPU (the ragged kernel
 would need keys and values interleaved in one array, a copy of the pool per step here), ``"xla"``
-on CPU and in any sharded engine (pool ``[P, K, B, H]``). Layers a kernel cannot do (a sliding
-window on these two), prompt chunks and speculative checks stay on the XLA blockwise attention,
-which reads either layout. ``JSERVE_ATTENTION=xla|pallas_gpu|pallas_tpu_paged`` (or the engine's
-``attention=``) overrides the platform's choice; a kernel for another platform than JAX's backend
-runs in interpret mode (tests force the GPU layout and kernel through the whole engine on CPU).
+on CPU and in any sharded engine (pool ``[P, K, B, H]``). Layers a kernel cannot do
+(``layer_impl``: a sliding window on these two; on the GPU a head dim or page size not a power of
+two), prompt chunks and speculative checks stay on the XLA blockwise attention, which reads either
+layout. ``JSERVE_ATTENTION=xla|pallas_gpu|pallas_tpu_paged`` (or the engine's ``attention=``)
+overrides the platform's choice; a kernel for another platform than JAX's backend runs in
+interpret mode (tests force the GPU layout and kernel through the whole engine on CPU).
 
 Axis letters: S slots, N query heads, K KV heads, G = N/K, H head dim, P pages, B positions per
 page, M pages per slot, T = M·B positions per slot.
@@ -71,6 +72,20 @@ def choose_impl(window: int | None = None, platform: str | None = None, impl: st
     """``impl`` (default: the platform's kernel), or ``"xla"`` where it cannot do what a layer needs."""
     impl = impl or default_impl(platform)
     return impl if window is None or _SUPPORTS_WINDOW[impl] else "xla"
+
+
+def layer_impl(kernel: str, window: int | None, head_dim: int, page_size: int) -> str:
+    """The engine's ``kernel`` for a layer of this shape, or ``"xla"`` where it cannot do it: a
+    sliding window (``choose_impl``), or on ``"pallas_gpu"`` a head dim or page size that is not a
+    power of two (Triton loads blocks of a power-of-two size: a page block is ``[pages, B, H]``)."""
+    impl = choose_impl(window, impl=kernel)
+    if impl == "pallas_gpu" and not (_power_of_two(head_dim) and _power_of_two(page_size)):
+        return "xla"
+    return impl
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def engine_kernel(requested: str | None = None, sharded: bool = False) -> str:
@@ -184,7 +199,7 @@ def _pallas_gpu(q, k_pages, v_pages, page_table, lengths, scale, softcap, interp
 
     m = page_table.shape[1]
     k_splits = _divisor_at_most(m, 16)  # the kernel splits a slot's pages into this many partitions
-    per_block = _divisor_at_most(m // k_splits, 8)
+    per_block = max(d for d in (1, 2, 4, 8) if (m // k_splits) % d == 0)  # Triton: power-of-two blocks
     qs = (q.astype(jnp.float32) * scale).astype(q.dtype)  # the kernel has no score scale
     out = gpu_kernel.paged_attention(
         qs, k_pages, v_pages, jnp.where(page_table >= 0, page_table, 0), lengths,

@@ -41,7 +41,7 @@ from jserve.attention import (  # noqa: F401 (re-exported: callers name them mod
     pairwise_sum,
     widen,
 )
-from jserve.attention_kernels import choose_impl, pool_decode
+from jserve.attention_kernels import layer_impl, pool_decode
 from jserve.blocks import BlockArray, float_for_kernels, fuses, kernels_loaded, matmul_fused
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache, PagedKVCache, write_chunks, write_paged, write_step
@@ -357,7 +357,7 @@ def _attend_step_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec,
         slots, heads_first = jnp.arange(s_), kernel != "xla"
         ck = write_paged(ck, k[:, 0], table, slots, positions, heads_first)
         cv = write_paged(cv, v[:, 0], table, slots, positions, heads_first)
-        if choose_impl(spec.window, impl=kernel) != "xla":
+        if layer_impl(kernel, spec.window, cfg.head_dim, ck.shape[2]) != "xla":
             lengths = jnp.where(positions < table.shape[1] * ck.shape[2], positions + 1, 0)
             o = pool_decode(q[:, 0], ck, cv, table, lengths, scale=spec.scale, softcap=spec.softcap, kernel=kernel)
             return o.reshape(s_, 1, cfg.n_heads * cfg.head_dim), (ck, cv)
@@ -414,7 +414,7 @@ def _attend_chunks_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpe
     else:
         ck, cv = (write_paged(buf, new, table, slots[:, None], write_pos, heads_first)
                   for buf, new in ((ck, k), (cv, v)))
-    if table is not None and c == 1 and choose_impl(spec.window, impl=kernel) != "xla":
+    if table is not None and c == 1 and layer_impl(kernel, spec.window, cfg.head_dim, ck.shape[2]) != "xla":
         lengths = jnp.where(write_pos[:, 0] < table.shape[1] * ck.shape[2], pos[:, 0] + 1, 0)  # padding: 0
         o = pool_decode(q, ck, cv, table[slots], lengths, scale=spec.scale, softcap=spec.softcap, kernel=kernel)
         return o.reshape(r, cfg.n_heads * cfg.head_dim), (ck, cv)

@@ -165,6 +165,12 @@ def test_the_engine_kernel_is_the_platforms_unless_named_and_xla_when_sharded(mo
         ak.engine_kernel()
     with pytest.raises(ValueError, match="attention kernel 'flash': the engine takes one of"):
         ak.engine_kernel("flash")
+    # Layers the kernel cannot do stay on XLA: a window; on the GPU a head dim or page size Triton cannot load.
+    assert ak.layer_impl("pallas_gpu", None, 64, 128) == "pallas_gpu"
+    assert ak.layer_impl("pallas_gpu", 4096, 64, 128) == ak.layer_impl("pallas_tpu_paged", 4096, 64, 128) == "xla"
+    assert ak.layer_impl("pallas_gpu", None, 80, 128) == ak.layer_impl("pallas_gpu", None, 64, 96) == "xla"
+    assert ak.layer_impl("pallas_tpu_paged", None, 80, 96) == "pallas_tpu_paged"
+    assert ak.layer_impl("xla", None, 64, 128) == "xla"
     assert ak.interprets("pallas_gpu") == (jax.default_backend() != "gpu")
     assert not ak.interprets("xla")
 
