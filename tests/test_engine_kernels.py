@@ -291,7 +291,7 @@ def test_the_engine_with_the_accelerator_layout_and_kernel_gives_the_cpu_paths_t
         assert err <= (TOL if NATIVE else 1e-5)
 
 
-def test_bfloat16_weights_and_kv_are_the_default_on_gpu_and_tpu(tiny_ckpt, monkeypatch):
+def test_bfloat16_weights_and_kv_are_the_default_on_gpu_and_tpu(tmp_path, monkeypatch):
     """``EngineConfig.dtype`` None takes the platform's type (``default_dtype``), and the KV cache
     follows it; CPU keeps float32 weights. Forced to the GPU's answer here, the loaded engine holds
     bfloat16 weights and a bfloat16 pool."""
@@ -301,6 +301,9 @@ def test_bfloat16_weights_and_kv_are_the_default_on_gpu_and_tpu(tiny_ckpt, monke
     assert default_dtype("gpu") == default_dtype("tpu") == "bfloat16"
     assert default_dtype("cpu") == "float32"
     assert EngineConfig().dtype is None
+    tiny_ckpt = tmp_path / "tiny"  # no tokenizer: nothing here needs the real checkpoint
+    cfg = tiny_config()
+    checkpoint.save(tiny_ckpt, cfg, checkpoint.random_weights(cfg), None)
     cpu = llm.load_engine(tiny_ckpt, EngineConfig(slots=1, max_len=64, kv_dtype=None), warmup=False)
     assert cpu.dtype == default_dtype() and cpu.engine.params.final_norm.dtype == jnp.dtype(default_dtype())
     monkeypatch.setattr(llm, "default_dtype", lambda: "bfloat16")
