@@ -106,7 +106,8 @@ def padded_cache_len(max_len: int) -> int:
 
 
 def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                   n_blocks: jax.Array, spec: AttnSpec, table: jax.Array | None = None) -> jax.Array:
+                   n_blocks: jax.Array, spec: AttnSpec, table: jax.Array | None = None,
+                   heads_first: bool = False) -> jax.Array:
     """One query per slot against the first ``n_blocks`` blocks of the cache, with an online softmax.
 
     ``q [S, K, G, H]``, ``k/v [S, K, T, H]``, ``positions [S]`` (slot s attends to ``0..positions[s]``,
@@ -116,7 +117,8 @@ def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arra
     and are folded in one after another, and a block wholly outside a slot's view adds exact zeros
     (its scores are -inf, the running max and sum are multiplied by exactly 1): a slot's result is
     bitwise the same however many blocks its neighbours need. With ``table [S, M]`` the cache is a
-    page pool ``k/v [P, K, B, H]`` and slot s's block i is page ``table[s, i]`` (``kv_cache``).
+    page pool ``k/v [P, K, B, H]`` (``heads_first``: ``[K, P, B, H]``) and slot s's block i is page
+    ``table[s, i]`` (``kv_cache``).
     """
     s_, kh, g, h = q.shape
     b = k.shape[2] if table is not None else attention_block(k.shape[2])
@@ -131,7 +133,7 @@ def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arra
             vb = widen(jax.lax.dynamic_slice_in_dim(v, start, b, axis=2))
         else:
             pages = table[:, jnp.minimum(i, table.shape[1] - 1)]
-            kb, vb = widen(read_pages(k, pages)), widen(read_pages(v, pages))
+            kb, vb = widen(read_pages(k, pages, heads_first)), widen(read_pages(v, pages, heads_first))
         s = _cap(jnp.sum(qf[:, :, :, None, :] * kb[:, :, None], axis=-1), spec.softcap)  # [S, K, G, B]
         valid = _in_window((start + offsets)[None, :], positions[:, None], spec.window)  # [S, B]
         s = jnp.where(valid[:, None, None], s, -jnp.inf)
@@ -189,7 +191,7 @@ def pairwise_sum(x: jax.Array) -> jax.Array:
 
 def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, positions: jax.Array,
                    n_blocks: jax.Array, first_pos: jax.Array, spec: AttnSpec,
-                   table: jax.Array | None = None) -> jax.Array:
+                   table: jax.Array | None = None, heads_first: bool = False) -> jax.Array:
     """Rows of queries against their slots' caches, block by block with an online softmax.
 
     ``q [R, C, K, G, H]`` (row r: ``C`` consecutive positions of slot ``slots[r]``), ``k/v [S, K, T, H]``,
@@ -198,7 +200,8 @@ def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, p
     query (with a window, blocks wholly before its window are not read) → ``[R, C, K, G, H]``. As in
     ``_attend_blocks``, a block outside a query's view adds exact zeros, so a query's result does not
     depend on which blocks the call reads. With ``table [S, M]`` the cache is a page pool
-    ``k/v [P, K, B, H]``: row r's block i is page ``table[slots[r], i]`` (``_attend_blocks``).
+    ``k/v [P, K, B, H]`` (``heads_first``: ``[K, P, B, H]``): row r's block i is page
+    ``table[slots[r], i]`` (``_attend_blocks``).
     """
     r, c, kh, g, h = q.shape
     b = k.shape[2] if table is not None else attention_block(k.shape[2])
@@ -214,7 +217,7 @@ def _attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, p
             vb = widen(jnp.take(jax.lax.dynamic_slice_in_dim(v, start, b, axis=2), slots, axis=0))
         else:  # [R, K, B, H]: each row's page of block i
             pages = table[slots, jnp.minimum(i, table.shape[1] - 1)]
-            kb, vb = widen(read_pages(k, pages)), widen(read_pages(v, pages))
+            kb, vb = widen(read_pages(k, pages, heads_first)), widen(read_pages(v, pages, heads_first))
         # Products and fixed-order sums, not dots: XLA:CPU's dot changed a query's bits with the
         # number of rows and queries per row; these are the same for any shape.
         s = _cap(pairwise_sum(qf[:, :, :, None, :] * kb[:, :, None]), spec.softcap)  # [R, K, GC, B]

@@ -20,10 +20,23 @@ Implementations (``IMPLS``), chosen by platform unless named:
   in multiples of 128 and a tileable number of KV heads; the adapter converts and pads (a copy of
   the pool per call: a serving integration should keep the pool in that layout on TPU).
 - ``"pallas_tpu_paged"``: ``jax.experimental.pallas.ops.tpu.paged_attention``, the older TPU
-  kernel on the ``[K, P, B, H]`` layout. Soft cap; no sliding window.
+  kernel on the ``[K, P, B, H]`` layout. Soft cap; no sliding window. It reads keys and values as
+  bfloat16 whatever the pool holds (the kernel rounds each block it loads), so it is exact on a
+  bfloat16 pool (the default ``--kv-dtype``) and rounds a float32 one.
 
 ``interpret=True`` runs a Pallas kernel on CPU (GPU kernels through ``interpret=True``, TPU kernels
 under ``pltpu.force_tpu_interpret_mode()``), which is how the tests check them without a device.
+
+The engine (``engine_kernel``, ``pool_decode``): its decode steps (``extend`` rows of one position)
+call the platform's kernel on the pool as it lies, ``[K, P, B, H]`` (``kv_cache.PagedKVCache.kernel``
+fixes the layout): ``"pallas_gpu"`` on a GPU, ``"pallas_tpu_paged"`` on a TPU (the ragged kernel
+would need keys and values interleaved in one array, a copy of the pool per step here), ``"xla"``
+on CPU and in any sharded engine (pool ``[P, K, B, H]``). Layers a kernel cannot do
+(``layer_impl``: a sliding window on these two; on the GPU a head dim or page size not a power of
+two), prompt chunks and speculative checks stay on the XLA blockwise attention, which reads either
+layout. ``JSERVE_ATTENTION=xla|pallas_gpu|pallas_tpu_paged`` (or the engine's ``attention=``)
+overrides the platform's choice; a kernel for another platform than JAX's backend runs in
+interpret mode (tests force the GPU layout and kernel through the whole engine on CPU).
 
 Axis letters: S slots, N query heads, K KV heads, G = N/K, H head dim, P pages, B positions per
 page, M pages per slot, T = M·B positions per slot.
@@ -32,6 +45,7 @@ page, M pages per slot, T = M·B positions per slot.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -41,16 +55,75 @@ IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "pallas_tpu_paged")
 _SUPPORTS_WINDOW = {"xla": True, "pallas_gpu": False, "pallas_tpu": True, "pallas_tpu_paged": False}
 
 
+PLATFORM = {"pallas_gpu": "gpu", "pallas_tpu": "tpu", "pallas_tpu_paged": "tpu"}  # where a kernel runs natively
+# What the engine's pool can be read by in place (``pallas_tpu`` reads an interleaved layout).
+ENGINE_KERNELS = ("xla", "pallas_gpu", "pallas_tpu_paged")
+
+
 def default_impl(platform: str | None = None) -> str:
-    """The implementation for ``platform`` (default: JAX's default backend)."""
+    """The implementation for ``platform`` (default: JAX's default backend): on a TPU the paged
+    kernel, which reads the engine's ``[K, P, B, H]`` pool in place (``"pallas_tpu"`` by name)."""
     platform = platform or jax.default_backend()
-    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
+    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu",
+            "tpu": "pallas_tpu_paged"}.get(platform, "xla")
 
 
-def choose_impl(window: int | None = None, platform: str | None = None) -> str:
-    """The platform's kernel, or ``"xla"`` where that kernel cannot do what a layer needs."""
-    impl = default_impl(platform)
+def choose_impl(window: int | None = None, platform: str | None = None, impl: str | None = None) -> str:
+    """``impl`` (default: the platform's kernel), or ``"xla"`` where it cannot do what a layer needs."""
+    impl = impl or default_impl(platform)
     return impl if window is None or _SUPPORTS_WINDOW[impl] else "xla"
+
+
+def layer_impl(kernel: str, window: int | None, head_dim: int, page_size: int) -> str:
+    """The engine's ``kernel`` for a layer of this shape, or ``"xla"`` where it cannot do it: a
+    sliding window (``choose_impl``), or on ``"pallas_gpu"`` a head dim or page size that is not a
+    power of two (Triton loads blocks of a power-of-two size: a page block is ``[pages, B, H]``)."""
+    impl = choose_impl(window, impl=kernel)
+    if impl == "pallas_gpu" and not (_power_of_two(head_dim) and _power_of_two(page_size)):
+        return "xla"
+    return impl
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def engine_kernel(requested: str | None = None, sharded: bool = False, quantized_kv: bool = False) -> str:
+    """The decode-attention kernel an engine's pool is laid out for: ``requested``, else
+    ``JSERVE_ATTENTION``, else the platform's (``default_impl``); ``"xla"`` when ``sharded`` (the
+    kernels run on one device's pool) or the pool is int8 with scales (``quantized_kv``: the
+    kernels read float pages)."""
+    name = requested or os.environ.get("JSERVE_ATTENTION") or None
+    if name is None:
+        return "xla" if sharded or quantized_kv else default_impl()
+    if quantized_kv and name != "xla":
+        raise ValueError(f"attention kernel {name!r} reads float pages; an int8 KV cache uses 'xla'")
+    if name not in ENGINE_KERNELS:
+        why = " (it reads keys and values interleaved, not the pool)" if name == "pallas_tpu" else ""
+        raise ValueError(f"attention kernel {name!r}{why}: the engine takes one of {ENGINE_KERNELS}")
+    if sharded and name != "xla":
+        raise ValueError(f"attention kernel {name!r} runs on one device's pool; a sharded engine uses 'xla'")
+    return name
+
+
+def interprets(impl: str) -> bool:
+    """Whether ``impl`` runs in Pallas interpret mode here: a kernel off its platform."""
+    return impl in PLATFORM and jax.default_backend() != PLATFORM[impl]
+
+
+def pool_decode(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, table: jax.Array, lengths: jax.Array, *,
+                scale: float, softcap: float | None, kernel: str) -> jax.Array:
+    """The engine's decode attention through ``kernel``: one query per row ``q [R, N, H]`` against
+    the pool ``k_pool/v_pool [K, P, B, H]`` as it lies, row r's pages ``table [R, M]`` (entries of
+    P or more: no page), ``lengths [R]`` positions visible (0: a padding row, zeros) → ``[R, N, H]``
+    in ``q``'s dtype. The GPU kernel is given queries of the pool's dtype (a Triton dot takes one
+    type: a bfloat16 pool multiplies bfloat16 queries, with float32 sums); the TPU kernel widens
+    both itself."""
+    p = k_pool.shape[1]
+    qk = q.astype(k_pool.dtype) if kernel == "pallas_gpu" else q
+    out = paged_attention(qk, k_pool, v_pool, jnp.minimum(table, p - 1), lengths,
+                          scale=scale, softcap=softcap, impl=kernel, interpret=interprets(kernel))
+    return out.astype(q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "window", "impl", "interpret"))
@@ -129,7 +202,7 @@ def _pallas_gpu(q, k_pages, v_pages, page_table, lengths, scale, softcap, interp
 
     m = page_table.shape[1]
     k_splits = _divisor_at_most(m, 16)  # the kernel splits a slot's pages into this many partitions
-    per_block = _divisor_at_most(m // k_splits, 8)
+    per_block = max(d for d in (1, 2, 4, 8) if (m // k_splits) % d == 0)  # Triton: power-of-two blocks
     qs = (q.astype(jnp.float32) * scale).astype(q.dtype)  # the kernel has no score scale
     out = gpu_kernel.paged_attention(
         qs, k_pages, v_pages, jnp.where(page_table >= 0, page_table, 0), lengths,

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jserve import engine_api, model
+from jserve.attention_kernels import engine_kernel
 from jserve.config import ModelConfig
 from jserve.engine_api import ACTIVE, LOGPROB, RESULT_COLS, TOKEN, ChunkRow, Engine  # noqa: F401 (re-exported)
 from jserve.engine_steps import (  # noqa: F401 (DecodeState, _pack, apply_bitmask re-exported)
@@ -102,6 +103,10 @@ class JaxEngine(Warmup):
     chunk_rows: tuple[int, ...] | None = None  # default: CHUNK_ROWS, or CHUNK_ROWS_FIXED (see there)
     speculate: int = 0  # drafted tokens a ``verify`` call checks per slot (0: no speculative decoding)
     kv_memory: int | None = None  # bytes of KV pages (default: ``slots x max_len`` positions' worth)
+    # The decode steps' attention kernel, which lays out the pool (``attention_kernels.engine_kernel``):
+    # None for the platform's ("pallas_gpu" on a GPU, "pallas_tpu_paged" on a TPU, "xla" on CPU or
+    # sharded), else "xla", "pallas_gpu" or "pallas_tpu_paged" (off its platform: interpret mode).
+    attention: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_prompt_len is None:
@@ -125,6 +130,8 @@ class JaxEngine(Warmup):
         self.chunk_rows = tuple(r for r in self.chunk_rows if r < need) + tuple(
             r for r in self.chunk_rows if r >= need)[:1]
         self.vocab_size = self.cfg.vocab_size
+        self.attention = engine_kernel(self.attention, sharded=self.plan is not None,
+                                       quantized_kv=np.dtype(self.cache_dtype) == np.int8)
         self.cache_len = model.padded_cache_len(self.max_len)
         self._init_pages()
         top_n = self.top_logprobs
@@ -167,9 +174,10 @@ class JaxEngine(Warmup):
         self._no_masks = {r: jnp.full((r, self.mask_words), -1, jnp.int32) for r in self.decode_rows}
         self._no_mask_rows = {r: jnp.full((self._out_rows(r), self.mask_words), -1, jnp.int32) for r in self.chunk_rows}
         log.info("engine: %d slots x %d positions, KV pool of %d pages x %d positions (%.1f MiB), prompt chunks "
-                 "of %d positions in %s rows", self.slots, self.max_len, self.pages.num_pages, self.page_size,
+                 "of %d positions in %s rows, decode attention %s", self.slots, self.max_len, self.pages.num_pages,
+                 self.page_size,
                  self.pages.num_pages * page_bytes(self.cfg, np.dtype(self.cache_dtype), self.page_size) / 2**20,
-                 self.chunk, self.chunk_rows)
+                 self.chunk, self.chunk_rows, self.attention)
 
     def _init_pages(self) -> None:
         """The KV pool's pages and the host's page table (``kv_pages.PagePool``). ``paged``: the
@@ -223,7 +231,8 @@ class JaxEngine(Warmup):
     def _zeros(self) -> DecodeState:
         s, v = self.slots, self.cfg.vocab_size
         return DecodeState(
-            cache=PagedKVCache.zeros(self.cfg, self.pages.num_pages, self.page_size, self.cache_dtype),
+            cache=PagedKVCache.zeros(self.cfg, self.pages.num_pages, self.page_size, self.cache_dtype,
+                                     self.attention),
             table=jnp.full((s, self.max_pages), self.pages.num_pages, jnp.int32),
             lengths=jnp.full((s,), self.cache_len, jnp.int32),
             last_tokens=jnp.zeros((s,), jnp.int32),

@@ -27,6 +27,13 @@ its 4 bytes (``quantize``). The scale lives in the same row as its values, so ev
 page copy and slot copy moves it with them and nothing else has to know; attention's ``widen``
 multiplies the values back (``dequantize``). Quantizing looks at one vector only, elementwise and
 in a fixed order, so a key's int8s do not depend on the batch, the chunk or the call that wrote it.
+
+A page pool's layout follows the decode-attention kernel that reads it (``PagedKVCache.kernel``,
+chosen by ``attention_kernels.engine_kernel``): ``"xla"`` (CPU, and any sharded engine) keeps
+``[P, K, B, H]``; a Pallas kernel (GPU, TPU) reads ``[K, P, B, H]``, the layout JAX's paged-attention
+kernels take as it lies, so no step copies the pool, and stores bfloat16 as bfloat16 (the kernels
+take it; the ``uint16`` bits are an XLA:CPU measure). ``read_pages``, ``write_paged`` and
+``copy_pages`` honour both (``heads_first``); B stays axis 2 either way.
 """
 
 from __future__ import annotations
@@ -46,9 +53,9 @@ SCALE_BYTES = 4  # one float32 scale per (position, KV head) vector of an int8 c
 INV_127 = np.float32(1 / 127)
 
 
-def storage(dtype: jnp.dtype) -> jnp.dtype:
-    """The arrays' type for a cache of ``dtype`` elements."""
-    return jnp.dtype(BITS) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+def storage(dtype: jnp.dtype, native: bool = False) -> jnp.dtype:
+    """The arrays' type for a cache of ``dtype`` elements (``native``: bfloat16 as itself)."""
+    return jnp.dtype(BITS) if jnp.dtype(dtype) == jnp.bfloat16 and not native else jnp.dtype(dtype)
 
 
 def stored_width(dtype: jnp.dtype, head_dim: int) -> int:
@@ -88,10 +95,11 @@ def to_stored(new: jax.Array, buf: jax.Array) -> jax.Array:
     return new.astype(buf.dtype)
 
 
-def _zero_layers(cfg: ModelConfig, shape: tuple[int, ...], dtype: jnp.dtype) -> tuple[tuple, tuple]:
+def _zero_layers(cfg: ModelConfig, shape: tuple[int, ...], dtype: jnp.dtype,
+                 native: bool = False) -> tuple[tuple, tuple]:
     """Zeroed keys and values, one ``shape`` array each per layer (``[..., H]``; an int8 cache's
-    rows are ``H + 4`` wide), stored as ``dtype`` is."""
-    store = storage(dtype)
+    rows are ``H + 4`` wide), stored as ``dtype`` is (``native``: bfloat16 as itself)."""
+    store = storage(dtype, native)
     shape = (*shape[:-1], stored_width(dtype, shape[-1]))
     return (tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)),
             tuple(jnp.zeros(shape, store) for _ in range(cfg.n_layers)))
@@ -176,10 +184,17 @@ def copy_prefix(cache: KVCache, src: jax.Array, dst: jax.Array, n: jax.Array, bl
 @struct.dataclass
 class PagedKVCache:
     """Keys and values in pages: ``k[l]``, ``v[l]``: ``[P, K, B, H]`` (``uint16`` bits for bfloat16,
-    ``[P, K, B, H + 4]`` int8s and scales for int8: ``quantize``)."""
+    ``[P, K, B, H + 4]`` int8s and scales for int8: ``quantize``), or ``[K, P, B, H]`` (bfloat16 as
+    itself) where ``kernel``, the decode attention that reads the pool, is a Pallas kernel
+    (``heads_first``; module docstring)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
+    kernel: str = struct.field(pytree_node=False, default="xla")
+
+    @property
+    def heads_first(self) -> bool:
+        return self.kernel != "xla"
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -187,15 +202,18 @@ class PagedKVCache:
 
     @property
     def pages(self) -> int:
-        return self.k[0].shape[0]
+        return self.k[0].shape[1 if self.heads_first else 0]
 
     @property
     def page_size(self) -> int:
         return self.k[0].shape[2]
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, pages: int, page_size: int, dtype: jnp.dtype) -> PagedKVCache:
-        return cls(*_zero_layers(cfg, (pages, cfg.n_kv_heads, page_size, cfg.head_dim), dtype))
+    def zeros(cls, cfg: ModelConfig, pages: int, page_size: int, dtype: jnp.dtype,
+              kernel: str = "xla") -> PagedKVCache:
+        heads_first = kernel != "xla"
+        shape = (cfg.n_kv_heads, pages) if heads_first else (pages, cfg.n_kv_heads)
+        return cls(*_zero_layers(cfg, (*shape, page_size, cfg.head_dim), dtype, native=heads_first), kernel=kernel)
 
 
 def page_at(table: jax.Array, slots: jax.Array, positions: jax.Array, pages: int, page_size: int) -> jax.Array:
@@ -207,19 +225,23 @@ def page_at(table: jax.Array, slots: jax.Array, positions: jax.Array, pages: int
     return jnp.where((block >= 0) & (block < m), page, pages)
 
 
-def read_pages(buf: jax.Array, pages: jax.Array) -> jax.Array:
-    """``buf [P, K, B, H]`` at ``pages [R]`` → ``[R, K, B, H]``; a page index past the pool (no page)
-    reads the last page, which the caller masks."""
-    return jnp.take(buf, jnp.minimum(pages, buf.shape[0] - 1), axis=0, mode="clip")
+def read_pages(buf: jax.Array, pages: jax.Array, heads_first: bool = False) -> jax.Array:
+    """``buf [P, K, B, H]`` (``heads_first``: ``[K, P, B, H]``) at ``pages [R]`` → ``[R, K, B, H]``;
+    a page index past the pool (no page) reads the last page, which the caller masks."""
+    axis = 1 if heads_first else 0
+    out = jnp.take(buf, jnp.minimum(pages, buf.shape[axis] - 1), axis=axis, mode="clip")
+    return jnp.swapaxes(out, 0, 1) if heads_first else out
 
 
 def write_paged(buf: jax.Array, new: jax.Array, table: jax.Array, slots: jax.Array,
-                positions: jax.Array) -> jax.Array:
+                positions: jax.Array, heads_first: bool = False) -> jax.Array:
     """Write ``new [..., K, H]`` at ``positions [...]`` of ``slots [...]`` (broadcast) through
     ``table``: page ``table[s, p // B]``, offset ``p % B``. No page, or a position past the table
-    (padding, inactive slots), writes nothing."""
-    p, b = buf.shape[0], buf.shape[2]
+    (padding, inactive slots), writes nothing. ``heads_first``: ``buf`` is ``[K, P, B, H]``."""
+    p, b = buf.shape[1 if heads_first else 0], buf.shape[2]
     page = page_at(table, slots, positions, p, b)
+    if heads_first:  # the indexed axes are adjacent: the result is [K, ..., H]
+        return buf.at[:, page, positions % b].set(jnp.moveaxis(to_stored(new, buf), -2, 0), mode="drop")
     return buf.at[page, :, positions % b].set(to_stored(new, buf), mode="drop")
 
 
@@ -227,18 +249,23 @@ def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array, n: jax.Array
     """Copy page ``src[i]`` onto page ``dst[i]`` for ``i < n`` (every layer's keys and values);
     a ``dst`` past the pool is skipped. The work follows ``n``."""
     zero = jnp.zeros((), jnp.int32)
+    axis = 1 if cache.heads_first else 0  # the pages' axis
 
     def body(i: jax.Array, bufs: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]):
         def one(buf: jax.Array) -> jax.Array:
-            s = jnp.minimum(src[i], buf.shape[0] - 1)
-            page = jax.lax.dynamic_slice(buf, (s, zero, zero, zero), (1,) + buf.shape[1:])
+            p = buf.shape[axis]
+            size = buf.shape[:axis] + (1,) + buf.shape[axis + 1:]
+
+            def at(page: jax.Array) -> tuple[jax.Array, ...]:
+                return (zero,) * axis + (page,) + (zero,) * (3 - axis)
+
+            page = jax.lax.dynamic_slice(buf, at(jnp.minimum(src[i], p - 1)), size)
             d = dst[i]
-            keep = jax.lax.dynamic_slice(buf, (jnp.minimum(d, buf.shape[0] - 1), zero, zero, zero),
-                                         (1,) + buf.shape[1:])
-            page = jnp.where(d < buf.shape[0], page, keep)
-            return jax.lax.dynamic_update_slice(buf, page, (jnp.minimum(d, buf.shape[0] - 1), zero, zero, zero))
+            keep = jax.lax.dynamic_slice(buf, at(jnp.minimum(d, p - 1)), size)
+            page = jnp.where(d < p, page, keep)
+            return jax.lax.dynamic_update_slice(buf, page, at(jnp.minimum(d, p - 1)))
 
         return tuple(map(one, bufs[0])), tuple(map(one, bufs[1]))
 
     k, v = jax.lax.fori_loop(0, n, body, (cache.k, cache.v))
-    return PagedKVCache(k=k, v=v)
+    return cache.replace(k=k, v=v)

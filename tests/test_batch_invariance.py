@@ -30,7 +30,7 @@ def llm16(tiny_ckpt, request):
 
     quantize, kv_dtype = request.param
     llm = LLM(tiny_ckpt, slots=16, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT, top_logprobs=3,
-              quantize=quantize, kv_dtype=kv_dtype)
+              quantize=quantize, kv_dtype=kv_dtype, dtype="float32")  # float32 on a device too (its default is bfloat16)
     yield llm
     llm.close(drain=False)
 
@@ -103,7 +103,7 @@ def spec16(tiny_ckpt):
             events[kind] += value
 
     llm = LLM(tiny_ckpt, slots=16, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT, top_logprobs=3, speculate=4,
-              on_event=on_event)
+              on_event=on_event, dtype="float32")
     llm.events = events
     if not llm.engine.row_invariant:
         llm.close(drain=False)
