@@ -29,8 +29,9 @@ def llm16(tiny_ckpt, request):
     from jserve import LLM
 
     quantize, kv_dtype = request.param
+    # float32 weights on a device too (its default is bfloat16)
     llm = LLM(tiny_ckpt, slots=16, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT, top_logprobs=3,
-              quantize=quantize, kv_dtype=kv_dtype, dtype="float32")  # float32 on a device too (its default is bfloat16)
+              quantize=quantize, kv_dtype=kv_dtype, dtype="float32")
     yield llm
     llm.close(drain=False)
 
