@@ -45,6 +45,7 @@ from jserve.http_schemas import (
     CompletionRequest,
     ResponseFormat,
     _Sampling,
+    check_openai_bounds,
     finish_error,
 )
 from jserve.http_tools import ToolReplies, plan_chat
@@ -103,7 +104,7 @@ class HttpFrontEnd(ChoicesMixin):
         ``sent_as``: the request layer's name of a field → the one the client sent it by
         (``max_tokens`` → ``max_completion_tokens``), which the error names instead."""
         try:
-            rq.check_params(body.params(max_tokens, logprobs, body.seed), self.llm.limits)
+            params = rq.check_params(body.params(max_tokens, logprobs, body.seed), self.llm.limits)
         except RequestError as e:
             err = ApiError.of(e)
             name = (sent_as or {}).get(err.param or "")
@@ -113,6 +114,7 @@ class HttpFrontEnd(ChoicesMixin):
                 if err.message.startswith(f"{field} "):
                     err.message = name + err.message[len(field):]
             raise err from e
+        check_openai_bounds(params, sent_as)
 
     async def _start(self, prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
                      logprobs: int | None, constraint: Any = None,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from jserve import request as rq
-from jserve.errors import MISSING, RequestError
+from jserve.errors import MISSING, InvalidRequestError, RequestError, range_code
 
 if TYPE_CHECKING:
     from jserve.constraint import Constraint
@@ -186,6 +186,31 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+
+
+# OpenAI's bounds on its numbers (its API reference), where they are tighter than the request
+# layer's: the HTTP API refuses past them as OpenAI does ("temperature ... between 0 and 2",
+# "top_logprobs ... between 0 and 20"); gRPC and ``LLM`` keep the request layer's (any finite
+# temperature >= 0, logprobs up to --max-logprobs). The others (top_p, the penalties, logit_bias
+# values) already have OpenAI's bounds in the request layer.
+OPENAI_MAX_TEMPERATURE = 2.0
+OPENAI_MAX_LOGPROBS = 20
+
+
+def check_openai_bounds(params: SamplingParams, sent_as: dict[str, str] | None = None) -> None:
+    """Refuse a number past OpenAI's bound (``OPENAI_MAX_*``) that the request layer takes;
+    ``sent_as``: a field's name as the client sent it (``logprobs`` → ``top_logprobs``)."""
+    names = sent_as or {}
+    try:
+        if params.temperature > OPENAI_MAX_TEMPERATURE:
+            raise InvalidRequestError(f"temperature must be in [0, 2] (0 = greedy), got {params.temperature}",
+                                      range_code(False, False), "temperature")
+        if params.logprobs is not None and params.logprobs > OPENAI_MAX_LOGPROBS:
+            name = names.get("logprobs", "logprobs")
+            raise InvalidRequestError(f"{name} must be in [0, {OPENAI_MAX_LOGPROBS}], got {params.logprobs}",
+                                      range_code(True, False), name)
+    except RequestError as e:
+        raise ApiError.of(e) from e
 
 
 class ApiError(Exception):

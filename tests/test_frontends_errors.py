@@ -291,3 +291,47 @@ def test_http_a_prompt_past_the_context_carries_openais_code(fronts, path, body)
     r = fronts.httpx.post(path, json={"model": "mock", **body})
     err = r.json()["error"]
     assert (r.status_code, err["type"], err["code"]) == (400, "invalid_request_error", "context_length_exceeded"), err
+
+
+# OpenAI's own bounds, tighter than the request layer's where they differ: its API refuses
+# ``temperature: 2.5`` ("between 0 and 2", decimal_above_max_value) and ``top_logprobs: 21``
+# ("between 0 and 20"); gRPC and ``LLM`` keep the request layer's (any finite temperature >= 0).
+OPENAI_BOUNDS = [
+    ("/v1/completions", {"prompt": "hi", "temperature": 2.5}, "temperature",
+     "temperature must be in [0, 2] (0 = greedy), got 2.5", "decimal_above_max_value"),
+    ("/v1/chat/completions", {"messages": CHAT, "temperature": 3}, "temperature",
+     "temperature must be in [0, 2] (0 = greedy), got 3.0", "decimal_above_max_value"),
+    ("/v1/responses", {"input": "hi", "temperature": 2.01}, "temperature",
+     "temperature must be in [0, 2] (0 = greedy), got 2.01", "decimal_above_max_value"),
+]
+
+
+@pytest.mark.parametrize("path, fields, param, message, code", OPENAI_BOUNDS, ids=[b[0] for b in OPENAI_BOUNDS])
+def test_http_refuses_a_temperature_past_openais_bound(fronts, path, fields, param, message, code):
+    r = fronts.httpx.post(path, json={"model": "mock", "max_tokens" if path != "/v1/responses" else
+                                      "max_output_tokens": 1, **fields})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": message, "type": "invalid_request_error", "param": param, "code": code}
+
+
+def test_http_takes_openais_bounds_themselves_and_llm_any_finite_temperature(fronts):
+    for path, fields in (("/v1/completions", {"prompt": [4], "temperature": 2, "top_p": 1, "presence_penalty": -2,
+                                              "frequency_penalty": 2, "logit_bias": {"3": -100, "4": 100}}),
+                         ("/v1/chat/completions", {"messages": CHAT, "temperature": 2.0})):
+        r = fronts.httpx.post(path, json={"model": "mock", "max_tokens": 1, **fields})
+        assert r.status_code == 200, r.text
+    got = fronts.llm_answer([4, 5], {"temperature": 7.5, "max_tokens": 2})  # the gRPC / LLM range: >= 0
+    assert got[0] != "error" and len(got[0]) == 2, got
+
+
+def test_http_logprobs_past_openais_twenty_are_refused_where_the_server_allows_more():
+    """OpenAI's top_logprobs is "between 0 and 20"; a server started with --max-logprobs 50 still
+    refuses 21 over HTTP, naming the field as it was sent."""
+    from jserve.http_schemas import ApiError, check_openai_bounds
+    from jserve.sampling import SamplingParams
+
+    check_openai_bounds(SamplingParams(logprobs=20, temperature=2.0))
+    with pytest.raises(ApiError) as e:
+        check_openai_bounds(SamplingParams(logprobs=21), {"logprobs": "top_logprobs"})
+    assert (e.value.message, e.value.param, e.value.code) == (
+        "top_logprobs must be in [0, 20], got 21", "top_logprobs", "integer_above_max_value")
