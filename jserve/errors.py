@@ -22,11 +22,13 @@ class ErrorKind(str, enum.Enum):
 
 
 # OpenAI's error ``code`` for a field refused at the edge (``RequestError.code``; None where OpenAI
-# gives none or we do not know its one, e.g. an unknown field, too many stop strings); a number
-# out of range: ``range_code``.
+# gives none or we do not know its one, e.g. an unknown field, too many logit_bias entries); a
+# number out of range: ``range_code``.
 INVALID_TYPE = "invalid_type"  # a value of another JSON type than the field takes
 MISSING = "missing_required_parameter"  # a required field not given
-INVALID_VALUE = "invalid_value"  # a value that is none of the field's known ones (a role, a tool_choice)
+INVALID_VALUE = "invalid_value"  # a value that is none of the field's known ones (a role, a token id)
+ARRAY_TOO_LONG = "array_above_max_length"  # more items than a list takes (stop, messages)
+STRING_TOO_LONG = "string_above_max_length"  # a string longer than the field takes (a stop string)
 
 
 def range_code(integer: bool, below: bool) -> str:

@@ -320,8 +320,9 @@ def _batch_item(e: ApiError, i: int | None) -> ApiError:
         return e
     if i is None:
         e.param = e.param or "prompt"
-    elif e.param is None or e.param == "prompt":
-        e.param, e.message = f"prompt[{i}]", f"prompt[{i}]: {e.message}"
+    elif e.param is None or e.param == "prompt" or e.param.startswith("prompt["):  # prompt[3]: its item
+        e.param = f"prompt[{i}]" + (e.param or "prompt")[len("prompt"):]
+        e.message = f"prompt[{i}]: {e.message}"
     return e
 
 

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from jserve.errors import (
+    ARRAY_TOO_LONG,
     INVALID_TYPE,
     INVALID_VALUE,
     MISSING,
@@ -283,7 +284,7 @@ def normalize_chat(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         raise InvalidRequestError("the chat has no messages", param="messages")
     if len(messages) > MAX_CHAT_MESSAGES:
         raise InvalidRequestError(f"a chat may have at most {MAX_CHAT_MESSAGES} messages, got {len(messages)}",
-                                  param="messages")
+                                  ARRAY_TOO_LONG, "messages")
     out = []
     for i, m in enumerate(messages):
         at = f"messages[{i}]"
@@ -362,7 +363,8 @@ def prompt_kind(prompt: Any, limits: Limits) -> str:
         v = limits.vocab_size
         for i, t in enumerate(prompt):
             if not 0 <= t < v:
-                raise InvalidRequestError(f"token id {t} at index {i} is outside the vocabulary [0, {v})")
+                raise InvalidRequestError(f"token id {t} at index {i} is outside the vocabulary [0, {v})",
+                                          INVALID_VALUE, f"prompt[{i}]")
         return "ids"
     raise InvalidRequestError("a list prompt must hold only chat messages (objects) or only token ids (integers)")
 

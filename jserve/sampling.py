@@ -19,7 +19,13 @@ import numpy as np
 from flax import struct
 
 from jserve.constraint import Constraint
-from jserve.errors import INVALID_VALUE, InvalidRequestError, range_code  # InvalidRequestError: re-exported
+from jserve.errors import (  # InvalidRequestError: re-exported
+    ARRAY_TOO_LONG,
+    INVALID_VALUE,
+    STRING_TOO_LONG,
+    InvalidRequestError,
+    range_code,
+)
 
 # Bounds on what a client controls (besides the prompt, bounded by the engine's max_prompt_len).
 MAX_STOP_STRINGS = 16
@@ -73,9 +79,6 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def validate(self, vocab_size: int, max_logprobs: int) -> None:
-        def bad(msg: str) -> None:
-            raise InvalidRequestError(msg)
-
         def outside(msg: str, integer: bool, below: bool) -> None:  # a number past one of its bounds
             raise InvalidRequestError(msg, range_code(integer, below))
 
@@ -105,16 +108,19 @@ class SamplingParams:
             raise InvalidRequestError("stop strings must be non-empty strings", param="stop")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(self.stop)}",
-                                      param="stop")
-        longest = max(map(len, self.stop), default=0)
+                                      ARRAY_TOO_LONG, "stop")
+        lengths = [len(s) for s in self.stop]
+        longest = max(lengths, default=0)
         if longest > MAX_STOP_CHARS:
-            bad(f"stop strings may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
+            raise InvalidRequestError(f"stop strings may have at most {MAX_STOP_CHARS} characters, got one of "
+                                      f"{longest}", STRING_TOO_LONG, f"stop[{lengths.index(longest)}]")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidRequestError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are accepted, got "
-                                      f"{len(self.stop_token_ids)}", param="stop_token_ids")
-        for t in self.stop_token_ids:
+                                      f"{len(self.stop_token_ids)}", ARRAY_TOO_LONG, "stop_token_ids")
+        for i, t in enumerate(self.stop_token_ids):
             if not 0 <= t < vocab_size:
-                bad(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
+                raise InvalidRequestError(f"stop token id {t} is outside the vocabulary [0, {vocab_size})",
+                                          INVALID_VALUE, f"stop_token_ids[{i}]")
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
             outside(f"logprobs must be in [0, {max_logprobs}] on this server, got {self.logprobs}", True,
                     self.logprobs < 0)
@@ -144,15 +150,17 @@ def validate_logit_bias(pairs: object, vocab_size: int) -> tuple[tuple[int, floa
             key = int(key)
         if isinstance(key, bool) or not isinstance(key, numbers.Integral):
             bad(f"logit_bias keys must be token ids (integers), got {key!r}")
+        at = f"logit_bias.{key}"  # the item, as a body's field inside an object is named (``stream_options.x``)
         if not 0 <= key < vocab_size:
-            bad(f"logit_bias token id {key} is outside the vocabulary [0, {vocab_size})")
+            raise InvalidRequestError(f"logit_bias token id {key} is outside the vocabulary [0, {vocab_size})",
+                                      INVALID_VALUE, at)
         if key in seen:
-            bad(f"logit_bias gives token id {key} twice")
+            raise InvalidRequestError(f"logit_bias gives token id {key} twice", INVALID_VALUE, at)
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             bad(f"logit_bias values must be finite numbers, got {value!r} for token id {key}")
         if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
             raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {value} for token id {key}",
-                                      range_code(False, value < -LOGIT_BIAS_LIMIT))
+                                      range_code(False, value < -LOGIT_BIAS_LIMIT), at)
         seen.add(int(key))
         out.append((int(key), float(value)))
     return tuple(out)

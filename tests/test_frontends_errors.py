@@ -223,7 +223,7 @@ RANGES = [
     ({"presence_penalty": -2.5}, "presence_penalty", "decimal_below_min_value"),
     ({"frequency_penalty": 3}, "frequency_penalty", "decimal_above_max_value"),
     ({"timeout": 0}, "timeout", "decimal_below_min_value"),
-    ({"logit_bias": {"3": 101}}, "logit_bias", "decimal_above_max_value"),
+    ({"logit_bias": {"3": 101}}, "logit_bias.3", "decimal_above_max_value"),
 ]
 
 
@@ -237,12 +237,13 @@ def test_http_range_errors_carry_openais_code_for_the_bound_passed(fronts, field
 @pytest.mark.parametrize("prompt, param, message, code", [
     (["hello", ""], "prompt[1]", "prompt[1]: the prompt is empty", None),
     ([[4, 5], [], [6]], "prompt[1]", "prompt[1]: the prompt is empty", None),
-    ([[4, 5], [6, 99]], "prompt[1]", "prompt[1]: token id 99 at index 1 is outside the vocabulary [0, 32)", None),
+    ([[4, 5], [6, 99]], "prompt[1][1]", "prompt[1]: token id 99 at index 1 is outside the vocabulary [0, 32)",
+     "invalid_value"),
     (["hello", "a" * 40], "prompt[1]", "prompt[1]: the prompt has 40 tokens; this server accepts at most 32",
      "context_length_exceeded"),
     ("", "prompt", "the prompt is empty", None),
     ([], "prompt", "the prompt is empty", None),
-    ([4, 99], "prompt", "token id 99 at index 1 is outside the vocabulary [0, 32)", None),
+    ([4, 99], "prompt[1]", "token id 99 at index 1 is outside the vocabulary [0, 32)", "invalid_value"),
 ])
 def test_http_completions_name_the_prompt_of_a_batch_they_refuse(fronts, prompt, param, message, code):
     r = fronts.httpx.post("/v1/completions", json={"model": "mock", "prompt": prompt, "max_tokens": 1})
@@ -335,3 +336,32 @@ def test_http_logprobs_past_openais_twenty_are_refused_where_the_server_allows_m
         check_openai_bounds(SamplingParams(logprobs=21), {"logprobs": "top_logprobs"})
     assert (e.value.message, e.value.param, e.value.code) == (
         "top_logprobs must be in [0, 20], got 21", "top_logprobs", "integer_above_max_value")
+
+
+# A list longer than the field takes: OpenAI's "array_above_max_length" (its answer to five stop
+# strings, param "stop"); a string too long: "string_above_max_length" naming the item; a token
+# id outside the vocabulary: "invalid_value" naming the item (``prompt[1]``, ``logit_bias.99``, as
+# a field inside an object is named: ``stream_options.include_usage``).
+ITEMS = [
+    ("/v1/completions", {"prompt": "hi", "stop": ["a"] * 17}, "stop", "array_above_max_length"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b" * 1001]}, "stop[1]", "string_above_max_length"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": list(range(65))}, "stop_token_ids",
+     "array_above_max_length"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [3, 99]}, "stop_token_ids[1]", "invalid_value"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"3": 1, "99": 1}}, "logit_bias.99", "invalid_value"),
+    ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"32": -1}}, "logit_bias.32", "invalid_value"),
+    ("/v1/chat/completions", {"messages": CHAT * 1025}, "messages", "array_above_max_length"),
+    ("/v1/completions", {"prompt": [4, 5, 32]}, "prompt[2]", "invalid_value"),
+    ("/v1/completions", {"prompt": [[4], [4, 5, 6, -1]]}, "prompt[1][3]", "invalid_value"),
+]
+
+
+@pytest.mark.parametrize("path, fields, param, code", ITEMS, ids=[f"{i[2]}-{i[3]}" for i in ITEMS])
+def test_http_long_lists_and_ids_outside_the_vocabulary_carry_openais_code_and_name_the_item(fronts, path, fields,
+                                                                                             param, code):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=fronts.http_url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:  # as the real client sees it
+        client.post(path, body={"model": "mock", "max_tokens": 1, **fields}, cast_to=dict)
+    assert (e.value.status_code, e.value.type, e.value.param, e.value.code) == (400, "invalid_request_error", param,
+                                                                                code), e.value.message
