@@ -118,9 +118,11 @@ class HttpFrontEnd(ChoicesMixin):
 
     async def _start(self, prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
                      logprobs: int | None, constraint: Any = None,
-                     skip_special: bool = True, batch: bool = False) -> list[tuple[list[int], Stream]]:
+                     skip_special: bool = True, batch: bool = False,
+                     field: str = "prompt") -> list[tuple[list[int], Stream]]:
         """Submit every (prompt, choice): ``n`` choices of one prompt differ by seed when one is given.
-        ``batch``: the prompts are a completions batch, a refusal names its item (``_batch_item``)."""
+        ``batch``: the prompts are a completions batch, a refusal names its item (``_batch_item``);
+        ``field``: the body's field the prompt came from (``prompt``, ``messages``, ``input``)."""
         started: list[tuple[list[int], Stream]] = []
         try:
             for i, ids in enumerate(prompts):
@@ -130,7 +132,7 @@ class HttpFrontEnd(ChoicesMixin):
                     try:
                         stream = await self.llm.submit_async(ids, params, timeout=body.timeout)
                     except RequestError as e:
-                        raise _batch_item(ApiError.of(e), i if batch else None) from e
+                        raise _batch_item(ApiError.of(e), i if batch else None, field) from e
                     started.append((ids, stream))
         except BaseException:
             for _, s in started:
@@ -232,7 +234,8 @@ class HttpFrontEnd(ChoicesMixin):
             plan, ids = await self._plan([m.raw() for m in body.messages], body.tools, body.tool_choice,
                                          body.parallel_tool_calls)
             constraint = self._tool_constraint(plan, body)
-            started = await self._start([ids], body, max_tokens, logprobs, constraint, self._skip_special(plan))
+            started = await self._start([ids], body, max_tokens, logprobs, constraint, self._skip_special(plan),
+                                        field="messages")
             tools = self._replies(plan, body, len(started))
             return await self._respond(request, body, started, chat=True, tools=tools)
 
@@ -245,12 +248,12 @@ class HttpFrontEnd(ChoicesMixin):
             try:
                 plan, ids = await self._plan([m.raw() for m in chat.messages], chat.tools, chat.tool_choice,
                                              chat.parallel_tool_calls)
-            except ApiError as e:  # the chat made of the input: its messages are not the client's items
-                if e.param is not None and e.param.startswith("messages"):
-                    e.param = "input"
+            except ApiError as e:  # the chat made of the input: named as the input's item it came from
+                e.param, e.message = body.input_item(e.param, e.message)
                 raise
             constraint = self._tool_constraint(plan, chat)
-            started = await self._start([ids], chat, chat.max_tokens, None, constraint, self._skip_special(plan))
+            started = await self._start([ids], chat, chat.max_tokens, None, constraint, self._skip_special(plan),
+                                        field="input")
             return await respond_responses(self, request, body, chat, started, self._replies(plan, chat, 1))
 
         @app.post("/v1/completions")
@@ -313,13 +316,14 @@ class HttpFrontEnd(ChoicesMixin):
             self.metrics.reject(reason)
 
 
-def _batch_item(e: ApiError, i: int | None) -> ApiError:
+def _batch_item(e: ApiError, i: int | None, field: str = "prompt") -> ApiError:
     """A refusal of a completions prompt named as the item of the batch it is (``prompt[1]``, its
-    message prefixed with it), or as ``prompt`` when it is the only one (``i`` None)."""
+    message prefixed with it), or as ``field`` when it is the only one (``i`` None: ``prompt``, or
+    ``messages`` / ``input`` for a chat's)."""
     if e.status != 400:  # a full queue, a deadline: not the prompt's fault
         return e
     if i is None:
-        e.param = e.param or "prompt"
+        e.param = e.param or field
     elif e.param is None or e.param == "prompt" or e.param.startswith("prompt["):  # prompt[3]: its item
         e.param = f"prompt[{i}]" + (e.param or "prompt")[len("prompt"):]
         e.message = f"prompt[{i}]: {e.message}"

@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
+from jserve import request as rq
+from jserve.errors import INVALID_TYPE, MISSING
 from jserve.http_schemas import ApiError, ChatCompletionRequest, _Body, finish_error
 
 if TYPE_CHECKING:
@@ -56,6 +58,8 @@ class ResponsesRequest(_Body):
     top_logprobs: int | None = None
     max_tool_calls: int | None = None
     prompt: Any = None
+    # the chat's messages' origins: each message's input item (its index), or "instructions"
+    _origins: list[int | str] = PrivateAttr(default_factory=list)
 
     def check_supported(self) -> None:
         stateful = "this server keeps no state (every request carries its whole input)"
@@ -82,11 +86,14 @@ class ResponsesRequest(_Body):
         """The same request as a chat completion."""
         self.check_supported()
         messages: list[dict[str, Any]] = []
+        self._origins = []
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
+            self._origins.append("instructions")
         items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
         for i, item in enumerate(items):
             messages_from_item(messages, i, item)
+            self._origins += [i] * (len(messages) - len(self._origins))
         if not messages:
             raise ApiError(400, "input is empty", param="input")
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_output_tokens,
@@ -108,6 +115,30 @@ class ResponsesRequest(_Body):
             return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
         except ValueError as e:
             raise ApiError(400, f"input: {e}", param="input") from e
+
+
+    def input_item(self, param: str | None, message: str) -> tuple[str | None, str]:
+        """A refusal of the chat made of the input (``messages[2].tool_call_id``, ``message 2: ...``)
+        named as the input item it came from (``input[1].call_id``, ``input[1]: ...``)."""
+        if param is None or not param.startswith("messages"):
+            return param, message
+        k, _, rest = param[len("messages["):].partition("]")
+        origin = self._origins[int(k)] if k.isdigit() and int(k) < len(self._origins) else None
+        if origin is None:
+            return "input", message
+        if message.startswith(f"message {k}: "):
+            message = message[len(f"message {k}: "):]
+        if origin == "instructions":
+            return "instructions", f"instructions: {message}"
+        if isinstance(self.input, str):
+            return "input", f"input: {message}"
+        field = rest.lstrip(".")
+        field = _ITEM_FIELDS.get(field, field)
+        return f"input[{origin}]" + (f".{field}" if field else ""), f"input[{origin}]: {message}"
+
+
+# A chat message's field → the Responses input item's field it was made of.
+_ITEM_FIELDS = {"tool_call_id": "call_id", "tool_calls": "", "reasoning_content": ""}
 
 
 def _text_of(i: int, content: Any) -> str:
@@ -136,6 +167,7 @@ def messages_from_item(messages: list[dict[str, Any]], i: int, item: Any) -> Non
                            param=f"input[{i}].role")
         messages.append({"role": role, "content": _text_of(i, item.get("content"))})
     elif kind == "function_call":
+        _check_strings(i, item, ("call_id", "name"), ("arguments",))
         call = {"id": item.get("call_id"), "type": "function",
                 "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
         if messages and messages[-1]["role"] == "assistant" and "tool_calls" in messages[-1]:
@@ -145,6 +177,7 @@ def messages_from_item(messages: list[dict[str, Any]], i: int, item: Any) -> Non
         else:
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
     elif kind == "function_call_output":
+        _check_strings(i, item, ("call_id",), ())
         output = item.get("output")
         messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
                          "content": output if isinstance(output, str) else json.dumps(output)})
@@ -152,6 +185,20 @@ def messages_from_item(messages: list[dict[str, Any]], i: int, item: Any) -> Non
         raise ApiError(400, f"input[{i}] has type {kind!r}; this server takes message, function_call and "
                             "function_call_output items",
                        param=f"input[{i}].type" if isinstance(item, dict) else f"input[{i}]")
+
+
+def _check_strings(i: int, item: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...]) -> None:
+    """Refuse input item ``i`` whose ``required`` fields are not strings (or whose ``optional``
+    ones, given, are not), naming the item's field as OpenAI does (``input[1].call_id``)."""
+    for name in required + optional:
+        value = item.get(name)
+        if value is None and name in optional:
+            continue
+        if not isinstance(value, str):
+            kind = item.get("type")
+            raise ApiError(400, f"input[{i}]: a {kind} item needs a string {name!r}"
+                                + ("" if value is None else f", got {rq.kind_of(value)}"),
+                           param=f"input[{i}].{name}", code=MISSING if value is None else INVALID_TYPE)
 
 
 def chat_tool(i: int, tool: Any) -> dict[str, Any]:

@@ -195,13 +195,51 @@ def test_each_refused_chat_message_names_the_item_it_refuses(messages, param):
      "input[1].content[1].type"),
     ({"type": "reasoning"}, "input[1].type"),
     (5, "input[1]"),
-    # refused by the chat checks on the messages made of the input: named as the input, not "messages[2]"
-    ({"type": "function_call_output", "output": "4"}, "input"),
+    # an item's own fields, named as OpenAI names them ("input[95].call_id"), not as the chat's "messages[2]"
+    ({"type": "function_call_output", "output": "4"}, "input[1].call_id"),
+    ({"type": "function_call_output", "call_id": 5, "output": "4"}, "input[1].call_id"),
+    ({"type": "function_call", "call_id": "c1", "arguments": "{}"}, "input[1].name"),
+    ({"type": "function_call", "call_id": "c1", "name": 5}, "input[1].name"),
+    ({"type": "function_call", "call_id": "c1", "name": "f", "arguments": 5}, "input[1].arguments"),
 ])
 def test_the_responses_api_names_the_input_item_it_refuses(fronts, item, param):
     body = {"model": "mock", "input": [{"role": "user", "content": "hi"}, item], "max_output_tokens": 1}
     r = fronts.httpx.post("/v1/responses", json=body)
     assert (r.status_code, r.json()["error"]["param"]) == (400, param), r.text
+    assert r.json()["error"]["message"].startswith(param.split(".")[0]), r.text
+
+
+def test_a_refusal_of_the_chat_made_of_the_input_names_the_input_item_it_came_from():
+    """The chat checks run on the messages made of the input (instructions first, a function_call
+    folded into the assistant message before it): their ``messages[k]`` is mapped back."""
+    from jserve.http_responses import ResponsesRequest
+
+    body = ResponsesRequest(model="m", instructions="be brief", input=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "let me see"},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "4"}])
+    body.chat_request()  # messages: system, user, assistant (+ the call), tool
+    assert body.input_item("messages[3].tool_call_id", "message 3: bad id") == ("input[3].call_id",
+                                                                                 "input[3]: bad id")
+    assert body.input_item("messages[1].name", "message 1: name must be a string") == (
+        "input[0].name", "input[0]: name must be a string")
+    assert body.input_item("messages[2].tool_calls", "message 2: x") == ("input[1]", "input[1]: x")
+    assert body.input_item("messages[0].content", "message 0: y") == ("instructions", "instructions: y")
+    assert body.input_item("tool_choice", "z") == ("tool_choice", "z")
+    text = ResponsesRequest(model="m", input="hi")
+    text.chat_request()
+    assert text.input_item("messages[0].content", "message 0: w") == ("input", "input: w")
+
+
+@pytest.mark.parametrize("path, fields, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 40}], "max_tokens": 1}, "messages"),
+    ("/v1/responses", {"input": "a" * 40, "max_output_tokens": 1}, "input"),
+    ("/v1/completions", {"prompt": "a" * 40, "max_tokens": 1}, "prompt"),
+])
+def test_a_prompt_past_the_context_names_the_field_it_came_from(fronts, path, fields, param):
+    r = fronts.httpx.post(path, json={"model": "mock", **fields})
+    err = r.json()["error"]
+    assert (r.status_code, err["param"], err["code"]) == (400, param, "context_length_exceeded"), err
 
 
 # A number outside its field's range: OpenAI's codes name the field's kind (an integer or a
