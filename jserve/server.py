@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default, with a warning) or refuse to start")
     scale.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                        help="jax.distributed coordinator (process 0's address); starts a multi-process run")
-    scale.add_argument("--num-processes", type=int, default=None, help="processes in the multi-process run")
-    scale.add_argument("--process-id", type=int, default=None, help="this process's index (0 serves gRPC)")
+    scale.add_argument("--num-processes", type=int_in(1), default=None, help="processes in the multi-process run")
+    scale.add_argument("--process-id", type=int_in(0), default=None, help="this process's index (0 serves gRPC)")
     scale.add_argument("--distributed", action="store_true",
                        help="call jax.distributed.initialize() with JAX's own detection (TPU slices, SLURM, "
                             "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             parse_mesh(args.mesh)
         except ShardingError as e:
             ap.error(str(e))
+    if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
+        ap.error(f"--process-id ({args.process_id}) must be below --num-processes ({args.num_processes})")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     log.info("started: imports done")  # the first of the start-up's timestamps (scripts/bench_startup.py)

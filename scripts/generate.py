@@ -122,7 +122,7 @@ def record(rid: str, r: Any) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jserve.serving_config import add_engine_flags  # the server's flags and defaults, one set
+    from jserve.serving_config import add_engine_flags, int_in  # the server's flags and defaults, one set
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=pathlib.Path, default=None,
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--input", required=True, help="input JSONL file ('-' for stdin)")
     ap.add_argument("--output", required=True, help="output JSONL file ('-' for stdout)")
     add_engine_flags(ap, "a line")
-    ap.add_argument("--max-line-bytes", type=int, default=4 << 20,
+    ap.add_argument("--max-line-bytes", type=int_in(1), default=4 << 20,
                     help="longest input line, in bytes (default 4 MiB); a longer one gets an error record "
                          "without being parsed")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")

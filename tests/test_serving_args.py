@@ -26,6 +26,8 @@ BAD = [
     (["--port", "70000"], "argument --port: must be an integer in [0, 65535], got '70000'"),
     (["--http-port", "-1"], "argument --http-port: must be an integer in [0, 65535], got '-1'"),
     (["--drain-timeout", "-1"], "argument --drain-timeout: must be a number >= 0, got '-1'"),
+    (["--num-processes", "0"], "argument --num-processes: must be an integer >= 1, got '0'"),
+    (["--process-id", "-1"], "argument --process-id: must be an integer >= 0, got '-1'"),
 ]
 
 
@@ -57,3 +59,23 @@ def test_the_offline_script_shares_the_engine_flags_ranges(capsys):
     assert "--max-prompt-len (9) must be below --max-len (8)" in capsys.readouterr().err
     good = script.build_parser().parse_args(["--input", "-", "--output", "-", "--kv-memory", "512MiB"])
     assert (good.slots, good.kv_memory) == (8, "512MiB")
+
+
+def test_a_process_id_past_the_number_of_processes_is_refused_before_starting(capsys):
+    from jserve import server
+
+    with pytest.raises(SystemExit) as e:
+        server.main(["--num-processes", "2", "--process-id", "2"])
+    assert e.value.code == 2
+    assert "--process-id (2) must be below --num-processes (2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_the_offline_script_refuses_a_max_line_bytes_below_one(value, capsys):
+    script = load_generate_script()
+    with pytest.raises(SystemExit) as e:
+        script.build_parser().parse_args(["--input", "-", "--output", "-", "--max-line-bytes", value])
+    assert e.value.code == 2
+    assert f"argument --max-line-bytes: must be an integer >= 1, got {value!r}" in capsys.readouterr().err
+    args = script.build_parser().parse_args(["--input", "-", "--output", "-", "--max-line-bytes", "1"])
+    assert args.max_line_bytes == 1
