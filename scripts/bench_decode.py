@@ -16,9 +16,10 @@ import json
 import logging
 import pathlib
 import platform
-import statistics
 import sys
-import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from bench_harness import settle, time_decode  # noqa: E402
 
 # mode → (dtype, --quantize); "stored" serves the checkpoint as it is (the default GGUF's Q4_1/Q8_0 blocks).
 ALL_MODES = {"float32": ("float32", "float"), "bfloat16": ("bfloat16", "float"), "int8": ("float32", "int8"),
@@ -41,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from jserve import checkpoint
     from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
@@ -61,25 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             state = eng.init_state()
             for s in range(slots):
                 state, _ = eng.prefill(state, s, [1, 9690, 198, 2683 + s], greedy, s)
-            for _ in range(2):  # compile and settle
-                state, out = eng.generate(state)
-                np.asarray(out)
-            runs[(mode, slots)] = [eng, state, []]
+            runs[(mode, slots)] = (eng, settle(eng, state))
             print(f"ready: {mode} x {slots} slots", file=sys.stderr)
 
-    for _ in range(args.rounds):
-        for run in runs.values():
-            eng, state, times = run
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                state, out = eng.generate(state)
-                np.asarray(out)  # the per-step host copy the orchestrator makes
-            times.append((time.perf_counter() - t0) / args.steps)
-            run[1] = state
-
     rows = []
-    for (mode, slots), (_, _, times) in runs.items():
-        step = statistics.median(times)
+    for (mode, slots), step in time_decode(runs, args.rounds, args.steps).items():
         rows.append({"mode": mode, "slots": slots, "step_ms": 1000 * step, "tokens_per_s": slots / step})
     base = {r["slots"]: r["tokens_per_s"] for r in rows if r["mode"] == "float32"}
     for r in rows:

@@ -1,16 +1,21 @@
-"""What the benchmarks that drive a real server share: ``start_server`` runs ``python -m
+"""What the benchmarks share. Those that drive a real server: ``start_server`` runs ``python -m
 jserve.server`` with the given flags as a user would, waits for it to say ``SERVING``, reads the
 gRPC and HTTP addresses it prints, keeps draining its output so the pipe never fills, and stops
-it (``Started.stop``). Scripts import it beside themselves (``sys.path`` holds ``scripts/``)."""
+it (``Started.stop``). Those that time an engine's decode step: ``settle`` and ``time_decode``
+(rounds over every engine in turn, medians). Scripts import it beside themselves (``sys.path``
+holds ``scripts/``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 GRPC_LINE, HTTP_LINE, SERVING_LINE = "jserve listening on ", "jserve http listening on ", "jserve SERVING"
 
@@ -64,3 +69,36 @@ def start_server(flags: Sequence[str], timeout: float = 600, cmd: Sequence[str] 
             raise RuntimeError(f"{' '.join(cmd)}: " + (f"exited ({code}) before SERVING" if gone
                                                         else f"not SERVING within {timeout:g} s"))
     return Started(proc, cmd, seen.get(GRPC_LINE), seen.get(HTTP_LINE))
+
+
+def _step(engine: Any, state: Any) -> Any:
+    """One decode step of every slot, its packed result copied to the host as the orchestrator does."""
+    import numpy as np
+
+    state, out = engine.generate(state)
+    np.asarray(out)
+    return state
+
+
+def settle(engine: Any, state: Any, steps: int = 2) -> Any:
+    """``steps`` decode steps untimed (the first compiles); the state after them."""
+    for _ in range(steps):
+        state = _step(engine, state)
+    return state
+
+
+def time_decode(runs: dict[Hashable, tuple[Any, Any]], rounds: int, steps: int) -> dict[Hashable, float]:
+    """Each run's (engine, state) decode step time in seconds: a round times ``steps`` steps of
+    every run in turn, so background noise on a shared machine hits all of them alike; the median
+    over ``rounds`` rounds."""
+    states = {key: state for key, (_, state) in runs.items()}
+    times: dict[Hashable, list[float]] = {key: [] for key in runs}
+    for _ in range(rounds):
+        for key, (engine, _) in runs.items():
+            state = states[key]
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                state = _step(engine, state)
+            times[key].append((time.perf_counter() - t0) / steps)
+            states[key] = state
+    return {key: statistics.median(t) for key, t in times.items()}

@@ -17,9 +17,10 @@ import json
 import logging
 import pathlib
 import platform
-import statistics
 import sys
-import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from bench_harness import settle, time_decode  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -43,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from jserve import checkpoint
     from jserve.convert import DEFAULT_CHECKPOINT, ensure_default_checkpoint
@@ -63,25 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         for s in range(args.slots):
             start = (s * 97) % max(1, len(ids) - args.context)
             state, _ = eng.prefill(state, s, ids[start:start + args.context], greedy, s)
-        for _ in range(2):  # compile and settle
-            state, out = eng.generate(state)
-            np.asarray(out)
-        runs[kv] = [eng, state, []]
+        runs[kv] = (eng, settle(eng, state))
         print(f"ready: {kv}", file=sys.stderr)
 
-    for _ in range(args.rounds):
-        for run in runs.values():
-            eng, state, times = run
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                state, out = eng.generate(state)
-                np.asarray(out)  # the per-step host copy the orchestrator makes
-            times.append((time.perf_counter() - t0) / args.steps)
-            run[1] = state
-
     rows = []
-    for kv, (_, _, times) in runs.items():
-        rows.append({"kv_dtype": kv, "step_ms": 1000 * statistics.median(times),
+    for kv, step in time_decode(runs, args.rounds, args.steps).items():
+        rows.append({"kv_dtype": kv, "step_ms": 1000 * step,
                      "bytes_per_token": kv_bytes_per_position(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv)})
     first = rows[0]
     print(f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "

@@ -1,5 +1,6 @@
 """scripts/bench_harness.py's ``start_server`` over stand-in servers (a few lines of Python that
-print what ``jserve.server`` prints): the addresses read, a server gone or silent refused."""
+print what ``jserve.server`` prints): the addresses read, a server gone or silent refused; its
+decode timing (``settle``, ``time_decode``) over stand-in engines that log their steps."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "scripts"))
-from bench_harness import start_server  # noqa: E402
+from bench_harness import settle, start_server, time_decode  # noqa: E402
 
 
 def _stand_in(*lines: str, then: str = "import time; time.sleep(60)") -> list[str]:
@@ -40,3 +41,25 @@ def test_a_server_that_exits_before_serving_is_refused_with_its_exit_code():
 def test_a_server_that_never_serves_is_killed_after_the_timeout():
     with pytest.raises(RuntimeError, match="not SERVING within 0.5 s"):
         start_server([], timeout=0.5, cmd=_stand_in("jserve listening on 127.0.0.1:5001"))
+
+
+class _Engine:
+    """Stands in for ``JaxEngine.generate``: the state counts this engine's steps; every step is logged."""
+
+    def __init__(self, name: str, log: list[str]):
+        self.name, self.log = name, log
+
+    def generate(self, state: int):
+        self.log.append(self.name)
+        return state + 1, [[float(state)]]
+
+
+def test_decode_timing_takes_rounds_of_every_engine_in_turn_and_keeps_each_state():
+    log: list[str] = []
+    a, b = _Engine("a", log), _Engine("b", log)
+    runs = {"a": (a, settle(a, 0)), ("b", 8): (b, settle(b, 100, steps=3))}
+    assert (runs["a"][1], runs[("b", 8)][1]) == (2, 103) and log == ["a"] * 2 + ["b"] * 3
+    log.clear()
+    medians = time_decode(runs, rounds=3, steps=4)
+    assert log == (["a"] * 4 + ["b"] * 4) * 3  # round-robin: noise hits every engine alike
+    assert list(medians) == ["a", ("b", 8)] and all(m >= 0 for m in medians.values())
