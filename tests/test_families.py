@@ -97,7 +97,18 @@ def test_int8_greedy_choices_match_transformers_except_near_ties(converted, name
     assert (picked == ref["greedy"]).mean() >= 0.9
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+# The engine's own path (cache attention over pages, chunked prompts, blocked decode, the rope per
+# layer and per context) differs between families only by attention spec and rope: a window on every
+# layer (Mistral), softcaps and alternating windows (Gemma 2), a 5:1 window pattern with a rope per
+# layer (Gemma 3), LongRoPE past its original context (Phi-3 long), none (Qwen3-MoE, whose experts run
+# batched over the live slots). Qwen 2 / Qwen 3 / Phi-3 / Mixtral add nothing to that path: same heads
+# (4 over 2 KV heads of 16), no window, plain rope; their biases, QK norms, tied embeddings, fused
+# tensors and expert weights live in the layer code the engine shares with ``model.logits_all``,
+# which test_logits_match_transformers checks for every family.
+ENGINE_FAMILIES = ["mistral", "gemma2", "gemma3", "phi3_longrope", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("name", ENGINE_FAMILIES)
 def test_greedy_through_the_continuous_batching_engine_equals_transformers(converted, name):
     """transformers' 32 greedy tokens, served by the engine beside the two 40-token sequences
     (2 slots, 3 requests: one waits, then joins a running batch), with chunked prompts and the
@@ -195,7 +206,9 @@ def test_every_family_sharded_equals_one_device_and_transformers(converted, quan
     assert all((_reference(n)["ids"] == ids).all() for n in ("qwen3", "mistral", "mixtral"))
     # Sharding sees the converted layout (fused wqkv, w_gate_up), not the family: Mistral and Phi-3 are
     # the dense path Qwen 2/3 take (Phi-3's fused tensors are split at conversion, its rope is per head).
-    names = SHARDED_F32 if quantize is None else ["qwen2", "gemma3", "mixtral", "qwen3_moe"]
+    # int8: quantized weights (values and per-channel scales) split as the float ones do, shown on one dense
+    # family with Q/K/V biases and one whose experts split (float32 covers every family's layout above).
+    names = SHARDED_F32 if quantize is None else ["qwen2", "qwen3_moe"]
     out = _forward_worker([converted[n] for n in names], ["none", "tp=2", "dp=2,tp=2"], ids, quantize)
     for name in names:
         runs = out[str(converted[name])]
