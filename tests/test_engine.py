@@ -15,10 +15,13 @@ from jserve.sampling import SamplingParams
 from .compile_watch import CompileWatch
 from .conftest import QUANT_MODES
 
-ENGINE_MODES = [(jnp.float32, q) for q in QUANT_MODES] + [(jnp.float32, "int8-dynamic"), (jnp.bfloat16, None)]
+# int8-dynamic is not among them: its weights are int8's (the same QuantArray pytree, the same
+# buckets, state and donation); only the inside of each matmul differs (rows quantized too), which
+# these invariants do not see and tests/test_quant.py, test_families.py and test_batch_invariance.py check.
+ENGINE_MODES = [(jnp.float32, q) for q in QUANT_MODES] + [(jnp.bfloat16, None)]
 
 
-@pytest.fixture(scope="module", params=ENGINE_MODES, ids=["f32", "int8", "int8-dynamic", "bf16"])
+@pytest.fixture(scope="module", params=ENGINE_MODES, ids=["f32", "int8", "bf16"])
 def engine(tiny_ckpt, request):
     dtype, quant = request.param
     cfg, params, _ = checkpoint.load(tiny_ckpt, dtype, quantize=quant)
