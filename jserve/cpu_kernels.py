@@ -61,8 +61,8 @@ _log = logging.getLogger(__name__)
 _PKG = Path(__file__).resolve().parent
 _SRC = _PKG / "csrc"
 _OUT = _PKG / "_kernels"
-_SOURCES = ("kernels.h", "kernels_generic.cc", "kernels_avx2.cc", "ffi.cc", "attn.h", "attn_generic.cc",
-            "attn_avx2.cc", "ffi_attn.cc")
+_SOURCES = ("kernels.h", "kernels_generic.cc", "kernels_avx2.cc", "kernels_idot_avx2.cc", "ffi.cc", "attn.h",
+            "attn_generic.cc", "attn_avx2.cc", "ffi_attn.cc")
 _TARGETS = {
     "f32": "JserveMatmulF32",
     "q8_0": "JserveMatmulQ8_0",
@@ -122,6 +122,7 @@ def build(force: bool = False) -> Path:
     defines: tuple[str, ...] = ()
     if _is_x86_64():
         units.append(("kernels_avx2.cc", ("-mavx2", "-mfma", "-mf16c")))
+        units.append(("kernels_idot_avx2.cc", ("-mavx2", "-mfma", "-mf16c")))
         units.append(("attn_avx2.cc", ("-mavx2", "-mfma", "-mf16c")))
         defines = ("-DJSERVE_HAVE_AVX2",)
     units.append(("ffi.cc", defines))

@@ -440,9 +440,9 @@ void block_sums_avx2(const Problem& p, float* sx) {
 void columns_avx2(const Problem& p, int64_t n0, int64_t n1) {
   switch (p.fmt) {
     case kF32: columns<kF32>(p, n0, n1); break;
-    case kQ8_0: columns<kQ8_0>(p, n0, n1); break;
-    case kQ4_0: columns<kQ4_0>(p, n0, n1); break;
-    case kQ4_1: columns<kQ4_1>(p, n0, n1); break;
+    case kQ8_0:
+    case kQ4_0:
+    case kQ4_1: idot_columns_avx2(p, n0, n1); break;
     case kQ4_K: columns<kQ4_K>(p, n0, n1); break;
     case kQ5_K: columns<kQ5_K>(p, n0, n1); break;
     default: columns<kQ6_K>(p, n0, n1); break;
