@@ -37,7 +37,7 @@ struct Problem {
   const uint16_t* m;       // f16 [N, K/32] (Q4_1) | dmin [N, K/256] (Q4_K, Q5_K)
   const float* sx;         // [M, padded_blocks(K)] sums of x per block, zero padded (Q4_0/Q4_1)
   float* y;                // [M, N]
-  const int16_t* xq = nullptr;  // [M, padded_blocks(K), 32] x quantized per block (int_dot formats)
+  const int16_t* xq = nullptr;  // [M, padded_blocks(K) * 32] x quantized per block (int_dot formats)
   const float* xs = nullptr;    // [M, padded_blocks(K)] their scales s_b, zero padded
 };
 
@@ -63,7 +63,9 @@ inline int64_t padded_blocks(int64_t K) { return ((K / 32) + 7) & ~int64_t{7}; }
 
 // block_sums_*: sx [M, padded_blocks(K)] (zeroed by the caller) = sums of x per block, fixed order.
 // quantize_rows_*: xq [M, padded_blocks(K), 32], xs [M, padded_blocks(K)] (zeroed by the caller) for
-// the int_dot formats; both paths give the same integers and scales.
+// the int_dot formats; both paths give the same integers and scales. The AVX2 path stores each row's
+// xq for its own kernels: in block order for M <= 4, above that per group of 8 blocks as 16 vectors of
+// int16 pairs, pair t of block l in int32 lane l of vector t (so madd + add leave block sums in lanes).
 // Generic C++ (any CPU).
 void block_sums_generic(const Problem& p, float* sx);
 void quantize_rows_generic(const Problem& p, int16_t* xq, float* xs);

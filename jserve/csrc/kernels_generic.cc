@@ -14,7 +14,7 @@ inline float tree8(const float* a) {
   return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
-// Dequantizes column n exactly: w[k] = q * d (f32 copies), mv[b] = m_b (offset formats).
+// Dequantizes column n (f32, K-quants) exactly: w[k] = q * d (f32 copies), mv[b] = m_b (Q4_K/Q5_K).
 void dequant_column(const Problem& p, int64_t n, float* w, float* mv) {
   const int64_t K = p.K, nb = K / 32;
   if (p.fmt == kF32) {
@@ -31,22 +31,6 @@ void dequant_column(const Problem& p, int64_t n, float* w, float* mv) {
         const float d = p.fmt == kQ6_K ? ds[2 * b + (j >> 4)] : ds[b];
         w[b * 32 + j] = (float)kquant_q(p.fmt, col, b, j) * d;
       }
-    return;
-  }
-  for (int64_t b = 0; b < nb; ++b) {
-    const float d = half_to_float(p.d[n * nb + b]);
-    float* wb = w + b * 32;
-    if (p.fmt == kQ8_0) {
-      const int8_t* q = static_cast<const int8_t*>(p.qs) + (n * nb + b) * 32;
-      for (int j = 0; j < 32; ++j) wb[j] = (float)q[j] * d;
-    } else {
-      const uint8_t* q = static_cast<const uint8_t*>(p.qs) + (n * nb + b) * 16;
-      for (int j = 0; j < 16; ++j) {
-        wb[j] = (float)(q[j] & 0xf) * d;
-        wb[j + 16] = (float)(q[j] >> 4) * d;
-      }
-      mv[b] = p.fmt == kQ4_1 ? half_to_float(p.m[n * nb + b]) : -8.0f * d;
-    }
   }
 }
 
