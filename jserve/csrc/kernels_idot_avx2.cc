@@ -45,8 +45,11 @@ inline __attribute__((always_inline)) void unpack(const uint8_t* q, __m256i& w0,
 // Weights straight from the blocks (fused driver).
 template <int FMT>
 struct Blocks {
-  const uint8_t* q;  // column n0's first block
-  int64_t rowb;      // bytes per column
+  const uint8_t* q;    // column n0's first block
+  int64_t rowb;        // bytes per column
+  const uint16_t* dh;  // column n0's scales d (f16)
+  const uint16_t* mh;  // column n0's m (Q4_1)
+  int64_t nb;          // blocks per column
   inline __attribute__((always_inline)) void load(int c, int64_t b, __m256i& w0, __m256i& w1) const {
     unpack<FMT>(q + c * rowb + b * (FMT == kQ8_0 ? 32 : 16), w0, w1);
   }
@@ -56,6 +59,27 @@ struct Blocks {
     for (int c = 0; c < C; ++c)
       for (int64_t i = 0; i < bytes; i += 64)
         _mm_prefetch(reinterpret_cast<const char*>(q + c * rowb + b0 * (bytes / 8) + kPrefetch + i), _MM_HINT_T0);
+  }
+  // Column c's d and m (Q4_1) or -8 d (Q4_0) for blocks b0 .. b0+7 as floats, zero past b0 + valid:
+  // col_scales' values.
+  inline __attribute__((always_inline)) void scales(int c, int64_t b0, int valid, __m256& dv, __m256& mv) const {
+    const uint16_t* d = dh + c * nb + b0;
+    const uint16_t* m = FMT == kQ4_1 ? mh + c * nb + b0 : nullptr;
+    if constexpr (FMT == kQ8_0) mv = _mm256_setzero_ps();
+    if (valid == 8) {
+      dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d)));
+      if constexpr (FMT == kQ4_1) mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m)));
+      if constexpr (FMT == kQ4_0) mv = _mm256_mul_ps(_mm256_set1_ps(-8.0f), dv);
+      return;
+    }
+    alignas(32) float dt[8] = {0, 0, 0, 0, 0, 0, 0, 0}, mt[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < valid; ++i) {
+      dt[i] = _cvtsh_ss(d[i]);
+      if constexpr (FMT == kQ4_1) mt[i] = _cvtsh_ss(m[i]);
+      if constexpr (FMT == kQ4_0) mt[i] = -8.0f * dt[i];
+    }
+    dv = _mm256_load_ps(dt);
+    mv = _mm256_load_ps(mt);
   }
 };
 
@@ -133,6 +157,11 @@ inline __attribute__((always_inline)) void group(const Src& src, const int16_t* 
 #pragma GCC unroll 2
     for (int pr = 0; pr < 2; ++pr) {
       __m256i v[R][C][2];
+      if (!FULL && 4 * h + 2 * pr >= valid) {  // a tail's absent pairs of blocks cost nothing
+        for (int r = 0; r < R; ++r)
+          for (int c = 0; c < C; ++c) h1[r][c][pr] = _mm256_setzero_si256();
+        continue;
+      }
 #pragma GCC unroll 2
       for (int e = 0; e < 2; ++e) {
         const int j = 4 * h + 2 * pr + e;
@@ -166,11 +195,9 @@ inline __attribute__((always_inline)) void group(const Src& src, const int16_t* 
                                    _mm256_permute2x128_si256(h2[r][c][0], h2[r][c][1], 0x31));
 }
 
-// Rows r0 .. r0+R-1 x columns n0 .. n0+C-1 (fused driver; xq in natural order); d, mv: the columns'
-// scales [C, nbp].
-template <int R, int C, int FMT, class Src>
-__attribute__((noinline)) void tile(const Problem& p, int64_t r0, int64_t n0, const Src& src, const float* d,
-                                    const float* mv) {
+// Rows r0 .. r0+R-1 x columns n0 .. n0+C-1 (fused driver; xq in natural order).
+template <int R, int C, int FMT>
+__attribute__((noinline)) void tile(const Problem& p, int64_t r0, int64_t n0, const Blocks<FMT>& src) {
   const int64_t nb = p.K / 32, nbp = padded_blocks(p.K);
   const int16_t* xr[R];
   const float* xs[R];
@@ -182,14 +209,15 @@ __attribute__((noinline)) void tile(const Problem& p, int64_t r0, int64_t n0, co
     sx[r] = has_offset(FMT) ? p.sx + (r0 + r) * nbp : nullptr;
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   }
-  auto floats = [&](int64_t b0, __m256i (*isum)[C]) __attribute__((always_inline)) {
+  auto floats = [&](int64_t b0, int valid, __m256i (*isum)[C]) __attribute__((always_inline)) {
+    __m256 dv[C], mv[C];
+    for (int c = 0; c < C; ++c) src.scales(c, b0, valid, dv[c], mv[c]);
     for (int r = 0; r < R; ++r) {
       const __m256 s = _mm256_loadu_ps(xs[r] + b0);
       for (int c = 0; c < C; ++c) {
-        const __m256 ds = _mm256_mul_ps(_mm256_loadu_ps(d + c * nbp + b0), s);
+        const __m256 ds = _mm256_mul_ps(dv[c], s);
         acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][c]), ds, acc[r][c]);
-        if constexpr (FMT != kQ8_0)
-          acc[r][c] = _mm256_fmadd_ps(_mm256_loadu_ps(sx[r] + b0), _mm256_loadu_ps(mv + c * nbp + b0), acc[r][c]);
+        if constexpr (FMT != kQ8_0) acc[r][c] = _mm256_fmadd_ps(_mm256_loadu_ps(sx[r] + b0), mv[c], acc[r][c]);
       }
     }
   };
@@ -198,12 +226,12 @@ __attribute__((noinline)) void tile(const Problem& p, int64_t r0, int64_t n0, co
     __m256i isum[R][C];
     src.prefetch(C, b0);
     group<R, C, true>(src, xr, b0, 8, isum);
-    floats(b0, isum);
+    floats(b0, 8, isum);
   }
   if (b0 < nb) {
     __m256i isum[R][C];
     group<R, C, false>(src, xr, b0, (int)(nb - b0), isum);
-    floats(b0, isum);
+    floats(b0, (int)(nb - b0), isum);
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) p.y[(r0 + r) * p.N + n0 + c] = hsum(acc[r][c]);
@@ -212,33 +240,28 @@ __attribute__((noinline)) void tile(const Problem& p, int64_t r0, int64_t n0, co
 // Columns n0 .. n1-1 in tiles of C, rows 0 .. R1-1 then R1 .. R1+R2-1 over each tile (its weights
 // still in L1 for the second pass).
 template <int C, int R1, int R2, int FMT>
-void fused_columns(const Problem& p, int64_t n0, int64_t n1, float* d, float* mv) {
-  const int64_t rowb = row_bytes(FMT, p.K), nbp = padded_blocks(p.K);
+void fused_columns(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t nb = p.K / 32, rowb = row_bytes(FMT, p.K);
   const uint8_t* q = static_cast<const uint8_t*>(p.qs);
+  auto src = [&](int64_t n) { return Blocks<FMT>{q + n * rowb, rowb, p.d + n * nb, FMT == kQ4_1 ? p.m + n * nb : nullptr, nb}; };
   int64_t n = n0;
   for (; n + C <= n1; n += C) {
-    for (int c = 0; c < C; ++c) col_scales<FMT>(p, n + c, d + c * nbp, mv + c * nbp);
-    const Blocks<FMT> src{q + n * rowb, rowb};
-    tile<R1, C, FMT>(p, 0, n, src, d, mv);
-    if constexpr (R2 > 0) tile<R2, C, FMT>(p, R1, n, src, d, mv);
+    tile<R1, C, FMT>(p, 0, n, src(n));
+    if constexpr (R2 > 0) tile<R2, C, FMT>(p, R1, n, src(n));
   }
   for (; n < n1; ++n) {
-    col_scales<FMT>(p, n, d, mv);
-    const Blocks<FMT> src{q + n * rowb, rowb};
-    tile<R1, 1, FMT>(p, 0, n, src, d, mv);
-    if constexpr (R2 > 0) tile<R2, 1, FMT>(p, R1, n, src, d, mv);
+    tile<R1, 1, FMT>(p, 0, n, src(n));
+    if constexpr (R2 > 0) tile<R2, 1, FMT>(p, R1, n, src(n));
   }
 }
 
 template <int FMT>
 void fused_driver(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t nbp = padded_blocks(p.K);
-  std::vector<float> d(4 * nbp + 8), mv(4 * nbp + 8);
   switch (p.M) {  // R x C tiles small enough to keep the partial sums in registers
-    case 1: fused_columns<2, 1, 0, FMT>(p, n0, n1, d.data(), mv.data()); break;
-    case 2: fused_columns<1, 2, 0, FMT>(p, n0, n1, d.data(), mv.data()); break;
-    case 3: fused_columns<1, 2, 1, FMT>(p, n0, n1, d.data(), mv.data()); break;
-    default: fused_columns<1, 2, 2, FMT>(p, n0, n1, d.data(), mv.data()); break;
+    case 1: fused_columns<2, 1, 0, FMT>(p, n0, n1); break;
+    case 2: fused_columns<1, 2, 0, FMT>(p, n0, n1); break;
+    case 3: fused_columns<1, 2, 1, FMT>(p, n0, n1); break;
+    default: fused_columns<1, 2, 2, FMT>(p, n0, n1); break;
   }
 }
 
