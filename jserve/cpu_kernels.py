@@ -15,6 +15,12 @@ a GGUF block format, multiplied in place (never dequantized to a float32 copy):
   w = d * sc * q - dmin * mn (q4_k / q5_k, 6-bit sc and mn per 32 values), w = d * sc * (q - 32)
   (q6_k, int8 sc per 16 values).
 
+q8_0, q4_0 and q4_1 multiply integers: each row of x is quantized per 32-value block to int16 (scale
+max|x_b| / 32767, once per call) and each block's dot with the weight quants is an exact int32 sum,
+then scaled by d * s in float32 (``csrc/kernels.h`` states the recipe and its error bound: a relative
+step of 1/65534 of the block's largest |x|). f32 and the K-quants multiply float32 by the exactly
+dequantized weights.
+
 `paged_attention(q, positions, k, v, table, slots, ...)` is attention over a KV page pool (float32 or
 bfloat16 bits) through a page table, each query reading only its own pages by one fixed recipe
 (``csrc/attn.h``), so a query's bits depend on its position and keys alone: ``jserve.attention``
