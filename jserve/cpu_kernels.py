@@ -15,6 +15,12 @@ a GGUF block format, multiplied in place (never dequantized to a float32 copy):
   w = d * sc * q - dmin * mn (q4_k / q5_k, 6-bit sc and mn per 32 values), w = d * sc * (q - 32)
   (q6_k, int8 sc per 16 values).
 
+q8_0, q4_0 and q4_1 multiply integers: each row of x is quantized per 32-value block to int16 (scale
+max|x_b| / 32767, once per call) and each block's dot with the weight quants is an exact int32 sum,
+then scaled by d * s in float32 (``csrc/kernels.h`` states the recipe and its error bound: a relative
+step of 1/65534 of the block's largest |x|). f32 and the K-quants multiply float32 by the exactly
+dequantized weights.
+
 `paged_attention(q, positions, k, v, table, slots, ...)` is attention over a KV page pool (float32 or
 bfloat16 bits) through a page table, each query reading only its own pages by one fixed recipe
 (``csrc/attn.h``), so a query's bits depend on its position and keys alone: ``jserve.attention``
@@ -61,8 +67,8 @@ _log = logging.getLogger(__name__)
 _PKG = Path(__file__).resolve().parent
 _SRC = _PKG / "csrc"
 _OUT = _PKG / "_kernels"
-_SOURCES = ("kernels.h", "kernels_generic.cc", "kernels_avx2.cc", "ffi.cc", "attn.h", "attn_generic.cc",
-            "attn_avx2.cc", "ffi_attn.cc")
+_SOURCES = ("kernels.h", "kernels_generic.cc", "kernels_avx2.cc", "kernels_idot_avx2.cc", "ffi.cc", "attn.h",
+            "attn_generic.cc", "attn_avx2.cc", "ffi_attn.cc")
 _TARGETS = {
     "f32": "JserveMatmulF32",
     "q8_0": "JserveMatmulQ8_0",
@@ -122,6 +128,7 @@ def build(force: bool = False) -> Path:
     defines: tuple[str, ...] = ()
     if _is_x86_64():
         units.append(("kernels_avx2.cc", ("-mavx2", "-mfma", "-mf16c")))
+        units.append(("kernels_idot_avx2.cc", ("-mavx2", "-mfma", "-mf16c")))
         units.append(("attn_avx2.cc", ("-mavx2", "-mfma", "-mf16c")))
         defines = ("-DJSERVE_HAVE_AVX2",)
     units.append(("ffi.cc", defines))

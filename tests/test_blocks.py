@@ -67,7 +67,16 @@ def test_dense_and_take_rows_match_numpy_on_the_gguf_dequantized_weight(fmt, ker
     b = blocks.to_device(from_gguf_bytes(raw, fmt)).replace(kernel=kernel)
     x = rng.normal(size=(3, 5, 128)).astype(np.float32)
     got = np.asarray(jax.jit(dense)(jnp.asarray(x), b))
-    np.testing.assert_allclose(got, x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-4)
+    want = x.astype(np.float64) @ w.T
+    if kernel:  # activations quantized per block to int16: test_cpu_kernels.int16_bound states the bound
+        from jserve import cpu_kernels
+        from tests.test_cpu_kernels import int16_bound
+
+        ops = cpu_kernels.split_gguf_blocks(np.asarray(raw, np.uint8).reshape(40, -1), fmt)
+        slack = int16_bound(x.reshape(-1, 128), fmt, ops).reshape(got.shape)
+        assert np.all(np.abs(got - want) <= 1e-4 + 1e-5 * np.abs(want) + slack)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     ids = jnp.array([[0, 7], [39, 2]])
     np.testing.assert_array_equal(np.asarray(take_rows(b, ids, jnp.float32)), w[np.asarray(ids)].astype(np.float32))
 
@@ -96,7 +105,10 @@ def test_tiny_model_quantized_at_load_equals_the_float_model_of_its_dequantized_
     want = np.asarray(model.logits_all(_gguf_float_twin(params), cfg, ids))
     for kernel in [False, True] if KERNELS else [False]:
         got = np.asarray(model.logits_all(_with_kernel(params, kernel), cfg, ids))
-        assert np.max(np.abs(got - want)) <= 1e-4, (kernel, np.max(np.abs(got - want)))
+        # The kernels quantize activations per 32-value block to int16 (csrc/kernels.h): measured at most
+        # 1.7e-4 of the largest logit (~45) here; a modelling error moves logits by > 0.1.
+        tol = 5e-4 * np.abs(want).max() if kernel else 1e-4
+        assert np.max(np.abs(got - want)) <= tol, (kernel, np.max(np.abs(got - want)))
 
 
 def _greedy(eng: JaxEngine, prompts: list[list[int]], steps: int) -> list[list[int]]:

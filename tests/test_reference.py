@@ -6,9 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from jserve import SamplingParams, checkpoint, model
+from jserve import SamplingParams, blocks, checkpoint, model
 
 TINY_MARGIN = 1e-2  # where HF's top-2 logits are this close, float rounding may pick either
+# First-step logits against HF: float32 products agree to ~5e-5 over 30 layers. The CPU kernels (where
+# built) quantize activations per 32-value block to int16 for the Q4_1/Q8_0 weights (csrc/kernels.h,
+# steps of 1/65534 of each block's max): measured 7.6e-3 at most on these logits (~25), so 2e-2 there;
+# an actual modelling error (norm eps, RoPE order, a missing scale) moves logits by > 0.1 either way.
+LOGIT_TOL = 2e-2 if blocks._kernels() is not None else 1e-3
 
 
 def _comparable_prefix(case) -> int:
@@ -43,9 +48,8 @@ def _extend_logits(params, cfg, ids: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("path", ["prefill", "extend"])
 def test_first_step_logits_match_hf(real_ckpt, reference, path):
-    """Tolerance 1e-3 (float32 both sides): observed max difference is ~5e-5 over 30 layers, while
-    an actual modelling error (norm eps, RoPE order, a missing scale) moves logits by > 0.1.
-    ``prefill`` is the whole-prompt forward; ``extend`` the chunked path serving uses."""
+    """Tolerance LOGIT_TOL (above). ``prefill`` is the whole-prompt forward; ``extend`` the chunked
+    path serving uses."""
     cfg, params, _ = checkpoint.load(real_ckpt)
     prefill = jax.jit(model.prefill, static_argnums=1)
     for case in reference["cases"]:
@@ -58,9 +62,9 @@ def test_first_step_logits_match_hf(real_ckpt, reference, path):
             logits, _, _ = prefill(params, cfg, padded[None], np.array([len(ids)]))
             logits = np.asarray(logits)[0].astype(np.float64)
         top = case["first_step_top"]
-        np.testing.assert_allclose(logits[top["ids"]], top["logits"], atol=1e-3, err_msg=case["id"])
+        np.testing.assert_allclose(logits[top["ids"]], top["logits"], atol=LOGIT_TOL, err_msg=case["id"])
         lse = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
-        assert abs(lse - top["logsumexp"]) < 1e-3, case["id"]
+        assert abs(lse - top["logsumexp"]) < LOGIT_TOL, case["id"]
         assert int(np.argmax(logits)) == top["ids"][0]
 
 

@@ -124,6 +124,23 @@ ffi::Error run(ffi::ThreadPool& pool, Problem p, int32_t isa, const Extra& extra
 #endif
     p.sx = sx.data();
   }
+  std::vector<int16_t> xq;
+  std::vector<float> xs;
+  if (int_dot(p.fmt)) {  // x quantized per block once per call (kernels.h)
+    xq.resize(p.M * padded_blocks(p.K) * 32 + 16);
+    xs.resize(p.M * padded_blocks(p.K) + 8);
+#if defined(JSERVE_HAVE_AVX2)
+    if (avx2) {
+      quantize_rows_avx2(p, xq.data(), xs.data());
+    } else {
+      quantize_rows_generic(p, xq.data(), xs.data());
+    }
+#else
+    quantize_rows_generic(p, xq.data(), xs.data());
+#endif
+    p.xq = xq.data();
+    p.xs = xs.data();
+  }
   int64_t threads = env_threads();
   if (threads == 0) threads = std::max<int64_t>(1, pool.num_threads());
   // ~2^17 multiply-adds per chunk at least (~10 us at one row): smaller calls stay on one thread.

@@ -1,18 +1,26 @@
 // Row-invariant matmul kernels: y[M, N] = x[M, K] @ W^T, W [N, K] in f32 or a GGUF block format.
 //
-// Every output y[r, n] is computed by one fixed arithmetic recipe, whatever M is and whatever the
-// other rows hold: 16 lanes (lane l sums x[k] w[k] over k = 16t + l in increasing t, from zero; FMA
-// on AVX2, mul then add on the generic path) over the exactly dequantized weights w = q * d (exact
-// in float32: <= 8 integer bits times an 11-bit half mantissa); Q4_0/Q4_1 then continue the same
-// lanes over the offset terms sx_b * m_b (sx_b = sum of x over block b, m_b = m or -8 d, both
-// zero-padded to a multiple of 8 blocks); then one fixed reduction tree (lanes l + l+8, then pairs
-// 4 apart, 2 apart, 1 apart). Threads split output columns only. The AVX2 and generic paths differ
-// in rounding (FMA), not in structure.
+// Every output y[r, n] is computed by one fixed arithmetic recipe for its format, whatever M is and
+// whatever the other rows hold. Threads split output columns only. The AVX2 and generic paths differ
+// in rounding (FMA against mul then add), not in structure.
 //
-// K-quants (256-value super-blocks, one f16 d per super-block; see kquant_scales) run the same
-// recipe over 32-value blocks: w = q * (d * sc) exact (Q4_K/Q5_K: <= 5 quant bits x 6 scale bits x an
-// 11-bit mantissa; Q6_K: (q - 32) x int8 scale x mantissa <= 23 bits), and Q4_K/Q5_K's minimums as
-// the offset term sx_b * (-dmin * m_b), m_b their 6-bit minimum of 32-value sub-block b.
+// Q8_0, Q4_0, Q4_1 (integer dot): each row of x is first quantized per 32-value block b, once per
+// call: s_b = max_j |x_j| / 32767 (float division), xq_j = round-to-nearest-even(clamp(x_j / s_b,
+// +-32767)) as int16 (xq = 0 where s_b = 0; a NaN or inf in the block makes s_b NaN or inf, so it
+// reaches y). Then per block isum_b = sum_j xq_j q_j, exact in int32 (q the int8 quant, or the
+// unsigned nibble 0..15 of Q4_0/Q4_1), and 8 float lanes (lane = b mod 8, blocks in increasing b,
+// zero-padded to a multiple of 8 blocks) take acc = acc + float(isum_b) * (d_b * s_b), then for
+// Q4_0/Q4_1 acc = acc + sx_b * m_b (sx_b = float sum of x over block b, m_b = m or -8 d); then one
+// fixed reduction tree ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). Error against exact
+// arithmetic: |x_j - s_b xq_j| <= s_b / 2 (+ float rounding), i.e. |dy| <= sum_b s_b / 2 sum_j |q_j d_b|.
+//
+// f32 and the K-quants: 16 lanes (lane l sums x[k] w[k] over k = 16t + l in increasing t, from zero;
+// FMA on AVX2, mul then add on the generic path) over the exactly dequantized weights; Q4_K/Q5_K then
+// continue the same lanes over their offset terms sx_b * (-dmin * m_b) (m_b the 6-bit minimum of
+// 32-value sub-block b, zero-padded to a multiple of 8 blocks); then lanes l + l+8 and the tree above.
+// K-quants (256-value super-blocks, one f16 d per super-block; see kquant_scales): w = q * (d * sc)
+// exact (Q4_K/Q5_K: <= 5 quant bits x 6 scale bits x an 11-bit mantissa; Q6_K: (q - 32) x int8
+// scale x mantissa <= 23 bits).
 #pragma once
 #include <cstdint>
 
@@ -29,10 +37,13 @@ struct Problem {
   const uint16_t* m;       // f16 [N, K/32] (Q4_1) | dmin [N, K/256] (Q4_K, Q5_K)
   const float* sx;         // [M, padded_blocks(K)] sums of x per block, zero padded (Q4_0/Q4_1)
   float* y;                // [M, N]
+  const int16_t* xq = nullptr;  // [M, padded_blocks(K) * 32] x quantized per block (int_dot formats)
+  const float* xs = nullptr;    // [M, padded_blocks(K)] their scales s_b, zero padded
 };
 
 inline bool has_offset(int fmt) { return fmt == kQ4_0 || fmt == kQ4_1 || fmt == kQ4_K || fmt == kQ5_K; }
 inline bool is_kquant(int fmt) { return fmt >= kQ4_K; }
+inline bool int_dot(int fmt) { return fmt == kQ8_0 || fmt == kQ4_0 || fmt == kQ4_1; }
 
 // Bytes per K-quant super-block left in qs once d (and dmin) are split off (ggml's block minus them):
 // Q4_K scales[12] qs[128]; Q5_K scales[12] qh[32] qs[128]; Q6_K ql[128] qh[64] scales[16] (int8).
@@ -51,13 +62,20 @@ inline int64_t ds_stride(int64_t K) { return 2 * (((K / 32) + 7) & ~int64_t{7});
 inline int64_t padded_blocks(int64_t K) { return ((K / 32) + 7) & ~int64_t{7}; }
 
 // block_sums_*: sx [M, padded_blocks(K)] (zeroed by the caller) = sums of x per block, fixed order.
+// quantize_rows_*: xq [M, padded_blocks(K), 32], xs [M, padded_blocks(K)] (zeroed by the caller) for
+// the int_dot formats; both paths give the same integers and scales. The AVX2 path stores each row's
+// xq for its own kernels: in block order for M <= 4, above that per group of 8 blocks as 16 vectors of
+// int16 pairs, pair t of block l in int32 lane l of vector t (so madd + add leave block sums in lanes).
 // Generic C++ (any CPU).
 void block_sums_generic(const Problem& p, float* sx);
+void quantize_rows_generic(const Problem& p, int16_t* xq, float* xs);
 void columns_generic(const Problem& p, int64_t n0, int64_t n1);
 
 // AVX2 + FMA + F16C (x86-64 only; compiled with -mavx2 -mfma -mf16c).
 void block_sums_avx2(const Problem& p, float* sx);
+void quantize_rows_avx2(const Problem& p, int16_t* xq, float* xs);
 void columns_avx2(const Problem& p, int64_t n0, int64_t n1);
+void idot_columns_avx2(const Problem& p, int64_t n0, int64_t n1);  // int_dot formats (kernels_idot_avx2.cc)
 
 inline float half_to_float(uint16_t h);
 

@@ -1,4 +1,5 @@
-// AVX2 + FMA + F16C path. Two drivers share one per-output recipe, so they give the same bits:
+// AVX2 + FMA + F16C path for f32 and the K-quants (Q8_0/Q4_0/Q4_1: kernels_idot_avx2.cc). Two drivers
+// share one per-output recipe, so they give the same bits:
 //  - fused (M <= 4 rows): unpack weight blocks into registers, each used for every row at once;
 //  - panel (more rows): unpack a column into a float scratch once per row block, then tiles of rows.
 // Either way y[r, n] = hsum(acc0 + acc1) (+ offset term), where acc_{t mod 2} = fma(x[8t:8t+8],
@@ -36,12 +37,13 @@ inline __m256i tail_mask(int64_t rem) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ones + 8 - rem));
 }
 
-// Scales of columns n .. n+C-1 as floats: ds [C, nbp] = d, mv [C, nbp] = m (Q4_1) or -8 d (Q4_0),
-// exact; mv zero past nb.
+// K-quant scales of columns n .. n+C-1 as floats (kquant_scales' exact products, 8 at a time):
+// ds [C, ds_stride], mv [C, nbp] (Q4_K/Q5_K), mv zero past nb.
 template <int FMT>
 void scales(const Problem& p, int64_t n, int C, float* ds, float* mv) {
   const int64_t nb = p.K / 32, nbp = padded_blocks(p.K);
-  if constexpr (FMT >= kQ4_K) {  // K-quants: kquant_scales' exact products, 8 at a time
+  static_assert(FMT >= kQ4_K, "K-quants only");
+  {
     const int64_t ns = p.K / 256;
     constexpr int64_t width = FMT == kQ4_K ? 140 : FMT == kQ5_K ? 172 : 208;
     for (int c = 0; c < C; ++c) {
@@ -72,29 +74,6 @@ void scales(const Problem& p, int64_t n, int C, float* ds, float* mv) {
       }
       for (int64_t b = nb; b < nbp; ++b) mc[b] = 0.0f;
     }
-    return;
-  }
-  for (int c = 0; c < C; ++c) {
-    const uint16_t* d = p.d + (n + c) * nb;
-    const uint16_t* m = FMT == kQ4_1 ? p.m + (n + c) * nb : nullptr;
-    float* dc = ds + c * ds_stride(p.K);
-    float* mc = mv + c * nbp;
-    int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) {
-      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + b)));
-      _mm256_storeu_ps(dc + b, dv);
-      if constexpr (FMT == kQ4_1) {
-        _mm256_storeu_ps(mc + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + b))));
-      } else if constexpr (FMT == kQ4_0) {
-        _mm256_storeu_ps(mc + b, _mm256_mul_ps(_mm256_set1_ps(-8.0f), dv));
-      }
-    }
-    for (; b < nb; ++b) {
-      dc[b] = _cvtsh_ss(d[b]);
-      if constexpr (FMT == kQ4_1) mc[b] = _cvtsh_ss(m[b]);
-      if constexpr (FMT == kQ4_0) mc[b] = -8.0f * dc[b];
-    }
-    for (; b < nbp; ++b) mc[b] = 0.0f;
   }
 }
 
@@ -115,28 +94,12 @@ void scales(const Problem& p, int64_t n, int C, float* ds, float* mv) {
     }                                                                                                \
   }
 
-// Elements 8j .. 8j+7 of a block (quants at q) as exact floats q * d.
-template <int FMT>
-inline __m256 unpack8(const void* q, int j, __m256 d) {
-  __m256i v;
-  if constexpr (FMT == kQ8_0) {
-    v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(q) + 8 * j)));
-  } else {
-    const uint8_t* b = static_cast<const uint8_t*>(q) + 8 * (j & 1);
-    v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
-    v = j < 2 ? _mm256_and_si256(v, _mm256_set1_epi32(0xf)) : _mm256_srli_epi32(v, 4);
-  }
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(v), d);
-}
-
 // Elements 8j .. 8j+7 of 32-value block b of a column (its qs at col, its scale slots at dsc) as
 // exact floats; the same integers as kquant_q.
 template <int FMT>
 inline __m256 weights8(const uint8_t* col, int64_t b, int j, const float* dsc) {
-  if constexpr (FMT < kQ4_K) {
-    constexpr int64_t bytes = FMT == kQ8_0 ? 32 : 16;
-    return unpack8<FMT>(col + b * bytes, j, _mm256_broadcast_ss(dsc + b));
-  } else {
+  static_assert(FMT >= kQ4_K, "K-quants only");
+  {
     const int64_t s = b >> 3;
     const int t = (int)(b & 7);
     auto load8 = [](const uint8_t* a) {
@@ -229,24 +192,11 @@ inline void store_output(const Problem& p, int64_t r, int64_t n, __m256 a0, __m2
   p.y[r * p.N + n] = reduce(a0, a1);
 }
 
-// Elements 8J .. 8J+7 of block b for R rows x C columns (J a constant, so the accumulators stay in
-// registers: GCC keeps arrays indexed by a run-time j in memory).
-template <int R, int C, int FMT, int J>
-inline __attribute__((always_inline)) void block_step(const uint8_t* q0, int64_t b, int64_t rowb, int64_t dss,
-                                                      const float* ds, const float* const* xr, __m256 (*acc)[C][2]) {
-  __m256 w[C];
-  for (int c = 0; c < C; ++c) w[c] = weights8<FMT>(q0 + c * rowb, b, J, ds + c * dss);
-  for (int r = 0; r < R; ++r) {
-    const __m256 xv = _mm256_loadu_ps(xr[r] + b * 32 + 8 * J);
-    for (int c = 0; c < C; ++c) acc[r][c][J & 1] = _mm256_fmadd_ps(xv, w[c], acc[r][c][J & 1]);
-  }
-}
-
 // Fused driver: rows r0 .. r0+R-1 x columns n0 .. n0+C-1, weights unpacked in registers. Several
 // columns at once keep 2 R C independent FMA chains in flight.
 template <int R, int C, int FMT>
 __attribute__((noinline)) void fused(const Problem& p, int64_t r0, int64_t n0, float* ds, float* mv) {
-  const int64_t K = p.K, nb = K / 32;
+  const int64_t K = p.K;
   // Scales first: accumulators live across no call (SysV clobbers every ymm; GCC would keep them in memory).
   if constexpr (FMT != kF32) scales<FMT>(p, n0, C, ds, mv);
   const float* xr[R];
@@ -280,7 +230,7 @@ __attribute__((noinline)) void fused(const Problem& p, int64_t r0, int64_t n0, f
   } else {
     const int64_t rowb = row_bytes(FMT, K), dss = ds_stride(K);
     const uint8_t* q0 = static_cast<const uint8_t*>(p.qs) + n0 * rowb;
-    if constexpr (FMT >= kQ4_K) {  // super-block by super-block, its 8 blocks in order (as below)
+    if constexpr (FMT >= kQ4_K) {  // super-block by super-block, its 8 blocks in order
       for (int64_t s = 0; s < K / 256; ++s) {
         ksub_step<R, C, FMT, 0>(q0, s, rowb, dss, ds, xr, acc);
         ksub_step<R, C, FMT, 1>(q0, s, rowb, dss, ds, xr, acc);
@@ -290,13 +240,6 @@ __attribute__((noinline)) void fused(const Problem& p, int64_t r0, int64_t n0, f
         ksub_step<R, C, FMT, 5>(q0, s, rowb, dss, ds, xr, acc);
         ksub_step<R, C, FMT, 6>(q0, s, rowb, dss, ds, xr, acc);
         ksub_step<R, C, FMT, 7>(q0, s, rowb, dss, ds, xr, acc);
-      }
-    } else {
-      for (int64_t b = 0; b < nb; ++b) {
-        block_step<R, C, FMT, 0>(q0, b, rowb, dss, ds, xr, acc);
-        block_step<R, C, FMT, 1>(q0, b, rowb, dss, ds, xr, acc);
-        block_step<R, C, FMT, 2>(q0, b, rowb, dss, ds, xr, acc);
-        block_step<R, C, FMT, 3>(q0, b, rowb, dss, ds, xr, acc);
       }
     }
   }
@@ -440,9 +383,9 @@ void block_sums_avx2(const Problem& p, float* sx) {
 void columns_avx2(const Problem& p, int64_t n0, int64_t n1) {
   switch (p.fmt) {
     case kF32: columns<kF32>(p, n0, n1); break;
-    case kQ8_0: columns<kQ8_0>(p, n0, n1); break;
-    case kQ4_0: columns<kQ4_0>(p, n0, n1); break;
-    case kQ4_1: columns<kQ4_1>(p, n0, n1); break;
+    case kQ8_0:
+    case kQ4_0:
+    case kQ4_1: idot_columns_avx2(p, n0, n1); break;
     case kQ4_K: columns<kQ4_K>(p, n0, n1); break;
     case kQ5_K: columns<kQ5_K>(p, n0, n1); break;
     default: columns<kQ6_K>(p, n0, n1); break;
