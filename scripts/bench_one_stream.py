@@ -7,8 +7,9 @@ round sends one streaming gRPC request (a chat question, ``--max-tokens`` tokens
 temperature 0.8, top-p 0.95, top-k 50, seeded) and records the time per token after the first
 (wall, from the streamed messages' arrivals) and the server process's CPU seconds per token by
 thread: Python's threads (the orchestrator's loop, the event loop serving gRPC, XLA's executor: all
-named ``python``), XLA's compute pool (``tf_XLAEigen``) and the rest (gRPC's own threads). With ``--busy N`` a round also sends N
-chats at once (N > slots: they queue) and records tokens/s over it. Nothing here is a test.
+named ``python``), XLA's compute pool (``tf_XLAEigen``) and the rest (gRPC's own threads). With
+``--busy N`` a round also sends N chats at once (N > slots: they queue) and records tokens/s over
+it. Nothing here is a test.
 
     python scripts/bench_one_stream.py --trees /work/main . [--rounds 3] [--max-tokens 128] [--busy 16]
 """
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.busy:
                     t0 = time.perf_counter()
                     with concurrent.futures.ThreadPoolExecutor(args.busy) as pool:
-                        outs = list(pool.map(lambda i: s.one(prompts[i], args, 2000 + i), range(args.busy)))
+                        outs = list(pool.map(lambda i, s=s: s.one(prompts[i], args, 2000 + i), range(args.busy)))
                     tps = sum(t for _, t in outs) / (time.perf_counter() - t0)
                     rec["busy_tokens_per_s"].append(tps)
                     line += f"; {args.busy} chats at once {tps:.1f} tok/s"
