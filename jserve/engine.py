@@ -159,6 +159,10 @@ class JaxEngine(Warmup):
             self._state_shape = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                              self._state_shape, state_sh)
         self._table_sharding = None if state_sh is None else state_sh.table
+        self._table_sent: np.ndarray | None = None  # the page table the last call was given
+        self._table_held: jax.Array | None = None  # the table in the state that call returned
+        self._rows_cache: tuple = (None, None)  # ``_rows_on_device``'s last (key, device arrays)
+        self.table_uploads = self.rows_uploads = 0  # host-to-device copies of page tables, of live rows
         self._init = jax.jit(self._zeros, out_shardings=state_sh)
         self._begin = jax.jit(_begin, donate_argnames=("state",), out_shardings=state_sh)
         self._copy = jax.jit(_copy, donate_argnames=("state",), out_shardings=state_sh)
@@ -203,12 +207,39 @@ class JaxEngine(Warmup):
 
     def _with_table(self, state: DecodeState, table: np.ndarray | None) -> DecodeState:
         """``state`` carrying a page table (``PagePool.table_for_writes``; None: the engine's own
-        pool's, slot by slot): a few KiB copied to the device per call."""
+        pool's, slot by slot): a few KiB copied to the device, only when it changed. A read-only
+        table (``table_for_writes``' is, and stays the same array while the pool's table does)
+        that is the one the last call was given, while ``state`` is what that call returned
+        (every call passes the table through), is already on the device."""
         if table is None:
             table = self.pages.table_for_writes()
+        if table is self._table_sent and not table.flags.writeable and state.table is self._table_held:
+            return state
+        self._table_sent, self._table_held = table, None
+        self.table_uploads += 1
         if self.plan is not None:
             table = jax.device_put(table, self._table_sharding)
         return state.replace(table=table)
+
+    def _held(self, out: tuple[DecodeState, jax.Array]) -> engine_api.Step[DecodeState]:
+        """A step call's ``Step``, noting that its state holds the table the call was given."""
+        self._table_held = out[0].table
+        return engine_api.step(out)
+
+    def _rows_on_device(self, rows: tuple[int, ...], r: int) -> tuple[jax.Array, jax.Array]:
+        """``generate``'s ``slots [r]`` (``rows`` then zeros) and ``live [r]`` (the first
+        ``len(rows)``), on the device: made once per set of live slots while it lasts (one
+        stream's steps copy none to the device), not per step."""
+        key = (rows, r)
+        if self._rows_cache[0] != key:
+            slot_arr = np.zeros((r,), np.int32)
+            slot_arr[:len(rows)] = rows
+            arrays = (slot_arr, np.arange(r) < len(rows))
+            if self.plan is None:  # (over a mesh they go as they are, as the calls were compiled for)
+                arrays = tuple(jax.device_put(arrays))
+                self.rows_uploads += 1
+            self._rows_cache = (key, arrays)
+        return self._rows_cache[1]
 
     def _out_rows(self, rows: int) -> int:
         """Rows of an ``extend`` call's first-token logits (``_extend``'s ``out_rows``)."""
@@ -279,8 +310,10 @@ class JaxEngine(Warmup):
         padded = np.zeros((self.cache_len,), np.int32)
         padded[:len(prompt)] = prompt
         fn = self._compiled.get(("begin", 0), self._begin)
-        return fn(state=self._with_table(state, table), slot=np.int32(slot), prompt=padded, n=np.int32(len(prompt)),
-                  sampling=SlotSampling.from_params(params, seed))
+        state = fn(state=self._with_table(state, table), slot=np.int32(slot), prompt=padded, n=np.int32(len(prompt)),
+                   sampling=SlotSampling.from_params(params, seed))
+        self._table_held = state.table
+        return state
 
     def _hold_pages(self, slot: int) -> None:
         """A slot the caller placed no sequence in (``pages.admit``) takes its fixed share of the
@@ -344,7 +377,7 @@ class JaxEngine(Warmup):
         state = self._with_table(state, table)
         out = fn(self.params, state=state, tokens=tokens, slots=slots, starts=starts, counts=counts, finals=finals,
                  masks=self._no_mask_rows[r] if masks is None else masks[:self._out_rows(r)])
-        return engine_api.step(out)
+        return self._held(out)
 
     def prefill(self, state: DecodeState, slot: int, prompt: list[int], params: SamplingParams,
                 seed: int) -> tuple[DecodeState, np.ndarray]:
@@ -381,20 +414,18 @@ class JaxEngine(Warmup):
             idx = np.zeros((self.slots,), np.int32)  # one shape whatever the live count: compiled at warm-up
             idx[:len(slots)] = slots
             return engine_api.Step(state, engine_api.StepResult(self._take(result.packed, idx)))
-        rows = np.arange(self.slots, dtype=np.int32) if slots is None else np.asarray(slots, np.int32)
-        n = rows.shape[0]
+        rows = tuple(range(self.slots)) if slots is None else tuple(int(s) for s in slots)
+        n = len(rows)
         r = self.decode_bucket(n)
-        slot_arr = np.zeros((r,), np.int32)
-        slot_arr[:n] = rows
-        live = np.arange(r) < n
+        slot_arr, live = self._rows_on_device(rows, r)
         if mask is None:
             masks = self._no_masks[r]
         else:
             masks = np.full((r, self.mask_words), -1, np.int32)
-            masks[:n] = np.asarray(mask)[rows]
+            masks[:n] = np.asarray(mask)[list(rows)]
         fn = self._compiled.get(("generate", r), self._generate)
         state = self._with_table(state, table)
-        return engine_api.step(fn(self.params, state=state, slots=slot_arr, live=live, masks=masks))
+        return self._held(fn(self.params, state=state, slots=slot_arr, live=live, masks=masks))
 
     def verify_bucket(self, n: int) -> int:
         """The row count a ``verify`` call of ``n`` rows is padded to."""
@@ -441,7 +472,7 @@ class JaxEngine(Warmup):
             drafts[i, :len(draft)] = draft
         fn = self._compiled.get(("verify", r, width), self._verify)
         state = self._with_table(state, table)
-        return engine_api.step(fn(self.params, state=state, slots=slots, drafts=drafts, n_draft=n_draft, live=live))
+        return self._held(fn(self.params, state=state, slots=slots, drafts=drafts, n_draft=n_draft, live=live))
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         return self._compiled.get(("release", 0), self._release)(state=state, slot=np.int32(slot))

@@ -180,6 +180,8 @@ class PagePool:
         self._child_parent: dict[int, bytes] = {}  # registered full page -> its parent key
         self._evictions = 0
         self._hit_tokens = 0
+        self._writes: np.ndarray | None = None  # ``table_for_writes``, built from ``_writes_of``
+        self._writes_of = self.table
 
     # ----- queries
 
@@ -211,8 +213,14 @@ class PagePool:
 
     def table_for_writes(self) -> np.ndarray:
         """``table`` with ``NO_PAGE`` replaced by ``num_pages``, one past the last page: a scatter
-        with ``mode="drop"`` drops writes there, where a -1 would wrap round to the last page."""
-        return np.where(self.table == NO_PAGE, self.num_pages, self.table).astype(np.int32)
+        with ``mode="drop"`` drops writes there, where a -1 would wrap round to the last page.
+        Read-only, and the same array while ``table`` is unchanged (an engine sends it to the
+        device again only when it changed: ``JaxEngine._with_table``)."""
+        if self._writes is None or not np.array_equal(self._writes_of, self.table):
+            self._writes_of = self.table.copy()
+            self._writes = np.where(self.table == NO_PAGE, self.num_pages, self.table).astype(np.int32)
+            self._writes.setflags(write=False)
+        return self._writes
 
     def pages_needed(self, length: int) -> int:
         return -(-length // self.page_size)

@@ -223,3 +223,30 @@ def test_pool_metrics():
     assert 'jserve_kv_pages{state="free"} 5.0' in text
     assert "jserve_kv_cache_usage_ratio 0.125" in text
     assert "jserve_preemptions_total 1.0" in text
+
+
+def test_a_stream_sends_its_page_table_and_live_rows_only_when_they_change(engine, monkeypatch):
+    """A decode step copies the page table and its live slots' rows to the device only when they
+    changed (one stream's steps mostly send neither), and its tokens and logprobs are the ones
+    steps that send both every time give."""
+    prompt = np.random.default_rng(3).integers(3, 500, 100).tolist()
+    sp = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, seed=5, max_tokens=120, ignore_eos=True, logprobs=1)
+
+    def run():
+        tables, rows = engine.table_uploads, engine.rows_uploads
+        (result,), _, _ = _run_all(engine, [prompt], [sp])
+        return result, engine.table_uploads - tables, engine.rows_uploads - rows
+
+    cached, tables, rows = run()
+    # Its table changes when it takes pages: its prompt's (sent with ``begin``), then one more at
+    # 128 positions (220 in all); its one live row is sent with its first step.
+    assert cached.completion_tokens == 120
+    assert tables <= 3 and rows <= 1
+
+    def fresh_table(pool):  # what every call got before: a new, writable array (sent every time)
+        return np.where(pool.table < 0, pool.num_pages, pool.table).astype(np.int32)
+
+    monkeypatch.setattr(PagePool, "table_for_writes", fresh_table)
+    every, tables, _ = run()
+    assert tables >= 120  # the counter counts: here every call sent its table
+    assert _fp(cached) == _fp(every)
