@@ -165,14 +165,15 @@ def paged_kernel(k: jax.Array) -> bool:
 
 
 def attend_paged_cpu(q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, positions: jax.Array,
-                     spec: AttnSpec, table: jax.Array) -> jax.Array:
+                     spec: AttnSpec, table: jax.Array, layer: jax.Array | None = None) -> jax.Array:
     """``_attend_chunks`` over a page pool through ``cpu_kernels.paged_attention`` (``paged_kernel``
     must hold): ``q [R, C, K, G, H]``, ``positions [R, C]`` → ``[R, C, K, G, H]`` in q's dtype. A
-    query reads only its own pages, so neither ``n_blocks`` nor ``first_pos`` is needed."""
+    query reads only its own pages, so neither ``n_blocks`` nor ``first_pos`` is needed. ``layer``:
+    the pools are stacked ``[L, P, K, B, H]`` and that layer is read in place."""
     from jserve import cpu_kernels
 
     out = cpu_kernels.paged_attention(q, positions, k, v, table, slots, scale=spec.scale, softcap=spec.softcap,
-                                      window=spec.window)
+                                      window=spec.window, layer=layer)
     return out.astype(q.dtype)
 
 

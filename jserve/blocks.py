@@ -73,13 +73,23 @@ class BlockArray:
     m: jax.Array | None = None
     fmt: str = struct.field(pytree_node=False, default="q8_0")
     kernel: bool = struct.field(pytree_node=False, default=True)
+    # A view of one layer of weights stacked over layers (``qs [L, ...]``): that layer's index (traced
+    # inside a loop over layers), which the kernels read in place; None for a matrix of its own.
+    layer: jax.Array | int | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The logical shape ``[..., N, K]``."""
+        """The logical shape ``[..., N, K]`` (of the one layer, for a view)."""
+        qs = self.qs.shape[1:] if self.layer is not None else self.qs.shape
         if self.fmt == "f32":
-            return tuple(self.qs.shape)
-        return (*self.qs.shape[:-2], self.qs.shape[-2] * block_values(self.fmt))
+            return tuple(qs)
+        return (*qs[:-2], qs[-2] * block_values(self.fmt))
+
+    def own(self) -> BlockArray:
+        """A view's layer as a matrix of its own (a copy: the XLA path, never the kernels')."""
+        if self.layer is None:
+            return self
+        return self.map_rows(lambda a: a[self.layer]).replace(layer=None)
 
     @property
     def nbytes(self) -> int:
@@ -248,24 +258,24 @@ def matmul(x: jax.Array, w: BlockArray) -> jax.Array:
     """``x [..., K] @ w.T`` → ``[..., N]`` in ``x``'s dtype, ``w`` a ``[N, K]`` ``BlockArray``."""
     kernels = _kernels() if w.kernel else None
     if kernels is not None:
-        out = kernels.matmul(x.astype(jnp.float32), w.fmt, w.qs, w.d, w.m)
+        out = kernels.matmul(x.astype(jnp.float32), w.fmt, w.qs, w.d, w.m, layer=w.layer)
         return out.astype(x.dtype)
-    wf = dequantize_blocks(w, x.dtype)
+    wf = dequantize_blocks(w.own(), x.dtype)
     return jax.lax.dot_general(x, wf, (((x.ndim - 1,), (1,)), ((), ())))
 
 
 def fuses(x: jax.Array, w: object) -> bool:
     """Whether ``matmul_fused`` runs ``w``'s product with its neighbours inside one kernel call here:
     a ``BlockArray`` through the CPU kernels and float32 activations. Else callers run them apart."""
-    return (isinstance(w, BlockArray) and w.kernel and x.dtype == jnp.float32 and w.qs.ndim in (2, 3)
-            and _kernels() is not None)
+    return (isinstance(w, BlockArray) and w.kernel and x.dtype == jnp.float32
+            and w.qs.ndim - (w.layer is not None) in (2, 3) and _kernels() is not None)
 
 
 def matmul_fused(x: jax.Array, w: BlockArray, **fused) -> jax.Array:
     """``matmul`` with a layer's elementwise neighbours folded into the kernel call (``fuses`` must
     hold): ``norm``/``eps`` (an RMSNorm of x first), ``residual`` (added to the product); see
     ``cpu_kernels.matmul_isa``."""
-    return _kernels().matmul(x, w.fmt, w.qs, w.d, w.m, **fused)
+    return _kernels().matmul(x, w.fmt, w.qs, w.d, w.m, layer=w.layer, **fused)
 
 
 def float_for_kernels(w: jax.Array, transpose: bool = True) -> jax.Array | BlockArray:

@@ -195,7 +195,7 @@ def _state() -> _State:
         import jax
 
         lib = ctypes.CDLL(str(lib_path))
-        for name in (*_TARGETS.values(), *_ATTN_TARGETS.values()):
+        for name in (*_TARGETS.values(), *_ATTN_TARGETS.values(), "JserveLazyZeros"):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
         has_avx2 = bool(lib.jserve_cpu_has_avx2())
     except (RuntimeError, OSError, AttributeError, ImportError, ValueError) as e:
@@ -242,12 +242,16 @@ def matmul(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None,
 
 def matmul_isa(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None,
                m: jax.Array | None = None, *, isa: str = "auto", norm: jax.Array | None = None,
-               eps: float = 0.0, residual: jax.Array | None = None) -> jax.Array:
+               eps: float = 0.0, residual: jax.Array | None = None, layer: jax.Array | None = None) -> jax.Array:
     """`matmul` on an explicit path: isa is "auto", "generic" or "avx2" (an error where absent).
 
     Fused into the call, row by row (so rows stay invariant): ``norm [K]`` first replaces each row of
     x by ``norm * (x * (1 / sqrt(mean(x^2) + eps)))`` (RMSNorm, its sum of squares in a fixed order);
-    ``residual [..., N]`` is added to the product (``residual + y``, the bits of adding it apart)."""
+    ``residual [..., N]`` is added to the product (``residual + y``, the bits of adding it apart).
+
+    ``layer`` (a traced int32 scalar): the weights (and ``norm``, if ``[L, K]``) are stacked over
+    layers, a leading axis ``L``, and layer ``layer`` is read in place: a loop over layers passes the
+    whole stack, so no layer's weights are copied (an index outside the stack is an error)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -267,10 +271,16 @@ def matmul_isa(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None
     if x.dtype != jnp.float32:
         x = x.astype(jnp.float32)
     *lead, K = x.shape
-    N = qs.shape[0]
-    _check(fmt, K, qs, d, m)
-    if norm is not None and tuple(norm.shape) != (K,):
-        raise ValueError(f"norm must be [{K}], got {tuple(norm.shape)}")
+    stack = () if layer is None else qs.shape[:1]
+    N = qs.shape[len(stack)]
+    _check(fmt, K, *(a if a is None or layer is None else jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+                     for a in (qs, d, m)))
+    for a in (qs, d, m):
+        if a is not None and layer is not None and a.shape[:1] != stack:
+            raise ValueError(f"stacked weights must share their leading axis {stack}, got {tuple(a.shape)}")
+    if norm is not None and tuple(norm.shape) not in ((K,), (*stack, K)):
+        raise ValueError(f"norm must be [{K}]{'' if layer is None else f' or [{stack[0]}, {K}]'}, "
+                         f"got {tuple(norm.shape)}")
     if residual is not None and tuple(residual.shape) != (*lead, N):
         raise ValueError(f"residual must be {(*lead, N)}, got {tuple(residual.shape)}")
     rows = math.prod(lead)
@@ -279,7 +289,9 @@ def matmul_isa(x: jax.Array, fmt: str, qs: jax.Array, d: jax.Array | None = None
     empty = jnp.zeros((0,), jnp.float32)
     g = empty if norm is None else jnp.asarray(norm, jnp.float32)
     res = empty if residual is None else jnp.asarray(residual, jnp.float32).reshape(rows, N)
+    where = jnp.zeros((0,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(jnp.int32)
     args = [x.reshape(rows, K), g, res, qs] + ([] if fmt == "f32" else [d]) + ([m] if fmt in WITH_M else [])
+    args.append(where)
     call = jax.ffi.ffi_call(_TARGETS[fmt], jax.ShapeDtypeStruct((rows, N), jnp.float32))
     pre = PRE_NONE if norm is None else PRE_RMS_NORM
     return call(*args, isa=np.int32(_ISA_CODE[isa]), pre=np.int32(pre),
@@ -312,7 +324,7 @@ def _check(fmt: str, K: int, qs: jax.Array, d: jax.Array | None, m: jax.Array | 
 
 def paged_attention(q: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array, table: jax.Array,
                     slots: jax.Array, *, scale: float, softcap: float | None = None, window: int | None = None,
-                    isa: str | None = None) -> jax.Array:
+                    isa: str | None = None, layer: jax.Array | None = None) -> jax.Array:
     """Row-invariant attention over a page pool (``csrc/attn.h`` has the recipe): ``q [R, C, K, G, H]``
     (row r: C query positions ``positions [R, C]`` of slot ``slots [R]``), pools ``k/v [P, K, B, H]``
     float32 or bfloat16 bits (uint16), ``table [S, M]`` int32 → float32 ``[R, C, K, G, H]``.
@@ -321,7 +333,8 @@ def paged_attention(q: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Arr
     only the pages that hold them; a query at a position < 0 or >= M·B gives zeros. Its bits depend
     on nothing else (not R, C, the other rows or the call). ``isa`` as in ``matmul_isa`` (default:
     ``JSERVE_CPU_KERNEL_ISA``); the AVX2 path needs a head dim that is a multiple of 8 ("auto" takes
-    the generic path otherwise)."""
+    the generic path otherwise). ``layer`` (a traced int32 scalar): the pools are stacked over layers,
+    ``[L, P, K, B, H]``, and layer ``layer`` is read in place."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -340,8 +353,10 @@ def paged_attention(q: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Arr
     if k.dtype.name not in _ATTN_TARGETS or v.dtype != k.dtype:
         raise ValueError(f"paged_attention: pools must both be float32 or uint16 (bfloat16 bits), "
                          f"got {k.dtype}, {v.dtype}")
-    if k.ndim != 4 or tuple(v.shape) != tuple(k.shape) or (k.shape[1], k.shape[3]) != (kh, h):
-        raise ValueError(f"paged_attention: pools must be [P, {kh}, B, {h}], got {tuple(k.shape)}, {tuple(v.shape)}")
+    o = 0 if layer is None else 1
+    if k.ndim != 4 + o or tuple(v.shape) != tuple(k.shape) or (k.shape[1 + o], k.shape[3 + o]) != (kh, h):
+        raise ValueError(f"paged_attention: pools must be [{'' if layer is None else 'L, '}P, {kh}, B, {h}], "
+                         f"got {tuple(k.shape)}, {tuple(v.shape)}")
     if table.ndim != 2 or tuple(positions.shape) != (r, c) or tuple(slots.shape) != (r,):
         raise ValueError(f"paged_attention: need table [S, M], positions [{r}, {c}], slots [{r}]; got "
                          f"{tuple(table.shape)}, {tuple(positions.shape)}, {tuple(slots.shape)}")
@@ -351,8 +366,22 @@ def paged_attention(q: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Arr
         raise ValueError(f"paged_attention: window {window} must be positive")
     call = jax.ffi.ffi_call(_ATTN_TARGETS[k.dtype.name], jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(jnp.asarray(q, jnp.float32), jnp.asarray(positions, jnp.int32), k, v, jnp.asarray(table, jnp.int32),
-                jnp.asarray(slots, jnp.int32), isa=np.int32(_ISA_CODE[isa]), scale=np.float32(scale),
+                jnp.asarray(slots, jnp.int32),
+                jnp.zeros((0,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(jnp.int32),
+                isa=np.int32(_ISA_CODE[isa]), scale=np.float32(scale),
                 cap=np.float32(softcap or 0.0), window=np.int32(window or 0))
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype) -> jax.Array:
+    """Zeros of ``shape`` whose memory is written only where it is not already zero (the kernel in
+    ``csrc/ffi.cc``): a large buffer fresh from the allocator stays unresident until written, so a
+    KV pool made this way costs resident memory page by page as sequences fill it. Under ``jit``
+    (an initial decode state); the result is all zeros whatever memory it got."""
+    import jax
+
+    if not _report().loaded:
+        raise RuntimeError(f"jserve CPU kernels: {_report().reason}")
+    return jax.ffi.ffi_call("JserveLazyZeros", jax.ShapeDtypeStruct(tuple(shape), dtype))()
 
 
 def attention_calls() -> int:

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -164,20 +165,35 @@ ffi::Error run(ffi::ThreadPool& pool, Problem p, int32_t isa, const Extra& extra
 template <typename B>
 int64_t dim(const B& b, int i) { return b.dimensions()[i]; }
 
-// The prologue/epilogue operands: g (kRmsNorm: [K], else empty), res ([M, N] or empty).
+// The prologue/epilogue operands: g (kRmsNorm: [K], or [L, K] with a layer index; else empty),
+// res ([M, N] or empty).
 ffi::Error extras(int32_t pre, float eps, const ffi::Buffer<ffi::F32>& g, const ffi::Buffer<ffi::F32>& res,
-                  int64_t M, int64_t K, int64_t N, Extra* e) {
+                  int64_t M, int64_t K, int64_t N, int64_t l, Extra* e) {
   if (pre != kNone && pre != kRmsNorm) return ffi::Error::InvalidArgument("jserve matmul: unknown prologue");
   e->pre = pre;
   e->eps = eps;
   if (pre == kRmsNorm) {
-    if (g.element_count() != static_cast<size_t>(K)) return ffi::Error::InvalidArgument("jserve matmul: norm weight must be [K]");
-    e->g = g.typed_data();
+    const bool one = g.element_count() == static_cast<size_t>(K);
+    const bool stacked = l >= 0 && g.dimensions().size() == 2 && dim(g, 1) == K && l < dim(g, 0);
+    if (!one && !stacked) return ffi::Error::InvalidArgument("jserve matmul: norm weight must be [K] (or [L, K] with a layer)");
+    e->g = g.typed_data() + (one ? 0 : l * K);
   }
   if (res.element_count() != 0) {
     if (res.element_count() != static_cast<size_t>(M * N)) return ffi::Error::InvalidArgument("jserve matmul: residual must be [M, N]");
     e->res = res.typed_data();
   }
+  return ffi::Error::Success();
+}
+
+// The weights' layer: an empty `layer` operand means the weight operands are one matrix; a one-element one
+// holds l, the weights are stacked over layers (a leading axis L) and layer l is read in place (a loop over
+// layers passes the whole stack and its index, so no layer's weights are ever copied). Returns -1 for none.
+ffi::Error layer_of(const ffi::Buffer<ffi::S32>& layer, int64_t stack, int64_t* l) {
+  *l = -1;
+  if (layer.element_count() == 0) return ffi::Error::Success();
+  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("jserve matmul: layer must hold one index");
+  *l = layer.typed_data()[0];
+  if (*l < 0 || *l >= stack) return ffi::Error::InvalidArgument("jserve matmul: layer index outside the stack");
   return ffi::Error::Success();
 }
 
@@ -188,81 +204,94 @@ ffi::Error check_blocks(int64_t M, int64_t K, int64_t N, int64_t nb, int64_t per
 }
 
 ffi::Error mm_f32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> res,
-                  ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int32_t isa, int32_t pre, float eps) {
-  if (x.dimensions().size() != 2 || w.dimensions().size() != 2 || y->dimensions().size() != 2)
+                  ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t isa,
+                  int32_t pre, float eps) {
+  const int o = layer.element_count() != 0 ? 1 : 0;  // the stack's axis, when there is one
+  if (x.dimensions().size() != 2 || w.dimensions().size() != static_cast<size_t>(2 + o) || y->dimensions().size() != 2)
     return ffi::Error::InvalidArgument("jserve matmul: bad operand ranks");
-  const int64_t M = dim(x, 0), K = dim(x, 1), N = dim(w, 0);
-  Extra e;
-  ffi::Error err = extras(pre, eps, g, res, M, K, N, &e);
+  int64_t l = 0;
+  ffi::Error err = layer_of(layer, o ? dim(w, 0) : 1, &l);
   if (err.failure()) return err;
-  if (dim(w, 1) != K || dim(*y, 0) != M || dim(*y, 1) != N)
+  const int64_t M = dim(x, 0), K = dim(x, 1), N = dim(w, o);
+  Extra e;
+  err = extras(pre, eps, g, res, M, K, N, l, &e);
+  if (err.failure()) return err;
+  if (dim(w, o + 1) != K || dim(*y, 0) != M || dim(*y, 1) != N)
     return ffi::Error::InvalidArgument("jserve matmul: shapes do not agree");
-  return run(pool, Problem{kF32, M, N, K, x.typed_data(), w.typed_data(), nullptr, nullptr, nullptr, y->typed_data()},
-             isa, e);
+  const float* wp = w.typed_data() + (o ? l * N * K : 0);
+  return run(pool, Problem{kF32, M, N, K, x.typed_data(), wp, nullptr, nullptr, nullptr, y->typed_data()}, isa, e);
 }
 
 template <int FMT, ffi::DataType QT>
 ffi::Error mm_blocks(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> res,
-                     ffi::Buffer<QT> qs, ffi::Buffer<ffi::F16> d, const uint16_t* m, ffi::ResultBuffer<ffi::F32> y,
-                     int32_t isa, int32_t pre, float eps) {
-  const bool ranks = x.dimensions().size() == 2 && qs.dimensions().size() == 3 && d.dimensions().size() == 2 &&
-                     y->dimensions().size() == 2;
+                     ffi::Buffer<QT> qs, ffi::Buffer<ffi::F16> d, const uint16_t* m, ffi::Buffer<ffi::S32> layer,
+                     ffi::ResultBuffer<ffi::F32> y, int32_t isa, int32_t pre, float eps) {
+  const int o = layer.element_count() != 0 ? 1 : 0;
+  const bool ranks = x.dimensions().size() == 2 && qs.dimensions().size() == static_cast<size_t>(3 + o) &&
+                     d.dimensions().size() == static_cast<size_t>(2 + o) && y->dimensions().size() == 2;
   if (!ranks) return ffi::Error::InvalidArgument("jserve matmul: bad operand ranks");
-  const int64_t M = dim(x, 0), K = dim(x, 1), N = dim(qs, 0), nb = dim(qs, 1);
+  int64_t l = 0;
+  ffi::Error err = layer_of(layer, o ? dim(qs, 0) : 1, &l);
+  if (err.failure()) return err;
+  const int64_t M = dim(x, 0), K = dim(x, 1), N = dim(qs, o), nb = dim(qs, o + 1);
   Extra ex;
-  ffi::Error err = extras(pre, eps, g, res, M, K, N, &ex);
+  err = extras(pre, eps, g, res, M, K, N, l, &ex);
   if (err.failure()) return err;
   const int64_t per_block = is_kquant(FMT) ? kq_width(FMT) : FMT == kQ8_0 ? 32 : 16;
-  if (dim(qs, 2) != per_block || dim(d, 0) != N || dim(d, 1) != nb)
+  if (dim(qs, o + 2) != per_block || dim(d, o) != N || dim(d, o + 1) != nb || (o && dim(d, 0) != dim(qs, 0)))
     return ffi::Error::InvalidArgument("jserve matmul: block operand shapes do not agree");
-  ffi::Error e = check_blocks(M, K, N, nb, is_kquant(FMT) ? 256 : 32, dim(*y, 0), dim(*y, 1));
-  if (e.failure()) return e;
-  const auto* dp = reinterpret_cast<const uint16_t*>(d.untyped_data());
-  return run(pool, Problem{FMT, M, N, K, x.typed_data(), qs.untyped_data(), dp, m, nullptr, y->typed_data()}, isa,
-             ex);
+  err = check_blocks(M, K, N, nb, is_kquant(FMT) ? 256 : 32, dim(*y, 0), dim(*y, 1));
+  if (err.failure()) return err;
+  const int64_t at = o ? l * N * nb : 0;  // the layer's first block
+  const auto* dp = reinterpret_cast<const uint16_t*>(d.untyped_data()) + at;
+  const auto* qp = static_cast<const uint8_t*>(qs.untyped_data()) + at * per_block;
+  return run(pool, Problem{FMT, M, N, K, x.typed_data(), qp, dp, m == nullptr ? nullptr : m + at, nullptr,
+                           y->typed_data()}, isa, ex);
 }
 
 ffi::Error mm_q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> res, ffi::Buffer<ffi::S8> qs,
-                   ffi::Buffer<ffi::F16> d, ffi::ResultBuffer<ffi::F32> y, int32_t isa, int32_t pre, float eps) {
-  return mm_blocks<kQ8_0, ffi::S8>(pool, x, g, res, qs, d, nullptr, y, isa, pre, eps);
+                   ffi::Buffer<ffi::F16> d, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t isa, int32_t pre, float eps) {
+  return mm_blocks<kQ8_0, ffi::S8>(pool, x, g, res, qs, d, nullptr, layer, y, isa, pre, eps);
 }
 
 ffi::Error mm_q4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> res, ffi::Buffer<ffi::U8> qs,
-                   ffi::Buffer<ffi::F16> d, ffi::ResultBuffer<ffi::F32> y, int32_t isa, int32_t pre, float eps) {
-  return mm_blocks<kQ4_0, ffi::U8>(pool, x, g, res, qs, d, nullptr, y, isa, pre, eps);
+                   ffi::Buffer<ffi::F16> d, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t isa, int32_t pre, float eps) {
+  return mm_blocks<kQ4_0, ffi::U8>(pool, x, g, res, qs, d, nullptr, layer, y, isa, pre, eps);
 }
 
 template <int FMT>
 ffi::Error mm_with_m(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> res, ffi::Buffer<ffi::U8> qs,
-                     ffi::Buffer<ffi::F16> d, ffi::Buffer<ffi::F16> m, ffi::ResultBuffer<ffi::F32> y, int32_t isa,
+                     ffi::Buffer<ffi::F16> d, ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t isa,
                      int32_t pre, float eps) {
-  if (m.dimensions().size() != 2 || d.dimensions().size() != 2 || dim(m, 0) != dim(d, 0) || dim(m, 1) != dim(d, 1))
+  if (m.dimensions().size() != d.dimensions().size() || m.element_count() != d.element_count())
     return ffi::Error::InvalidArgument("jserve matmul: m must have d's shape");
+  for (size_t i = 0; i < d.dimensions().size(); ++i)
+    if (dim(m, i) != dim(d, i)) return ffi::Error::InvalidArgument("jserve matmul: m must have d's shape");
   const auto* mp = reinterpret_cast<const uint16_t*>(m.untyped_data());
-  return mm_blocks<FMT, ffi::U8>(pool, x, g, res, qs, d, mp, y, isa, pre, eps);
+  return mm_blocks<FMT, ffi::U8>(pool, x, g, res, qs, d, mp, layer, y, isa, pre, eps);
 }
 
 ffi::Error mm_q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> res, ffi::Buffer<ffi::U8> qs,
-                   ffi::Buffer<ffi::F16> d, ffi::Buffer<ffi::F16> m, ffi::ResultBuffer<ffi::F32> y, int32_t isa,
+                   ffi::Buffer<ffi::F16> d, ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t isa,
                    int32_t pre, float eps) {
-  return mm_with_m<kQ4_1>(pool, x, g, res, qs, d, m, y, isa, pre, eps);
+  return mm_with_m<kQ4_1>(pool, x, g, res, qs, d, m, layer, y, isa, pre, eps);
 }
 
 ffi::Error mm_q4_k(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> res, ffi::Buffer<ffi::U8> qs,
-                   ffi::Buffer<ffi::F16> d, ffi::Buffer<ffi::F16> m, ffi::ResultBuffer<ffi::F32> y, int32_t isa,
+                   ffi::Buffer<ffi::F16> d, ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t isa,
                    int32_t pre, float eps) {
-  return mm_with_m<kQ4_K>(pool, x, g, res, qs, d, m, y, isa, pre, eps);
+  return mm_with_m<kQ4_K>(pool, x, g, res, qs, d, m, layer, y, isa, pre, eps);
 }
 
 ffi::Error mm_q5_k(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> res, ffi::Buffer<ffi::U8> qs,
-                   ffi::Buffer<ffi::F16> d, ffi::Buffer<ffi::F16> m, ffi::ResultBuffer<ffi::F32> y, int32_t isa,
+                   ffi::Buffer<ffi::F16> d, ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t isa,
                    int32_t pre, float eps) {
-  return mm_with_m<kQ5_K>(pool, x, g, res, qs, d, m, y, isa, pre, eps);
+  return mm_with_m<kQ5_K>(pool, x, g, res, qs, d, m, layer, y, isa, pre, eps);
 }
 
 ffi::Error mm_q6_k(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> res, ffi::Buffer<ffi::U8> qs,
-                   ffi::Buffer<ffi::F16> d, ffi::ResultBuffer<ffi::F32> y, int32_t isa, int32_t pre, float eps) {
-  return mm_blocks<kQ6_K, ffi::U8>(pool, x, g, res, qs, d, nullptr, y, isa, pre, eps);
+                   ffi::Buffer<ffi::F16> d, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t isa, int32_t pre, float eps) {
+  return mm_blocks<kQ6_K, ffi::U8>(pool, x, g, res, qs, d, nullptr, layer, y, isa, pre, eps);
 }
 
 }  // namespace
@@ -278,6 +307,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulF32, jserve::mm_f32,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("pre")
@@ -291,6 +321,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulQ8_0, jserve::mm_q8_0,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("pre")
@@ -304,6 +335,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulQ4_0, jserve::mm_q4_0,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("pre")
@@ -318,6 +350,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulQ4_1, jserve::mm_q4_1,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("pre")
@@ -333,6 +366,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulQ4_1, jserve::mm_q4_1,
                                     .Arg<ffi::Buffer<ffi::U8>>() \
                                     .Arg<ffi::Buffer<ffi::F16>>() \
                                     .Arg<ffi::Buffer<ffi::F16>>() \
+                                    .Arg<ffi::Buffer<ffi::S32>>() \
                                     .Ret<ffi::Buffer<ffi::F32>>() \
                                     .Attr<int32_t>("isa") \
                                     .Attr<int32_t>("pre") \
@@ -349,7 +383,41 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveMatmulQ6_K, jserve::mm_q6_k,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("pre")
                                   .Attr<float>("eps"));
+
+namespace jserve {
+namespace {
+
+// A zeroed buffer whose pages that are already zero are only read, never written: a large buffer fresh
+// from the allocator is untouched memory the kernel maps on first write, and reading it maps the shared
+// zero page, so a KV pool made this way becomes resident page by page as sequences write it (as
+// llama.cpp's does) instead of all at once. Smaller or reused buffers get the bytes that are not zero
+// cleared: the result is all zeros either way.
+ffi::Error lazy_zeros(ffi::Result<ffi::AnyBuffer> out) {
+  char* p = static_cast<char*>(out->untyped_data());
+  const size_t n = out->size_bytes();
+  constexpr size_t kPage = 4096;
+  for (size_t i = 0; i < n; i += kPage) {
+    const size_t m = std::min(kPage, n - i);
+    const char* q = p + i;
+    bool zero = true;
+    size_t j = 0;
+    for (; j + 8 <= m && zero; j += 8) {
+      uint64_t w;
+      std::memcpy(&w, q + j, 8);
+      zero = w == 0;
+    }
+    for (; j < m && zero; ++j) zero = q[j] == 0;
+    if (!zero) std::memset(p + i, 0, m);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jserve
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JserveLazyZeros, jserve::lazy_zeros, ffi::Ffi::Bind().Ret<ffi::AnyBuffer>());

@@ -63,17 +63,27 @@ int64_t dim(const Buf& b, int i) { return b.dimensions()[i]; }
 template <ffi::DataType T>
 ffi::Error attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> pos, ffi::Buffer<T> kp,
                   ffi::Buffer<T> vp, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> slots,
-                  ffi::ResultBuffer<ffi::F32> out, int32_t isa, float scale, float cap, int32_t window) {
+                  ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out, int32_t isa, float scale, float cap,
+                  int32_t window) {
   g_attn_calls.fetch_add(1, std::memory_order_relaxed);
-  if (q.dimensions().size() != 5 || pos.dimensions().size() != 2 || kp.dimensions().size() != 4 ||
-      vp.dimensions().size() != 4 || table.dimensions().size() != 2 || slots.dimensions().size() != 1)
+  // An empty `layer`: the pools are one layer's [P, K, B, H]; one index l: they are stacked over layers,
+  // [L, P, K, B, H], and layer l is read in place (a loop over layers passes the whole stack).
+  const int o = layer.element_count() != 0 ? 1 : 0;
+  if (layer.element_count() > 1) return ffi::Error::InvalidArgument("jserve attention: layer must hold one index");
+  if (q.dimensions().size() != 5 || pos.dimensions().size() != 2 || kp.dimensions().size() != static_cast<size_t>(4 + o) ||
+      vp.dimensions().size() != static_cast<size_t>(4 + o) || table.dimensions().size() != 2 || slots.dimensions().size() != 1)
     return ffi::Error::InvalidArgument("jserve attention: bad operand ranks");
   AttnProblem p{};
   p.R = dim(q, 0), p.C = dim(q, 1), p.K = dim(q, 2), p.G = dim(q, 3), p.H = dim(q, 4);
-  p.P = dim(kp, 0), p.B = dim(kp, 2), p.S = dim(table, 0), p.M = dim(table, 1);
-  for (int i = 0; i < 4; ++i)
+  p.P = dim(kp, o), p.B = dim(kp, o + 2), p.S = dim(table, 0), p.M = dim(table, 1);
+  for (int i = 0; i < 4 + o; ++i)
     if (dim(vp, i) != dim(kp, i)) return ffi::Error::InvalidArgument("jserve attention: keys and values differ in shape");
-  if (dim(kp, 1) != p.K || dim(kp, 3) != p.H) return ffi::Error::InvalidArgument("jserve attention: pool [P, K, B, H] does not match q");
+  if (dim(kp, o + 1) != p.K || dim(kp, o + 3) != p.H) return ffi::Error::InvalidArgument("jserve attention: pool [P, K, B, H] does not match q");
+  int64_t l = 0;
+  if (o) {
+    l = layer.typed_data()[0];
+    if (l < 0 || l >= dim(kp, 0)) return ffi::Error::InvalidArgument("jserve attention: layer index outside the stack");
+  }
   if (dim(pos, 0) != p.R || dim(pos, 1) != p.C || dim(slots, 0) != p.R)
     return ffi::Error::InvalidArgument("jserve attention: positions must be [R, C] and slots [R]");
   if (p.P < 1 || p.S < 1 || p.M < 1 || p.B < 1) return ffi::Error::InvalidArgument("jserve attention: empty pool or table");
@@ -85,9 +95,10 @@ ffi::Error attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   const bool avx2 = (isa == 2 || isa == 0) && has && p.H % 8 == 0;
   p.q = q.typed_data();
   p.pos = pos.typed_data();
-  p.kp = kp.untyped_data();
-  p.vp = vp.untyped_data();
   p.bf16 = T == ffi::DataType::U16;
+  const int64_t layer_bytes = p.P * p.K * p.B * p.H * (p.bf16 ? 2 : 4);
+  p.kp = static_cast<const char*>(kp.untyped_data()) + l * layer_bytes;
+  p.vp = static_cast<const char*>(vp.untyped_data()) + l * layer_bytes;
   p.table = table.typed_data();
   p.slots = slots.typed_data();
   p.scale = scale;
@@ -132,6 +143,7 @@ extern "C" int64_t jserve_attn_calls() { return jserve::g_attn_calls.load(); }
                                     .Arg<ffi::Buffer<ffi::S32>>()         \
                                     .Arg<ffi::Buffer<T>>()                \
                                     .Arg<ffi::Buffer<T>>()                \
+                                    .Arg<ffi::Buffer<ffi::S32>>()         \
                                     .Arg<ffi::Buffer<ffi::S32>>()         \
                                     .Arg<ffi::Buffer<ffi::S32>>()         \
                                     .Ret<ffi::Buffer<ffi::F32>>()         \
