@@ -22,7 +22,7 @@ from jserve.attention import (
 )
 from jserve.attention_kernels import layer_impl, pool_decode
 from jserve.config import ModelConfig
-from jserve.kv_cache import write_chunks, write_paged, write_step
+from jserve.kv_cache import write_chunks, write_paged, write_paged_layer, write_step
 
 
 def _attend_step_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, ck: jax.Array, cv: jax.Array,
@@ -81,4 +81,33 @@ def _attend_chunks_cache(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpe
         o = attend_paged_cpu(q, ck, cv, slots, pos, spec, table)
     else:
         o = _attend_chunks(q, ck, cv, slots, pos, n_blocks, first_pos, spec, table, heads_first)
+    return o.reshape(r * c, cfg.n_heads * cfg.head_dim), (ck, cv)
+
+
+def _attend_step_stacked(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, ck: jax.Array, cv: jax.Array,
+                         aux: tuple, cfg: ModelConfig):
+    """``_attend_step_cache`` inside the loop over layers (``model.loops_layers``): ``ck``/``cv`` are the
+    stacked pools ``[L, P, K, B, H]``, ``aux = (positions, n_blocks, table, layer)``; the layer's keys
+    and values are written and read in place, through the row-invariant CPU kernel."""
+    positions, _, table, layer = aux
+    s_ = q.shape[0]
+    slots = jnp.arange(s_)
+    ck = write_paged_layer(ck, layer, k[:, 0], table, slots, positions)
+    cv = write_paged_layer(cv, layer, v[:, 0], table, slots, positions)
+    q = q.reshape(s_, 1, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+    o = attend_paged_cpu(q, ck, cv, slots, positions[:, None], spec, table, layer=layer)
+    return o.reshape(s_, 1, cfg.n_heads * cfg.head_dim), (ck, cv)
+
+
+def _attend_chunks_stacked(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, ck: jax.Array, cv: jax.Array,
+                           aux: tuple, cfg: ModelConfig):
+    """``_attend_chunks_cache`` inside the loop over layers: stacked pools, ``aux = (slots, pos,
+    write_pos, n_blocks, first_pos, table, layer)`` (``_attend_step_stacked``)."""
+    slots, pos, write_pos, _, _, table, layer = aux
+    r, c = pos.shape
+    k, v = (a.reshape(r, c, cfg.n_kv_heads, cfg.head_dim) for a in (k, v))
+    ck = write_paged_layer(ck, layer, k, table, slots[:, None], write_pos)
+    cv = write_paged_layer(cv, layer, v, table, slots[:, None], write_pos)
+    q = q.reshape(r, c, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+    o = attend_paged_cpu(q, ck, cv, slots, pos, spec, table, layer=layer)
     return o.reshape(r * c, cfg.n_heads * cfg.head_dim), (ck, cv)

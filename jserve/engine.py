@@ -52,7 +52,7 @@ from jserve.engine_steps import (  # noqa: F401 (DecodeState, _pack, apply_bitma
     apply_bitmask,
     mask_words,
 )
-from jserve.kv_cache import PagedKVCache
+from jserve.kv_cache import PagedKVCache, storage
 from jserve.kv_pages import PagePool, page_bytes, pages_for_memory
 from jserve.model import Params
 from jserve.sampling import SamplingParams, SlotSampling
@@ -133,6 +133,13 @@ class JaxEngine(Warmup):
         self.attention = engine_kernel(self.attention, sharded=self.plan is not None,
                                        quantized_kv=np.dtype(self.cache_dtype) == np.int8)
         self.cache_len = model.padded_cache_len(self.max_len)
+        # One loop over layers (stacked weights and pool, read in place by the CPU kernels) where
+        # everything runs through them: each compiled call holds one layer's program (model.loops_layers).
+        store = jnp.dtype(storage(self.cache_dtype))
+        self.loop_layers = (self.plan is None and self.attention == "xla" and model.loops_layers(self.params, self.cfg)
+                            and model.paged_kernel(jax.ShapeDtypeStruct((1,), store)))
+        if self.loop_layers:
+            self.params = model.stack_layers(self.params)
         self._init_pages()
         top_n = self.top_logprobs
         extend = functools.partial(_extend, cfg=self.cfg, top_n=top_n,
@@ -263,7 +270,7 @@ class JaxEngine(Warmup):
         s, v = self.slots, self.cfg.vocab_size
         return DecodeState(
             cache=PagedKVCache.zeros(self.cfg, self.pages.num_pages, self.page_size, self.cache_dtype,
-                                     self.attention),
+                                     self.attention, stacked=self.loop_layers),
             table=jnp.full((s, self.max_pages), self.pages.num_pages, jnp.int32),
             lengths=jnp.full((s,), self.cache_len, jnp.int32),
             last_tokens=jnp.zeros((s,), jnp.int32),

@@ -186,11 +186,35 @@ class PagedKVCache:
     """Keys and values in pages: ``k[l]``, ``v[l]``: ``[P, K, B, H]`` (``uint16`` bits for bfloat16,
     ``[P, K, B, H + 4]`` int8s and scales for int8: ``quantize``), or ``[K, P, B, H]`` (bfloat16 as
     itself) where ``kernel``, the decode attention that reads the pool, is a Pallas kernel
-    (``heads_first``; module docstring)."""
+    (``heads_first``; module docstring). ``stacked``: ``k`` and ``v`` are each one array
+    ``[L, P, K, B, H]`` (float32 or bfloat16 bits), for the loop over layers (``model.loops_layers``),
+    whose kernels read and write layer ``l`` in place."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
     kernel: str = struct.field(pytree_node=False, default="xla")
+
+    @property
+    def stacked(self) -> bool:
+        return not isinstance(self.k, tuple)
+
+    def _layer0(self) -> jax.ShapeDtypeStruct:
+        """Layer 0's pool as a shape (no slice of a stacked pool is made)."""
+        a = self.k
+        return jax.ShapeDtypeStruct(a.shape[1:], a.dtype) if self.stacked else a[0]
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        """One layer's keys (or values): ``[P, K, B, H]`` (``[K, P, B, H]`` heads first)."""
+        return tuple(self._layer0().shape)
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0] if self.stacked else len(self.k)
+
+    def arrays(self) -> tuple[jax.Array, ...]:
+        """Every array the pool is made of (two when stacked, two per layer else)."""
+        return (self.k, self.v) if self.stacked else (*self.k, *self.v)
 
     @property
     def heads_first(self) -> bool:
@@ -198,21 +222,30 @@ class PagedKVCache:
 
     @property
     def dtype(self) -> jnp.dtype:
-        return element_type(self.k[0])
+        return element_type(self._layer0())
 
     @property
     def pages(self) -> int:
-        return self.k[0].shape[1 if self.heads_first else 0]
+        return self._layer0().shape[1 if self.heads_first else 0]
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[2]
+        return self._layer0().shape[2]
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, pages: int, page_size: int, dtype: jnp.dtype,
-              kernel: str = "xla") -> PagedKVCache:
+              kernel: str = "xla", stacked: bool = False) -> PagedKVCache:
         heads_first = kernel != "xla"
         shape = (cfg.n_kv_heads, pages) if heads_first else (pages, cfg.n_kv_heads)
+        if stacked:
+            if heads_first or jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+                raise ValueError("a stacked pool is [L, P, K, B, H] of float32 or bfloat16")
+            from jserve import cpu_kernels  # the stacked pool is the CPU kernels' (model.loops_layers)
+
+            shape = (cfg.n_layers, *shape, page_size, cfg.head_dim)
+            store = storage(dtype, False)
+            # Resident page by page as sequences write it, not all at once (``lazy_zeros``).
+            return cls(cpu_kernels.lazy_zeros(shape, store), cpu_kernels.lazy_zeros(shape, store), kernel=kernel)
         return cls(*_zero_layers(cfg, (*shape, page_size, cfg.head_dim), dtype, native=heads_first), kernel=kernel)
 
 
@@ -249,7 +282,7 @@ def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array, n: jax.Array
     """Copy page ``src[i]`` onto page ``dst[i]`` for ``i < n`` (every layer's keys and values);
     a ``dst`` past the pool is skipped. The work follows ``n``."""
     zero = jnp.zeros((), jnp.int32)
-    axis = 1 if cache.heads_first else 0  # the pages' axis
+    axis = 1 if cache.heads_first or cache.stacked else 0  # the pages' axis
 
     def body(i: jax.Array, bufs: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]):
         def one(buf: jax.Array) -> jax.Array:
@@ -257,7 +290,7 @@ def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array, n: jax.Array
             size = buf.shape[:axis] + (1,) + buf.shape[axis + 1:]
 
             def at(page: jax.Array) -> tuple[jax.Array, ...]:
-                return (zero,) * axis + (page,) + (zero,) * (3 - axis)
+                return (zero,) * axis + (page,) + (zero,) * (buf.ndim - 1 - axis)
 
             page = jax.lax.dynamic_slice(buf, at(jnp.minimum(src[i], p - 1)), size)
             d = dst[i]
@@ -267,5 +300,16 @@ def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array, n: jax.Array
 
         return tuple(map(one, bufs[0])), tuple(map(one, bufs[1]))
 
-    k, v = jax.lax.fori_loop(0, n, body, (cache.k, cache.v))
+    if cache.stacked:  # one array each: the same body over a one-element tuple
+        (k,), (v,) = jax.lax.fori_loop(0, n, body, ((cache.k,), (cache.v,)))
+    else:
+        k, v = jax.lax.fori_loop(0, n, body, (cache.k, cache.v))
     return cache.replace(k=k, v=v)
+
+
+def write_paged_layer(buf: jax.Array, layer: jax.Array, new: jax.Array, table: jax.Array, slots: jax.Array,
+                      positions: jax.Array) -> jax.Array:
+    """``write_paged`` into layer ``layer`` (traced) of a stacked pool ``buf [L, P, K, B, H]``, in place."""
+    p, b = buf.shape[1], buf.shape[3]
+    page = page_at(table, slots, positions, p, b)
+    return buf.at[layer, page, :, positions % b].set(to_stored(new, buf), mode="drop")

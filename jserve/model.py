@@ -44,7 +44,12 @@ from jserve.attention import (  # noqa: F401 (re-exported: callers name them mod
     widen,
 )
 from jserve.blocks import BlockArray, float_for_kernels, fuses, kernels_loaded, matmul_fused
-from jserve.cache_attention import _attend_chunks_cache, _attend_step_cache
+from jserve.cache_attention import (
+    _attend_chunks_cache,
+    _attend_chunks_stacked,
+    _attend_step_cache,
+    _attend_step_stacked,
+)
 from jserve.config import ModelConfig
 from jserve.kv_cache import KVCache, PagedKVCache
 from jserve.quant import QuantArray, dense, dense_experts, take_rows
@@ -77,6 +82,9 @@ class Params:
     layers: tuple[LayerParams, ...]
     final_norm: jax.Array  # [D]; its dtype is the activation dtype
     lm_head: Weight | None  # [D, V]; None when tied to ``embed``
+    # The layers stacked (every leaf with a leading axis L; ``layers`` is then empty): built by
+    # ``stack_layers`` for the loop over layers (``loops_layers``), read through ``layer_params``.
+    stacked: LayerParams | None = None
     # Blocks of the fused matrices' columns, one per tensor-parallel shard (see sharding.py):
     # wqkv holds [q, k, v] of each group in turn, w_gate_up [gate, up] of each group.
     qkv_groups: int = struct.field(pytree_node=False, default=1)
@@ -285,12 +293,62 @@ def trace_layers_once() -> bool:
     return os.environ.get("JSERVE_UNROLLED_LAYERS", "") in ("", "0")
 
 
+def layer_params(params: Params, i: int | jax.Array) -> LayerParams:
+    """Layer ``i``'s weights: ``params.layers[i]``, or a view of layer ``i`` of ``params.stacked``
+    (``i`` may be traced): its matrices are the whole stacks with the index (``BlockArray.layer``),
+    which the kernels read in place; its vectors are sliced (a few hundred bytes)."""
+    if params.stacked is None:
+        return params.layers[i]
+    return jax.tree.map(lambda w: w.replace(layer=i) if isinstance(w, BlockArray) else w[i], params.stacked,
+                        is_leaf=lambda w: isinstance(w, BlockArray))
+
+
+def stack_layers(params: Params) -> Params:
+    """``params`` with its layers stacked into ``params.stacked`` (``layers`` empty): one array per
+    weight instead of one per layer and weight, for the loop over layers (``loops_layers``)."""
+    if params.stacked is not None:
+        return params
+    stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *params.layers)
+    return params.replace(layers=(), stacked=stacked)
+
+
+def loops_layers(params: Params, cfg: ModelConfig) -> bool:
+    """Whether ``decode_step`` and ``extend`` may run the layers as one loop (``lax.fori_loop``) over
+    stacked weights and a stacked page pool, so a compiled call holds one layer's program instead of
+    ``n_layers`` copies of it (XLA:CPU keeps each executable's optimized module and buffer
+    assignment: ~80 MiB per call for SmolLM2's 30 layers unrolled). It needs every matmul through the
+    CPU kernels (which read layer ``l`` of a stack in place), every layer with the same static spec
+    (RoPE, window, scale: ``layer_rep`` 0) and no mixture of experts. ``JSERVE_LOOP_LAYERS=0`` turns
+    it off (the layers unrolled, the same bits: tests/test_loop_layers.py)."""
+    if os.environ.get("JSERVE_LOOP_LAYERS", "") == "0" or cfg.n_experts > 0 or cfg.n_layers < 2:
+        return False
+    if not row_invariant(params):
+        return False
+    return all(layer_rep(cfg, i) == 0 for i in range(cfg.n_layers))
+
+
 def _run_layer(params: Params, cfg: ModelConfig, i: int, x: jax.Array, positions: jax.Array, ck: jax.Array | None,
                cv: jax.Array | None, aux: tuple, attend: Attend) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Layer ``i`` (``_layer``): traced once per spec, or unrolled (``trace_layers_once``)."""
     fn = _layer_once if trace_layers_once() else _layer
-    return fn(params.layers[i], x, positions, ck, cv, aux, cfg=cfg, rep=layer_rep(cfg, i),
+    return fn(layer_params(params, i), x, positions, ck, cv, aux, cfg=cfg, rep=layer_rep(cfg, i),
               groups=(params.qkv_groups, params.mlp_groups, params.expert_groups), attend=attend)
+
+
+def _loop_layers(params: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, cache: PagedKVCache,
+                 aux: tuple, attend: Attend) -> tuple[jax.Array, PagedKVCache]:
+    """Every layer as one ``fori_loop`` over ``params.stacked`` and the stacked pool (``loops_layers``):
+    ``attend`` gets ``aux + (layer,)``."""
+    groups = (params.qkv_groups, params.mlp_groups, params.expert_groups)
+
+    def body(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]):
+        x, k, v = carry
+        x, (k, v) = _layer(layer_params(params, i), x, positions, k, v, (*aux, i), cfg=cfg, rep=0, groups=groups,
+                           attend=attend)
+        return x, k, v
+
+    x, k, v = jax.lax.fori_loop(0, cfg.n_layers, body, (x, cache.k, cache.v))
+    return x, cache.replace(k=k, v=v)
 
 
 def _attend_forward(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec, ck: None, cv: None, aux: tuple,
@@ -315,7 +373,7 @@ def forward(
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     x = embed_tokens(params, cfg, tokens)
     ks, vs = [], []
-    for i in range(len(params.layers)):
+    for i in range(cfg.n_layers):
         x, (k, v) = _run_layer(params, cfg, i, x, pos, None, None, (), _attend_forward)
         ks.append(k)
         vs.append(v)
@@ -362,9 +420,13 @@ def decode_step(
     (and ``n_blocks``) ``cache`` is a ``PagedKVCache`` read and written through that page table.
     """
     x = embed_tokens(params, cfg, tokens[:, None])  # [S, 1, D]
+    if getattr(cache, "stacked", False):
+        x, cache = _loop_layers(params, cfg, x, positions[:, None], cache, (positions, n_blocks, table),
+                                _attend_step_stacked)
+        return unembed(params, cfg, x[:, 0]), cache
     attend = _with_kernel(_attend_step_cache, getattr(cache, "kernel", "xla"))
     new_k, new_v = [], []
-    for i in range(len(params.layers)):
+    for i in range(cfg.n_layers):
         x, (ck, cv) = _run_layer(params, cfg, i, x, positions[:, None], cache.k[i], cache.v[i],
                                  (positions, n_blocks, table), attend)
         new_k.append(ck)
@@ -396,9 +458,13 @@ def extend(
     write_pos = jnp.where(jnp.arange(c)[None, :] < counts[:, None], pos, t)  # padding writes nothing
     first_pos = jnp.min(jnp.where(counts > 0, starts, t))
     x = embed_tokens(params, cfg, tokens.reshape(m))  # [M, D]
+    if getattr(cache, "stacked", False):
+        x, cache = _loop_layers(params, cfg, x, pos.reshape(m), cache,
+                                (slots, pos, write_pos, n_blocks, first_pos, table), _attend_chunks_stacked)
+        return x.reshape(r, c, -1), cache
     attend = _with_kernel(_attend_chunks_cache, getattr(cache, "kernel", "xla"))
     new_k, new_v = [], []
-    for i in range(len(params.layers)):
+    for i in range(cfg.n_layers):
         x, (ck, cv) = _run_layer(params, cfg, i, x, pos.reshape(m), cache.k[i], cache.v[i],
                                  (slots, pos, write_pos, n_blocks, first_pos, table), attend)
         new_k.append(ck)
@@ -427,8 +493,9 @@ def row_invariant(params: Params) -> bool:
     path) the rows are invariant only at fixed shapes."""
     if not kernels_loaded():
         return False
-    layers = [w for layer in params.layers for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down,
-                                                     layer.router, layer.experts_gate_up, layer.experts_down)]
+    every = params.layers if params.stacked is None else (params.stacked,)
+    layers = [w for layer in every for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down,
+                                             layer.router, layer.experts_gate_up, layer.experts_down)]
     weights = [w for w in (*layers, params.embed, params.lm_head) if w is not None]
     return all(isinstance(w, BlockArray) and w.kernel for w in weights)
 

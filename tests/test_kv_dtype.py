@@ -27,10 +27,10 @@ def test_engine_state_holds_the_cache_in_kv_dtype_and_its_bytes_follow(tiny_ckpt
     eng = load_engine(tiny_ckpt, EngineConfig(slots=3, max_len=96, kv_dtype=kv_dtype), warmup=False).engine
     cache = eng._state_shape.cache
     cfg = eng.cfg
-    assert {x.dtype for x in cache.k + cache.v} == {storage(kv_dtype)}  # bfloat16 as uint16 bits
-    assert len(cache.k) == len(cache.v) == cfg.n_layers
-    assert cache.k[0].shape == (eng.pages.num_pages, cfg.n_kv_heads, eng.page_size, cfg.head_dim + extra)
-    counted = sum(x.size * x.dtype.itemsize for x in cache.k + cache.v)
+    assert {x.dtype for x in cache.arrays()} == {storage(kv_dtype)}  # bfloat16 as uint16 bits
+    assert cache.num_layers == cfg.n_layers
+    assert cache.layer_shape == (eng.pages.num_pages, cfg.n_kv_heads, eng.page_size, cfg.head_dim + extra)
+    counted = sum(x.size * x.dtype.itemsize for x in cache.arrays())
     assert counted == 2 * cfg.n_layers * 3 * eng.cache_len * cfg.n_kv_heads * (cfg.head_dim * itemsize + extra)
     assert counted == cache_bytes(cfg, 3, eng.cache_len, eng.cache_dtype)
     # What --kv-memory and the "KV pool of N pages" log line count is what the pool holds.
@@ -45,7 +45,7 @@ def test_int8_kv_memory_buys_the_pages_its_bytes_with_scales_allow(tiny_ckpt):
     eng = load_engine(tiny_ckpt, EngineConfig(slots=2, max_len=256, kv_dtype="int8", kv_memory=7 * per_page + 1),
                       warmup=False).engine
     assert eng.page_size == 128 and eng.pages.num_pages == 7
-    assert sum(x.nbytes for x in eng.init_state().cache.k + eng.init_state().cache.v) == 7 * per_page
+    assert sum(x.nbytes for x in eng.init_state().cache.arrays()) == 7 * per_page
 
 
 def test_kv_dtype_defaults_to_bfloat16_none_follows_dtype_and_bad_names_are_refused(tiny_ckpt):
@@ -207,6 +207,7 @@ def test_loading_the_default_model_leaves_only_its_blocks_and_norms_live(real_ck
     before = {id(x) for x in jax.live_arrays()}
     cfg, params, _ = checkpoint.load(real_ckpt)
     eng = JaxEngine(cfg.for_context(128), params, slots=2, max_len=128, cache_dtype=jnp.bfloat16)
+    del params  # the engine holds its own (stacked over layers: model.loops_layers)
     gc.collect()
     new = [x for x in jax.live_arrays() if id(x) not in before]
     _, w = checkpoint.load_weights(real_ckpt)
@@ -217,5 +218,5 @@ def test_loading_the_default_model_leaves_only_its_blocks_and_norms_live(real_ck
     assert not any(x.dtype == jnp.float32 and x.size >= cfg.dim * cfg.dim for x in new)
     state = eng.init_state()
     kv = cache_bytes(eng.cfg, 2, eng.cache_len, jnp.bfloat16)
-    assert sum(x.nbytes for x in state.cache.k + state.cache.v) == kv
-    assert state.cache.dtype == jnp.bfloat16 and state.cache.k[0].dtype == jnp.uint16
+    assert sum(x.nbytes for x in state.cache.arrays()) == kv
+    assert state.cache.dtype == jnp.bfloat16 and {x.dtype for x in state.cache.arrays()} == {jnp.dtype(jnp.uint16)}
