@@ -47,7 +47,8 @@ class SamplingParams:
     """How one request is sampled and when it stops.
 
     ``temperature`` 0 means greedy. ``top_k`` 0 and ``top_p`` 1 and ``min_p`` 0 disable those
-    filters. ``repetition_penalty`` (1 = off) divides positive / multiplies negative logits of
+    filters; ``top_p`` 0 (OpenAI's API takes it) keeps the most likely token alone, as greedy
+    does, whatever the temperature. ``repetition_penalty`` (1 = off) divides positive / multiplies negative logits of
     tokens seen in the prompt or output; ``presence_penalty`` and ``frequency_penalty``
     (0 = off) subtract from the logits of tokens already generated, once / per occurrence.
     ``stop`` strings end the text just before the stop string. ``logprobs``: None (the default)
@@ -91,8 +92,9 @@ class SamplingParams:
             outside(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}", False, True)
         if self.top_k < 0:
             outside(f"top_k must be >= 0 (0 = off), got {self.top_k}", True, True)
-        if not (0.0 < self.top_p <= 1.0):
-            outside(f"top_p must be in (0, 1], got {self.top_p}", False, not self.top_p > 0.0)
+        if not (0.0 <= self.top_p <= 1.0):  # 0, as OpenAI takes it: the most likely token only
+            outside(f"top_p must be in [0, 1] (0 = the most likely token only), got {self.top_p}", False,
+                    not self.top_p >= 0.0)
         if not (0.0 <= self.min_p <= 1.0):
             outside(f"min_p must be in [0, 1], got {self.min_p}", False, not self.min_p >= 0.0)
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
@@ -331,7 +333,8 @@ def sample(logits: jax.Array, sp: SlotSampling, step: jax.Array) -> jax.Array:
     (``lax.top_k``, no sort); any other row (plain temperature sampling, a wide nucleus) draws
     over the whole vocabulary in two levels. Nothing is sorted, and a row's token depends only on
     its own logits, parameters and key, never on which other rows shared the step. Tokens tied
-    with the last kept one are all kept.
+    with the last kept one are all kept. The most likely token is always kept, so no filter leaves
+    an empty set: ``top_p`` 0 keeps it alone (nothing divides by ``top_p``).
     """
     def stochastic(lg: jax.Array) -> jax.Array:
         keys = jax.vmap(jax.random.fold_in)(sp.key, step)
