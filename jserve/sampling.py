@@ -21,7 +21,9 @@ from flax import struct
 from jserve.constraint import Constraint
 from jserve.errors import (  # InvalidRequestError: re-exported
     ARRAY_TOO_LONG,
+    INVALID_TYPE,
     INVALID_VALUE,
+    OBJECT_TOO_LARGE,
     STRING_TOO_LONG,
     InvalidRequestError,
     range_code,
@@ -133,33 +135,37 @@ def validate_logit_bias(pairs: object, vocab_size: int) -> tuple[tuple[int, floa
     """``pairs`` (a mapping of token id → bias, ids as ints or decimal strings as JSON sends them,
     or a sequence of (id, bias) pairs) checked and returned as ``SamplingParams.logit_bias``.
 
-    Refused with a precise ``InvalidRequestError``: more than ``MAX_LOGIT_BIAS`` entries, an id
-    that is not an integer in [0, vocab_size), the same id twice, a bias that is not a finite
-    number in [-100, 100]."""
-    def bad(msg: str) -> None:
-        raise InvalidRequestError(msg)
+    Refused with a precise ``InvalidRequestError``, each with OpenAI's error code and the field
+    (or its entry, ``logit_bias.5``) it names: more than ``MAX_LOGIT_BIAS`` entries
+    (``object_above_max_properties``), a key that is not a token id, an id outside [0,
+    vocab_size), the same id twice, a bias that is not a finite number (``invalid_value``), a bias
+    outside [-100, 100] (``range_code``)."""
+    def bad(msg: str, code: str, param: str = "logit_bias") -> None:
+        raise InvalidRequestError(msg, code, param)
 
     items = list(pairs.items()) if hasattr(pairs, "items") else list(pairs)  # type: ignore[union-attr]
     if len(items) > MAX_LOGIT_BIAS:
-        bad(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(items)}")
+        bad(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(items)}", OBJECT_TOO_LARGE)
     out: list[tuple[int, float]] = []
     seen: set[int] = set()
     for item in items:
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            bad(f"logit_bias entries must be (token id, bias) pairs, got {item!r}")
+            bad(f"logit_bias entries must be (token id, bias) pairs, got {item!r}", INVALID_TYPE)
         key, value = item
         if isinstance(key, str) and key.strip().lstrip("-").isdigit():
             key = int(key)
         if isinstance(key, bool) or not isinstance(key, numbers.Integral):
-            bad(f"logit_bias keys must be token ids (integers), got {key!r}")
+            bad(f"logit_bias keys must be token ids (integers), got {key!r}", INVALID_VALUE)
         at = f"logit_bias.{key}"  # the item, as a body's field inside an object is named (``stream_options.x``)
         if not 0 <= key < vocab_size:
             raise InvalidRequestError(f"logit_bias token id {key} is outside the vocabulary [0, {vocab_size})",
                                       INVALID_VALUE, at)
         if key in seen:
             raise InvalidRequestError(f"logit_bias gives token id {key} twice", INVALID_VALUE, at)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            bad(f"logit_bias values must be finite numbers, got {value!r} for token id {key}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            bad(f"logit_bias values must be finite numbers, got {value!r} for token id {key}", INVALID_TYPE, at)
+        if not math.isfinite(value):  # JSON's 1e400 is infinity (and Python's parser takes NaN)
+            bad(f"logit_bias values must be finite numbers, got {value!r} for token id {key}", INVALID_VALUE, at)
         if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
             raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {value} for token id {key}",
                                       range_code(False, value < -LOGIT_BIAS_LIMIT), at)

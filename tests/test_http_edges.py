@@ -1,0 +1,79 @@
+"""Edge refusals of the OpenAI-compatible API over ``MockEngine`` (tests/frontends.py's
+``serve_mock``), as the real ``openai`` client sees them where it can send the body: logit_bias
+past its bounds, and the Responses API's input items with fields OpenAI does not document."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from .frontends import serve_mock
+from .waits import wait_until
+
+fronts = pytest.fixture(scope="module", name="fronts")(serve_mock)
+
+
+def _client(fronts) -> openai.OpenAI:
+    return openai.OpenAI(base_url=fronts.http_url + "/v1", api_key="unused", max_retries=0)
+
+
+def _rejected(fronts) -> float:
+    return fronts.metrics.registry.get_sample_value("jserve_requests_rejected_total",
+                                                    {"reason": "invalid_argument"}) or 0.0
+
+
+# logit_bias past its bounds: OpenAI's "object_above_max_properties" for an object with more
+# entries than it takes (300), "invalid_value" for a key that is not a token id and for a bias
+# that is not a finite number; 400 invalid_request_error naming the field (or its entry).
+LOGIT_BIAS = [
+    ({str(i): 1 for i in range(301)}, "logit_bias", "object_above_max_properties",
+     "logit_bias may have at most 300 entries, got 301"),
+    ({"abc": 1}, "logit_bias", "invalid_value", "logit_bias keys must be token ids (integers), got 'abc'"),
+    ({"3": 1, "1.5": 1}, "logit_bias", "invalid_value", "logit_bias keys must be token ids (integers), got '1.5'"),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("bias, param, code, message", LOGIT_BIAS, ids=["too_many", "word_key", "decimal_key"])
+def test_logit_bias_refusals_carry_a_precise_code(fronts, path, bias, param, code, message):
+    body = {"model": "mock", "max_tokens": 1, "logit_bias": bias}
+    body |= {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(openai.BadRequestError) as e:
+        _client(fronts).post(path.removeprefix("/v1"), body=body, cast_to=dict)
+    assert (e.value.status_code, e.value.type, e.value.param, e.value.code, e.value.body["message"]) == (
+        400, "invalid_request_error", param, code, message)
+
+
+@pytest.mark.parametrize("value", ["1e400", "-1e400", "NaN", "Infinity", "-Infinity"])
+def test_a_bias_that_is_not_a_finite_number_is_an_invalid_value_of_its_entry(fronts, value):
+    """JSON's 1e400 parses as infinity (Python's parser also takes NaN and Infinity): refused,
+    naming the entry as a bias past [-100, 100] is named. The ``openai`` client cannot send these
+    (it refuses non-finite numbers), so the body goes raw."""
+    raw = '{"model": "mock", "prompt": "hi", "max_tokens": 1, "logit_bias": {"3": 1, "5": ' + value + "}}"
+    r = fronts.httpx.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    got = float(value)
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": f"logit_bias values must be finite numbers, got {got!r} for token id 5",
+        "type": "invalid_request_error", "param": "logit_bias.5", "code": "invalid_value"}
+
+
+def test_logit_bias_refusals_leave_other_requests_undisturbed(fronts):
+    """Each refusal is counted once as a rejected request, nothing of it runs, and a request beside
+    it (streaming, started before) and after it gets the same answer as alone."""
+    client = _client(fronts)
+    kw = dict(model="mock", prompt=[4, 5], max_tokens=6, temperature=0)
+    alone = client.completions.create(**kw)
+    before = _rejected(fronts)
+    stream = client.completions.create(stream=True, **kw)
+    refused = [{str(i): 1 for i in range(301)}, {"abc": 1}]
+    for bias in refused:
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(logit_bias=bias, **kw)
+    raw = '{"model": "mock", "prompt": [4, 5], "max_tokens": 6, "logit_bias": {"5": NaN}}'
+    assert fronts.httpx.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}
+                             ).status_code == 400
+    assert "".join(c.choices[0].text for c in stream) == alone.choices[0].text
+    after = client.completions.create(logit_bias={"3": 1.5}, **kw)
+    assert after.choices[0].text == alone.choices[0].text and after.choices[0].finish_reason == "length"
+    assert _rejected(fronts) - before == len(refused) + 1
+    wait_until(lambda: fronts.llm.orchestrator.num_running == 0, "nothing left running")
