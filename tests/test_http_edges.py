@@ -10,7 +10,10 @@ import pytest
 from .frontends import serve_mock
 from .waits import wait_until
 
-fronts = pytest.fixture(scope="module", name="fronts")(serve_mock)
+
+@pytest.fixture(scope="module")
+def fronts():
+    yield from serve_mock(max_len=256, max_prompt_len=192)  # room for a chat's history in the mock's template
 
 
 def _client(fronts) -> openai.OpenAI:
@@ -77,3 +80,84 @@ def test_logit_bias_refusals_leave_other_requests_undisturbed(fronts):
     assert after.choices[0].text == alone.choices[0].text and after.choices[0].finish_reason == "length"
     assert _rejected(fronts) - before == len(refused) + 1
     wait_until(lambda: fronts.llm.orchestrator.num_running == 0, "nothing left running")
+
+
+# ---- the Responses API's input items ---------------------------------------------------------------
+ITEM_REFUSALS = [
+    ({"role": "user", "content": "hi", "foo": 1}, "input[1].foo"),
+    ({"type": "message", "role": "user", "content": "hi", "metadata": {}}, "input[1].metadata"),
+    ({"role": "user", "content": "hi", "zeta": 1, "alpha": 2}, "input[1].alpha"),  # the first, sorted
+    ({"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}", "result": "4"}, "input[1].result"),
+    ({"type": "function_call_output", "call_id": "c1", "output": "4", "error": "x"}, "input[1].error"),
+    ({"role": "user", "content": [{"type": "input_text", "text": "a", "lang": "en"}]}, "input[1].content[0].lang"),
+]
+
+
+@pytest.mark.parametrize("item, param", ITEM_REFUSALS, ids=[p for _, p in ITEM_REFUSALS])
+def test_an_input_item_with_a_field_openai_does_not_document_is_refused_by_name(fronts, item, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        _client(fronts).responses.create(model="mock", input=[{"role": "user", "content": "hi"}, item],
+                                         max_output_tokens=1)
+    body = e.value.body
+    assert (e.value.status_code, body["type"], body["param"], body["code"]) == (
+        400, "invalid_request_error", param, "unknown_parameter"), body
+    assert body["message"].startswith(param.rsplit(".", 1)[0] + ": unknown parameter"), body["message"]
+    assert repr(param.rsplit(".", 1)[1]) in body["message"]
+
+
+def _documented(*types) -> set[str]:
+    """The fields the ``openai`` client's TypedDicts document, together."""
+    return set().union(*(t.__annotations__ for t in types))
+
+
+def test_every_field_the_openai_client_documents_on_an_item_is_taken():
+    """The client library's own types are the reference: each field it documents on the items and
+    text parts this server runs is accepted (and any other refused, above)."""
+    from openai.types.responses import (
+        EasyInputMessageParam,
+        ResponseFunctionToolCallParam,
+        ResponseInputTextParam,
+        ResponseOutputMessageParam,
+        ResponseOutputTextParam,
+    )
+    from openai.types.responses.response_input_item_param import FunctionCallOutput, Message
+
+    from jserve.http_responses import ITEM_FIELDS, PART_FIELDS
+
+    assert ITEM_FIELDS["message"] == _documented(EasyInputMessageParam, Message, ResponseOutputMessageParam)
+    assert ITEM_FIELDS["function_call"] == _documented(ResponseFunctionToolCallParam)
+    assert ITEM_FIELDS["function_call_output"] == _documented(FunctionCallOutput)
+    assert PART_FIELDS["input_text"] == _documented(ResponseInputTextParam)
+    assert PART_FIELDS["output_text"] == _documented(ResponseOutputTextParam)
+
+
+def test_items_with_every_documented_field_and_an_earlier_output_sent_back_are_served(fronts):
+    """What real clients send: an earlier response's output items as history (``input += r.output``)
+    and items carrying every documented field, each read as the same chat as without them."""
+    from jserve.http_responses import ResponsesRequest
+
+    client = _client(fronts)
+    first = client.responses.create(model="mock", input="a", max_output_tokens=2, temperature=0)
+    assert first.output and first.output_text
+    history = [{"role": "user", "content": "a"}, *first.output, {"role": "user", "content": "b"}]
+    again = client.responses.create(model="mock", input=history, max_output_tokens=2, temperature=0)
+    plain = client.responses.create(model="mock", max_output_tokens=2, temperature=0, input=[
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "b"}])
+    assert again.output_text == plain.output_text and again.usage.input_tokens == plain.usage.input_tokens
+    full = [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi",
+                                                         "prompt_cache_breakpoint": {"mode": "explicit"}}],
+         "status": "completed"},
+        {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed", "phase": "final_answer",
+         "content": [{"type": "output_text", "text": "let me see", "annotations": [], "logprobs": []}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": "{}",
+         "status": "completed", "namespace": "ns", "caller": {"type": "direct"}},
+        {"type": "function_call_output", "id": "fco_1", "call_id": "c1", "output": "4", "status": "completed",
+         "name": "f", "namespace": "ns", "caller": {"type": "direct"}},
+    ]
+    bare = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "let me see"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "4"}]
+    assert (ResponsesRequest(model="m", input=full).chat_request().messages
+            == ResponsesRequest(model="m", input=bare).chat_request().messages)
