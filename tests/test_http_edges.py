@@ -13,7 +13,8 @@ from .waits import wait_until
 
 @pytest.fixture(scope="module")
 def fronts():
-    yield from serve_mock(max_len=256, max_prompt_len=192)  # room for a chat's history in the mock's template
+    # room for a chat's history in the mock's template, and more alternatives than the completions take
+    yield from serve_mock(max_len=256, max_prompt_len=192, top_logprobs=8)
 
 
 def _client(fronts) -> openai.OpenAI:
@@ -161,3 +162,23 @@ def test_items_with_every_documented_field_and_an_earlier_output_sent_back_are_s
             {"type": "function_call_output", "call_id": "c1", "output": "4"}]
     assert (ResponsesRequest(model="m", input=full).chat_request().messages
             == ResponsesRequest(model="m", input=bare).chat_request().messages)
+
+
+# ---- completions' logprobs ----------------------------------------------------------------------
+def test_completions_logprobs_past_openais_five_are_refused_where_the_server_allows_more(fronts):
+    """The legacy completions' ``logprobs`` is at most 5 (OpenAI's API reference, as the ``openai``
+    client documents it), while chat's ``top_logprobs`` goes to 20: on a server that allows 8, a
+    completion asking for 6 is refused naming the field, one asking for 5 gets 5 per token, and a
+    chat asking for 6 gets 6."""
+    client = _client(fronts)
+    assert fronts.llm.limits.max_logprobs == 8
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="mock", prompt=[4, 5], max_tokens=2, logprobs=6)
+    assert (e.value.status_code, e.value.body) == (400, {
+        "message": "logprobs must be in [0, 5], got 6", "type": "invalid_request_error", "param": "logprobs",
+        "code": "integer_above_max_value"})
+    five = client.completions.create(model="mock", prompt=[4, 5], max_tokens=2, logprobs=5, temperature=0)
+    assert [len(top) for top in five.choices[0].logprobs.top_logprobs] == [5, 5]
+    chat = client.chat.completions.create(model="mock", messages=[{"role": "user", "content": "a"}], max_tokens=2,
+                                          logprobs=True, top_logprobs=6, temperature=0)
+    assert [len(t.top_logprobs) for t in chat.choices[0].logprobs.content] == [6, 6]
