@@ -22,13 +22,15 @@ class ErrorKind(str, enum.Enum):
 
 
 # OpenAI's error ``code`` for a field refused at the edge (``RequestError.code``; None where OpenAI
-# gives none or we do not know its one, e.g. an unknown field, too many logit_bias entries); a
-# number out of range: ``range_code``.
+# gives none or we do not know its one, e.g. an unknown field); a number out of range: ``range_code``.
 INVALID_TYPE = "invalid_type"  # a value of another JSON type than the field takes
 MISSING = "missing_required_parameter"  # a required field not given
 INVALID_VALUE = "invalid_value"  # a value that is none of the field's known ones (a role, a token id)
 ARRAY_TOO_LONG = "array_above_max_length"  # more items than a list takes (stop, messages)
 STRING_TOO_LONG = "string_above_max_length"  # a string longer than the field takes (a stop string)
+# An object with more entries than the field takes (logit_bias past 300): OpenAI's code for an
+# object with too many properties (its API's answer to ``metadata`` past 16 entries).
+OBJECT_TOO_LARGE = "object_above_max_properties"
 
 
 def range_code(integer: bool, below: bool) -> str:

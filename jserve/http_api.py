@@ -38,6 +38,8 @@ from jserve.http_output import ChoicesMixin, _EventStream
 from jserve.http_responses import ResponsesRequest
 from jserve.http_responses import respond as respond_responses
 from jserve.http_schemas import (
+    OPENAI_MAX_COMPLETION_LOGPROBS,
+    OPENAI_MAX_LOGPROBS,
     REJECTED,
     ApiError,
     ChatCompletionRequest,
@@ -99,10 +101,11 @@ class HttpFrontEnd(ChoicesMixin):
             raise ApiError.of(e) from e
 
     def _check(self, body: _Sampling, max_tokens: int | None, logprobs: int | None,
-               sent_as: dict[str, str] | None = None) -> None:
+               sent_as: dict[str, str] | None = None, max_logprobs: int = OPENAI_MAX_LOGPROBS) -> None:
         """The sampling fields, checked by the request layer before any prompt is tokenized;
         ``sent_as``: the request layer's name of a field → the one the client sent it by
-        (``max_tokens`` → ``max_completion_tokens``), which the error names instead."""
+        (``max_tokens`` → ``max_completion_tokens``), which the error names instead;
+        ``max_logprobs``: OpenAI's bound on the endpoint's alternatives per token."""
         try:
             params = rq.check_params(body.params(max_tokens, logprobs, body.seed), self.llm.limits)
         except RequestError as e:
@@ -114,7 +117,7 @@ class HttpFrontEnd(ChoicesMixin):
                 if err.message.startswith(f"{field} "):
                     err.message = name + err.message[len(field):]
             raise err from e
-        check_openai_bounds(params, sent_as)
+        check_openai_bounds(params, sent_as, max_logprobs)
 
     async def _start(self, prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
                      logprobs: int | None, constraint: Any = None,
@@ -268,7 +271,7 @@ class HttpFrontEnd(ChoicesMixin):
             # One prompt (text or token ids; [] is an empty one) or a batch of them.
             batch = not (isinstance(p, str) or all(isinstance(t, int) for t in p))
             prompts_in: list[Any] = list(p) if batch else [p]
-            self._check(body, body.max_tokens, body.logprobs)
+            self._check(body, body.max_tokens, body.logprobs, max_logprobs=OPENAI_MAX_COMPLETION_LOGPROBS)
             prompts = []
             for i, x in enumerate(prompts_in):
                 try:

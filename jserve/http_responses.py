@@ -141,6 +141,45 @@ class ResponsesRequest(_Body):
 _ITEM_FIELDS = {"tool_call_id": "call_id", "tool_calls": "", "reasoning_content": ""}
 
 
+# The fields OpenAI documents on each input item (and text part) this server takes, as the
+# ``openai`` client types them (``EasyInputMessageParam``, ``ResponseInputItemParam``'s ``Message``
+# and ``FunctionCallOutput``, ``ResponseOutputMessageParam``, ``ResponseFunctionToolCallParam``,
+# ``ResponseInputTextParam``, ``ResponseOutputTextParam``): any other field is refused, named as
+# OpenAI names it (``input[0].foo``, code ``unknown_parameter``). Documented fields that change
+# nothing here are accepted and ignored:
+# - ``id``, ``status``: an earlier response's item sent back as history (``input += r.output``);
+#   the server keeps no state, so neither refers to anything it holds.
+# - ``phase``: OpenAI's label of an assistant message as commentary or final answer, for its own
+#   models; a chat template has no place for it, the message's text is the same either way.
+# - ``caller``, ``namespace``, and a call output's ``name``: where a call came from, its tool's
+#   namespace and name; this server's tools are flat functions, a call is named by its ``name``
+#   and its output is matched to it by ``call_id``.
+# - a text part's ``annotations`` and ``logprobs`` (an earlier answer's citations and
+#   log-probabilities) and ``prompt_cache_breakpoint`` (a caching hint: the prefix cache, when
+#   on, is automatic); the part's ``text`` is what the model reads.
+ITEM_FIELDS = {
+    "message": frozenset({"type", "role", "content", "id", "status", "phase"}),
+    "function_call": frozenset({"type", "call_id", "name", "arguments", "id", "status", "caller", "namespace"}),
+    "function_call_output": frozenset({"type", "call_id", "output", "id", "status", "caller", "name", "namespace"}),
+}
+PART_FIELDS = {
+    "input_text": frozenset({"type", "text", "prompt_cache_breakpoint"}),
+    "output_text": frozenset({"type", "text", "annotations", "logprobs"}),
+    "text": frozenset({"type", "text"}),  # chat's text part, taken here too
+}
+
+
+def _check_fields(at: str, what: str, given: dict[str, Any], known: frozenset[str]) -> None:
+    """Refuse the fields of ``given`` (the item or part at ``at``, ``input[1]``) OpenAI does not
+    document on it, naming the first (sorted) as OpenAI names an unknown parameter."""
+    unknown = sorted(set(given) - known)
+    if unknown:
+        listed = ", ".join(repr(f) for f in unknown)
+        raise ApiError(400, f"{at}: unknown parameter{'s' if len(unknown) > 1 else ''} {listed} on a {what} "
+                            f"(it takes {', '.join(sorted(known))})",
+                       param=f"{at}.{unknown[0]}", code="unknown_parameter")
+
+
 def _text_of(i: int, content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -149,10 +188,11 @@ def _text_of(i: int, content: Any) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+        if kind not in PART_FIELDS or not isinstance(part.get("text"), str):
             raise ApiError(400, f"input[{i}]: content parts of type {kind!r} are not supported (text only)",
-                           param=f"input[{i}].content[{j}].type" if kind not in ("input_text", "output_text", "text")
+                           param=f"input[{i}].content[{j}].type" if kind not in PART_FIELDS
                            else f"input[{i}].content[{j}].text")
+        _check_fields(f"input[{i}].content[{j}]", f"{kind} part", part, PART_FIELDS[kind])
         texts.append(part["text"])
     return "".join(texts)
 
@@ -160,6 +200,8 @@ def _text_of(i: int, content: Any) -> str:
 def messages_from_item(messages: list[dict[str, Any]], i: int, item: Any) -> None:
     """Append input item ``i`` (a message, a ``function_call`` or a ``function_call_output``)."""
     kind = item.get("type", "message") if isinstance(item, dict) else None
+    if kind in ITEM_FIELDS:
+        _check_fields(f"input[{i}]", f"{kind} item", item, ITEM_FIELDS[kind])
     if kind == "message":
         role = item.get("role")
         if role not in ("user", "assistant", "system", "developer"):

@@ -190,24 +190,29 @@ class CompletionRequest(_Sampling):
 
 # OpenAI's bounds on its numbers (its API reference), where they are tighter than the request
 # layer's: the HTTP API refuses past them as OpenAI does ("temperature ... between 0 and 2",
-# "top_logprobs ... between 0 and 20"); gRPC and ``LLM`` keep the request layer's (any finite
-# temperature >= 0, logprobs up to --max-logprobs). The others (top_p, the penalties, logit_bias
-# values) already have OpenAI's bounds in the request layer.
+# chat's "top_logprobs ... between 0 and 20", and the legacy completions' "The maximum value for
+# logprobs is 5", as the ``openai`` client's ``CompletionCreateParams`` documents it); gRPC and
+# ``LLM`` keep the request layer's (any finite temperature >= 0, logprobs up to --max-logprobs).
+# The others (top_p, the penalties, logit_bias values) already have OpenAI's bounds in the request
+# layer.
 OPENAI_MAX_TEMPERATURE = 2.0
-OPENAI_MAX_LOGPROBS = 20
+OPENAI_MAX_LOGPROBS = 20  # chat's top_logprobs
+OPENAI_MAX_COMPLETION_LOGPROBS = 5  # the completions' logprobs
 
 
-def check_openai_bounds(params: SamplingParams, sent_as: dict[str, str] | None = None) -> None:
+def check_openai_bounds(params: SamplingParams, sent_as: dict[str, str] | None = None,
+                        max_logprobs: int = OPENAI_MAX_LOGPROBS) -> None:
     """Refuse a number past OpenAI's bound (``OPENAI_MAX_*``) that the request layer takes;
-    ``sent_as``: a field's name as the client sent it (``logprobs`` → ``top_logprobs``)."""
+    ``sent_as``: a field's name as the client sent it (``logprobs`` → ``top_logprobs``);
+    ``max_logprobs``: the endpoint's bound on the alternatives per token."""
     names = sent_as or {}
     try:
         if params.temperature > OPENAI_MAX_TEMPERATURE:
             raise InvalidRequestError(f"temperature must be in [0, 2] (0 = greedy), got {params.temperature}",
                                       range_code(False, False), "temperature")
-        if params.logprobs is not None and params.logprobs > OPENAI_MAX_LOGPROBS:
+        if params.logprobs is not None and params.logprobs > max_logprobs:
             name = names.get("logprobs", "logprobs")
-            raise InvalidRequestError(f"{name} must be in [0, {OPENAI_MAX_LOGPROBS}], got {params.logprobs}",
+            raise InvalidRequestError(f"{name} must be in [0, {max_logprobs}], got {params.logprobs}",
                                       range_code(True, False), name)
     except RequestError as e:
         raise ApiError.of(e) from e

@@ -21,7 +21,9 @@ from flax import struct
 from jserve.constraint import Constraint
 from jserve.errors import (  # InvalidRequestError: re-exported
     ARRAY_TOO_LONG,
+    INVALID_TYPE,
     INVALID_VALUE,
+    OBJECT_TOO_LARGE,
     STRING_TOO_LONG,
     InvalidRequestError,
     range_code,
@@ -47,7 +49,8 @@ class SamplingParams:
     """How one request is sampled and when it stops.
 
     ``temperature`` 0 means greedy. ``top_k`` 0 and ``top_p`` 1 and ``min_p`` 0 disable those
-    filters. ``repetition_penalty`` (1 = off) divides positive / multiplies negative logits of
+    filters; ``top_p`` 0 (OpenAI's API takes it) keeps the most likely token alone, as greedy
+    does, whatever the temperature. ``repetition_penalty`` (1 = off) divides positive / multiplies negative logits of
     tokens seen in the prompt or output; ``presence_penalty`` and ``frequency_penalty``
     (0 = off) subtract from the logits of tokens already generated, once / per occurrence.
     ``stop`` strings end the text just before the stop string. ``logprobs``: None (the default)
@@ -91,8 +94,9 @@ class SamplingParams:
             outside(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}", False, True)
         if self.top_k < 0:
             outside(f"top_k must be >= 0 (0 = off), got {self.top_k}", True, True)
-        if not (0.0 < self.top_p <= 1.0):
-            outside(f"top_p must be in (0, 1], got {self.top_p}", False, not self.top_p > 0.0)
+        if not (0.0 <= self.top_p <= 1.0):  # 0, as OpenAI takes it: the most likely token only
+            outside(f"top_p must be in [0, 1] (0 = the most likely token only), got {self.top_p}", False,
+                    not self.top_p >= 0.0)
         if not (0.0 <= self.min_p <= 1.0):
             outside(f"min_p must be in [0, 1], got {self.min_p}", False, not self.min_p >= 0.0)
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
@@ -131,33 +135,37 @@ def validate_logit_bias(pairs: object, vocab_size: int) -> tuple[tuple[int, floa
     """``pairs`` (a mapping of token id → bias, ids as ints or decimal strings as JSON sends them,
     or a sequence of (id, bias) pairs) checked and returned as ``SamplingParams.logit_bias``.
 
-    Refused with a precise ``InvalidRequestError``: more than ``MAX_LOGIT_BIAS`` entries, an id
-    that is not an integer in [0, vocab_size), the same id twice, a bias that is not a finite
-    number in [-100, 100]."""
-    def bad(msg: str) -> None:
-        raise InvalidRequestError(msg)
+    Refused with a precise ``InvalidRequestError``, each with OpenAI's error code and the field
+    (or its entry, ``logit_bias.5``) it names: more than ``MAX_LOGIT_BIAS`` entries
+    (``object_above_max_properties``), a key that is not a token id, an id outside [0,
+    vocab_size), the same id twice, a bias that is not a finite number (``invalid_value``), a bias
+    outside [-100, 100] (``range_code``)."""
+    def bad(msg: str, code: str, param: str = "logit_bias") -> None:
+        raise InvalidRequestError(msg, code, param)
 
     items = list(pairs.items()) if hasattr(pairs, "items") else list(pairs)  # type: ignore[union-attr]
     if len(items) > MAX_LOGIT_BIAS:
-        bad(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(items)}")
+        bad(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(items)}", OBJECT_TOO_LARGE)
     out: list[tuple[int, float]] = []
     seen: set[int] = set()
     for item in items:
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            bad(f"logit_bias entries must be (token id, bias) pairs, got {item!r}")
+            bad(f"logit_bias entries must be (token id, bias) pairs, got {item!r}", INVALID_TYPE)
         key, value = item
         if isinstance(key, str) and key.strip().lstrip("-").isdigit():
             key = int(key)
         if isinstance(key, bool) or not isinstance(key, numbers.Integral):
-            bad(f"logit_bias keys must be token ids (integers), got {key!r}")
+            bad(f"logit_bias keys must be token ids (integers), got {key!r}", INVALID_VALUE)
         at = f"logit_bias.{key}"  # the item, as a body's field inside an object is named (``stream_options.x``)
         if not 0 <= key < vocab_size:
             raise InvalidRequestError(f"logit_bias token id {key} is outside the vocabulary [0, {vocab_size})",
                                       INVALID_VALUE, at)
         if key in seen:
             raise InvalidRequestError(f"logit_bias gives token id {key} twice", INVALID_VALUE, at)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            bad(f"logit_bias values must be finite numbers, got {value!r} for token id {key}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            bad(f"logit_bias values must be finite numbers, got {value!r} for token id {key}", INVALID_TYPE, at)
+        if not math.isfinite(value):  # JSON's 1e400 is infinity (and Python's parser takes NaN)
+            bad(f"logit_bias values must be finite numbers, got {value!r} for token id {key}", INVALID_VALUE, at)
         if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
             raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {value} for token id {key}",
                                       range_code(False, value < -LOGIT_BIAS_LIMIT), at)
@@ -331,7 +339,8 @@ def sample(logits: jax.Array, sp: SlotSampling, step: jax.Array) -> jax.Array:
     (``lax.top_k``, no sort); any other row (plain temperature sampling, a wide nucleus) draws
     over the whole vocabulary in two levels. Nothing is sorted, and a row's token depends only on
     its own logits, parameters and key, never on which other rows shared the step. Tokens tied
-    with the last kept one are all kept.
+    with the last kept one are all kept. The most likely token is always kept, so no filter leaves
+    an empty set: ``top_p`` 0 keeps it alone (nothing divides by ``top_p``).
     """
     def stochastic(lg: jax.Array) -> jax.Array:
         keys = jax.vmap(jax.random.fold_in)(sp.key, step)

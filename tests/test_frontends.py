@@ -66,7 +66,7 @@ INVALID = [
     ("max_tokens_zero", "hello", dict(max_tokens=0), "max_tokens must be an integer >= 1, got 0"),
     ("negative_temperature", "hello", dict(temperature=-0.5),
      "temperature must be a finite number >= 0 (0 = greedy), got -0.5"),
-    ("top_p_zero", "hello", dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
+    ("top_p_negative", "hello", dict(top_p=-0.5), "top_p must be in [0, 1] (0 = the most likely token only), got -0.5"),
     ("token_outside_vocabulary", [1, 2, 49152], {}, "token id 49152 at index 2 is outside the vocabulary [0, 49152)"),
     ("unknown_role", [{"role": "wizard", "content": "hi"}], {},
      "message 0: unknown role 'wizard' (expected one of system, developer, user, assistant, tool)"),

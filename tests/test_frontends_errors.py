@@ -255,7 +255,7 @@ RANGES = [
     ({"logprobs": 4}, "logprobs", "integer_above_max_value"),
     ({"temperature": -1}, "temperature", "decimal_below_min_value"),
     ({"top_p": 2}, "top_p", "decimal_above_max_value"),
-    ({"top_p": 0}, "top_p", "decimal_below_min_value"),
+    ({"top_p": -0.1}, "top_p", "decimal_below_min_value"),
     ({"min_p": 1.5}, "min_p", "decimal_above_max_value"),
     ({"repetition_penalty": 0}, "repetition_penalty", "decimal_below_min_value"),
     ({"presence_penalty": -2.5}, "presence_penalty", "decimal_below_min_value"),

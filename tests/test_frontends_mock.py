@@ -95,7 +95,7 @@ MESSAGES = [
      f"the prompt has {MAX_PROMPT + 1} tokens; this server accepts at most {MAX_PROMPT}"),
     ("too_many_logprobs", "hello", dict(logprobs=TOP + 1),
      f"logprobs must be in [0, {TOP}] on this server, got {TOP + 1}"),
-    ("top_p_above_one", "hello", dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
+    ("top_p_above_one", "hello", dict(top_p=1.5), "top_p must be in [0, 1] (0 = the most likely token only), got 1.5"),
     ("max_tokens_zero", "hello", dict(max_tokens=0), "max_tokens must be an integer >= 1, got 0"),
     # Refused before tokenizing: 5 bytes at most per token of the letters tokenizer (its "<unk>").
     ("text_past_the_prompt_bytes", "hello " * 40, {},

@@ -114,6 +114,20 @@ def test_n_choices_and_seed_reproducibility(server, oai, model):
             assert choice.message.content == ref.text
 
 
+def test_top_p_zero_takes_the_most_likely_token_at_any_temperature(oai, model):
+    """OpenAI takes ``top_p: 0``: only the most likely token survives, so at temperature 1 every
+    choice is the greedy answer, token for token (the seeds that make plain sampling differ)."""
+    kw = dict(model=model, prompt="Once upon a time", max_tokens=12, extra_body={"ignore_eos": True})
+    greedy = oai.completions.create(temperature=0, **kw).choices[0].text
+    nucleus = oai.completions.create(temperature=1, top_p=0, n=3, seed=5, **kw)
+    assert [c.text for c in nucleus.choices] == [greedy] * 3
+    sampled = oai.completions.create(temperature=1, n=3, seed=5, **kw)  # the same seeds without top_p
+    assert any(c.text != greedy for c in sampled.choices)
+    chat = dict(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    assert (oai.chat.completions.create(temperature=1, top_p=0, seed=9, **chat).choices[0].message.content
+            == oai.chat.completions.create(temperature=0, **chat).choices[0].message.content)
+
+
 def test_logprobs_chat_and_completions(oai, model):
     r = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                     temperature=0, logprobs=True, top_logprobs=2)

@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jserve.sampling import InvalidRequestError, SamplingParams, SlotSampling, apply_penalties, greedy
+from jserve.sampling import (
+    InvalidRequestError,
+    SamplingParams,
+    SlotSampling,
+    apply_penalties,
+    greedy,
+    sample_with_uniform,
+)
 from jserve.sampling import sample as _sample
 
 sample = jax.jit(_sample)
@@ -36,6 +43,26 @@ def test_top_k_one_and_tiny_top_p_and_full_min_p_are_greedy():
                 SamplingParams(temperature=1.5, min_p=1.0)], [1, 2, 3])
     for step in range(5):
         assert sample(logits, sp, jnp.full((3,), step)).tolist() == greedy(logits).tolist()
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token_at_any_temperature():
+    """OpenAI takes ``top_p: 0``: the nucleus is the most likely token alone (its tie broken as
+    greedy's, the first index), whatever the temperature and the uniform number drawn; numpy's
+    argmax is the reference. The rows beside it take the full-vocabulary path in the same step."""
+    SamplingParams(temperature=1.0, top_p=0.0).validate(vocab_size=1000, max_logprobs=0)  # accepted
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 1000)).astype(np.float32)  # flat: temperature alone rarely picks the top
+    logits[3, [10, 700]] = logits[3].max() + 1.0  # a tie at the top
+    params = [SamplingParams(temperature=t, top_p=0.0) for t in (1.0, 1.0, 2.0, 1.0)] + [
+        SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.999)]
+    sp = _rows(params, [1, 2, 3, 4, 5, 6])
+    want = np.argmax(logits[:4], axis=-1).tolist()
+    assert want[3] == 10
+    for step in range(20):
+        assert sample(jnp.asarray(logits), sp, jnp.full((6,), step)).tolist()[:4] == want
+    for u in (0.0, 0.5, 1.0 - 2.0**-24):  # the edges of the inverse-CDF draw
+        drawn = jax.jit(sample_with_uniform)(jnp.asarray(logits), sp, jnp.full((6,), u, jnp.float32))
+        assert drawn.tolist()[:4] == want
 
 
 def test_top_k_restricts_to_the_k_best():
@@ -71,8 +98,9 @@ def test_penalties():
 @pytest.mark.parametrize("kwargs, msg", [
     ({"temperature": -0.1}, "temperature must be a finite number >= 0"),
     ({"temperature": float("inf")}, "temperature must be a finite number >= 0 (0 = greedy), got inf"),
-    ({"top_p": 0.0}, "top_p must be in (0, 1]"),
-    ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+    ({"top_p": -0.1}, "top_p must be in [0, 1] (0 = the most likely token only), got -0.1"),
+    ({"top_p": 1.5}, "top_p must be in [0, 1] (0 = the most likely token only), got 1.5"),
+    ({"top_p": float("nan")}, "top_p must be in [0, 1] (0 = the most likely token only), got nan"),
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
     ({"top_k": -1}, "top_k must be >= 0"),
     ({"min_p": 2.0}, "min_p must be in [0, 1]"),
@@ -122,7 +150,7 @@ DRAW_CASES = [
 def test_draws_follow_the_filtered_distribution_exactly(shape, params):
     """Driven by a grid of uniform numbers, inverse-CDF draws land on each token in proportion to
     its probability under the reference definition, to within one grid step."""
-    from jserve.sampling import CANDIDATES, sample_with_uniform
+    from jserve.sampling import CANDIDATES
 
     rng = np.random.default_rng(11)
     v = 1000
