@@ -137,3 +137,16 @@ def test_engine_through_the_loop_equals_the_layers_unrolled(monkeypatch, quantiz
     per_layer = (kernel_calls(flat) - kernel_calls(looped)) // (loop.cfg.n_layers - 1)
     assert per_layer >= 5  # qkv, o, gate/up, down, attention: each once in the loop's body
     assert kernel_calls(flat) == loop.cfg.n_layers * per_layer + 1  # and the output projection
+
+
+def test_lazy_zeros_are_zeros_whatever_memory_they_get():
+    """The stacked pool's zeros (``cpu_kernels.lazy_zeros``) write only what is not already zero: a
+    buffer reused from earlier garbage must still come back all zeros."""
+    make = jax.jit(lambda: ck.lazy_zeros((3, 5, 1000), jnp.float32))
+    for _ in range(3):
+        garbage = jnp.full((3, 5, 1000), 7.0, jnp.float32) + 0  # freed before the next zeros are made
+        del garbage
+        z = make()
+        assert z.shape == (3, 5, 1000) and not np.asarray(z).any()
+    big = jax.jit(lambda: ck.lazy_zeros((2, 1 << 23), jnp.uint16))()  # 32 MiB: fresh pages
+    assert not np.asarray(big).any()
