@@ -16,11 +16,12 @@ the C heap's bytes in use (glibc's ``mallinfo2``) tell live memory from freed me
 ``--fresh`` compiles every executable instead of loading it from JAX's cache.
 
 What a compiled call holds (measured with this view, SmolLM2 Q4_1, 8 x 1024): XLA:CPU keeps each
-executable's optimized HLO module and buffer assignment, ~23,000 instructions for ``extend`` and
-``generate`` (the 30 layers are inlined one after another), ~43 MiB of live heap when compiled;
-one loaded from JAX's cache also keeps a proto copy of both (XLA's CPU loader keeps it for
-``get_compiled_memory_stats``), ~79 MiB. The serialized executable is 3 MiB. Freed only with the
-executable (``jax.clear_caches()`` plus dropping every reference).
+executable's optimized HLO module and buffer assignment; one loaded from JAX's cache also keeps a
+proto copy of both (XLA's CPU loader keeps it for ``get_compiled_memory_stats``). With the 30
+layers inlined one after another (``JSERVE_LOOP_LAYERS=0``) that is ~23,000 instructions and
+~79 MiB of heap per ``extend``/``generate`` call loaded from the cache (~43 compiled fresh); as one
+loop over layers (``model.loops_layers``, the CPU default) ~4,300 instructions and 4-24 MiB.
+Freed only with the executable (``jax.clear_caches()`` plus dropping every reference).
 
     python scripts/bench_memory.py [--slots 8] [--max-len 1024] [--kv-dtype float32] [--requests 4]
         [--phases [--fresh]] [--extra "--quantize q8_0"]
