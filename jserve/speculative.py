@@ -130,7 +130,11 @@ class SpecPolicy:
     def observe(self, kind: StepKind, seconds: float) -> None:
         n = self._count.get(kind, 0)
         self._count[kind] = n + 1
-        self.times[kind] = seconds if n < 2 else 0.8 * self.times[kind] + 0.2 * seconds
+        # A kind timed again because its time went stale takes the new time whole: the old one was
+        # taken under other conditions (often the background compilation's load, right after SERVING),
+        # and averaged in at 0.2 a stale time would keep a verify width unchosen for minutes.
+        fresh = n < 2 or self._stale(kind)
+        self.times[kind] = seconds if fresh else 0.8 * self.times[kind] + 0.2 * seconds
         self._measured[kind] = self.clock()
 
     def _timed(self, kind: StepKind) -> bool:

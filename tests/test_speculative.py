@@ -97,6 +97,30 @@ def test_policy_compares_tokens_per_second_of_every_kind_and_measures_each():
     assert p.choose(1, 1, {1: 0.0}) == 1
 
 
+def test_a_stale_time_measured_again_replaces_the_old_one():
+    """A verify width timed slow under a passing load (the background compilation right after
+    SERVING) is chosen again as soon as one fresh measurement, taken once the old one is stale, says
+    it pays; while fresh, times are averaged."""
+    now = [0.0]
+    p = SpecPolicy(refresh_s=10.0, clock=lambda: now[0])
+    for kind, t in ((GENERATE, 0.010), (StepKind(1, 1), 0.010), (StepKind(1, 5), 0.060)):
+        p.observe(kind, t)
+        p.observe(kind, t)
+    drafts = {1: 0.0, 5: 2.0}  # 3 tokens per verify:1x5 call
+    assert p.choose(1, 1, drafts) in (None, 1)  # 50 tokens/s at width 5 against 100
+    now[0] = 11.0
+    assert p.choose(1, 1, drafts) == 1  # stale: each timed again, the oldest first
+    p.observe(StepKind(1, 1), 0.010)
+    assert p.choose(1, 1, drafts) == 5
+    p.observe(StepKind(1, 5), 0.015)
+    assert p.times[StepKind(1, 5)] == 0.015
+    assert p.choose(1, 1, drafts) is None  # generate, stale too, is timed again
+    p.observe(GENERATE, 0.010)
+    assert p.choose(1, 1, drafts) == 5  # 200 tokens/s against 100
+    p.observe(StepKind(1, 5), 0.025)  # fresh times are averaged
+    assert p.times[StepKind(1, 5)] == pytest.approx(0.8 * 0.015 + 0.2 * 0.025)
+
+
 def test_verify_widths():
     assert verify_widths(0) == ()
     assert verify_widths(1) == (1, 2)
