@@ -33,7 +33,7 @@ def main() -> int:
 
     import jax
 
-    from jserve import LLM
+    from jserve import LLM, model
     from jserve.sampling import SamplingParams
     from jserve.sharding import device_bytes
 
@@ -51,18 +51,19 @@ def main() -> int:
             results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                                                            ignore_eos=True))
             params, state = llm.engine.params, llm.engine.init_state()
-            layer = params.layers[0]
+            layer = model.layer_params(params, 0)  # stacked unsharded (model.loops_layers): a view
             leaves = {"wqkv": layer.wqkv, "wo": layer.wo, "w_gate_up": layer.w_gate_up, "w_down": layer.w_down,
                       "embed": params.embed, "lm_head": params.lm_head, "attn_norm": layer.attn_norm}
+            k0 = state.cache.k if state.cache.stacked else state.cache.k[0]  # a stacked pool: all layers
             run = {
                 "tokens": [r.token_ids for r in results],
                 "params_total": sum(x.nbytes for x in jax.tree.leaves(params)),
                 "params_per_device": sorted(device_bytes(params).values()),
                 "state_total": sum(x.nbytes for x in jax.tree.leaves(state)),
                 "state_per_device": sorted(device_bytes(state).values()),
-                "cache_spec": list(getattr(state.cache.k[0].sharding, "spec", ())),
-                "cache_shard_shape": list(state.cache.k[0].addressable_shards[0].data.shape),
-                "cache_shape": list(state.cache.k[0].shape),
+                "cache_spec": list(getattr(k0.sharding, "spec", ())),
+                "cache_shard_shape": list(k0.addressable_shards[0].data.shape),
+                "cache_shape": list(k0.shape),
                 "leaf_shard_fraction": {},
             }
             for name, x in leaves.items():
@@ -96,7 +97,7 @@ def forward_runs(checkpoints: list[str], meshes: list[str], prompts: list[list[i
             cfg, params, _ = checkpoint.load(pathlib.Path(path), quantize=quantize, plan=plan)
             cfg = cfg.for_context(len(prompts[0]))
             logits = jax.jit(model.logits_all, static_argnums=1)(params, cfg, jnp.array(prompts, jnp.int32))
-            layer = params.layers[0]
+            layer = model.layer_params(params, 0)  # stacked unsharded (model.loops_layers): a view
             fractions = {}
             for f in dataclasses.fields(layer):
                 x = getattr(layer, f.name)
