@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.parts:
         d = cfg.dim
-        L = params.layers
+        # Each layer's weights (views of the stacks where the engine loops over layers: read in place).
+        L = params.layers or tuple(model.layer_params(params, i) for i in range(cfg.n_layers))
         h = cfg.head_dim
         inv = model.rope_inv_freq(cfg, 0)
         eps = cfg.norm_eps
