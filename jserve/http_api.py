@@ -49,6 +49,7 @@ from jserve.http_schemas import (
     _Sampling,
     check_openai_bounds,
     finish_error,
+    unknown_fields,
 )
 from jserve.http_tools import ToolReplies, plan_chat
 
@@ -185,9 +186,12 @@ class HttpFrontEnd(ChoicesMixin):
             return JSONResponse(e.body(), status_code=e.status)
 
         @app.exception_handler(RequestValidationError)
-        async def invalid_body(_request: Request, e: RequestValidationError):
-            message, field, code = rq.body_error(e.errors())  # which field, the type it takes, what was sent
+        async def invalid_body(request: Request, e: RequestValidationError):
             self._rejected("invalid_argument")
+            unknown = unknown_fields(list(e.errors()), e.body, request.url.path)  # named first, as OpenAI does
+            if unknown is not None:
+                return JSONResponse(unknown.body(), status_code=400)
+            message, field, code = rq.body_error(e.errors())  # which field, the type it takes, what was sent
             return JSONResponse(ApiError(400, message, param=field, code=code).body(), status_code=400)
 
         @app.middleware("http")
@@ -263,10 +267,7 @@ class HttpFrontEnd(ChoicesMixin):
         async def completions(body: CompletionRequest, request: Request):
             self._ready()
             self._check_model(body.model)
-            if body.echo:
-                raise ApiError(400, "echo is not supported", param="echo")
-            if body.suffix:
-                raise ApiError(400, "suffix is not supported", param="suffix")
+            body.check_supported()
             p = body.prompt
             # One prompt (text or token ids; [] is an empty one) or a batch of them.
             batch = not (isinstance(p, str) or all(isinstance(t, int) for t in p))

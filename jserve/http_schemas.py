@@ -30,8 +30,42 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# The fields OpenAI documents on each chat message's role (the ``openai`` client's
+# ``ChatCompletion*MessageParam``), and jserve's one extra: ``reasoning_content`` on an assistant
+# turn (an earlier reply's reasoning sent back, as vLLM takes it). A field its role does not take
+# is refused by name (``messages[1].tool_call_id``, code ``unknown_parameter``), as one that no
+# role takes; a field of another role sent as null is let through (clients that serialize every
+# field of a message class). OpenAI's deprecated ``function`` role is refused by the request layer.
+_ROLE_FIELDS = frozenset({"role", "content", "name"})
+MESSAGE_FIELDS = {
+    "system": _ROLE_FIELDS,
+    "developer": _ROLE_FIELDS,
+    "user": _ROLE_FIELDS,
+    "assistant": _ROLE_FIELDS | {"tool_calls", "refusal", "audio", "function_call", "reasoning_content"},
+    "tool": frozenset({"role", "content", "tool_call_id"}),
+}
+# An assistant message's documented fields that jserve cannot read back: refused, never dropped.
+MESSAGE_UNSUPPORTED = {
+    "audio": "an earlier reply's audio is not supported (this server writes text)",
+    "function_call": "the deprecated function_call is not supported; send tool_calls",
+}
+
+
+def unknown_parameter(at: str, what: str, names: list[str], takes: frozenset[str] | None = None) -> ApiError:
+    """OpenAI's refusal of fields it does not document (``unknown_parameter``), naming the first
+    (sorted) of ``names`` under ``at`` (``messages[1]``; "" for the body) and listing them all."""
+    names = sorted(names)
+    listed = ", ".join(repr(n) for n in names)
+    message = f"unknown parameter{'s' if len(names) > 1 else ''} {listed}" + (f" {what}" if what else "")
+    if takes is not None:
+        message += f" (it takes {', '.join(sorted(takes))})"
+    return ApiError(400, f"{at}: {message}" if at else message, param=f"{at}.{names[0]}" if at else names[0],
+                    code="unknown_parameter")
+
+
 class ChatMessage(_Body):
-    """One of OpenAI's chat messages; checked in full by ``jserve.llm.normalize_chat``."""
+    """One of OpenAI's chat messages; checked in full by ``jserve.llm.normalize_chat``, its fields
+    against its role by ``check_fields``."""
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -40,11 +74,26 @@ class ChatMessage(_Body):
     tool_call_id: str | None = None
     reasoning_content: str | None = None
     refusal: str | None = None  # an earlier reply's refusal: accepted, not shown to the model
+    audio: Any = None  # MESSAGE_UNSUPPORTED
+    function_call: Any = None
 
     def raw(self) -> dict[str, Any]:
-        out = self.model_dump(exclude_none=True, exclude={"refusal"})
+        out = self.model_dump(exclude_none=True, exclude={"refusal", "audio", "function_call"})
         out["content"] = self.content
         return out
+
+    def check_fields(self, i: int) -> None:
+        """Refuse a field (not null) that this message's role does not take, or cannot be read."""
+        known = MESSAGE_FIELDS.get(self.role)
+        if known is None:  # an unknown role: the request layer names it
+            return
+        given = {name for name in self.model_fields_set if getattr(self, name) is not None} | {"role"}
+        if given - known:
+            raise unknown_parameter(f"messages[{i}]", f"on a {self.role} message", list(given - known), known)
+        for name, why in MESSAGE_UNSUPPORTED.items():
+            if name in given:
+                raise ApiError(400, f"messages[{i}].{name}: {why}", param=f"messages[{i}].{name}",
+                               code="unsupported_parameter")
 
 
 class StreamOptions(_Body):
@@ -145,8 +194,10 @@ UNSUPPORTED_FIELDS = {
     "verbosity": "verbosity is not supported",
     "functions": "the deprecated functions field is not supported; send tools",
     "function_call": "the deprecated function_call field is not supported; send tool_choice",
+    "moderation": "moderation is not supported",
 }
-IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+                  "prompt_cache_options", "prompt_cache_retention")  # the last two: chat only
 
 
 class ChatCompletionRequest(_Sampling):
@@ -165,12 +216,18 @@ class ChatCompletionRequest(_Sampling):
     verbosity: Any = None
     functions: Any = None
     function_call: Any = None
+    moderation: Any = None
+    prompt_cache_options: dict[str, Any] | None = None  # caching hints: the prefix cache, when on, is automatic
+    prompt_cache_retention: str | None = None
 
     def check_supported(self) -> None:
-        """Refuse the fields jserve does not implement, and a max_tokens that disagrees with its alias."""
+        """Refuse the fields jserve does not implement, a message's fields its role does not take,
+        and a max_tokens that disagrees with its alias."""
         for name, why in UNSUPPORTED_FIELDS.items():
             if getattr(self, name) is not None:
                 raise ApiError(400, f"{name}: {why}", param=name, code="unsupported_parameter")
+        for i, message in enumerate(self.messages):
+            message.check_fields(i)
         if self.modalities is not None and self.modalities != ["text"]:
             raise ApiError(400, f"modalities: only [\"text\"] is supported, got {json.dumps(self.modalities)}",
                            param="modalities", code="unsupported_parameter")
@@ -186,6 +243,39 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None  # only equal to n (each choice is sampled once, none is dropped)
+
+    def check_supported(self) -> None:
+        if self.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ApiError(400, f"best_of: only best_of equal to n ({self.n}) is supported, got {self.best_of} "
+                                "(each choice is sampled once)", param="best_of", code="unsupported_parameter")
+
+
+def unknown_fields(errors: list[dict[str, Any]], body: Any, endpoint: str) -> ApiError | None:
+    """The refusal of the fields a body's model does not know (pydantic's ``extra_forbidden``),
+    before any other of its errors: those under the first one's parent, listed; a message's named
+    with its role's fields."""
+    extra = [tuple(x for x in e.get("loc", ()) if x != "body") for e in errors if e.get("type") == "extra_forbidden"]
+    extra = [loc for loc in extra if loc]
+    if not extra:
+        return None
+    parent = extra[0][:-1]
+    names = [str(loc[-1]) for loc in extra if loc[:-1] == parent]
+    at = rq.field_path(parent)
+    if not parent:
+        return unknown_parameter("", f"in a {endpoint} request", names)
+    if len(parent) == 2 and parent[0] == "messages" and isinstance(parent[1], int):
+        messages = body.get("messages") if isinstance(body, dict) else None
+        role = messages[parent[1]].get("role") if isinstance(messages, list) and isinstance(
+            messages[parent[1]], dict) else None
+        if isinstance(role, str) and role in MESSAGE_FIELDS:
+            return unknown_parameter(at, f"on a {role} message", names, MESSAGE_FIELDS[role])
+        return unknown_parameter(at, "on a message", names)
+    return unknown_parameter(at, "", names)
 
 
 # OpenAI's bounds on its numbers (its API reference), where they are tighter than the request

@@ -155,7 +155,7 @@ def _branch_words(tag: str) -> str:
     return "a list" if tag.startswith("list[") else "an object" if tag.startswith("dict[") else f"a {tag}"
 
 
-def _field_path(loc: Sequence[Any]) -> str:
+def field_path(loc: Sequence[Any]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -198,7 +198,7 @@ def _item_error(branches: Sequence[dict[str, Any]], n: int, value: Any) -> tuple
     item = _ITEM_WORDS.get(str(inner["loc"][n - 1]))
     if item is not None and expected == "an object":
         expected = f"an object ({item})"
-    return wrong_type(_field_path(loc), expected, inner.get("input")), _field_path(loc)
+    return wrong_type(field_path(loc), expected, inner.get("input")), field_path(loc)
 
 
 def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None, str | None]:
@@ -215,13 +215,13 @@ def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None, str |
     branches = [e for e in errors if len(e["loc"]) > n and e["loc"][:n] == loc[:n] and isinstance(e["loc"][n], str)]
     tags = list(dict.fromkeys(e["loc"][n] for e in branches))
     if n >= 1 and len(tags) > 1:
-        field = _field_path(loc[:n])
+        field = field_path(loc[:n])
         expected = _one_of([_branch_words(t) for t in tags])
         value = next((e.get("input") for e in branches if len(e["loc"]) == n + 1), first.get("input"))
         inner = _item_error(branches, n, value)
         message, where = inner if inner is not None else (wrong_type(field, expected, value), field)
         return message, where, INVALID_TYPE
-    field = _field_path(loc)
+    field = field_path(loc)
     if first.get("type") == "missing":
         return f"{field} is required", field, MISSING
     expected = _PYDANTIC_EXPECTED.get(first.get("type", ""))
@@ -233,7 +233,7 @@ def body_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None, str |
         value, limit = first.get("input"), (first.get("ctx") or {}).get(key)
         integer = FIELD_TYPES.get(str(loc[-1]), type(value)) is int
         return f"{field} must be {op} {limit}, got {kind_of(value)}", field, range_code(integer, below)
-    return ("; ".join(f"{_field_path(e['loc'])}: {e.get('msg')}" for e in errors[:5]), field or None,
+    return ("; ".join(f"{field_path(e['loc'])}: {e.get('msg')}" for e in errors[:5]), field or None,
             INVALID_VALUE if first.get("type") in ("literal_error", "enum") else None)
 
 
