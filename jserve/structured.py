@@ -15,6 +15,7 @@ Unconstrained requests carry no matcher and cost nothing here.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from typing import Any
 
@@ -22,6 +23,8 @@ import numpy as np
 
 from jserve.constraint import KINDS, MAX_CHOICES, MAX_CONSTRAINT_CHARS, Constraint
 from jserve.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["KINDS", "MAX_CHOICES", "MAX_CONSTRAINT_CHARS", "Constraint", "Grammars", "advance", "fill_mask"]
 
@@ -38,6 +41,7 @@ class Grammars:
         self.words = (vocab_size + 31) // 32
         self._eos = eos_token_ids
         self._tok = None
+        self._unusable: str | None = None  # why llguidance cannot take this tokenizer, once it refused it
         self._lock = threading.Lock()
         self._compiled: collections.OrderedDict[Constraint, Any] = collections.OrderedDict()  # never advanced
         self.compiles = 0  # constraints compiled (the others were copied)
@@ -47,7 +51,16 @@ class Grammars:
             if self._tok is None:
                 if self._source is None:
                     raise InvalidRequestError("structured output needs the checkpoint's tokenizer")
-                self._tok = self._source.llguidance_tokenizer(self.vocab_size, self._eos)
+                if self._unusable is None:
+                    try:
+                        self._tok = self._source.llguidance_tokenizer(self.vocab_size, self._eos)
+                    except (ValueError, TypeError, RuntimeError) as e:  # a tokenizer llguidance cannot read
+                        reason = (str(e).splitlines() or [type(e).__name__])[0]
+                        self._unusable = ("structured output (response_format, tools, guided_*) is not available "
+                                          f"with this model's tokenizer: llguidance refused it ({reason})")
+                        log.warning("%s", self._unusable)
+                if self._tok is None:  # refused now or before: every such request gets the reason, a 400
+                    raise InvalidRequestError(self._unusable, code="unsupported_parameter")
             return self._tok
 
     def matcher(self, constraint: Constraint):

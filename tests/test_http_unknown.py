@@ -195,3 +195,14 @@ def test_the_fields_of_each_role_are_openais_and_reasoning_content():
     assert roles == {
         *MESSAGE_FIELDS, "function"}
     assert set(ChatMessage.model_fields) == set().union(*MESSAGE_FIELDS.values())
+
+
+def test_structured_output_the_tokenizer_cannot_take_is_a_400_with_the_reason(fronts):
+    """The mock's tokenizer is one llguidance cannot read: a constrained request is refused with the
+    reason (it was a 500), and the server goes on serving."""
+    body = _refusal(fronts, "/chat/completions", {**CHAT, "guided_choice": ["yes", "no"]})
+    assert (body["type"], body["code"]) == ("invalid_request_error", "unsupported_parameter")
+    assert "not available with this model's tokenizer" in body["message"], body["message"]
+    reply = _client(fronts).chat.completions.create(model="mock", max_tokens=1,
+                                                    messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].finish_reason in ("length", "stop")

@@ -141,3 +141,24 @@ def test_the_compiled_constraints_kept_are_bounded_and_a_bad_one_is_never_kept(r
     g.matcher(Constraint("choice", ["x", "y"]))  # a list (unhashable): compiled each time, not kept
     g.matcher(Constraint("choice", ["x", "y"]))
     assert g.compiles == 6
+
+
+def test_a_tokenizer_llguidance_cannot_read_gives_every_constrained_request_the_reason():
+    """llguidance refusing the model's tokenizer is a 400 with its reason for each constrained request
+    (not an internal error), asked of llguidance once."""
+    from jserve.structured import Grammars
+
+    class Refused:
+        calls = 0
+
+        def llguidance_tokenizer(self, n_vocab, eos):
+            Refused.calls += 1
+            raise ValueError("can't determine decoder type\nmore detail")
+
+    grammars = Grammars(Refused(), 512, (2,))
+    for _ in range(2):
+        with pytest.raises(InvalidRequestError, match="not available with this model's tokenizer.*"
+                                                      "can't determine decoder type") as e:
+            grammars.matcher(Constraint("choice", ("yes", "no")))
+        assert e.value.code == "unsupported_parameter"
+    assert Refused.calls == 1
