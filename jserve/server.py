@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                          f"(default {SERVER.drain_timeout:g})")
     ap.add_argument("--compile-cache", type=pathlib.Path, default=None,
                     help="persistent compilation cache directory (default ~/.cache/jserve/xla)")
+    ap.add_argument("--precompile", action="store_true",
+                    help="compile every call the server would make with these arguments into the compilation "
+                         "cache, then exit without serving: the next start with the same arguments loads them "
+                         "(seconds, and no compiler memory) instead of compiling (scripts/setup.sh does this "
+                         "for the defaults)")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     scale = ap.add_argument_group("several devices and hosts")
     scale.add_argument("--mesh", default=ENGINE.mesh,
@@ -318,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(e))
     if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
         ap.error(f"--process-id ({args.process_id}) must be below --num-processes ({args.num_processes})")
+    if args.precompile and (args.coordinator or args.num_processes or args.process_id is not None
+                            or args.distributed):
+        ap.error("--precompile runs in one process: start it without --coordinator, --num-processes, "
+                 "--process-id and --distributed")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     log.info("started: imports done")  # the first of the start-up's timestamps (scripts/bench_startup.py)
@@ -333,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             loaded = load_engine(args.checkpoint, engine_config(args), compile_cache=compile_cache(args))
             multihost.follow(loaded.engine)
             return 0
+    if args.precompile:
+        return precompile(args)
     code = asyncio.run(serve(args))
     if code == STOPPED_DURING_STARTUP or _compiling_in_background():
         # The load thread, or warm-up's background phase (stopped, but inside the call it was
@@ -343,6 +354,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(0 if code == STOPPED_DURING_STARTUP else code)
     return code
+
+
+def precompile(args: argparse.Namespace) -> int:
+    """``--precompile``: load the model, compile every call shape the engine serves (the SERVING-ready
+    ones, then the background phase's) into the persistent cache, and return without serving."""
+    from jserve.llm import load_engine
+
+    t0 = time.perf_counter()
+    loaded = load_engine(args.checkpoint, engine_config(args), compile_cache=compile_cache(args))
+    engine = loaded.engine
+    log.info("precompile: waiting for the %d background calls", len(engine.background_keys))
+    engine.wait_ready()
+    log.info("precompiled %d calls into %s in %.1f s", len(engine.compile_seconds), compile_cache(args),
+             time.perf_counter() - t0)
+    return 0
 
 
 def _compiling_in_background() -> bool:

