@@ -73,6 +73,19 @@ CHUNK_ROWS = (1, 2, 4, 8)
 CHUNK_ROWS_FIXED = (4, 8, 16, 32)
 
 
+def decode_buckets(slots: int) -> tuple[int, ...]:
+    """The row counts a decode step over ``slots`` slots is compiled for: up to 16, powers of two
+    and 3 x 2^k between them (1, 2, 4, 6, 8, 12, 16: a step computes at most half again the rows
+    that are live), past 16 four per octave (20, 24, 28, 32, 40, 48, ...: at most a quarter
+    more), and ``slots`` itself. On CPU a step's time grows with its rows."""
+    rows = {slots}
+    for i in range(slots.bit_length()):
+        base = 1 << i
+        rows.update(r for r in ((base,) if base <= 2 else (base, base * 3 // 2) if base < 16
+                                else (base, base * 5 // 4, base * 3 // 2, base * 7 // 4)) if r < slots)
+    return tuple(sorted(rows))
+
+
 def verify_widths(speculate: int) -> tuple[int, ...]:
     """Positions per row ``verify`` is compiled for with up to ``speculate`` drafted tokens: 1 (no
     draft: a decode step over the live slots only), 5, 9, 17, ... below ``speculate + 1``, and
@@ -154,9 +167,10 @@ class JaxEngine(Warmup):
         # per row: a decode step over the live slots only).
         self.verify_rows = tuple(sorted({min(1 << i, self.slots) for i in range(self.slots.bit_length() + 1)}))
         self.verify_widths = verify_widths(self.speculate)
-        # ``generate`` is compiled for the same row counts, a step computing the live slots only,
-        # where rows are invariant; else every step computes every slot's row (fixed shapes).
-        self.decode_rows = self.verify_rows if self.row_invariant else (self.slots,)
+        # ``generate`` is compiled for finer row counts (``decode_buckets``), a step computing the
+        # live slots only, where rows are invariant; else every step computes every slot's row
+        # (fixed shapes).
+        self.decode_rows = (decode_buckets(self.slots) if self.row_invariant else (self.slots,))
         self._state_shape = jax.eval_shape(self._zeros)
         if self.plan is None:
             state_sh = result_sh = None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jserve import checkpoint
-from jserve.engine import ACTIVE, TOKEN, ChunkRow, JaxEngine
+from jserve.engine import ACTIVE, TOKEN, ChunkRow, JaxEngine, decode_buckets
 from jserve.sampling import SamplingParams
 
 from .compile_watch import CompileWatch
@@ -116,16 +116,17 @@ def invariant_engine(tiny_ckpt):
 
 
 def _decode(engine, live: list[int], steps: int) -> dict[int, np.ndarray]:
-    """Each slot of ``live``'s packed rows over ``steps`` steps computing those slots only; all four
-    slots hold a prompt (the others idle)."""
+    """Each slot of ``live``'s packed rows over ``steps`` steps computing those slots only; every
+    slot holds a prompt (the others idle)."""
     rng = np.random.default_rng(3)
     state = engine.init_state()
     params = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.9, top_p=0.9, logprobs=1),
               SamplingParams(temperature=1.1, top_k=30, repetition_penalty=1.2, logprobs=0),
               SamplingParams(temperature=0.7, min_p=0.05, frequency_penalty=0.4, logprobs=2)]
     for slot in range(engine.slots):
-        state, _ = engine.prefill(state, slot, rng.integers(3, engine.vocab_size, 5 + 7 * slot).tolist(),
-                                  params[slot], seed=slot)
+        n = 5 + 7 * (slot % 4) + slot // 4
+        state, _ = engine.prefill(state, slot, rng.integers(3, engine.vocab_size, n).tolist(), params[slot % 4],
+                                  seed=slot)
     rows = {slot: [] for slot in live}
     for _ in range(steps):
         state, packed = engine.generate(state, slots=None if len(live) == engine.slots else live)
@@ -146,6 +147,30 @@ def test_generate_over_live_slots_equals_every_slot_bitwise(invariant_engine):
         got = _decode(invariant_engine, live, 12)
         for slot in live:
             assert got[slot].tobytes() == every[slot].tobytes(), (live, slot)
+
+
+def test_decode_buckets_compute_at_most_half_again_the_live_rows():
+    assert decode_buckets(1) == (1,) and decode_buckets(4) == (1, 2, 4) and decode_buckets(8) == (1, 2, 4, 6, 8)
+    assert decode_buckets(32) == (1, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32)
+    for slots in range(1, 130):
+        buckets = decode_buckets(slots)
+        assert buckets[0] == 1 and buckets[-1] == slots and list(buckets) == sorted(set(buckets))
+        for live in range(1, slots + 1):
+            r = next(b for b in buckets if b >= live)
+            assert r <= max(2, 1.5 * live) and (live <= 16 or r <= 1.25 * live), (slots, live, r)
+
+
+def test_a_step_in_a_between_bucket_equals_the_every_slot_step_bitwise(tiny_ckpt):
+    """Five live slots of eight take the 6-row call; each slot's rows are the every-slot step's."""
+    cfg, params, _ = checkpoint.load(tiny_ckpt, jnp.float32)
+    eng = JaxEngine(cfg, params, slots=8, max_len=96, max_prompt_len=40, top_logprobs=2)
+    if not eng.row_invariant:
+        pytest.skip("the CPU kernels are not built here: every step computes every slot")
+    assert eng.decode_bucket(5) == 6 and eng.decode_bucket(7) == 8
+    every = _decode(eng, list(range(8)), 6)
+    got = _decode(eng, [0, 2, 3, 5, 7], 6)
+    for slot in got:
+        assert got[slot].tobytes() == every[slot].tobytes(), slot
 
 
 def test_steps_over_any_live_slots_compile_nothing_after_warmup(engine):
