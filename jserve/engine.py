@@ -74,14 +74,14 @@ CHUNK_ROWS_FIXED = (4, 8, 16, 32)
 
 
 def decode_buckets(slots: int) -> tuple[int, ...]:
-    """The row counts a decode step over ``slots`` slots is compiled for: up to 16, powers of two
-    and 3 x 2^k between them (1, 2, 4, 6, 8, 12, 16: a step computes at most half again the rows
-    that are live), past 16 four per octave (20, 24, 28, 32, 40, 48, ...: at most a quarter
+    """The row counts a decode step over ``slots`` slots is compiled for: powers of two up to 8
+    (the default server's steps, each executable held in memory), 12 between 8 and 16 (at most half
+    again the live rows), past 16 four per octave (20, 24, 28, 32, 40, 48, ...: at most a quarter
     more), and ``slots`` itself. On CPU a step's time grows with its rows."""
     rows = {slots}
     for i in range(slots.bit_length()):
         base = 1 << i
-        rows.update(r for r in ((base,) if base <= 2 else (base, base * 3 // 2) if base < 16
+        rows.update(r for r in ((base,) if base < 8 else (base, base * 3 // 2) if base < 16
                                 else (base, base * 5 // 4, base * 3 // 2, base * 7 // 4)) if r < slots)
     return tuple(sorted(rows))
 
