@@ -28,6 +28,8 @@ MISSING = "missing_required_parameter"  # a required field not given
 INVALID_VALUE = "invalid_value"  # a value that is none of the field's known ones (a role, a token id)
 ARRAY_TOO_LONG = "array_above_max_length"  # more items than a list takes (stop, messages)
 STRING_TOO_LONG = "string_above_max_length"  # a string longer than the field takes (a stop string)
+UNKNOWN_PARAMETER = "unknown_parameter"  # a field OpenAI does not document where it was sent
+UNSUPPORTED_PARAMETER = "unsupported_parameter"  # a documented field this server cannot honour
 # An object with more entries than the field takes (logit_bias past 300): OpenAI's code for an
 # object with too many properties (its API's answer to ``metadata`` past 16 entries).
 OBJECT_TOO_LARGE = "object_above_max_properties"

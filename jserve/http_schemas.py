@@ -30,25 +30,7 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-# The fields OpenAI documents on each chat message's role (the ``openai`` client's
-# ``ChatCompletion*MessageParam``), and jserve's one extra: ``reasoning_content`` on an assistant
-# turn (an earlier reply's reasoning sent back, as vLLM takes it). A field its role does not take
-# is refused by name (``messages[1].tool_call_id``, code ``unknown_parameter``), as one that no
-# role takes; a field of another role sent as null is let through (clients that serialize every
-# field of a message class). OpenAI's deprecated ``function`` role is refused by the request layer.
-_ROLE_FIELDS = frozenset({"role", "content", "name"})
-MESSAGE_FIELDS = {
-    "system": _ROLE_FIELDS,
-    "developer": _ROLE_FIELDS,
-    "user": _ROLE_FIELDS,
-    "assistant": _ROLE_FIELDS | {"tool_calls", "refusal", "audio", "function_call", "reasoning_content"},
-    "tool": frozenset({"role", "content", "tool_call_id"}),
-}
-# An assistant message's documented fields that jserve cannot read back: refused, never dropped.
-MESSAGE_UNSUPPORTED = {
-    "audio": "an earlier reply's audio is not supported (this server writes text)",
-    "function_call": "the deprecated function_call is not supported; send tool_calls",
-}
+MESSAGE_FIELDS, MESSAGE_UNSUPPORTED = rq.MESSAGE_FIELDS, rq.MESSAGE_UNSUPPORTED  # the request layer's, per role
 
 
 def unknown_parameter(at: str, what: str, names: list[str], takes: frozenset[str] | None = None) -> ApiError:

@@ -30,6 +30,8 @@ from jserve.errors import (
     INVALID_TYPE,
     INVALID_VALUE,
     MISSING,
+    UNKNOWN_PARAMETER,
+    UNSUPPORTED_PARAMETER,
     ErrorKind,
     InvalidRequestError,
     RequestError,
@@ -45,7 +47,26 @@ __all__ = ["ERRORS", "FINISHES", "ErrorKind", "FinishReason", "GenerateRequest",
 
 PromptInput = str | Sequence[dict[str, Any]] | Sequence[int]
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-CHAT_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"})
+# The fields OpenAI documents on each chat message's role (the ``openai`` client's
+# ``ChatCompletion*MessageParam``), and jserve's one extra: ``reasoning_content`` on an assistant
+# turn (an earlier reply's reasoning sent back, as vLLM takes it). A field its role does not take
+# is refused by name (``messages[1].tool_call_id``, code ``unknown_parameter``), as one that no
+# role takes, by every front end; a field of another role sent as null is let through (clients
+# that serialize every field of a message class). ``function`` (deprecated) is no role here.
+_ROLE_FIELDS = frozenset({"role", "content", "name"})
+MESSAGE_FIELDS = {
+    "system": _ROLE_FIELDS,
+    "developer": _ROLE_FIELDS,
+    "user": _ROLE_FIELDS,
+    "assistant": _ROLE_FIELDS | {"tool_calls", "refusal", "audio", "function_call", "reasoning_content"},
+    "tool": frozenset({"role", "content", "tool_call_id"}),
+}
+ANY_MESSAGE_FIELD = frozenset().union(*MESSAGE_FIELDS.values())
+# An assistant message's documented fields that jserve cannot read back: refused, never dropped.
+MESSAGE_UNSUPPORTED = {
+    "audio": "an earlier reply's audio is not supported (this server writes text)",
+    "function_call": "the deprecated function_call is not supported; send tool_calls",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,9 +316,16 @@ def normalize_chat(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             raise InvalidRequestError(
                 f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})",
                 MISSING if role is None else INVALID_VALUE, f"{at}.role")
-        extra = set(m) - CHAT_FIELDS
+        takes = MESSAGE_FIELDS[role]
+        extra = sorted(k for k in m if k not in takes and (m[k] is not None or k not in ANY_MESSAGE_FIELD))
         if extra:
-            raise InvalidRequestError(f"message {i}: unknown fields {sorted(extra)}", param=f"{at}.{min(extra)}")
+            listed = ", ".join(repr(k) for k in extra)
+            raise InvalidRequestError(f"{at}: unknown parameter{'s' if len(extra) > 1 else ''} {listed} on a {role} "
+                                      f"message (it takes {', '.join(sorted(takes))})", UNKNOWN_PARAMETER,
+                                      f"{at}.{extra[0]}")
+        for key, why in MESSAGE_UNSUPPORTED.items():
+            if m.get(key) is not None:
+                raise InvalidRequestError(f"{at}.{key}: {why}", UNSUPPORTED_PARAMETER, f"{at}.{key}")
         calls = m.get("tool_calls")
         if calls is not None:
             if role != "assistant":
@@ -316,7 +344,7 @@ def normalize_chat(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("name", "tool_call_id", "reasoning_content"):
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise InvalidRequestError(f"message {i}: {key} must be a string", INVALID_TYPE, f"{at}.{key}")
-        msg = {k: v for k, v in m.items() if v is not None}
+        msg = {k: v for k, v in m.items() if v is not None and k != "refusal"}  # an earlier refusal: text only
         if content is None:
             if role != "assistant":
                 raise InvalidRequestError(f"message {i}: content is required (null only on an assistant message)",

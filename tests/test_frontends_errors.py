@@ -168,6 +168,11 @@ CHAT_REFUSALS = [
     ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "4", "tool_call_id": 7}],
      "messages[1].tool_call_id"),
     ([{"role": "user", "content": "hi", "name": 5}], "messages[0].name"),
+    # a field of another role, given (a tool's tool_call_id on a user turn, tool_calls on a tool's)
+    ([{"role": "user", "content": "hi", "tool_call_id": "c1"}], "messages[0].tool_call_id"),
+    ([{"role": "tool", "content": "4", "tool_call_id": "c1", "name": "f"}], "messages[0].name"),
+    ([{"role": "system", "content": "be brief", "reasoning_content": "hm"}], "messages[0].reasoning_content"),
+    ([{"role": "assistant", "content": "x", "audio": {"id": "a1"}}], "messages[0].audio"),
     ([{"role": "user", "content": None}], "messages[0].content"),
     ([{"role": "user", "content": 5}], "messages[0].content"),
     ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"}]}],
@@ -186,6 +191,42 @@ def test_each_refused_chat_message_names_the_item_it_refuses(messages, param):
     with pytest.raises(InvalidRequestError) as e:
         normalize_chat(messages)
     assert e.value.param == param, e.value.message
+
+
+def test_the_request_layer_checks_each_role_s_fields_with_openai_s_codes():
+    """The chat checks every front end shares (gRPC, ``LLM``, HTTP) take per role the fields OpenAI
+    documents on it: another role's field is ``unknown_parameter`` (named, with what the role
+    takes), one sent as null passes (clients serialize every field of a message class), and a
+    documented field that cannot be honoured is ``unsupported_parameter``."""
+    from jserve.errors import InvalidRequestError
+    from jserve.request import normalize_chat
+
+    with pytest.raises(InvalidRequestError) as e:
+        normalize_chat([{"role": "user", "content": "hi", "tool_call_id": "c1"}])
+    assert (e.value.code, e.value.param) == ("unknown_parameter", "messages[0].tool_call_id")
+    assert "on a user message (it takes content, name, role)" in e.value.message
+    with pytest.raises(InvalidRequestError) as e:
+        normalize_chat([{"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}])
+    assert (e.value.code, e.value.param) == ("unsupported_parameter", "messages[0].function_call")
+    ok = normalize_chat([{"role": "user", "content": "hi", "tool_call_id": None, "tool_calls": None},
+                         {"role": "assistant", "content": "no", "refusal": "I cannot", "name": "bot"},
+                         {"role": "developer", "content": "x", "name": None}])
+    assert ok == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no", "name": "bot"},
+                  {"role": "system", "content": "x"}]
+
+
+def test_grpc_refuses_another_role_s_field_by_name(fronts):
+    """A gRPC chat message takes the fields its role does, as HTTP's: a tool_call_id on a user
+    message is INVALID_ARGUMENT naming it, not dropped."""
+    import grpc
+
+    from jserve.v1 import jserve_pb2 as pb
+
+    chat = pb.Messages(messages=[pb.ChatMessage(role="user", content="hi", tool_call_id="call_1")])
+    with pytest.raises(grpc.RpcError) as e:
+        list(fronts.client.stub.Generate(pb.GenerateRequest(chat=chat, max_tokens=1), timeout=60))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages[0]" in e.value.details() and "tool_call_id" in e.value.details(), e.value.details()
 
 
 @pytest.mark.parametrize("item, param", [
