@@ -116,12 +116,18 @@ def server_view(args: argparse.Namespace) -> None:
                 served.set()
             if "background compilation" in line:
                 compiled.set()
+        served.set()  # the server exited (``proc.poll()`` says whether before SERVING)
+        compiled.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
         if not served.wait(900):
             raise RuntimeError("no SERVING within 900 s")
+        reader.join(0.5)
+        if proc.poll() is not None:
+            tail = "\n".join(text for *_, text in lines[-20:])
+            raise SystemExit(f"the server exited ({proc.returncode}) before SERVING:\n{tail}")
         t, rss, hwm = sampler.now()
         lines.append((t, rss, hwm, "-- bench: SERVING seen; sending requests"))
         requests(port, args.requests, args.max_tokens)
