@@ -12,8 +12,12 @@ each server's peak resident memory (VmHWM, over the whole run) is read as it is 
 llama.cpp's prompt cache is turned off per request (``cache_prompt: false``), so a repeated
 prompt costs both servers the same prefill.
 
-    python scripts/bench_servers.py --llama-server PATH [--slots 16] [--max-len 1024] [--requests 32]
+    python scripts/bench_servers.py --llama-server PATH [--slots 8] [--max-len 1024] [--requests 1]
         [--max-tokens 128] [--temperature 0.8 --top-p 0.95 --top-k 50] [--rounds 3] [--json out.json]
+
+The defaults are a user's first run: the server at its defaults (8 slots x 1024), one chat at a
+time, sampled at temperature 0.8; then ``--requests 16`` (a busy server), ``--slots 16 --requests
+32`` and ``--temperature 0`` for the settings that flatter.
 
 ``PATH`` is a ``llama-server`` binary: build it from the llama.cpp sources vendored in the
 llama-cpp-python sdist (``pip download --no-binary :all: --no-deps llama-cpp-python``, unpack,
@@ -38,6 +42,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from bench_harness import start_server  # noqa: E402
 from bench_peers import chats  # noqa: E402
 
 
@@ -75,16 +80,12 @@ class JserveServer:
 
     def __init__(self, args: argparse.Namespace, max_prompt: int, extra: tuple[str, ...] = ()):
         self.port = free_port()
-        cmd = [sys.executable, "-m", "jserve.server", "--port", str(self.port), "--slots", str(args.slots),
-               "--max-len", str(args.max_len), "--max-prompt-len", str(max_prompt), "--max-logprobs", "0", *extra]
+        flags = ["--port", str(self.port), "--slots", str(args.slots), "--max-len", str(args.max_len),
+                 "--max-prompt-len", str(max_prompt), "--max-logprobs", "0", *extra]
         if args.quantize != "none":
-            cmd += ["--quantize", args.quantize]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        for line in self.proc.stdout:
-            if "SERVING" in line:
-                break
-        else:
-            raise RuntimeError("jserve server exited before SERVING")
+            flags += ["--quantize", args.quantize]
+        self.started = start_server(flags)  # the shared harness: drains the output, fails if it exits first
+        self.proc = self.started.proc
         from jserve.client import Client
 
         self.client = Client(f"127.0.0.1:{self.port}")
@@ -102,8 +103,7 @@ class JserveServer:
     def close(self) -> None:
         self.peak_rss = peak_rss_mib(self.proc.pid)
         self.client.close()
-        self.proc.terminate()
-        self.proc.wait(60)
+        self.started.stop()
 
 
 class LlamaServer:
@@ -181,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-server", required=True, help="path to a llama-server binary")
     ap.add_argument("--gguf", type=pathlib.Path, default=None, help="GGUF file (default: the default model's)")
-    ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--slots", type=int, default=8, help="slots of both servers (default 8: jserve's default)")
     ap.add_argument("--max-len", type=int, default=1024, help="positions per slot, both servers")
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=1, help="requests a round (default 1: one stream)")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--quantize", default="none",
