@@ -16,4 +16,5 @@ echo "[setup] default model"
 echo "[setup] row-invariant CPU kernels"
 .venv/bin/python -m jserve.cpu_kernels build
 echo "[setup] compiling the server's calls at its defaults into the compilation cache (once: later starts load them)"
-.venv/bin/python -m jserve.server --precompile --log-level WARNING
+.venv/bin/python -m jserve.server --precompile --log-level WARNING \
+    || echo "[setup] WARNING: precompiling failed (above); the server will compile at its first start instead"
