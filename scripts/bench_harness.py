@@ -40,12 +40,16 @@ class Started:
         return self.proc.wait(timeout)
 
 
-def start_server(flags: Sequence[str], timeout: float = 600, cmd: Sequence[str] | None = None) -> Started:
+def start_server(flags: Sequence[str], timeout: float = 600, cmd: Sequence[str] | None = None, *,
+                 stderr: Any = subprocess.DEVNULL, env: dict[str, str] | None = None,
+                 cwd: str | os.PathLike | None = None) -> Started:
     """``python -m jserve.server *flags`` (or ``cmd`` as given), once it is ``SERVING``;
-    RuntimeError if it exits first or is not serving within ``timeout`` seconds (it is killed)."""
+    RuntimeError if it exits first or is not serving within ``timeout`` seconds (it is killed).
+    ``stderr`` (the server's log): dropped unless given a file; ``env``: added to this process's
+    environment; ``cwd``: where it runs (another tree's checkout)."""
     cmd = list(cmd) if cmd is not None else [sys.executable, "-m", "jserve.server", *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     seen: dict[str, str] = {}
     serving, ended = threading.Event(), threading.Event()
 

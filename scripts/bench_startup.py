@@ -38,12 +38,12 @@ import os
 import pathlib
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from bench_harness import start_server  # noqa: E402
 from bench_servers import JserveServer, LlamaServer, free_port  # noqa: E402
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
@@ -57,19 +57,17 @@ class LoggedJserve(JserveServer):
     def __init__(self, args: argparse.Namespace, max_prompt: int, extra: tuple[str, ...] = (),
                  tree: pathlib.Path | None = None):
         self.port = free_port()
-        cmd = [sys.executable, "-m", "jserve.server", "--port", str(self.port), "--slots", str(args.slots),
-               "--max-len", str(args.max_len), "--max-prompt-len", str(max_prompt), "--max-logprobs", "0",
-               "--log-level", "INFO", "--checkpoint", str(args.checkpoint), *extra]
+        flags = ["--port", str(self.port), "--slots", str(args.slots), "--max-len", str(args.max_len),
+                 "--max-prompt-len", str(max_prompt), "--max-logprobs", "0", "--log-level", "INFO",
+                 "--checkpoint", str(args.checkpoint), *extra]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="jserve-startup-", suffix=".log")
-        env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
         self.spawned = time.time()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=tree, env=env)
-        for line in self.proc.stdout:
-            if "SERVING" in line:
-                break
-        else:
-            tail = pathlib.Path(self.log.name).read_text()[-3000:]
-            raise RuntimeError(f"jserve server exited before SERVING: {tail}")
+        try:  # the shared harness, with the log kept in a file (``log_lines``)
+            self.started = start_server(flags, stderr=self.log, cwd=tree,
+                                        env=None if tree is None else {"PYTHONPATH": str(tree)})
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}: {pathlib.Path(self.log.name).read_text()[-3000:]}") from None
+        self.proc = self.started.proc
         from jserve.client import Client
 
         self.client = Client(f"127.0.0.1:{self.port}")
