@@ -68,7 +68,7 @@ _PKG = Path(__file__).resolve().parent
 _SRC = _PKG / "csrc"
 _OUT = _PKG / "_kernels"
 _SOURCES = ("kernels.h", "kernels_generic.cc", "kernels_avx2.cc", "kernels_idot_avx2.cc", "ffi.cc", "attn.h",
-            "attn_generic.cc", "attn_avx2.cc", "ffi_attn.cc")
+            "attn_generic.cc", "attn_avx2.cc", "ffi_attn.cc", "ffi_topk.cc")
 _TARGETS = {
     "f32": "JserveMatmulF32",
     "q8_0": "JserveMatmulQ8_0",
@@ -133,6 +133,7 @@ def build(force: bool = False) -> Path:
         defines = ("-DJSERVE_HAVE_AVX2",)
     units.append(("ffi.cc", defines))
     units.append(("ffi_attn.cc", defines))
+    units.append(("ffi_topk.cc", ()))
     _OUT.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=_OUT) as tmp:
@@ -195,7 +196,7 @@ def _state() -> _State:
         import jax
 
         lib = ctypes.CDLL(str(lib_path))
-        for name in (*_TARGETS.values(), *_ATTN_TARGETS.values(), "JserveLazyZeros"):
+        for name in (*_TARGETS.values(), *_ATTN_TARGETS.values(), "JserveLazyZeros", "JserveTopK"):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
         has_avx2 = bool(lib.jserve_cpu_has_avx2())
     except (RuntimeError, OSError, AttributeError, ImportError, ValueError) as e:
@@ -382,6 +383,23 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> jax.Array:
     if not _report().loaded:
         raise RuntimeError(f"jserve CPU kernels: {_report().reason}")
     return jax.ffi.ffi_call("JserveLazyZeros", jax.ShapeDtypeStruct(tuple(shape), dtype))()
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k(x, k)`` for a float32 ``x [B, V]``, the same values and indices (IEEE total
+    order, ties by the lower index), from the kernel in ``csrc/ffi_topk.cc``: one pass over block
+    maxima bounds the answer, a second keeps the few entries past the bound, those are sorted
+    (XLA:CPU sorts every row whole). Under ``jit`` or eagerly, CPU only."""
+    import jax
+    import numpy as np
+
+    if not _report().loaded:
+        raise RuntimeError(f"jserve CPU kernels: {_report().reason}")
+    b, v = x.shape
+    if not 1 <= k <= v:
+        raise ValueError(f"top_k needs 1 <= k <= {v}, got {k}")
+    out = (jax.ShapeDtypeStruct((b, k), np.float32), jax.ShapeDtypeStruct((b, k), np.int32))
+    return tuple(jax.ffi.ffi_call("JserveTopK", out)(x.astype(np.float32), k=np.int64(k)))
 
 
 def attention_calls() -> int:

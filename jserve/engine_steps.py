@@ -18,7 +18,7 @@ from jserve import model
 from jserve.config import ModelConfig
 from jserve.kv_cache import PagedKVCache, copy_pages
 from jserve.model import Params
-from jserve.sampling import SlotSampling, apply_penalties, sample
+from jserve.sampling import SlotSampling, apply_penalties, sample, top_k
 
 
 @struct.dataclass
@@ -53,7 +53,7 @@ def _pack(tokens: jax.Array, raw_logits: jax.Array, active: jax.Array, logprobs:
             return chosen, jnp.zeros((b, 0), jnp.float32)
 
         def tops(_):
-            vals, ids = jax.lax.top_k(logp, top_n)
+            vals, ids = top_k(logp, top_n)
             # Zeros in the rows that did not ask, whoever else did: a row's result is its own.
             alt = jnp.concatenate([ids.astype(jnp.float32), vals], axis=-1)
             return jnp.where((wants & (logprobs > 0))[:, None], alt, 0.0)

@@ -420,3 +420,39 @@ def test_fused_operands_refused_with_a_message():
         ck.matmul(x, "q4_1", *ops, norm=jnp.ones((32,), jnp.float32))
     with pytest.raises(ValueError, match="residual must be"):
         ck.matmul(x, "q4_1", *ops, residual=jnp.ones((2, 9), jnp.float32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("b, v, k", [(1, 49152, 256), (5, 49152, 20), (3, 100, 7), (2, 64, 64), (2, 130, 1),
+                                     (4, 1000, 256), (2, 4099, 64)])
+def test_top_k_is_lax_top_k_bitwise(b, v, k):
+    """The kernel's values and indices are ``lax.top_k``'s: IEEE total order (+NaN first, +0 before
+    -0, -NaN last), ties by the lower index, masked (-inf) rows with fewer finite entries than k."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(b * v + k)
+    x = rng.standard_normal((b, v)).astype(np.float32) * 4
+    ties = np.round(x)  # hundreds of equal values
+    masked = np.where(rng.random((b, v)) < 0.995, -np.inf, x).astype(np.float32)
+    special = x.copy()
+    special[0, :6] = [np.nan, -np.nan, 0.0, -0.0, np.inf, -np.inf]
+    special[-1, -3:] = [np.nan, np.nan, np.inf]
+    for case in (x, ties, masked, special):
+        want = jax.lax.top_k(jnp.asarray(case), k)
+        got = jax.jit(lambda a: ck.top_k(a, k))(jnp.asarray(case))
+        for w, g in zip(want, got):
+            assert np.asarray(g).tobytes() == np.asarray(w).tobytes()
+
+
+@needs_kernels
+def test_sampling_and_top_logprobs_take_the_top_k_kernel():
+    import jax.numpy as jnp
+
+    from jserve.sampling import top_k
+
+    hlo = jax.jit(lambda a: top_k(a, 8)).lower(jnp.zeros((2, 300), jnp.float32)).as_text()
+    assert "JserveTopK" in hlo
+    hlo = jax.jit(lambda a: top_k(a, 8)).lower(jnp.zeros((2, 300), jnp.bfloat16)).as_text()
+    assert "JserveTopK" not in hlo  # other dtypes: XLA's
+    with pytest.raises(ValueError, match="1 <= k"):
+        ck.top_k(jnp.zeros((1, 4), jnp.float32), 5)
