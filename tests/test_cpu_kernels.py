@@ -437,7 +437,9 @@ def test_top_k_is_lax_top_k_bitwise(b, v, k):
     special = x.copy()
     special[0, :6] = [np.nan, -np.nan, 0.0, -0.0, np.inf, -np.inf]
     special[-1, -3:] = [np.nan, np.nan, np.inf]
-    for case in (x, ties, masked, special):
+    flat = np.zeros((b, v), np.float32)  # every entry tied: the lowest indices
+    masked[-1] = -np.inf  # a row with nothing allowed
+    for case in (x, ties, masked, special, flat):
         want = jax.lax.top_k(jnp.asarray(case), k)
         got = jax.jit(lambda a: ck.top_k(a, k))(jnp.asarray(case))
         for w, g in zip(want, got):

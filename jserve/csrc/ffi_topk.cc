@@ -6,7 +6,8 @@
 // XLA:CPU's own top-k (a sort of each row, one row after another) takes ~0.2 ms a row for a
 // 49,152-entry vocabulary; here one pass takes the maximum of each 64-entry block, the k-th largest
 // block maximum T bounds the answer from below (the k blocks with the largest maxima hold k entries
-// >= T), a second pass keeps the entries >= T (a few hundred), and those are sorted.
+// >= T), a second pass keeps the entries > T and the first k equal to T (a few hundred), and those
+// are sorted.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -56,15 +57,19 @@ void top_k_row(const float* x, int64_t v, int64_t k, float* vals, int32_t* ids, 
     threshold = order[k - 1];
   }
   cand.clear();
+  // Entries above the bound all count; of those equal to it (a row masked to -inf but for a few
+  // tokens: thousands) only the first k in index order can be in the answer. Scanned in index order.
+  int64_t equal = 0;
   auto scan = [&](int64_t from, int64_t to) {
     for (int64_t i = from; i < to; ++i) {
       const int32_t key = order_key(x[i]);
-      if (key >= threshold) cand.emplace_back(key, static_cast<int32_t>(i));
+      if (key > threshold || (key == threshold && equal++ < k)) cand.emplace_back(key, static_cast<int32_t>(i));
     }
   };
   if (nblocks >= k) {
-    for (int64_t b = 0; b < nblocks; ++b)  // only blocks whose maximum reaches the bound hold candidates
-      if (maxima[b] >= threshold) scan(b * kBlock, (b + 1) * kBlock);
+    for (int64_t b = 0; b < nblocks; ++b)  // only blocks whose maximum reaches the bound hold candidates,
+      if (maxima[b] > threshold || (maxima[b] == threshold && equal < k))  // and at the bound, the first k
+        scan(b * kBlock, (b + 1) * kBlock);
     scan(nblocks * kBlock, v);
   } else {
     scan(0, v);
