@@ -64,6 +64,23 @@ def _content_text(i: int, content: Any) -> str:
     return "".join(texts)
 
 
+def check_role_fields(i: int, role: str, m: dict[str, Any]) -> None:
+    """Refuse a field of message ``i`` that its ``role`` (one of ``MESSAGE_FIELDS``) does not take
+    (``unknown_parameter``; another role's field sent as null passes) or that cannot be honoured
+    (``unsupported_parameter``). Shared by ``normalize_chat`` and the HTTP schema's messages."""
+    at = f"messages[{i}]"
+    takes = MESSAGE_FIELDS[role]
+    extra = sorted(k for k in m if k not in takes and (m[k] is not None or k not in ANY_MESSAGE_FIELD))
+    if extra:
+        listed = ", ".join(repr(k) for k in extra)
+        raise InvalidRequestError(f"{at}: unknown parameter{'s' if len(extra) > 1 else ''} {listed} on a {role} "
+                                  f"message (it takes {', '.join(sorted(takes))})", UNKNOWN_PARAMETER,
+                                  f"{at}.{extra[0]}")
+    for key, why in MESSAGE_UNSUPPORTED.items():
+        if m.get(key) is not None:
+            raise InvalidRequestError(f"{at}.{key}: {why}", UNSUPPORTED_PARAMETER, f"{at}.{key}")
+
+
 def normalize_chat(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI chat messages checked and made renderable: content as text (None stays None on an
     assistant turn with ``tool_calls``), ``developer`` as ``system``; ``InvalidRequestError`` with
@@ -85,16 +102,7 @@ def normalize_chat(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             raise InvalidRequestError(
                 f"message {i}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})",
                 MISSING if role is None else INVALID_VALUE, f"{at}.role")
-        takes = MESSAGE_FIELDS[role]
-        extra = sorted(k for k in m if k not in takes and (m[k] is not None or k not in ANY_MESSAGE_FIELD))
-        if extra:
-            listed = ", ".join(repr(k) for k in extra)
-            raise InvalidRequestError(f"{at}: unknown parameter{'s' if len(extra) > 1 else ''} {listed} on a {role} "
-                                      f"message (it takes {', '.join(sorted(takes))})", UNKNOWN_PARAMETER,
-                                      f"{at}.{extra[0]}")
-        for key, why in MESSAGE_UNSUPPORTED.items():
-            if m.get(key) is not None:
-                raise InvalidRequestError(f"{at}.{key}: {why}", UNSUPPORTED_PARAMETER, f"{at}.{key}")
+        check_role_fields(i, role, m)
         calls = m.get("tool_calls")
         if calls is not None:
             if role != "assistant":

@@ -66,16 +66,12 @@ class ChatMessage(_Body):
 
     def check_fields(self, i: int) -> None:
         """Refuse a field (not null) that this message's role does not take, or cannot be read."""
-        known = MESSAGE_FIELDS.get(self.role)
-        if known is None:  # an unknown role: the request layer names it
+        if self.role not in MESSAGE_FIELDS:  # an unknown role: the request layer names it
             return
-        given = {name for name in self.model_fields_set if getattr(self, name) is not None} | {"role"}
-        if given - known:
-            raise unknown_parameter(f"messages[{i}]", f"on a {self.role} message", list(given - known), known)
-        for name, why in MESSAGE_UNSUPPORTED.items():
-            if name in given:
-                raise ApiError(400, f"messages[{i}].{name}: {why}", param=f"messages[{i}].{name}",
-                               code="unsupported_parameter")
+        try:  # the request layer's rule, on the fields this body set
+            rq.check_role_fields(i, self.role, {name: getattr(self, name) for name in self.model_fields_set})
+        except RequestError as e:
+            raise ApiError.of(e) from e
 
 
 class StreamOptions(_Body):

@@ -30,6 +30,7 @@ from jserve.chat_messages import (  # noqa: F401 (the chat checks: re-exported, 
     CHAT_ROLES,
     MESSAGE_FIELDS,
     MESSAGE_UNSUPPORTED,
+    check_role_fields,
     normalize_chat,
 )
 from jserve.errors import (
